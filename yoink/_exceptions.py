@@ -1,0 +1,64 @@
+"""Every exception yoink raises on purpose.
+
+::
+
+    YoinkError
+    ├── StorageError                  a backend could not do what was asked
+    │   ├── CheckpointLockedError     another writer holds the journal
+    │   └── StorageClosedError        the storage or manager was used after close()
+    ├── CorruptCheckpointError        a line in the middle of the journal is not a record
+    ├── UnknownSchemeError            (also a ValueError) no backend for a URI's scheme
+    └── MissingDependencyError        (also an ImportError) a backend's extra is not installed
+
+Errors of the libraries underneath (OS errors, aiobotocore, redis-py) are translated into these at
+the edge and chained with ``raise ... from exc``; they are never leaked on their own.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointLockedError",
+    "CorruptCheckpointError",
+    "MissingDependencyError",
+    "StorageClosedError",
+    "StorageError",
+    "UnknownSchemeError",
+    "YoinkError",
+]
+
+
+class YoinkError(Exception):
+    """The root of every error yoink raises on purpose."""
+
+
+class StorageError(YoinkError):
+    """A storage backend failed; the message says what was kept and what was not."""
+
+
+class CheckpointLockedError(StorageError):
+    """Another writer holds the journal: yoink refuses a second writer instead of interleaving."""
+
+
+class StorageClosedError(StorageError):
+    """A storage or a manager was used after ``close()``."""
+
+
+class CorruptCheckpointError(YoinkError):
+    """A line that is not a JSON object stands before the end of the journal.
+
+    ``line`` is the 1-based line number and ``offset`` the byte offset of the line's start in the
+    journal's text.
+    """
+
+    def __init__(self, message: str, *, line: int, offset: int) -> None:
+        super().__init__(message)
+        self.line = line
+        self.offset = offset
+
+
+class UnknownSchemeError(YoinkError, ValueError):
+    """No backend is registered for a URI's scheme; the message lists the ones that are."""
+
+
+class MissingDependencyError(YoinkError, ImportError):
+    """A backend needs a package that is not installed; the message says what to install."""

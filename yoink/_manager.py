@@ -1,0 +1,237 @@
+"""CheckpointManager: encode, batch, flush, replay."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Iterable
+from types import TracebackType
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from yoink._exceptions import StorageClosedError
+from yoink._records import JournalDecoder, OnCorrupt, encode_record
+from yoink.storage import CheckpointStorage, StorageFactory
+
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:
+    from typing_extensions import Self
+
+__all__ = ["CheckpointManager"]
+
+logger = logging.getLogger("yoink")
+
+MANAGER_OPTIONS = frozenset({"batch_bytes", "default", "flush_interval", "on_corrupt"})
+
+
+class CheckpointManager:
+    """Appends records to a journal and replays them after a restart.
+
+    A record is a JSON object: a dict, or anything orjson encodes as one (a dataclass, with
+    datetimes and UUIDs inside; ``default`` converts other types). Records are encoded as they
+    are appended and handed to the storage in batches: one :meth:`CheckpointStorage.write` when
+    ``batch_bytes`` have gathered, when ``flush_interval`` seconds have passed (while the manager
+    is open with ``async with``), and on :meth:`flush` and :meth:`close`.
+
+    Durability: when :meth:`flush` returns, every record appended before it was called is durable
+    in the storage. A crash loses at most the records appended since the last flush that returned.
+
+    >>> async with CheckpointManager.from_uri("./crawl.jsonl") as checkpoint:
+    ...     done = {record["url"] async for record in checkpoint.replay()}
+    ...     await checkpoint.append({"url": url, "status": 200})
+    ...     await checkpoint.flush()
+    """
+
+    def __init__(
+        self,
+        storage: CheckpointStorage,
+        *,
+        batch_bytes: int = 1 << 20,
+        flush_interval: float | None = 1.0,
+        on_corrupt: OnCorrupt = "raise",
+        default: Callable[[Any], Any] | None = None,
+    ) -> None:
+        if not isinstance(storage, CheckpointStorage):
+            raise TypeError(f"storage must be a CheckpointStorage, got {type(storage).__name__}")
+        if not isinstance(batch_bytes, int) or batch_bytes < 1:
+            raise ValueError(f"batch_bytes must be a positive number of bytes, got {batch_bytes!r}")
+        if flush_interval is not None and not flush_interval > 0:
+            raise ValueError(f"flush_interval must be positive seconds or None, got {flush_interval!r}")
+        if on_corrupt not in ("raise", "skip"):
+            raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
+        self._storage = storage
+        self._batch_bytes = batch_bytes
+        self._flush_interval = flush_interval
+        self._on_corrupt: OnCorrupt = on_corrupt
+        self._default = default
+        self._buffer = bytearray()
+        self._written = 0  # bytes handed to the storage
+        self._durable = 0  # bytes the storage has flushed
+        self._io_lock = anyio.Lock()  # the one path to the storage: batches never reorder
+        self._flushing: anyio.Event | None = None
+        self._flusher: TaskGroup | None = None
+        self._closed = False
+        self.corrupt_lines_skipped = 0
+        """Lines the last :meth:`replay` skipped as corrupt (with ``on_corrupt="skip"``)."""
+
+    @classmethod
+    def from_uri(cls, uri: str | os.PathLike[str], **options: Any) -> Self:
+        """Open a manager on the storage for ``uri`` (see :class:`~yoink.StorageFactory`).
+
+        The manager's own options (``batch_bytes``, ``flush_interval``, ``on_corrupt``,
+        ``default``) are taken out; the rest go to the storage.
+
+        >>> CheckpointManager.from_uri("./crawl.jsonl", flush_interval=5, fsync=False)
+        """
+        own = {name: options.pop(name) for name in MANAGER_OPTIONS & options.keys()}
+        return cls(StorageFactory.from_uri(uri, **options), **own)
+
+    @property
+    def storage(self) -> CheckpointStorage:
+        """The storage this manager writes to."""
+        return self._storage
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._storage!r})"
+
+    async def append(self, record: Any) -> None:
+        """Append one record; raise ``TypeError``, appending nothing, if it is not a JSON object.
+
+        Waits while a full batch is handed to the storage, so memory stays bounded however slow
+        the storage is.
+        """
+        if self._closed:
+            raise StorageClosedError(f"{self!r} is closed")
+        line = encode_record(record, self._default)
+        buffer = self._buffer
+        buffer += line
+        if len(buffer) >= self._batch_bytes:
+            await self._write_batch()
+
+    async def append_many(self, records: Iterable[Any]) -> None:
+        """Append records in order, all or none: if one cannot be encoded, none is appended."""
+        if self._closed:
+            raise StorageClosedError(f"{self!r} is closed")
+        encoded = bytearray()
+        for record in records:
+            encoded += encode_record(record, self._default)
+        buffer = self._buffer
+        buffer += encoded
+        if len(buffer) >= self._batch_bytes:
+            await self._write_batch()
+
+    async def flush(self) -> None:
+        """Return when every record appended before the call is durable in the storage.
+
+        Tasks that call ``flush()`` together share one storage flush (group commit).
+        """
+        if self._closed:
+            raise StorageClosedError(f"{self!r} is closed")
+        target = self._written + len(self._buffer)
+        while self._durable < target:
+            if self._flushing is not None:
+                await self._flushing.wait()
+                continue
+            self._flushing = done = anyio.Event()
+            try:
+                async with self._io_lock:
+                    await self._write_locked()
+                    written = self._written
+                    with anyio.CancelScope(shield=True):
+                        await self._storage.flush()
+                    self._durable = written
+            finally:
+                self._flushing = None
+                done.set()
+
+    async def replay(self) -> AsyncIterator[dict[str, Any]]:
+        """Yield the journal's records in append order, streaming.
+
+        Sees every record appended before it was called, flushed or not. A torn last line is
+        skipped with a WARNING; a bad line before the end raises
+        :class:`~yoink.CorruptCheckpointError` after every record before it was yielded (or, with
+        ``on_corrupt="skip"``, is skipped and counted in :attr:`corrupt_lines_skipped`).
+        """
+        if self._closed:
+            raise StorageClosedError(f"{self!r} is closed")
+        await self._write_batch()
+        decoder = JournalDecoder(repr(self._storage), on_corrupt=self._on_corrupt)
+        items = self._storage.read()
+        try:
+            async for item in items:
+                for record in decoder.feed(item):
+                    yield record
+            decoder.finish()
+        finally:
+            self.corrupt_lines_skipped = decoder.skipped
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def exists(self) -> bool:
+        """Whether the journal has any record, here or in the storage."""
+        return bool(self._buffer) or self._written > 0 or await self._storage.exists()
+
+    async def close(self) -> None:
+        """Flush, then close the storage. Safe to call twice."""
+        if self._closed:
+            return
+        try:
+            await self.flush()
+        finally:
+            self._closed = True
+            await self._storage.close()
+
+    async def __aenter__(self) -> Self:
+        if self._flush_interval is not None:
+            self._flusher = anyio.create_task_group()
+            await self._flusher.__aenter__()
+            self._flusher.start_soon(self._flush_periodically, self._flush_interval)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        flusher, self._flusher = self._flusher, None
+        try:
+            if flusher is not None:
+                flusher.cancel_scope.cancel()
+                await flusher.__aexit__(None, None, None)
+        finally:
+            await self.close()
+
+    async def _write_batch(self) -> None:
+        async with self._io_lock:
+            await self._write_locked()
+
+    async def _write_locked(self) -> None:
+        """Hand the buffered records to the storage in one write; keep them if it fails."""
+        if not self._buffer:
+            return
+        batch, self._buffer = self._buffer, bytearray()
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._storage.write(batch.decode())
+        except BaseException:
+            self._buffer[:0] = batch
+            raise
+        self._written += len(batch)
+
+    async def _flush_periodically(self, interval: float) -> None:
+        while True:
+            await anyio.sleep(interval)
+            try:
+                await self.flush()
+            except Exception:
+                logger.warning(
+                    "periodic flush of %r failed; the records stay buffered for the next flush",
+                    self,
+                    exc_info=True,
+                )

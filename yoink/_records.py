@@ -1,0 +1,151 @@
+"""The journal's format: one JSON object a line, UTF-8, each line ending in ``"\\n"``.
+
+Encoding is orjson's; decoding is here and nowhere else, with the rules for a damaged journal:
+
+- a blank line is ignored;
+- the last line of the journal, if it is not a JSON object, is a torn write from a crash: it is
+  skipped with a WARNING;
+- any other line that is not a JSON object is corruption: :class:`~yoink.CorruptCheckpointError`
+  names its line number and byte offset, after every record before it was yielded; with
+  ``on_corrupt="skip"`` it is skipped with a WARNING and counted instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from yoink._exceptions import CorruptCheckpointError
+
+__all__ = ["JournalDecoder", "OnCorrupt", "encode_record"]
+
+logger = logging.getLogger("yoink")
+
+OnCorrupt = Literal["raise", "skip"]
+_ENCODE_OPTIONS = orjson.OPT_APPEND_NEWLINE
+_OBJECT_START = ord("{")
+
+
+def encode_record(record: Any, default: Callable[[Any], Any] | None = None) -> bytes:
+    """Return ``record`` as one JSONL line, or raise ``TypeError`` if it is not a JSON object."""
+    try:
+        line = orjson.dumps(record, default, _ENCODE_OPTIONS)
+    except TypeError as exc:
+        raise _not_a_record(record, exc) from exc
+    if line[0] != _OBJECT_START:
+        raise _not_a_record(record)
+    return line
+
+
+def _not_a_record(record: Any, cause: TypeError | None = None) -> TypeError:
+    """The error for a record that cannot be journaled; nothing of it has been written."""
+    kind = type(record).__name__
+    if cause is None:
+        return TypeError(f"a record must encode as a JSON object (a dict or a dataclass), not {kind}; nothing was appended")
+    return TypeError(f"cannot encode a {kind} record as JSON: {cause}; nothing was appended")
+
+
+@dataclass(frozen=True)
+class _BadLine:
+    line: int
+    offset: int
+    reason: str
+
+
+class JournalDecoder:
+    """Turns the text items that ``CheckpointStorage.read()`` yields into records.
+
+    Call :meth:`feed` with each item in order and :meth:`finish` at the end. Items hold one or more
+    whole lines; the newline that ends an item is optional.
+    """
+
+    def __init__(self, source: str, *, on_corrupt: OnCorrupt = "raise") -> None:
+        self.source = source
+        self.on_corrupt = on_corrupt
+        self.lines = 0
+        self.offset = 0
+        self.skipped = 0
+        self.torn_tail = False
+        self._suspect: _BadLine | None = None  # a bad line that is torn if nothing follows it
+        self._error: CorruptCheckpointError | None = None
+
+    def feed(self, item: str) -> list[dict[str, Any]]:
+        """Decode one item; raise the corruption found in an earlier item, if any."""
+        if self._error is not None:
+            raise self._error
+        if not item:
+            return []
+        lines = item.split("\n")
+        if not lines[-1]:
+            lines.pop()
+        try:
+            records = [orjson.loads(line) for line in lines]
+        except orjson.JSONDecodeError:
+            records = self._decode_slowly(lines)
+        else:
+            if self._suspect is not None or set(map(type, records)) != {dict}:
+                records = self._decode_slowly(lines)
+        self.lines += len(lines)
+        self.offset += _utf8_len(item) + (not item.endswith("\n"))
+        return records
+
+    def finish(self) -> None:
+        """Call after the last item: a bad last line is a torn tail; raise corruption found earlier."""
+        if self._error is not None:
+            raise self._error
+        if self._suspect is not None:
+            self.torn_tail = True
+            logger.warning(
+                "%s: skipped line %d (byte offset %d), the last line, as a torn write: %s",
+                self.source,
+                self._suspect.line,
+                self._suspect.offset,
+                self._suspect.reason,
+            )
+
+    def _decode_slowly(self, lines: list[str]) -> list[dict[str, Any]]:
+        """Decode line by line, to find where the bad lines are."""
+        records: list[dict[str, Any]] = []
+        offset = self.offset
+        for index, line in enumerate(lines):
+            start, offset = offset, offset + _utf8_len(line) + 1
+            if not line.strip():
+                continue
+            if self._suspect is not None:
+                if self._is_corrupt(self._suspect):
+                    return records
+                self._suspect = None
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                reason = str(exc)
+            else:
+                if type(record) is dict:
+                    records.append(record)
+                    continue
+                reason = f"a JSON {type(record).__name__}, not an object"
+            self._suspect = _BadLine(self.lines + index + 1, start, reason)
+        return records
+
+    def _is_corrupt(self, bad: _BadLine) -> bool:
+        """A bad line is followed by another line: raise later, or skip it now. True to stop."""
+        message = f"{self.source}: line {bad.line} (byte offset {bad.offset}) is not a JSON object: {bad.reason}"
+        if self.on_corrupt == "raise":
+            self._error = CorruptCheckpointError(
+                f"{message}; it is not the last line, so it is not a torn write "
+                "(on_corrupt='skip' skips such lines)",
+                line=bad.line,
+                offset=bad.offset,
+            )
+            return True
+        self.skipped += 1
+        logger.warning("%s; skipped", message)
+        return False
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogateescape"))

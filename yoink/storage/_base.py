@@ -1,0 +1,105 @@
+"""The contract between yoink and a storage backend.
+
+A backend is a subclass of :class:`CheckpointStorage` with five async methods. Everything yoink
+promises its users rests on the promises written in their docstrings, so read them all before
+writing one; ``yoink.testing`` will check them for you.
+"""
+
+from __future__ import annotations
+
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:
+    from typing_extensions import Self
+
+__all__ = ["CheckpointStorage"]
+
+
+class CheckpointStorage(ABC):
+    """An append-only journal of text, written by one writer at a time.
+
+    :class:`~yoink.CheckpointManager` hands a backend whole JSONL lines, several at a time, through
+    :meth:`write`, and asks for durability with :meth:`flush`. A backend stores the text; it never
+    needs to parse it.
+
+    ``async with storage:`` returns the storage and awaits :meth:`close` on the way out.
+    """
+
+    @classmethod
+    def from_uri(cls, uri: str, **options: Any) -> Self:
+        """Build the storage for ``uri``; :class:`~yoink.StorageFactory` calls this.
+
+        The default passes the URI and the options to the constructor unchanged. Override it when
+        the constructor takes something else (a path, a key parsed from a query string).
+        """
+        return cls(uri, **options)  # type: ignore[call-arg]
+
+    @abstractmethod
+    async def write(self, data: str) -> None:
+        """Append ``data`` to the journal.
+
+        - Order: text from successive calls is stored in the order the calls were made, including
+          calls from concurrent tasks, and is never interleaved.
+        - ``data`` is usually one or more whole lines, each ending in ``"\\n"``.
+        - All or nothing: if ``write()`` raises, the journal is as it was before the call, so the
+          caller may hand the same text over again.
+        - Durability comes only from :meth:`flush`; what was written but not flushed may be lost in
+          a crash.
+        - After :meth:`close`, raises :class:`~yoink.StorageClosedError`.
+        """
+
+    @abstractmethod
+    def read(self) -> AsyncIterator[str]:
+        """Yield the journal's text in order, from its start.
+
+        - Implement it as ``async def read(self) -> AsyncIterator[str]: ... yield ...``.
+        - Each item is one or more whole lines. The newline that ends an item may be left off; an
+          item never ends in the middle of a line. Yielding a block of many lines at a time is
+          allowed and much faster than one line per item.
+        - Read your writes: it sees everything :meth:`write` accepted before ``read()`` was called,
+          flushed or not.
+        - Memory stays bounded by an item, not by the journal.
+        - A backend that can recognise a torn last write (a crash in the middle of a write) leaves
+          it out and logs a warning; otherwise the manager skips an unreadable last line itself.
+        - An empty or missing journal yields nothing.
+        """
+
+    @abstractmethod
+    async def exists(self) -> bool:
+        """Return whether the journal exists (has been written to, here or by an earlier writer)."""
+
+    @abstractmethod
+    async def flush(self) -> None:
+        """Make everything written before this call durable, then return.
+
+        Once ``flush()`` returns, a crash of this process (``kill -9``) loses none of that text, and
+        a later ``read()`` by any process yields it. What "durable" means past a process crash (an
+        fsync, an acknowledged upload, a replicated write) is the backend's to document.
+        Flushing with nothing written is cheap and does nothing. After :meth:`close`, raises
+        :class:`~yoink.StorageClosedError`.
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Flush, then release every resource (file handles, locks, clients).
+
+        Safe to call twice: the second call does nothing. Afterwards :meth:`write` and :meth:`flush`
+        raise :class:`~yoink.StorageClosedError`.
+        """
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,276 @@
+"""LocalFileStorage: the journal as a local JSONL file."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+from urllib.parse import unquote, urlsplit
+
+import aiofiles
+import aiofiles.os
+import anyio
+import anyio.to_thread
+from aiofiles.threadpool.binary import AsyncFileIO
+
+from yoink._exceptions import CheckpointLockedError, StorageClosedError, StorageError
+from yoink.storage._base import CheckpointStorage
+
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:
+    from typing_extensions import Self
+
+__all__ = ["LocalFileStorage"]
+
+logger = logging.getLogger("yoink")
+
+READ_CHUNK = 1 << 20
+TORN_SUFFIX = ".torn"
+
+
+class LocalFileStorage(CheckpointStorage):
+    """A journal in a local file, appended through aiofiles.
+
+    - The file is opened in append mode on the first :meth:`write`, creating missing parent
+      directories. From then on the storage holds an advisory lock (``flock``) on it until
+      :meth:`close`: a second writer, in this process or another, gets
+      :class:`~yoink.CheckpointLockedError` and writes nothing. Readers need no lock.
+    - Every :meth:`write` goes to the operating system at once, so it survives a crash of this
+      process. :meth:`flush` fsyncs the file (and, once, its directory after creating it) so it
+      also survives a crash of the machine. ``fsync=False`` skips that, for speed where a power
+      cut may cost the last seconds of work.
+    - A crash in the middle of a write can leave a last line without its newline. It is never part
+      of the journal: :meth:`read` leaves it out, and before the next append the fragment is moved
+      to ``<path>.torn`` (one fragment a line) and logged at WARNING, so the next record starts on a
+      clean line.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        path = os.fspath(path)
+        if not path:
+            raise ValueError("LocalFileStorage needs a file path, got an empty string")
+        self._path = os.path.abspath(os.path.expanduser(path))
+        self._fsync = fsync
+        self._file: AsyncFileIO | None = None
+        self._size = 0
+        self._dirty = False
+        self._closed = False
+        self._lock = anyio.Lock()
+
+    @classmethod
+    def from_uri(cls, uri: str, **options: Any) -> Self:
+        """Build a storage from a path or a ``file://`` URI.
+
+        >>> LocalFileStorage.from_uri("./crawl.jsonl")        # relative to the working directory
+        >>> LocalFileStorage.from_uri("~/runs/crawl.jsonl")   # in the home directory
+        >>> LocalFileStorage.from_uri("file:///var/lib/run.jsonl", fsync=False)
+        """
+        if "://" in uri:
+            parts = urlsplit(uri)
+            if parts.scheme.lower() != "file" or parts.netloc not in ("", "localhost"):
+                raise ValueError(f"a file URI names a local path, as in file:///abs/run.jsonl; got {uri!r}")
+            if parts.query or parts.fragment:
+                raise ValueError(f"a file URI takes no query or fragment; got {uri!r}")
+            uri = unquote(parts.path)
+        return cls(uri, **options)
+
+    @property
+    def path(self) -> str:
+        """The journal's absolute path."""
+        return self._path
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._path!r})"
+
+    async def write(self, data: str) -> None:
+        self._check_open()
+        if not data:
+            return
+        payload = data.encode("utf-8")
+        async with self._lock:
+            self._check_open()
+            file = self._file or await self._open()
+            # A write that is under way in a thread finishes even if its caller is cancelled, so the
+            # bookkeeping below must not be skipped by a cancellation.
+            with anyio.CancelScope(shield=True):
+                await self._append(file, payload)
+
+    async def read(self) -> AsyncIterator[str]:
+        try:
+            file = await aiofiles.open(self._path, "rb")
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StorageError(f"cannot read {self._path}: {exc.strerror}") from exc
+        try:
+            # Read up to the size at the start: a batch appended meanwhile is not half-seen.
+            remaining = os.fstat(file.fileno()).st_size
+            carry = b""
+            while remaining > 0:
+                try:
+                    chunk = await file.read(min(READ_CHUNK, remaining))
+                except OSError as exc:
+                    raise StorageError(f"cannot read {self._path}: {exc.strerror}") from exc
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+                cut = chunk.rfind(b"\n") + 1
+                if cut == 0:
+                    carry += chunk
+                    continue
+                block = carry + chunk[:cut] if carry else chunk[:cut]
+                carry = chunk[cut:]
+                yield block.decode("utf-8", "surrogateescape")
+        finally:
+            await file.close()
+        if carry:
+            logger.warning(
+                "%s ends in %d bytes without a newline (a torn write, or one still under way); "
+                "they are not part of the journal",
+                self._path,
+                len(carry),
+            )
+
+    async def exists(self) -> bool:
+        return await aiofiles.os.path.exists(self._path)
+
+    async def flush(self) -> None:
+        self._check_open()
+        async with self._lock:
+            await self._sync()
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            file, self._file = self._file, None
+            if file is None:
+                return
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._sync(file)
+                finally:
+                    await file.close()  # releases the lock
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageClosedError(f"{self!r} is closed")
+
+    async def _open(self) -> AsyncFileIO:
+        created = not await aiofiles.os.path.exists(self._path)
+        try:
+            await aiofiles.os.makedirs(os.path.dirname(self._path), exist_ok=True)
+            file = await aiofiles.open(self._path, "ab", buffering=0)
+        except OSError as exc:
+            raise StorageError(f"cannot open {self._path} for appending: {exc.strerror}") from exc
+        try:
+            self._size = await anyio.to_thread.run_sync(self._lock_and_repair, file.fileno(), created)
+        except BaseException:
+            await file.close()
+            raise
+        self._file = file
+        return file
+
+    def _lock_and_repair(self, fd: int, created: bool) -> int:
+        """Take the writer's lock, set aside a torn tail, and return the journal's clean size."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CheckpointLockedError(
+                f"{self._path} is open for writing elsewhere (another process or storage holds its "
+                "lock); yoink allows one writer at a time, and nothing was written"
+            ) from None
+        try:
+            if created and self._fsync:
+                _fsync_directory(os.path.dirname(self._path))
+            return _set_aside_torn_tail(self._path, fd)
+        except OSError as exc:
+            raise StorageError(f"cannot prepare {self._path} for appending: {exc}") from exc
+
+    async def _append(self, file: AsyncFileIO, payload: bytes) -> None:
+        start = self._size
+        view = memoryview(payload)
+        try:
+            while view:
+                written = await file.write(view)
+                view = view[written:]
+        except OSError as exc:
+            await self._undo_partial_append(file, start, exc)
+        self._size = start + len(payload)
+        self._dirty = True
+
+    async def _undo_partial_append(self, file: AsyncFileIO, start: int, exc: OSError) -> NoReturn:
+        try:
+            await anyio.to_thread.run_sync(os.ftruncate, file.fileno(), start)
+        except OSError:
+            self._closed = True
+            await file.close()
+            self._file = None
+            raise StorageError(
+                f"appending to {self._path} failed ({exc.strerror}) and the partial write could not be "
+                "undone; the storage is closed, and the next writer sets the torn tail aside"
+            ) from exc
+        raise StorageError(
+            f"appending to {self._path} failed: {exc.strerror}; the journal is unchanged"
+        ) from exc
+
+    async def _sync(self, file: AsyncFileIO | None = None) -> None:
+        file = file or self._file
+        if file is None or not self._dirty:
+            return
+        if self._fsync:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await anyio.to_thread.run_sync(os.fsync, file.fileno())
+                except OSError as exc:
+                    raise StorageError(f"fsync of {self._path} failed: {exc.strerror}") from exc
+        self._dirty = False
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _set_aside_torn_tail(path: str, fd: int) -> int:
+    """Move the bytes after the last newline to ``path + ".torn"``; return the clean size."""
+    size = os.fstat(fd).st_size
+    with open(path, "rb") as journal:
+        end = size
+        clean = 0
+        while end > 0:
+            start = max(0, end - 65536)
+            journal.seek(start)
+            newline = journal.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                clean = start + newline + 1
+                break
+            end = start
+        if clean == size:
+            return size
+        sidecar = path + TORN_SUFFIX
+        journal.seek(clean)
+        with open(sidecar, "ab") as side:
+            while block := journal.read(READ_CHUNK):
+                side.write(block)
+            side.write(b"\n")
+            side.flush()
+            os.fsync(side.fileno())
+    os.ftruncate(fd, clean)
+    os.fsync(fd)
+    logger.warning(
+        "%s ended in a torn write: moved its last %d bytes (from offset %d) to %s",
+        path,
+        size - clean,
+        clean,
+        sidecar,
+    )
+    return clean

@@ -1,0 +1,96 @@
+"""MemoryStorage: a journal in this process's memory, for tests and throwaway runs."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from yoink._exceptions import CheckpointLockedError, StorageClosedError
+from yoink.storage._base import CheckpointStorage
+
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:
+    from typing_extensions import Self
+
+__all__ = ["MemoryStorage"]
+
+_anonymous = itertools.count(1)
+
+
+class MemoryStorage(CheckpointStorage):
+    """A journal held in memory, shared by every ``MemoryStorage`` of the same name in a process.
+
+    ``MemoryStorage("jobs")`` and ``StorageFactory.from_uri("memory://jobs")`` reach the same
+    journal, so a test can write through one storage, close it, and replay through another, as a
+    restarted job would. ``MemoryStorage()`` is a journal of its own. The text lives as long as the
+    process; :meth:`flush` has nothing to do. Like the other backends it allows one writer at a
+    time: a second storage writing a name that an open storage has written raises
+    :class:`~yoink.CheckpointLockedError`.
+    """
+
+    _journals: ClassVar[dict[str, list[str]]] = {}
+    _writers: ClassVar[set[str]] = set()
+
+    def __init__(self, name: str | None = None) -> None:
+        self._name = name if name else f"anonymous-{next(_anonymous)}"
+        self._writing = False
+        self._closed = False
+
+    @classmethod
+    def from_uri(cls, uri: str, **options: Any) -> Self:
+        """Build a storage from ``memory://name``.
+
+        >>> MemoryStorage.from_uri("memory://crawl-test")
+        """
+        parts = urlsplit(uri)
+        name = parts.netloc + parts.path
+        if parts.scheme.lower() != "memory" or not name or parts.query or parts.fragment:
+            raise ValueError(f"a memory URI names a journal, as in memory://crawl-test; got {uri!r}")
+        return cls(name, **options)
+
+    @property
+    def name(self) -> str:
+        """The journal's name within this process."""
+        return self._name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._name!r})"
+
+    async def write(self, data: str) -> None:
+        self._check_open()
+        if not data:
+            return
+        if not self._writing:
+            if self._name in self._writers:
+                raise CheckpointLockedError(
+                    f"memory://{self._name} is open for writing by another MemoryStorage; "
+                    "yoink allows one writer at a time, and nothing was written"
+                )
+            self._writers.add(self._name)
+            self._writing = True
+        self._journals.setdefault(self._name, []).append(data)
+
+    async def read(self) -> AsyncIterator[str]:
+        items = self._journals.get(self._name, [])
+        for index in range(len(items)):  # what was there when read() was called
+            yield items[index]
+
+    async def exists(self) -> bool:
+        return self._name in self._journals
+
+    async def flush(self) -> None:
+        self._check_open()
+
+    async def close(self) -> None:
+        if self._writing:
+            self._writers.discard(self._name)
+            self._writing = False
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageClosedError(f"{self!r} is closed")
