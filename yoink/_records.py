@@ -45,7 +45,9 @@ def _not_a_record(record: Any, cause: TypeError | None = None) -> TypeError:
     """The error for a record that cannot be journaled; nothing of it has been written."""
     kind = type(record).__name__
     if cause is None:
-        return TypeError(f"a record must encode as a JSON object (a dict or a dataclass), not {kind}; nothing was appended")
+        return TypeError(
+            f"a record must encode as a JSON object (a dict or a dataclass), not {kind}; nothing was appended"
+        )
     return TypeError(f"cannot encode a {kind} record as JSON: {cause}; nothing was appended")
 
 
@@ -133,7 +135,9 @@ class JournalDecoder:
 
     def _is_corrupt(self, bad: _BadLine) -> bool:
         """A bad line is followed by another line: raise later, or skip it now. True to stop."""
-        message = f"{self.source}: line {bad.line} (byte offset {bad.offset}) is not a JSON object: {bad.reason}"
+        message = (
+            f"{self.source}: line {bad.line} (byte offset {bad.offset}) is not a JSON object: {bad.reason}"
+        )
         if self.on_corrupt == "raise":
             self._error = CorruptCheckpointError(
                 f"{message}; it is not the last line, so it is not a torn write "

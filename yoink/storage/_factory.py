@@ -123,12 +123,16 @@ class StorageFactory:
         cls._load_plugins()
         name = scheme.lower().removesuffix("://")
         if not _SCHEME.fullmatch(name):
-            raise ValueError(f"{scheme!r} is not a URI scheme (a letter, then letters, digits, '+', '-' or '.')")
+            raise ValueError(
+                f"{scheme!r} is not a URI scheme (a letter, then letters, digits, '+', '-' or '.')"
+            )
         if isinstance(target, str):
             if not re.fullmatch(r"[\w.]+(:[\w.]+)?", target) or "." not in target.replace(":", "."):
                 raise ValueError(f"{target!r} is not a dotted path such as 'package.module:ClassName'")
         elif not (isinstance(target, type) and issubclass(target, CheckpointStorage)):
-            raise TypeError(f"a backend is a CheckpointStorage subclass or a dotted path to one, got {target!r}")
+            raise TypeError(
+                f"a backend is a CheckpointStorage subclass or a dotted path to one, got {target!r}"
+            )
         if name in cls._registry and not replace:
             raise ValueError(
                 f"{name}:// is already registered to {_describe(cls._registry[name])}; "
@@ -183,13 +187,20 @@ def _import_backend(scheme: str, entry: _Entry) -> type[CheckpointStorage]:
     except ModuleNotFoundError as exc:
         if entry.install_hint is None:
             raise
+        if exc.name == module_name:  # the backend itself, not a package it needs
+            raise MissingDependencyError(
+                f"{scheme}:// URIs need a yoink with that backend ({module_name} is missing from this "
+                f"install); it comes with {entry.install_hint.replace('pip install', 'pip install -U')}"
+            ) from exc
         raise MissingDependencyError(
             f"{scheme}:// URIs need {entry.install_hint} (module {exc.name!r} is missing)"
         ) from exc
     try:
         backend = functools.reduce(getattr, attribute.split("."), module)
     except AttributeError:
-        raise ImportError(f"the backend for {scheme}:// is registered as {path!r}, which does not exist") from None
+        raise ImportError(
+            f"the backend for {scheme}:// is registered as {path!r}, which does not exist"
+        ) from None
     if not (isinstance(backend, type) and issubclass(backend, CheckpointStorage)):
         raise TypeError(f"the backend for {scheme}:// ({path!r}) is not a CheckpointStorage subclass")
     return backend

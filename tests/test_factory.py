@@ -1,0 +1,243 @@
+"""StorageFactory: from a URI to a backend, the registry, and plugins."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from yoink import CheckpointManager, MissingDependencyError, StorageFactory, UnknownSchemeError
+from yoink.storage import LocalFileStorage, MemoryStorage
+from yoink.storage._factory import _BUILTIN, _Entry
+
+
+@pytest.fixture(autouse=True)
+def restore_registry() -> Iterator[None]:
+    saved = dict(StorageFactory._registry)
+    yield
+    StorageFactory._registry.clear()
+    StorageFactory._registry.update(saved)
+
+
+class TinyStorage(MemoryStorage):
+    def __init__(self, uri: str, *, colour: str = "red") -> None:
+        super().__init__(uri)
+        self.uri = uri
+        self.colour = colour
+
+    @classmethod
+    def from_uri(cls, uri: str, **options: Any) -> TinyStorage:
+        return cls(uri, **options)
+
+
+@pytest.mark.parametrize(
+    ("uri", "path"),
+    [
+        ("./crawl.jsonl", "{cwd}/crawl.jsonl"),
+        ("crawl.jsonl", "{cwd}/crawl.jsonl"),
+        ("runs/a b.jsonl", "{cwd}/runs/a b.jsonl"),
+        ("/abs/run.jsonl", "/abs/run.jsonl"),
+        ("~/run.jsonl", "{home}/run.jsonl"),
+        ("file:///abs/run.jsonl", "/abs/run.jsonl"),
+        ("FILE:///abs/a%20b.jsonl", "/abs/a b.jsonl"),
+        ("file://localhost/abs/run.jsonl", "/abs/run.jsonl"),
+    ],
+)
+def test_paths_and_file_uris_give_a_local_file(uri: str, path: str) -> None:
+    storage = StorageFactory.from_uri(uri)
+    assert isinstance(storage, LocalFileStorage)
+    assert storage.path == path.format(cwd=Path.cwd(), home=Path.home())
+
+
+def test_a_path_object_is_a_local_file(tmp_path: Path) -> None:
+    storage = StorageFactory.from_uri(tmp_path / "x.jsonl")
+    assert isinstance(storage, LocalFileStorage)
+    assert storage.path == str(tmp_path / "x.jsonl")
+
+
+def test_memory_uris_name_a_shared_journal() -> None:
+    storage = StorageFactory.from_uri("memory://crawl-test")
+    assert isinstance(storage, MemoryStorage)
+    assert storage.name == "crawl-test"
+
+
+@pytest.mark.parametrize(
+    ("uri", "error", "message"),
+    [
+        ("", ValueError, "a checkpoint URI or path is needed"),
+        ("file://otherhost/x.jsonl", ValueError, "a file URI names a local path"),
+        ("file:///x.jsonl?fsync=0", ValueError, "takes no query"),
+        ("memory://", ValueError, "a memory URI names a journal"),
+        (
+            "gopher://host/x",
+            UnknownSchemeError,
+            "no storage backend for gopher:// URIs; known schemes: file://, ",
+        ),
+        ("ftp://host/x", ValueError, "memory://, redis://, rediss://, s3://"),
+    ],
+)
+def test_bad_uris_are_refused_with_a_clear_error(uri: str, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message.replace("?", "\\?").replace("(", "\\(")):
+        StorageFactory.from_uri(uri)
+
+
+def test_a_backend_whose_dependency_is_missing_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "yoink_needs_extra.py").write_text("import yoink_absent_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    StorageFactory._registry["gcs"] = _Entry(
+        "yoink_needs_extra:GCSStorage", "the 'gcs' extra: pip install 'yoink[gcs]'"
+    )
+    with pytest.raises(
+        MissingDependencyError,
+        match="gcs:// URIs need the 'gcs' extra: pip install 'yoink\\[gcs\\]' "
+        "\\(module 'yoink_absent_dependency' is missing\\)",
+    ) as caught:
+        StorageFactory.from_uri("gcs://bucket/key.jsonl")
+    assert isinstance(caught.value, ImportError)
+
+
+@pytest.mark.parametrize(
+    ("uri", "extra"), [("s3://bucket/key.jsonl", "s3"), ("redis://localhost/0?key=k", "redis")]
+)
+def test_a_backend_this_version_lacks_says_what_to_install(uri: str, extra: str) -> None:
+    with pytest.raises(
+        MissingDependencyError,
+        match=f"it comes with the '{extra}' extra: pip install -U 'yoink\\[{extra}\\]'",
+    ):
+        StorageFactory.from_uri(uri)
+
+
+def test_import_yoink_imports_no_optional_dependency() -> None:
+    code = (
+        "import sys, yoink, yoink.storage\n"
+        "print(sorted(m for m in ('aioboto3', 'botocore', 'redis') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_options_reach_the_backend_and_unknown_ones_are_named() -> None:
+    assert StorageFactory.from_uri("/x.jsonl", fsync=False)._fsync is False  # type: ignore[attr-defined]
+    with pytest.raises(
+        TypeError, match="LocalFileStorage does not take the option\\(s\\) fsnyc; it takes: fsync"
+    ):
+        StorageFactory.from_uri("/x.jsonl", fsnyc=False)
+
+
+def test_a_registered_class_gets_the_uri_and_the_options() -> None:
+    StorageFactory.register("tiny", TinyStorage)
+    storage = StorageFactory.from_uri("TINY://thing", colour="blue")
+    assert isinstance(storage, TinyStorage)
+    assert (storage.uri, storage.colour) == ("TINY://thing", "blue")
+    assert "tiny" in StorageFactory.schemes()
+    manager = CheckpointManager.from_uri("tiny://other", colour="green", flush_interval=None)
+    assert isinstance(manager.storage, TinyStorage)
+    assert manager.storage.colour == "green"
+
+
+def test_a_dotted_path_is_imported_on_first_use() -> None:
+    StorageFactory.register("tiny", "tests.test_factory:TinyStorage")
+    assert StorageFactory._registry["tiny"].target == "tests.test_factory:TinyStorage"
+    assert isinstance(StorageFactory.from_uri("tiny://x"), TinyStorage)
+    assert StorageFactory.resolve("tiny") is TinyStorage
+
+
+def test_registering_a_taken_scheme_needs_replace() -> None:
+    with pytest.raises(
+        ValueError, match="file:// is already registered to yoink.storage._local:LocalFileStorage"
+    ):
+        StorageFactory.register("file", TinyStorage)
+    StorageFactory.register("tiny", TinyStorage)
+    with pytest.raises(ValueError, match="pass replace=True"):
+        StorageFactory.register("tiny", MemoryStorage)
+    StorageFactory.register("tiny", MemoryStorage, replace=True)
+    assert StorageFactory.resolve("tiny") is MemoryStorage
+
+
+@pytest.mark.parametrize(
+    ("scheme", "target", "error", "message"),
+    [
+        ("not a scheme", TinyStorage, ValueError, "is not a URI scheme"),
+        ("9p", TinyStorage, ValueError, "is not a URI scheme"),
+        ("tiny", dict, TypeError, "a backend is a CheckpointStorage subclass"),
+        ("tiny", TinyStorage("x://"), TypeError, "a backend is a CheckpointStorage subclass"),
+        ("tiny", "no dots here", ValueError, "is not a dotted path"),
+    ],
+)
+def test_bad_registrations_are_refused(
+    scheme: str, target: Any, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        StorageFactory.register(scheme, target)
+    assert "tiny" not in StorageFactory.schemes()
+
+
+def test_a_dotted_path_that_does_not_hold_a_backend_fails_when_used() -> None:
+    StorageFactory.register("nope", "tests.test_factory:NoSuchThing")
+    with pytest.raises(
+        ImportError, match="registered as 'tests.test_factory:NoSuchThing', which does not exist"
+    ):
+        StorageFactory.from_uri("nope://x")
+    StorageFactory.register("dict", "builtins:dict")
+    with pytest.raises(TypeError, match="is not a CheckpointStorage subclass"):
+        StorageFactory.from_uri("dict://x")
+
+
+def test_unregister_removes_a_scheme() -> None:
+    StorageFactory.register("tiny", TinyStorage)
+    StorageFactory.unregister("tiny://")
+    with pytest.raises(UnknownSchemeError):
+        StorageFactory.from_uri("tiny://x")
+    with pytest.raises(KeyError, match="tiny:// is not registered"):
+        StorageFactory.unregister("tiny")
+
+
+def test_schemes_is_a_sorted_copy_that_callers_cannot_change() -> None:
+    schemes = StorageFactory.schemes()
+    assert schemes == tuple(sorted(schemes))
+    assert set(_BUILTIN) <= set(schemes)
+    assert isinstance(schemes, tuple)
+
+
+def test_the_factory_is_not_instantiated() -> None:
+    with pytest.raises(TypeError, match="class methods"):
+        StorageFactory()
+
+
+@pytest.fixture
+def installed_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A distribution on sys.path that declares backends in the yoink.storage entry-point group."""
+    (tmp_path / "yoink_tiny.py").write_text(
+        "from yoink.storage import MemoryStorage\n"
+        "class TinyPluginStorage(MemoryStorage):\n"
+        "    @classmethod\n"
+        "    def from_uri(cls, uri, **options):\n"
+        "        return cls(uri.partition('://')[2], **options)\n"
+    )
+    dist_info = tmp_path / "yoink_tiny-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: yoink-tiny\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text(
+        "[yoink.storage]\ntinyplug = yoink_tiny:TinyPluginStorage\nmemory = yoink_tiny:TinyPluginStorage\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(StorageFactory, "_plugins_loaded", False)
+    yield
+    sys.modules.pop("yoink_tiny", None)
+
+
+@pytest.mark.usefixtures("installed_plugin")
+def test_an_entry_point_plugs_in_a_scheme_but_never_takes_a_builtin_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    storage = StorageFactory.from_uri("tinyplug://jobs")
+    assert type(storage).__name__ == "TinyPluginStorage"
+    assert storage.name == "jobs"  # type: ignore[attr-defined]
+    assert type(StorageFactory.from_uri("memory://jobs")) is MemoryStorage
+    assert "ignoring entry point 'yoink_tiny:TinyPluginStorage' of yoink-tiny for memory://" in caplog.text

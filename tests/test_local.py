@@ -1,0 +1,180 @@
+"""LocalFileStorage: what a crash, a second process and a failing disk do to a local journal."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from yoink import CheckpointLockedError, CheckpointManager, StorageError
+from yoink.storage import LocalFileStorage
+
+TORN = '{"url":"https://example.com/3","sta'
+
+
+async def replay_all(path: Path) -> list[dict[str, object]]:
+    async with CheckpointManager.from_uri(path) as manager:
+        return [record async for record in manager.replay()]
+
+
+def run_python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_the_file_and_missing_parent_directories_appear_on_first_write(tmp_path: Path) -> None:
+    path = tmp_path / "runs" / "2026" / "crawl.jsonl"
+    storage = LocalFileStorage(path)
+    assert not path.parent.exists()
+    await storage.write('{"a":1}\n')
+    assert path.read_text() == '{"a":1}\n'  # written through to the OS before any flush
+    await storage.close()
+
+
+async def test_a_torn_tail_is_set_aside_and_the_next_append_starts_on_a_clean_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "crawl.jsonl"
+    path.write_text('{"url":"https://example.com/1"}\n{"url":"https://example.com/2"}\n' + TORN)
+    with caplog.at_level(logging.WARNING, logger="yoink"):
+        assert await replay_all(path) == [{"url": "https://example.com/1"}, {"url": "https://example.com/2"}]
+        async with CheckpointManager.from_uri(path) as manager:
+            await manager.append({"url": "https://example.com/3", "status": 200})
+    assert "ends in 35 bytes without a newline" in caplog.text
+    assert f"moved its last 35 bytes (from offset 64) to {path}.torn" in caplog.text
+    assert path.read_text().splitlines()[-1] == '{"url":"https://example.com/3","status":200}'
+    assert Path(f"{path}.torn").read_text() == TORN + "\n"
+    assert len(await replay_all(path)) == 3
+
+
+async def test_a_torn_tail_that_happens_to_be_valid_json_is_still_not_a_record(tmp_path: Path) -> None:
+    # A crash just before the newline: the record was never flushed, so it is never replayed, not
+    # even once before it is set aside.
+    path = tmp_path / "crawl.jsonl"
+    path.write_text('{"n":1}\n{"n":2}')
+    assert await replay_all(path) == [{"n": 1}]
+    async with CheckpointManager.from_uri(path) as manager:
+        await manager.append({"n": 3})
+    assert await replay_all(path) == [{"n": 1}, {"n": 3}]
+
+
+async def test_a_journal_that_is_one_torn_line_is_set_aside_whole(tmp_path: Path) -> None:
+    path = tmp_path / "crawl.jsonl"
+    path.write_bytes(b"\x00" * 100_000)  # what a power cut can leave behind
+    async with CheckpointManager.from_uri(path) as manager:
+        await manager.append({"n": 1})
+    assert path.read_text() == '{"n":1}\n'
+    assert Path(f"{path}.torn").read_bytes() == b"\x00" * 100_000 + b"\n"
+
+
+async def test_another_process_writing_the_same_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "crawl.jsonl"
+    async with CheckpointManager.from_uri(path, flush_interval=None) as manager:
+        await manager.append({"owner": "parent"})
+        await manager.flush()
+        child = run_python(
+            """
+            import asyncio, sys
+            from yoink import CheckpointManager, CheckpointLockedError
+            async def main():
+                async with CheckpointManager.from_uri(sys.argv[1]) as manager:
+                    assert [r async for r in manager.replay()] == [{"owner": "parent"}]  # reading is fine
+                    await manager.append({"owner": "child"})
+                    await manager.flush()
+            try:
+                asyncio.run(main())
+            except CheckpointLockedError as exc:
+                print("refused:", exc)
+                sys.exit(3)
+            """,
+            str(path),
+        )
+        assert child.returncode == 3, child.stderr
+        assert "is open for writing elsewhere" in child.stdout
+        await manager.append({"owner": "parent", "n": 2})
+    assert await replay_all(path) == [{"owner": "parent"}, {"owner": "parent", "n": 2}]
+
+
+async def test_an_unwritable_path_gives_a_clear_error_and_keeps_the_records(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    manager = CheckpointManager.from_uri(blocker / "crawl.jsonl", flush_interval=None)
+    await manager.append({"n": 1})
+    with pytest.raises(StorageError, match="cannot open .*not-a-directory/crawl.jsonl for appending"):
+        await manager.flush()
+    assert await manager.exists()  # the record is still held, for a retry
+    with pytest.raises(StorageError):
+        await manager.close()
+
+
+def test_a_write_the_disk_refuses_leaves_the_journal_unchanged_and_is_retried(tmp_path: Path) -> None:
+    # RLIMIT_FSIZE makes the kernel refuse a write past 64 KiB with EFBIG, part-way through a batch.
+    child = run_python(
+        """
+        import asyncio, resource, signal, sys
+        from yoink import CheckpointManager, StorageError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        async def main():
+            manager = CheckpointManager.from_uri(sys.argv[1], flush_interval=None)
+            await manager.append_many({"n": n} for n in range(1000))
+            await manager.flush()
+            resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
+            await manager.append_many({"n": n, "pad": "x" * 100} for n in range(1000, 2000))
+            try:
+                await manager.flush()
+            except StorageError as exc:
+                print("error:", exc)
+            with open(sys.argv[1], "rb") as f:
+                print("size after the failed flush:", len(f.read()))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+            await manager.flush()  # the same records, handed over again
+            await manager.close()
+        asyncio.run(main())
+        """,
+        str(tmp_path / "j.jsonl"),
+    )
+    assert child.returncode == 0, child.stderr
+    clean_size = sum(len(f'{{"n":{n}}}\n') for n in range(1000))
+    assert "File too large; the journal is unchanged" in child.stdout
+    assert f"size after the failed flush: {clean_size}" in child.stdout
+    lines = (tmp_path / "j.jsonl").read_text().splitlines()
+    assert [int(line.split(",")[0].removeprefix('{"n":').rstrip("}")) for line in lines] == list(range(2000))
+
+
+async def test_fsync_false_still_writes_through_to_the_operating_system(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    async with CheckpointManager.from_uri(path, fsync=False, flush_interval=None) as manager:
+        await manager.append({"n": 1})
+        await manager.flush()
+        assert path.read_text() == '{"n":1}\n'
+
+
+async def test_two_storages_in_one_process_cannot_both_write(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    async with LocalFileStorage(path) as first:
+        await first.write('{"n":1}\n')
+        async with LocalFileStorage(path) as second:
+            with pytest.raises(CheckpointLockedError):
+                await second.write('{"n":2}\n')
+    assert path.read_text() == '{"n":1}\n'
+
+
+async def test_read_stops_at_the_size_it_saw_when_it_started(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    async with LocalFileStorage(path) as storage:
+        await storage.write("".join(f'{{"n":{n}}}\n' for n in range(200_000)))
+        items = storage.read()
+        first = await items.__anext__()
+        await storage.write('{"late":1}\n')
+        rest = [item async for item in items]
+    assert "late" not in first + "".join(rest)
+    assert (first + "".join(rest)).count("\n") == 200_000

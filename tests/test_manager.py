@@ -1,0 +1,330 @@
+"""CheckpointManager: encoding, batching, flushing, backpressure and replay."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+
+from tests.conftest import OpenStorage
+from tests.helpers import RecordingStorage
+from yoink import CheckpointManager, CorruptCheckpointError, StorageClosedError, StorageError
+from yoink.storage import LocalFileStorage, MemoryStorage
+
+
+async def replay_all(manager: CheckpointManager) -> list[dict[str, Any]]:
+    return [record async for record in manager.replay()]
+
+
+def journal(text: str) -> MemoryStorage:
+    """A memory journal that already holds ``text``, as if written by an earlier process."""
+    name = f"journal-{uuid.uuid4()}"
+    MemoryStorage._journals[name] = [text]
+    return MemoryStorage(name)
+
+
+@dataclasses.dataclass
+class Page:
+    url: str
+    fetched_at: datetime.datetime
+    id: uuid.UUID
+
+
+async def test_records_round_trip_through_a_restart(open_storage: OpenStorage) -> None:
+    when = datetime.datetime(2026, 11, 21, 6, 30, tzinfo=datetime.timezone.utc)
+    page_id = uuid.UUID(int=7)
+    async with CheckpointManager(open_storage()) as manager:
+        await manager.append({"url": "https://example.com/", "status": 200, "links": ["a", "b"]})
+        await manager.append(Page("https://example.com/a", when, page_id))
+        await manager.append_many({"n": n, "text": "café ✓"} for n in range(3))
+    async with CheckpointManager(storage=open_storage()) as manager:
+        assert await replay_all(manager) == [
+            {"url": "https://example.com/", "status": 200, "links": ["a", "b"]},
+            {"url": "https://example.com/a", "fetched_at": "2026-11-21T06:30:00+00:00", "id": str(page_id)},
+            *({"n": n, "text": "café ✓"} for n in range(3)),
+        ]
+
+
+@pytest.mark.parametrize("record", [[1, 2], 3, "text", None, True])
+async def test_a_record_that_is_not_an_object_is_refused_and_nothing_is_written(record: Any) -> None:
+    storage = RecordingStorage()
+    async with CheckpointManager(storage) as manager:
+        await manager.append({"kept": 1})
+        with pytest.raises(TypeError, match="must encode as a JSON object.*nothing was appended"):
+            await manager.append(record)
+        assert await replay_all(manager) == [{"kept": 1}]
+
+
+@pytest.mark.parametrize("record", [{"tags": {1, 2}}, {"obj": object()}, {1: "int key"}, {"big": 2**70}])
+async def test_an_unserializable_record_is_refused_with_the_reason(record: dict[Any, Any]) -> None:
+    async with CheckpointManager(RecordingStorage()) as manager:
+        await manager.append({"kept": 1})
+        with pytest.raises(TypeError, match="cannot encode a dict record as JSON: .+; nothing was appended"):
+            await manager.append(record)
+        assert await replay_all(manager) == [{"kept": 1}]
+
+
+async def test_append_many_is_all_or_nothing() -> None:
+    async with CheckpointManager(RecordingStorage()) as manager:
+        with pytest.raises(TypeError):
+            await manager.append_many([{"a": 1}, {"b": 2}, ["not", "an", "object"]])
+        assert await replay_all(manager) == []
+        assert not await manager.exists()
+
+
+async def test_default_encodes_types_orjson_does_not_know() -> None:
+    class Money:
+        def __init__(self, cents: int) -> None:
+            self.cents = cents
+
+    def default(value: Any) -> Any:
+        if isinstance(value, Money):
+            return value.cents
+        raise TypeError
+
+    async with CheckpointManager(RecordingStorage(), default=default) as manager:
+        await manager.append({"price": Money(250)})
+        assert await replay_all(manager) == [{"price": 250}]
+
+
+async def test_records_reach_the_storage_in_batches_of_batch_bytes() -> None:
+    storage = RecordingStorage()
+    line = orjson.dumps({"url": "https://example.com/page/0000", "status": 200}) + b"\n"
+    manager = CheckpointManager(storage, batch_bytes=16 * 1024, flush_interval=None)
+    for n in range(10_000):
+        await manager.append({"url": f"https://example.com/page/{n:04}", "status": 200})
+    full_batches = 10_000 * len(line) // (16 * 1024)
+    assert len(storage.writes) == full_batches
+    assert all(16 * 1024 <= len(data) < 16 * 1024 + len(line) for data in storage.writes)
+    await manager.flush()
+    assert len(storage.writes) == full_batches + 1
+    assert storage.flushes == 1
+    await manager.close()
+
+
+async def test_flush_interval_hands_records_to_the_storage_without_a_flush_call() -> None:
+    storage = RecordingStorage()
+    async with CheckpointManager(storage, flush_interval=0.05) as manager:
+        await manager.append({"a": 1})
+        with anyio.fail_after(5):
+            while storage.flushes == 0:
+                await anyio.sleep(0.01)
+        assert storage.durable == '{"a":1}\n'
+
+
+async def test_without_flush_interval_nothing_is_written_before_a_flush() -> None:
+    storage = RecordingStorage()
+    async with CheckpointManager(storage, flush_interval=None) as manager:
+        await manager.append({"a": 1})
+        await anyio.sleep(0.2)
+        assert storage.writes == []
+    assert storage.durable == '{"a":1}\n'
+
+
+async def test_when_flush_returns_every_record_appended_before_it_is_durable() -> None:
+    storage = RecordingStorage(delay=0.001)
+    async with CheckpointManager(storage, batch_bytes=256) as manager:
+
+        async def worker(n: int) -> None:
+            for j in range(20):
+                record = {"worker": n, "j": j}
+                await manager.append(record)
+                await manager.flush()
+                assert orjson.dumps(record).decode() + "\n" in storage.durable
+
+        async with anyio.create_task_group() as tg:
+            for n in range(16):
+                tg.start_soon(worker, n)
+
+
+async def test_tasks_that_flush_together_share_one_storage_flush() -> None:
+    storage = RecordingStorage(delay=0.01)
+    async with CheckpointManager(storage, flush_interval=None) as manager:
+
+        async def append_and_flush(n: int) -> None:
+            await manager.append({"n": n})
+            await manager.flush()
+
+        async with anyio.create_task_group() as tg:
+            for n in range(64):
+                tg.start_soon(append_and_flush, n)
+        # The first flush covers the first record; all the others share the next one.
+        assert storage.flushes <= 3
+        assert len(storage.durable.splitlines()) == 64
+
+
+async def test_a_slow_storage_makes_append_wait_so_memory_stays_bounded() -> None:
+    storage = RecordingStorage(delay=0.005)
+    record = {"pad": "x" * 1000}
+    line_size = len(orjson.dumps(record)) + 1
+    batch = 32 * 1024
+    async with CheckpointManager(storage, batch_bytes=batch, flush_interval=None) as manager:
+
+        async def producer() -> None:
+            for _ in range(200):
+                await manager.append(record)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(producer)
+        # A batch holds at most what each of the 10 producers added while a write was under way.
+        assert max(len(data) for data in storage.writes) <= batch + 10 * line_size
+    assert len(storage.durable.splitlines()) == 2000
+
+
+async def test_thousands_of_tasks_appending_at_once_never_interleave_lose_or_duplicate(
+    tmp_path: Path,
+) -> None:
+    async with CheckpointManager.from_uri(tmp_path / "j.jsonl", batch_bytes=4096) as manager:
+
+        async def task(n: int) -> None:
+            for j in range(5):
+                await manager.append({"task": n, "j": j, "pad": "z" * (n % 50)})
+
+        async with anyio.create_task_group() as tg:
+            for n in range(5000):
+                tg.start_soon(task, n)
+    async with CheckpointManager.from_uri(tmp_path / "j.jsonl") as manager:
+        records = await replay_all(manager)
+    assert sorted((r["task"], r["j"]) for r in records) == [(n, j) for n in range(5000) for j in range(5)]
+    for n in range(0, 5000, 499):
+        assert [r["j"] for r in records if r["task"] == n] == list(range(5))
+
+
+async def test_replay_sees_records_that_were_not_flushed() -> None:
+    async with CheckpointManager(RecordingStorage(), flush_interval=None) as manager:
+        await manager.append({"a": 1})
+        assert await replay_all(manager) == [{"a": 1}]
+        await manager.append({"b": 2})
+        assert await replay_all(manager) == [{"a": 1}, {"b": 2}]
+
+
+async def test_a_torn_last_line_is_skipped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    async with CheckpointManager(journal('{"a":1}\n{"b":2}\n{"c":')) as manager:
+        with caplog.at_level(logging.WARNING, logger="yoink"):
+            assert await replay_all(manager) == [{"a": 1}, {"b": 2}]
+    assert "skipped line 3 (byte offset 16), the last line, as a torn write" in caplog.text
+
+
+async def test_a_corrupt_line_names_its_line_and_byte_offset_after_the_records_before_it() -> None:
+    text = '{"t":"café"}\n\n{"n":2}\n{"n":\x00garbage\n{"n":4}\n'
+    async with CheckpointManager(journal(text)) as manager:
+        seen = []
+        with pytest.raises(CorruptCheckpointError, match="line 4 \\(byte offset 23\\)") as caught:
+            async for record in manager.replay():
+                seen.append(record)
+    assert seen == [{"t": "café"}, {"n": 2}]
+    assert (caught.value.line, caught.value.offset) == (4, 23)
+    assert text.encode()[23:].startswith(b'{"n":\x00')
+
+
+@pytest.mark.parametrize("bad", ["[1,2]", "42", '"text"', "null", '{"a":1}{"b":2}', "\udcff"])
+async def test_any_line_that_is_not_one_json_object_is_corrupt(bad: str) -> None:
+    async with CheckpointManager(journal(f'{{"a":1}}\n{bad}\n{{"b":2}}\n')) as manager:
+        with pytest.raises(CorruptCheckpointError, match="line 2 "):
+            await replay_all(manager)
+
+
+async def test_on_corrupt_skip_yields_every_intact_record_and_counts_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    text = '{"n":1}\nnot json\n{"n":3}\n[4]\n{"n":5}\n{"n":'
+    async with CheckpointManager(journal(text), on_corrupt="skip") as manager:
+        with caplog.at_level(logging.WARNING, logger="yoink"):
+            assert await replay_all(manager) == [{"n": 1}, {"n": 3}, {"n": 5}]
+        assert manager.corrupt_lines_skipped == 2
+    assert "line 2 (byte offset 8) is not a JSON object" in caplog.text
+    assert "line 4 (byte offset 25) is not a JSON object" in caplog.text
+
+
+async def test_a_corrupt_journal_can_still_be_appended_to() -> None:
+    storage = journal('{"n":1}\nnot json\n{"n":3}\n')
+    async with CheckpointManager(storage, on_corrupt="skip") as manager:
+        await manager.append({"n": 4})
+        assert [r["n"] for r in await replay_all(manager)] == [1, 3, 4]
+
+
+async def test_close_flushes_closes_the_storage_and_is_safe_twice(tmp_path: Path) -> None:
+    manager = CheckpointManager.from_uri(tmp_path / "j.jsonl", flush_interval=None)
+    await manager.append({"a": 1})
+    await manager.close()
+    await manager.close()
+    with pytest.raises(StorageClosedError):
+        await manager.storage.write("{}\n")
+    for call in (manager.append({"b": 2}), manager.append_many([{"b": 2}]), manager.flush()):
+        with pytest.raises(StorageClosedError, match="closed"):
+            await call
+    with pytest.raises(StorageClosedError):
+        await replay_all(manager)
+    assert (tmp_path / "j.jsonl").read_text() == '{"a":1}\n'
+
+
+async def test_exists_counts_records_not_yet_written() -> None:
+    storage = RecordingStorage()
+    async with CheckpointManager(storage, flush_interval=None) as manager:
+        assert not await manager.exists()
+        await manager.append({"a": 1})
+        assert await manager.exists()
+        assert storage.writes == []
+
+
+async def test_a_failed_write_keeps_the_records_for_the_next_flush() -> None:
+    storage = RecordingStorage()
+    async with CheckpointManager(storage, flush_interval=None) as manager:
+        await manager.append({"n": 1})
+        storage.fail_writes = 1
+        with pytest.raises(StorageError, match="injected"):
+            await manager.flush()
+        await manager.append({"n": 2})
+        await manager.flush()
+        assert storage.durable == '{"n":1}\n{"n":2}\n'
+
+
+async def test_a_failing_background_flush_is_logged_and_retried(caplog: pytest.LogCaptureFixture) -> None:
+    storage = RecordingStorage()
+    storage.fail_writes = 2
+    with caplog.at_level(logging.WARNING, logger="yoink"):
+        async with CheckpointManager(storage, flush_interval=0.02) as manager:
+            await manager.append({"n": 1})
+            with anyio.fail_after(5):
+                while not storage.durable:
+                    await anyio.sleep(0.01)
+    assert storage.durable == '{"n":1}\n'
+    assert "periodic flush of CheckpointManager(RecordingStorage(" in caplog.text
+
+
+async def test_from_uri_gives_the_manager_its_options_and_the_storage_the_rest(tmp_path: Path) -> None:
+    manager = CheckpointManager.from_uri(str(tmp_path / "j.jsonl"), on_corrupt="skip", fsync=False)
+    assert isinstance(manager.storage, LocalFileStorage)
+    assert manager.storage._fsync is False
+    assert manager._on_corrupt == "skip"
+    with pytest.raises(
+        TypeError, match="LocalFileStorage does not take the option\\(s\\) flush_intreval; it takes: fsync"
+    ):
+        CheckpointManager.from_uri(tmp_path / "j.jsonl", flush_intreval=5)
+    await manager.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"batch_bytes": 0}, "batch_bytes must be a positive"),
+        ({"flush_interval": 0}, "flush_interval must be positive"),
+        ({"on_corrupt": "ignore"}, "on_corrupt must be 'raise' or 'skip'"),
+    ],
+)
+def test_bad_options_are_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CheckpointManager(MemoryStorage(), **options)
+
+
+def test_a_storage_must_be_a_checkpoint_storage() -> None:
+    with pytest.raises(TypeError, match="storage must be a CheckpointStorage, got str"):
+        CheckpointManager("./crawl.jsonl")  # type: ignore[arg-type]
