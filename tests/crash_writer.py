@@ -2,15 +2,19 @@
 
 Usage: python tests/crash_writer.py URI SEED
 
-Prints ``resumed N`` once the journal is replayed (N records), then ``flushed N`` each time a flush
-returns: at that moment records 0..N-1 are durable, and a ``kill -9`` must not lose any of them.
+Prints ``resumed N`` once the journal is replayed (N records), then, each time one of its tasks'
+flushes returns, ``acked n n ...``: the numbers of that task's records the flush covered. Those
+records are durable, and a ``kill -9`` must not lose any of them. Some runs use one task, some many,
+so flushes are called while other tasks' batches are being written.
 """
 
 from __future__ import annotations
 
-import asyncio
+import itertools
 import random
 import sys
+
+import anyio
 
 from yoink import CheckpointManager
 
@@ -18,22 +22,33 @@ from yoink import CheckpointManager
 async def main(uri: str, seed: int) -> None:
     rng = random.Random(seed)
     batch_bytes = rng.choice([256, 4096, 65536, 16 << 20])
+    big_pad = 400 if batch_bytes < 1 << 20 else 40_000
+    tasks = rng.choice([1, 8, 64])
     async with CheckpointManager.from_uri(uri, batch_bytes=batch_bytes, flush_interval=None) as manager:
-        n = 0
+        seen: set[int] = set()
         async for record in manager.replay():
-            if record["n"] != n:
-                sys.exit(f"replayed record {record['n']} where {n} was expected")
-            n += 1
-        print(f"resumed {n}", flush=True)
-        while True:
-            for _ in range(rng.randint(1, 200)):
-                await manager.append(
-                    {"n": n, "pad": "x" * rng.randint(0, 400 if batch_bytes < 1 << 20 else 40_000)}
-                )
-                n += 1
-            await manager.flush()
-            print(f"flushed {n}", flush=True)
+            if record["n"] in seen:
+                sys.exit(f"record {record['n']} replayed twice")
+            seen.add(record["n"])
+        print(f"resumed {len(seen)}", flush=True)
+        numbers = itertools.count(max(seen, default=-1) + 1)
+
+        async def task(task_rng: random.Random) -> None:
+            while True:
+                mine = []
+                for _ in range(task_rng.randint(1, 200 // tasks + 1)):
+                    n = next(numbers)
+                    await manager.append({"n": n, "pad": "x" * task_rng.randint(0, big_pad)})
+                    mine.append(n)
+                await manager.flush()
+                print("acked", *mine, flush=True)
+                if tasks > 1:  # like real jobs, tasks finish at scattered moments
+                    await anyio.sleep(task_rng.uniform(0, 0.005))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(tasks):
+                tg.start_soon(task, random.Random(rng.random()))
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+    anyio.run(main, sys.argv[1], int(sys.argv[2]))

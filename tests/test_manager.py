@@ -144,6 +144,20 @@ async def test_when_flush_returns_every_record_appended_before_it_is_durable() -
                 tg.start_soon(worker, n)
 
 
+async def test_a_flush_called_while_a_batch_is_being_written_waits_for_its_own_records() -> None:
+    # The batch under way is neither buffered nor written yet: a flush that did not count it
+    # would return as soon as that batch was flushed, before its caller's own record was.
+    storage = RecordingStorage(delay=0.05)
+    async with CheckpointManager(storage, flush_interval=None) as manager:
+        await manager.append({"n": 1, "pad": "x" * 100})
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(manager.flush)
+            await anyio.sleep(0.02)  # the first flush is writing its batch
+            await manager.append({"n": 2})
+            await manager.flush()
+            assert '{"n":2}' in storage.durable
+
+
 async def test_tasks_that_flush_together_share_one_storage_flush() -> None:
     storage = RecordingStorage(delay=0.01)
     async with CheckpointManager(storage, flush_interval=None) as manager:

@@ -10,10 +10,11 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import orjson
 from anyio.abc import TaskGroup
 
 from yoink._exceptions import StorageClosedError
-from yoink._records import JournalDecoder, OnCorrupt, encode_record
+from yoink._records import ENCODE_OPTIONS, JournalDecoder, OnCorrupt, encode_record, not_a_record
 from yoink.storage import CheckpointStorage, StorageFactory
 
 if sys.version_info >= (3, 11):
@@ -69,7 +70,7 @@ class CheckpointManager:
         self._on_corrupt: OnCorrupt = on_corrupt
         self._default = default
         self._buffer = bytearray()
-        self._written = 0  # bytes handed to the storage
+        self._handed = 0  # bytes taken from the buffer for the storage, a write under way included
         self._durable = 0  # bytes the storage has flushed
         self._io_lock = anyio.Lock()  # the one path to the storage: batches never reorder
         self._flushing: anyio.Event | None = None
@@ -106,7 +107,12 @@ class CheckpointManager:
         """
         if self._closed:
             raise StorageClosedError(f"{self!r} is closed")
-        line = encode_record(record, self._default)
+        try:  # encode_record(), inlined
+            line = orjson.dumps(record, self._default, ENCODE_OPTIONS)
+        except TypeError as exc:
+            raise not_a_record(record, exc) from exc
+        if line[0] != 123:  # "{"
+            raise not_a_record(record)
         buffer = self._buffer
         buffer += line
         if len(buffer) >= self._batch_bytes:
@@ -131,7 +137,7 @@ class CheckpointManager:
         """
         if self._closed:
             raise StorageClosedError(f"{self!r} is closed")
-        target = self._written + len(self._buffer)
+        target = self._handed + len(self._buffer)
         while self._durable < target:
             if self._flushing is not None:
                 await self._flushing.wait()
@@ -140,10 +146,10 @@ class CheckpointManager:
             try:
                 async with self._io_lock:
                     await self._write_locked()
-                    written = self._written
+                    handed = self._handed  # all written: writes happen only under this lock
                     with anyio.CancelScope(shield=True):
                         await self._storage.flush()
-                    self._durable = written
+                    self._durable = handed
             finally:
                 self._flushing = None
                 done.set()
@@ -174,7 +180,7 @@ class CheckpointManager:
 
     async def exists(self) -> bool:
         """Whether the journal has any record, here or in the storage."""
-        return bool(self._buffer) or self._written > 0 or await self._storage.exists()
+        return bool(self._buffer) or self._handed > 0 or await self._storage.exists()
 
     async def close(self) -> None:
         """Flush, then close the storage. Safe to call twice."""
@@ -216,13 +222,14 @@ class CheckpointManager:
         if not self._buffer:
             return
         batch, self._buffer = self._buffer, bytearray()
+        self._handed += len(batch)  # before the write, so a flush called meanwhile waits for it
         try:
             with anyio.CancelScope(shield=True):
                 await self._storage.write(batch.decode())
         except BaseException:
             self._buffer[:0] = batch
+            self._handed -= len(batch)
             raise
-        self._written += len(batch)
 
     async def _flush_periodically(self, interval: float) -> None:
         while True:

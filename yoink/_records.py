@@ -21,27 +21,30 @@ import orjson
 
 from yoink._exceptions import CorruptCheckpointError
 
-__all__ = ["JournalDecoder", "OnCorrupt", "encode_record"]
+__all__ = ["ENCODE_OPTIONS", "JournalDecoder", "OnCorrupt", "encode_record", "not_a_record"]
 
 logger = logging.getLogger("yoink")
 
 OnCorrupt = Literal["raise", "skip"]
-_ENCODE_OPTIONS = orjson.OPT_APPEND_NEWLINE
+ENCODE_OPTIONS = orjson.OPT_APPEND_NEWLINE
 _OBJECT_START = ord("{")
 
 
 def encode_record(record: Any, default: Callable[[Any], Any] | None = None) -> bytes:
-    """Return ``record`` as one JSONL line, or raise ``TypeError`` if it is not a JSON object."""
+    """Return ``record`` as one JSONL line, or raise ``TypeError`` if it is not a JSON object.
+
+    ``CheckpointManager.append`` inlines these lines: a function call is a tenth of its cost.
+    """
     try:
-        line = orjson.dumps(record, default, _ENCODE_OPTIONS)
+        line = orjson.dumps(record, default, ENCODE_OPTIONS)
     except TypeError as exc:
-        raise _not_a_record(record, exc) from exc
+        raise not_a_record(record, exc) from exc
     if line[0] != _OBJECT_START:
-        raise _not_a_record(record)
+        raise not_a_record(record)
     return line
 
 
-def _not_a_record(record: Any, cause: TypeError | None = None) -> TypeError:
+def not_a_record(record: Any, cause: TypeError | None = None) -> TypeError:
     """The error for a record that cannot be journaled; nothing of it has been written."""
     kind = type(record).__name__
     if cause is None:
