@@ -105,7 +105,7 @@ class CheckpointManager:
         Waits while a full batch is handed to the storage, so memory stays bounded however slow
         the storage is.
         """
-        if self._closed:
+        if self._closed:  # self._check_open(), inlined on the hot path
             raise StorageClosedError(f"{self!r} is closed")
         try:  # encode_record(), inlined
             line = orjson.dumps(record, self._default, ENCODE_OPTIONS)
@@ -120,8 +120,7 @@ class CheckpointManager:
 
     async def append_many(self, records: Iterable[Any]) -> None:
         """Append records in order, all or none: if one cannot be encoded, none is appended."""
-        if self._closed:
-            raise StorageClosedError(f"{self!r} is closed")
+        self._check_open()
         encoded = bytearray()
         for record in records:
             encoded += encode_record(record, self._default)
@@ -135,8 +134,7 @@ class CheckpointManager:
 
         Tasks that call ``flush()`` together share one storage flush (group commit).
         """
-        if self._closed:
-            raise StorageClosedError(f"{self!r} is closed")
+        self._check_open()
         target = self._handed + len(self._buffer)
         while self._durable < target:
             if self._flushing is not None:
@@ -162,8 +160,7 @@ class CheckpointManager:
         :class:`~yoink.CorruptCheckpointError` after every record before it was yielded (or, with
         ``on_corrupt="skip"``, is skipped and counted in :attr:`corrupt_lines_skipped`).
         """
-        if self._closed:
-            raise StorageClosedError(f"{self!r} is closed")
+        self._check_open()
         await self._write_batch()
         decoder = JournalDecoder(repr(self._storage), on_corrupt=self._on_corrupt)
         items = self._storage.read()
@@ -212,6 +209,10 @@ class CheckpointManager:
                 await flusher.__aexit__(None, None, None)
         finally:
             await self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageClosedError(f"{self!r} is closed")
 
     async def _write_batch(self) -> None:
         async with self._io_lock:
