@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 import sys
@@ -25,8 +27,6 @@ else:
 __all__ = ["CheckpointManager"]
 
 logger = logging.getLogger("yoink")
-
-MANAGER_OPTIONS = frozenset({"batch_bytes", "default", "flush_interval", "on_corrupt"})
 
 
 class CheckpointManager:
@@ -88,7 +88,7 @@ class CheckpointManager:
 
         >>> CheckpointManager.from_uri("./crawl.jsonl", flush_interval=5, fsync=False)
         """
-        own = {name: options.pop(name) for name in MANAGER_OPTIONS & options.keys()}
+        own = {name: options.pop(name) for name in _manager_options() & options.keys()}
         return cls(StorageFactory.from_uri(uri, **options), **own)
 
     @property
@@ -243,3 +243,10 @@ class CheckpointManager:
                     self,
                     exc_info=True,
                 )
+
+
+@functools.cache
+def _manager_options() -> frozenset[str]:
+    """The manager's keyword options, read off its constructor so the two never drift apart."""
+    parameters = inspect.signature(CheckpointManager).parameters.values()
+    return frozenset(p.name for p in parameters if p.kind is p.KEYWORD_ONLY)

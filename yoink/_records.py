@@ -74,7 +74,6 @@ class JournalDecoder:
         self.lines = 0
         self.offset = 0
         self.skipped = 0
-        self.torn_tail = False
         self._suspect: _BadLine | None = None  # a bad line that is torn if nothing follows it
         self._error: CorruptCheckpointError | None = None
 
@@ -103,7 +102,6 @@ class JournalDecoder:
         if self._error is not None:
             raise self._error
         if self._suspect is not None:
-            self.torn_tail = True
             logger.warning(
                 "%s: skipped line %d (byte offset %d), the last line, as a torn write: %s",
                 self.source,
