@@ -102,15 +102,35 @@ def test_a_backend_whose_dependency_is_missing_says_what_to_install(
     assert isinstance(caught.value, ImportError)
 
 
-@pytest.mark.parametrize(
-    ("uri", "extra"), [("s3://bucket/key.jsonl", "s3"), ("redis://localhost/0?key=k", "redis")]
-)
+@pytest.mark.parametrize(("uri", "extra"), [("redis://localhost/0?key=k", "redis")])
 def test_a_backend_this_version_lacks_says_what_to_install(uri: str, extra: str) -> None:
     with pytest.raises(
         MissingDependencyError,
         match=f"it comes with the '{extra}' extra: pip install -U 'yoink\\[{extra}\\]'",
     ):
         StorageFactory.from_uri(uri)
+
+
+def test_s3_without_aioboto3_says_to_install_the_s3_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "aioboto3", None)  # what an install without the extra has
+    monkeypatch.delitem(sys.modules, "yoink.storage._s3", raising=False)
+    monkeypatch.setitem(StorageFactory._registry, "s3", _BUILTIN["s3"])
+    with pytest.raises(
+        MissingDependencyError,
+        match=r"s3:// URIs need the 's3' extra: pip install 'yoink\[s3\]' \(module 'aioboto3' is missing\)",
+    ):
+        StorageFactory.from_uri("s3://bucket/key.jsonl")
+
+
+def test_s3_uris_reach_s3storage_with_their_options(tmp_path: Path) -> None:
+    from yoink.storage import S3Storage
+
+    storage = StorageFactory.from_uri("s3://bucket/runs/a.jsonl?layout=segments", stage_dir=tmp_path)
+    assert isinstance(storage, S3Storage)
+    assert repr(storage) == "S3Storage('s3://bucket/runs/a.jsonl', layout='segments')"
+    assert storage.stage_directory.startswith(str(tmp_path))
+    manager = CheckpointManager.from_uri("s3://bucket/b.jsonl", flush_interval=None, part_size=8 << 20)
+    assert isinstance(manager.storage, S3Storage)
 
 
 def test_import_yoink_imports_no_optional_dependency() -> None:

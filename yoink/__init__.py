@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from yoink._exceptions import (
     CheckpointLockedError,
+    ConcurrentWriterError,
     CorruptCheckpointError,
     MissingDependencyError,
     StorageClosedError,
@@ -24,6 +25,7 @@ __all__ = [
     "CheckpointLockedError",
     "CheckpointManager",
     "CheckpointStorage",
+    "ConcurrentWriterError",
     "CorruptCheckpointError",
     "MissingDependencyError",
     "StorageClosedError",

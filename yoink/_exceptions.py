@@ -5,6 +5,7 @@
     YoinkError
     ├── StorageError                  a backend could not do what was asked
     │   ├── CheckpointLockedError     another writer holds the journal
+    │   ├── ConcurrentWriterError     another writer changed a remote journal under this one
     │   └── StorageClosedError        the storage or manager was used after close()
     ├── CorruptCheckpointError        a line in the middle of the journal is not a record
     ├── UnknownSchemeError            (also a ValueError) no backend for a URI's scheme
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointLockedError",
+    "ConcurrentWriterError",
     "CorruptCheckpointError",
     "MissingDependencyError",
     "StorageClosedError",
@@ -37,6 +39,13 @@ class StorageError(YoinkError):
 
 class CheckpointLockedError(StorageError):
     """Another writer holds the journal: yoink refuses a second writer instead of interleaving."""
+
+
+class ConcurrentWriterError(StorageError):
+    """A remote journal changed since this writer last saw it: someone else writes it too.
+
+    Nothing is lost: what this writer had not uploaded stays in its local stage.
+    """
 
 
 class StorageClosedError(StorageError):

@@ -13,7 +13,7 @@ Encoding is orjson's; decoding is here and nowhere else, with the rules for a da
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,7 +21,7 @@ import orjson
 
 from yoink._exceptions import CorruptCheckpointError
 
-__all__ = ["ENCODE_OPTIONS", "JournalDecoder", "OnCorrupt", "encode_record", "not_a_record"]
+__all__ = ["ENCODE_OPTIONS", "JournalDecoder", "OnCorrupt", "encode_record", "not_a_record", "whole_lines"]
 
 logger = logging.getLogger("yoink")
 
@@ -52,6 +52,34 @@ def not_a_record(record: Any, cause: TypeError | None = None) -> TypeError:
             f"a record must encode as a JSON object (a dict or a dataclass), not {kind}; nothing was appended"
         )
     return TypeError(f"cannot encode a {kind} record as JSON: {cause}; nothing was appended")
+
+
+async def whole_lines(
+    chunks: AsyncIterator[bytes], *, describe: str, keep_tail: bool = False
+) -> AsyncIterator[str]:
+    """Regroup byte chunks into blocks of whole lines, decoded as UTF-8 (surrogateescape).
+
+    What follows the last newline is yielded last if ``keep_tail`` (the manager then judges it),
+    else left out as a torn write, with a WARNING that names ``describe``.
+    """
+    carry = b""
+    async for chunk in chunks:
+        cut = chunk.rfind(b"\n") + 1
+        if cut == 0:
+            carry += chunk
+            continue
+        block = carry + chunk[:cut] if carry else chunk[:cut]
+        carry = chunk[cut:]
+        yield block.decode("utf-8", "surrogateescape")
+    if carry and keep_tail:
+        yield carry.decode("utf-8", "surrogateescape")
+    elif carry:
+        logger.warning(
+            "%s ends in %d bytes without a newline (a torn write, or one still under way); "
+            "they are not part of the journal",
+            describe,
+            len(carry),
+        )
 
 
 @dataclass(frozen=True)

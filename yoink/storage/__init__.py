@@ -5,9 +5,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from yoink.storage._base import CheckpointStorage
 from yoink.storage._factory import StorageFactory
 from yoink.storage._local import LocalFileStorage
 from yoink.storage._memory import MemoryStorage
 
-__all__ = ["CheckpointStorage", "LocalFileStorage", "MemoryStorage", "StorageFactory"]
+if TYPE_CHECKING:
+    from yoink.storage._s3 import S3Storage
+
+__all__ = ["CheckpointStorage", "LocalFileStorage", "MemoryStorage", "S3Storage", "StorageFactory"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a backend with optional dependencies on first use: ``import yoink`` stays light."""
+    if name == "S3Storage":
+        return StorageFactory.resolve("s3")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,9 +14,10 @@ import aiofiles
 import aiofiles.os
 import anyio
 import anyio.to_thread
-from aiofiles.threadpool.binary import AsyncFileIO
+from aiofiles.threadpool.binary import AsyncBufferedReader, AsyncFileIO
 
 from yoink._exceptions import CheckpointLockedError, StorageClosedError, StorageError
+from yoink._records import whole_lines
 from yoink.storage._base import CheckpointStorage
 
 if sys.version_info >= (3, 11):
@@ -108,32 +109,22 @@ class LocalFileStorage(CheckpointStorage):
             raise StorageError(f"cannot read {self._path}: {exc.strerror}") from exc
         try:
             # Read up to the size at the start: a batch appended meanwhile is not half-seen.
-            remaining = os.fstat(file.fileno()).st_size
-            carry = b""
-            while remaining > 0:
-                try:
-                    chunk = await file.read(min(READ_CHUNK, remaining))
-                except OSError as exc:
-                    raise StorageError(f"cannot read {self._path}: {exc.strerror}") from exc
-                if not chunk:
-                    break
-                remaining -= len(chunk)
-                cut = chunk.rfind(b"\n") + 1
-                if cut == 0:
-                    carry += chunk
-                    continue
-                block = carry + chunk[:cut] if carry else chunk[:cut]
-                carry = chunk[cut:]
-                yield block.decode("utf-8", "surrogateescape")
+            size = os.fstat(file.fileno()).st_size
+            async for block in whole_lines(self._chunks(file, size), describe=self._path):
+                yield block
         finally:
             await file.close()
-        if carry:
-            logger.warning(
-                "%s ends in %d bytes without a newline (a torn write, or one still under way); "
-                "they are not part of the journal",
-                self._path,
-                len(carry),
-            )
+
+    async def _chunks(self, file: AsyncBufferedReader, size: int) -> AsyncIterator[bytes]:
+        while size > 0:
+            try:
+                chunk = await file.read(min(READ_CHUNK, size))
+            except OSError as exc:
+                raise StorageError(f"cannot read {self._path}: {exc.strerror}") from exc
+            if not chunk:
+                return
+            size -= len(chunk)
+            yield chunk
 
     async def exists(self) -> bool:
         return await aiofiles.os.path.exists(self._path)

@@ -1,0 +1,158 @@
+"""S3 for tests: moto's real HTTP server, and a proxy in front of it that counts and breaks things.
+
+``mock_aws`` patches botocore in-process and does not work with aiobotocore, so every S3 test talks
+HTTP to ``moto.server.ThreadedMotoServer``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class MotoServer:
+    """moto's S3 on a free port of 127.0.0.1."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.port = free_port()
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+@dataclass
+class Fault:
+    """Answer the next ``times`` requests that ``match`` with ``status`` and an S3 error ``code``.
+
+    ``status`` 0 resets the connection instead of answering.
+    """
+
+    status: int
+    code: str
+    times: int = 1
+    match: Callable[[str, str], bool] = lambda method, path: True
+
+
+@dataclass
+class Traffic:
+    requests: list[tuple[str, str]] = field(default_factory=list)  # method, path
+    sent: int = 0  # bytes from the client, headers included
+    received: int = 0  # bytes to the client, headers included
+
+
+class Proxy:
+    """An HTTP proxy between an S3 client and moto that counts bytes and injects faults."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.traffic = Traffic()
+        self.faults: list[Fault] = []
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _handle(self) -> None:
+                body = self._read_body()
+                head = len(self.requestline) + 2 + len(bytes(self.headers)) + 2
+                fault = proxy._take_fault(self.command, self.path)
+                with proxy._lock:
+                    proxy.traffic.requests.append((self.command, self.path))
+                    proxy.traffic.sent += head + len(body)
+                if fault is not None and fault.status == 0:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                if fault is not None:
+                    payload = (
+                        f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{fault.code}</Code>'
+                        f"<Message>injected by the test proxy</Message></Error>"
+                    ).encode()
+                    self._answer(fault.status, [("Content-Type", "application/xml")], payload)
+                    return
+                upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
+                headers["Content-Length"] = str(len(body))
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                response = upstream.getresponse()
+                payload = response.read()
+                dropped = {"transfer-encoding", "connection"} | (
+                    {"content-length"} if self.command != "HEAD" else set()
+                )
+                forwarded = [(k, v) for k, v in response.getheaders() if k.lower() not in dropped]
+                upstream.close()
+                self._answer(response.status, forwarded, payload, head_only=self.command == "HEAD")
+
+            def _read_body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b""):
+                                pass
+                            return b"".join(chunks)
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _answer(
+                self, status: int, headers: list[tuple[str, str]], payload: bytes, head_only: bool = False
+            ) -> None:
+                self.send_response(status)
+                for key, value in headers:
+                    self.send_header(key, value)
+                if not head_only or not any(k.lower() == "content-length" for k, _ in headers):
+                    self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if not head_only:
+                    self.wfile.write(payload)
+                with proxy._lock:
+                    proxy.traffic.received += len(payload) + 200  # the status line and headers, roughly
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def inject(self, fault: Fault) -> None:
+        with self._lock:
+            self.faults.append(fault)
+
+    def reset_traffic(self) -> Traffic:
+        with self._lock:
+            traffic, self.traffic = self.traffic, Traffic()
+        return traffic
+
+    def _take_fault(self, method: str, path: str) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.times > 0 and fault.match(method, path):
+                    fault.times -= 1
+                    return fault
+        return None
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,713 @@
+"""S3Storage: the journal in Amazon S3 or an S3-compatible store (MinIO, R2, Ceph).
+
+Writes go to a local :class:`~yoink.storage._stage.Stage` that survives the process; a flush
+uploads the staged batches with conditional requests, so a second writer is refused instead of
+overwritten, and a retried or recovered upload is recognised instead of duplicated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, NoReturn
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+import aioboto3
+import anyio
+from aiobotocore.config import AioConfig
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+from yoink._exceptions import ConcurrentWriterError, StorageClosedError, StorageError
+from yoink._records import whole_lines
+from yoink.storage._base import CheckpointStorage
+from yoink.storage._stage import Batch, Stage, default_stage_root, read_batches
+
+__all__ = ["S3Storage"]
+
+logger = logging.getLogger("yoink")
+
+Layout = Literal["object", "segments"]
+
+MIN_PART_SIZE = 5 << 20  # S3's smallest part, but for the last one
+MAX_PART_SIZE = 5 << 30
+READ_CHUNK = 1 << 20
+REMEMBERED_WRITERS = 16  # the (writer, last batch) pairs an object's metadata keeps
+IAM_ACTIONS = (
+    "s3:GetObject, s3:PutObject and s3:ListBucket, plus s3:DeleteObject for layout='segments' "
+    "and s3:AbortMultipartUpload for multipart uploads"
+)
+_QUERY_OPTIONS = ("layout", "endpoint_url", "region_name", "profile_name")
+_SEGMENT = re.compile(r"(\d{12})(?:-(\d{12}))?\.jsonl")
+_CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+_DENIED_CODES = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
+_BAD_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
+
+
+class _Conflict(Exception):
+    """A conditional request failed: the object is not what this writer thought."""
+
+
+class _Missing(Exception):
+    """The key does not exist."""
+
+
+@dataclass
+class _Object:
+    """What this writer knows of the object (layout="object")."""
+
+    etag: str | None = None  # None: there is no object
+    size: int = 0
+    writers: dict[str, int] = field(default_factory=dict)  # writer id -> last batch; newest last
+
+    @property
+    def last_writer(self) -> str | None:
+        return next(reversed(self.writers), None)
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """One object of layout="segments": segment ``start``, or a merge of ``start``..``end``."""
+
+    key: str
+    start: int
+    end: int
+    size: int
+    etag: str
+
+
+@dataclass
+class _Segments:
+    """What this writer knows of the segments (layout="segments")."""
+
+    live: list[_Segment]
+    landed: int = 0  # the last of this writer's batches that a segment holds
+
+    @property
+    def next(self) -> int:
+        return self.live[-1].end + 1 if self.live else 0
+
+
+class S3Storage(CheckpointStorage):
+    """A journal in S3, staged locally between flushes.
+
+    ``S3Storage("s3://bucket/crawls/site-a.jsonl")``, or through ``StorageFactory.from_uri``.
+
+    - :meth:`write` appends to a local stage in ``stage_dir`` (by default under the user's cache
+      directory) and makes no network call. The stage survives a crash: the next storage for the
+      same URI finds what was staged, uploads what S3 does not already hold, and logs it. While a
+      storage writes, its stage is locked: a second writer on this machine gets
+      :class:`~yoink.CheckpointLockedError`.
+    - :meth:`flush` uploads the staged batches; once it returns, they are in S3.
+    - ``layout="object"`` (the default): the URI names one plain JSONL object that any tool can
+      read. A flush onto a missing object is a ``PutObject`` with ``If-None-Match: *``; onto an
+      object under 5 MiB, the object is read and rewritten with ``If-Match`` on its ETag; onto a
+      larger one, a multipart upload copies the object inside S3 (``UploadPartCopy``) and adds the
+      new data as its last part, so only the new data crosses the network. S3 still copies the whole
+      object on its side, so flushes slow down as the object grows: for long jobs, use segments.
+    - ``layout="segments"``: the URI names a prefix, and each flush writes one new object,
+      ``<prefix>/000000000042.jsonl``, with ``If-None-Match: *``. A flush costs the same however long
+      the journal is. When more than ``merge_after`` small segments pile up, they are merged into
+      one (``<prefix>/000000000000-000000000063.jsonl``); a crash at any point of a merge loses and
+      repeats nothing, because readers skip segments that a merged object covers.
+    - Another writer: if the journal changed since this storage last saw it (its first
+      :meth:`read` or :meth:`flush`), a flush raises :class:`~yoink.ConcurrentWriterError` and the
+      staged data stays staged.
+    - Exactly once: each upload records in S3 which writer made it and the last staged batch it
+      holds, so a batch is never uploaded twice, after a retry or after a crash.
+    - Credentials come from the standard AWS chain (environment, profile, IAM role).
+      ``endpoint_url`` (or ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``) reaches MinIO, R2 and
+      other S3-compatible stores. Failed requests are retried by botocore (``retry_mode``,
+      ``max_attempts``). The client is opened on first use and closed by :meth:`close`.
+    - S3 is reached through aiobotocore, so this backend runs on asyncio (not trio).
+
+    ``layout``, ``endpoint_url``, ``region_name`` and ``profile_name`` may also be given in the
+    URI's query: ``s3://bucket/runs/42?layout=segments``.
+    """
+
+    # S3's multipart minimum. A store with a lower one (moto, in tests) may lower it.
+    min_part_size: ClassVar[int] = MIN_PART_SIZE
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        layout: Layout = "object",
+        stage_dir: str | os.PathLike[str] | None = None,
+        endpoint_url: str | None = None,
+        region_name: str | None = None,
+        profile_name: str | None = None,
+        retry_mode: Literal["standard", "adaptive", "legacy"] = "standard",
+        max_attempts: int = 5,
+        part_size: int = 16 << 20,
+        merge_after: int = 64,
+        merge_target: int = 64 << 20,
+    ) -> None:
+        options = {k: v for k, v in locals().items() if k not in ("self", "uri", "__class__")}
+        self._bucket, self._key, query = _parse_uri(uri)
+        for name, value in query.items():
+            if options[name] not in (_DEFAULTS[name], value):
+                raise ValueError(f"{name} is given both in the URI and as an option; give it once")
+            options[name] = value
+        layout = options["layout"]
+        if layout not in ("object", "segments"):
+            raise ValueError(f"layout must be 'object' or 'segments', got {layout!r}")
+        if layout == "segments":
+            self._key = self._key.rstrip("/")
+        elif self._key.endswith("/"):
+            raise ValueError(
+                f"{uri!r} names a prefix; layout='object' needs an object key, as in s3://bucket/run.jsonl"
+            )
+        if not self.min_part_size <= part_size <= MAX_PART_SIZE:
+            raise ValueError(f"part_size must be between {self.min_part_size} and {MAX_PART_SIZE} bytes")
+        if merge_after < 2:
+            raise ValueError("merge_after must be at least 2")
+        self._uri = f"s3://{self._bucket}/{self._key}"
+        self._options = {k: v for k, v in options.items() if v != _DEFAULTS[k]}
+        self._layout: Layout = layout
+        environ = os.environ
+        self._endpoint = (
+            options["endpoint_url"] or environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
+        )
+        self._region = options["region_name"]
+        self._profile = options["profile_name"]
+        self._retries = {"mode": retry_mode, "max_attempts": max_attempts}
+        self._part_size = part_size
+        self._merge_after = merge_after
+        self._merge_target = merge_target
+        root = stage_dir if stage_dir is not None else default_stage_root()
+        identity = f"s3|{self._endpoint or 'aws'}|{layout}|{self._bucket}|{self._key}"
+        self._stage = Stage(root, identity, describe=self._uri)
+        self._client_stack: contextlib.AsyncExitStack | None = None
+        self._client_handle: Any = None
+        self._object: _Object | None = None
+        self._segments: _Segments | None = None
+        self._write_lock = anyio.Lock()
+        self._flush_lock = anyio.Lock()
+        self._client_lock = anyio.Lock()
+        self._closed = False
+
+    @property
+    def uri(self) -> str:
+        return self._uri
+
+    @property
+    def stage_directory(self) -> str:
+        """Where this journal's writes wait for upload."""
+        return self._stage.directory
+
+    def __repr__(self) -> str:
+        layout = f", layout={self._layout!r}" if self._layout != "object" else ""
+        return f"{type(self).__name__}({self._uri!r}{layout})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"uri": self._uri, "options": self._options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["uri"], **state["options"])  # type: ignore[misc]
+
+    # -- the contract ------------------------------------------------------------------------
+
+    async def write(self, data: str) -> None:
+        self._check_open()
+        if not data:
+            return
+        payload = data.encode("utf-8")
+        async with self._write_lock:
+            self._check_open()
+            if not self._stage.is_open:
+                await self._stage.open()
+            with anyio.CancelScope(shield=True):
+                await self._stage.write(payload)
+
+    async def flush(self) -> None:
+        self._check_open()
+        async with self._flush_lock:
+            await self._upload_staged()
+
+    async def read(self) -> AsyncIterator[str]:
+        async with self._write_lock:  # staged files are opened before S3 is read: none is missed
+            staged = self._stage.open_snapshot()
+        try:
+            writer = self._stage.snapshot_writer()
+            if self._layout == "object":
+                landed = 0
+                response = await self._get_object()
+                if response is not None:
+                    known = _Object(response["ETag"], response["ContentLength"], _decode_writers(response))
+                    if self._object is None and not self._closed:
+                        self._object = known  # this writer's view of the object starts here
+                    landed = known.writers.get(writer, 0) if writer else 0
+                    async for block in self._stream(response):
+                        yield block
+            else:
+                state = await self._list_segments(writer if staged else None)
+                landed = state.landed
+                for segment in state.live:
+                    async for block in self._read_segment(segment.key):
+                        yield block
+            pending = [(batch, file) for batch, file in staged if batch.seq > landed]
+            async for block in read_batches(pending, self._uri):
+                yield block
+        finally:
+            for _, file in staged:
+                file.close()
+
+    async def exists(self) -> bool:
+        if self._stage.snapshot():
+            return True
+        if self._layout == "segments":
+            response = await self._call("list_objects_v2", Prefix=self._key + "/", MaxKeys=1)
+            return bool(response.get("KeyCount"))
+        try:
+            await self._call("head_object", Key=self._key)
+        except _Missing:
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._stage.is_open:  # this storage wrote; a stage it never took is not its to upload
+                async with self._flush_lock:
+                    await self._upload_staged()
+        finally:
+            async with self._write_lock:
+                await self._stage.close()
+            if self._client_stack is not None:
+                stack, self._client_stack, self._client_handle = self._client_stack, None, None
+                with anyio.CancelScope(shield=True):
+                    await stack.aclose()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageClosedError(f"{self!r} is closed")
+
+    # -- uploads -------------------------------------------------------------------------------
+
+    async def _upload_staged(self) -> None:
+        async with self._write_lock:
+            if not self._stage.is_open:
+                if not self._stage.snapshot():
+                    return  # nothing written here, nothing left by a crash
+                await self._stage.open()
+            batches = self._stage.seal()
+        if not batches:
+            return
+        if self._layout == "object":
+            await self._flush_object(batches)
+        else:
+            await self._flush_segments(batches)
+
+    async def _flush_object(self, batches: list[Batch]) -> None:
+        writer = self._stage.writer
+        while True:
+            known = self._object or await self._head()
+            batches = await self._drop_landed(batches, known.writers.get(writer, 0))
+            if not batches:
+                return
+            try:
+                self._object = await self._append_to_object(known, batches)
+            except _Conflict:
+                now = await self._head()
+                if now.last_writer != writer:
+                    self._object = known  # and so the next flush fails the same way
+                    self._raise_conflict(f"its ETag changed from {known.etag} to {now.etag}", batches)
+                self._object = now  # an earlier attempt of ours went through: upload what it lacks
+                continue
+            await self._stage.discard(batches[-1].seq)
+            return
+
+    async def _append_to_object(self, known: _Object, batches: list[Batch]) -> _Object:
+        writers = dict(known.writers)
+        writers.pop(self._stage.writer, None)
+        writers[self._stage.writer] = batches[-1].seq
+        writers = dict(list(writers.items())[-REMEMBERED_WRITERS:])
+        metadata = {"yoink-batches": ",".join(f"{w}={seq}" for w, seq in writers.items())}
+        size = sum(batch.size for batch in batches)
+        staged = _staged_chunks(batches)
+        if known.etag is None:
+            etag = await self._upload(self._key, staged, size, metadata, {"IfNoneMatch": "*"})
+            return _Object(etag, size, writers)
+        if known.size < self.min_part_size:
+            old = await self._get_small(known.etag)
+            if old and not old.endswith(b"\n"):  # written by another tool: keep its last line whole
+                old += b"\n"
+            body = _prepend(old, staged)
+            etag = await self._upload(self._key, body, len(old) + size, metadata, {"IfMatch": known.etag})
+            return _Object(etag, len(old) + size, writers)
+        copy = [_Segment(self._key, 0, 0, known.size, known.etag)]
+        etag = await self._upload(self._key, staged, size, metadata, {"IfMatch": known.etag}, copy=copy)
+        return _Object(etag, known.size + size, writers)
+
+    async def _flush_segments(self, batches: list[Batch]) -> None:
+        writer = self._stage.writer
+        while True:
+            state = self._segments or await self._list_segments(writer)
+            self._segments = state
+            batches = await self._drop_landed(batches, state.landed)
+            if not batches:
+                return
+            number = state.next
+            key = self._segment_key(number)
+            metadata = {"yoink-writer": writer, "yoink-batch": str(batches[-1].seq)}
+            size = sum(batch.size for batch in batches)
+            try:
+                etag = await self._upload(key, _staged_chunks(batches), size, metadata, {"IfNoneMatch": "*"})
+            except _Conflict:
+                head = await self._head_metadata(key)
+                if head is None or head[0].get("yoink-writer") != writer:
+                    self._raise_conflict(f"segment {key} was written by someone else", batches)
+                metadata, size, etag = head  # an earlier attempt of ours went through
+            state.live.append(_Segment(key, number, number, size, etag))
+            state.landed = int(metadata["yoink-batch"])
+            if state.landed >= batches[-1].seq:
+                await self._stage.discard(state.landed)
+                await self._merge_if_due(state)
+                return
+
+    async def _drop_landed(self, batches: list[Batch], landed: int) -> list[Batch]:
+        if batches and batches[0].seq <= landed:
+            already = [batch for batch in batches if batch.seq <= landed]
+            logger.info(
+                "%s: %d staged batches (%d bytes) are already in S3, from an upload whose reply was "
+                "lost; they are not uploaded again",
+                self._uri,
+                len(already),
+                sum(batch.size for batch in already),
+            )
+            await self._stage.discard(landed)
+        return [batch for batch in batches if batch.seq > landed]
+
+    def _raise_conflict(self, what: str, batches: list[Batch]) -> NoReturn:
+        raise ConcurrentWriterError(
+            f"{self._uri} was changed by another writer ({what}); yoink allows one writer at a time. "
+            f"Nothing was lost: the {sum(b.size for b in batches)} bytes not uploaded stay staged in "
+            f"{self._stage.directory}, and a new storage for this URI uploads them once the other "
+            "writer has stopped"
+        )
+
+    async def _upload(
+        self,
+        key: str,
+        body: AsyncIterator[bytes],
+        size: int,
+        metadata: dict[str, str],
+        condition: dict[str, str],
+        *,
+        copy: Sequence[_Segment] = (),
+    ) -> str:
+        """Write ``copy`` (objects copied inside S3) then ``body`` to ``key``; return the ETag."""
+        if not copy and size <= self._part_size:
+            data = b"".join([chunk async for chunk in body])
+            response = await self._call("put_object", Key=key, Body=data, Metadata=metadata, **condition)
+            return str(response["ETag"])
+        created = await self._call("create_multipart_upload", Key=key, Metadata=metadata)
+        upload = {"Key": key, "UploadId": created["UploadId"]}
+        try:
+            parts: list[dict[str, Any]] = []
+            for source in copy:
+                for first, last in _copy_ranges(source.size):
+                    response = await self._call(
+                        "upload_part_copy",
+                        CopySource={"Bucket": self._bucket, "Key": source.key},
+                        CopySourceRange=f"bytes={first}-{last}",
+                        CopySourceIfMatch=source.etag,
+                        PartNumber=len(parts) + 1,
+                        **upload,
+                    )
+                    parts.append({"PartNumber": len(parts) + 1, "ETag": response["CopyPartResult"]["ETag"]})
+            async for part in _regroup(body, self._part_size):
+                response = await self._call("upload_part", Body=part, PartNumber=len(parts) + 1, **upload)
+                parts.append({"PartNumber": len(parts) + 1, "ETag": response["ETag"]})
+            response = await self._call(
+                "complete_multipart_upload", MultipartUpload={"Parts": parts}, **upload, **condition
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self._call("abort_multipart_upload", **upload)
+            raise
+        return str(response["ETag"])
+
+    # -- segments: listing and merging ----------------------------------------------------------
+
+    def _segment_key(self, start: int, end: int | None = None) -> str:
+        name = f"{start:012d}" if end is None else f"{start:012d}-{end:012d}"
+        return f"{self._key}/{name}.jsonl"
+
+    async def _list_segments(self, writer: str | None) -> _Segments:
+        """List the live segments, and find the last batch of ``writer`` that they hold."""
+        found = []
+        params: dict[str, Any] = {"Prefix": self._key + "/"}
+        while True:
+            response = await self._call("list_objects_v2", **params)
+            for item in response.get("Contents", []):
+                match = _SEGMENT.fullmatch(item["Key"][len(self._key) + 1 :])
+                if match:
+                    start = int(match[1])
+                    end = int(match[2]) if match[2] else start
+                    found.append(_Segment(item["Key"], start, end, item["Size"], item["ETag"]))
+            if not response.get("IsTruncated"):
+                break
+            params["ContinuationToken"] = response["NextContinuationToken"]
+        live: list[_Segment] = []
+        for segment in sorted(found, key=lambda s: (s.start, -s.end)):
+            if not live or segment.end > live[-1].end:  # a merged object hides what it covers
+                live.append(segment)
+        state = _Segments(live)
+        for segment in reversed(live[-REMEMBERED_WRITERS:] if writer else []):
+            head = await self._head_metadata(segment.key)
+            if head and head[0].get("yoink-writer") == writer:
+                state.landed = int(head[0]["yoink-batch"])
+                break
+        if self._segments is None and not self._closed:
+            self._segments = state
+        return state
+
+    async def _merge_if_due(self, state: _Segments) -> None:
+        start = 0
+        for index, segment in enumerate(state.live[:-1]):
+            if segment.size >= self._merge_target:
+                start = index + 1
+        run = state.live[start:-1]  # the newest segment stays, so the next number is always taken
+        if len(run) < self._merge_after:
+            return
+        key = self._segment_key(run[0].start, run[-1].end)
+        copy = run[:1] if run[0].size >= self.min_part_size else []
+        rest = run[len(copy) :]
+        try:
+            size = sum(segment.size for segment in rest)
+            body = self._objects_chunks(rest)
+            etag = await self._upload(key, body, size, {}, {"IfNoneMatch": "*"}, copy=copy)
+            merged = _Segment(key, run[0].start, run[-1].end, sum(s.size for s in run), etag)
+            state.live[start:-1] = [merged]
+            for first in range(0, len(run), 1000):
+                objects = [{"Key": segment.key} for segment in run[first : first + 1000]]
+                await self._call("delete_objects", Delete={"Objects": objects, "Quiet": True})
+        except (StorageError, _Conflict, _Missing) as exc:
+            logger.warning(
+                "%s: merging %d segments into %s failed; a later flush tries again: %s",
+                self._uri,
+                len(run),
+                key,
+                exc,
+            )
+            self._segments = None
+
+    async def _objects_chunks(self, segments: Sequence[_Segment]) -> AsyncIterator[bytes]:
+        for segment in segments:
+            response = await self._call("get_object", Key=segment.key, IfMatch=segment.etag)
+            async for chunk in self._body_chunks(response):
+                yield chunk
+
+    # -- reading --------------------------------------------------------------------------------
+
+    async def _get_object(self) -> dict[str, Any] | None:
+        try:
+            return await self._call("get_object", Key=self._key)  # type: ignore[no-any-return]
+        except _Missing:
+            return None
+
+    async def _read_segment(self, key: str) -> AsyncIterator[str]:
+        try:
+            response = await self._call("get_object", Key=key)
+        except _Missing:
+            raise StorageError(
+                f"{key} was merged into a larger segment while {self._uri} was being read; read again"
+            ) from None
+        async for block in self._stream(response):
+            yield block
+
+    async def _stream(self, response: dict[str, Any]) -> AsyncIterator[str]:
+        async for block in whole_lines(self._body_chunks(response), describe=self._uri, keep_tail=True):
+            yield block
+
+    async def _body_chunks(self, response: dict[str, Any]) -> AsyncIterator[bytes]:
+        """Stream a GetObject response's body, a chunk at a time, and release its connection."""
+        body = response["Body"]
+        try:
+            while True:
+                with self._translated("get_object"):
+                    chunk = await body.read(READ_CHUNK)
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            body.close()
+
+    async def _head(self) -> _Object:
+        try:
+            response = await self._call("head_object", Key=self._key)
+        except _Missing:
+            await self._check_bucket()
+            return _Object()
+        return _Object(response["ETag"], response["ContentLength"], _decode_writers(response))
+
+    async def _head_metadata(self, key: str) -> tuple[dict[str, str], int, str] | None:
+        try:
+            response = await self._call("head_object", Key=key)
+        except _Missing:
+            return None
+        return response.get("Metadata", {}), response["ContentLength"], response["ETag"]
+
+    async def _get_small(self, etag: str) -> bytes:
+        try:
+            response = await self._call("get_object", Key=self._key, IfMatch=etag)
+        except _Missing:
+            raise _Conflict from None
+        return b"".join([chunk async for chunk in self._body_chunks(response)])
+
+    async def _check_bucket(self) -> None:
+        try:
+            await self._call("head_bucket")
+        except _Missing:
+            raise self._no_bucket() from None
+
+    def _no_bucket(self) -> StorageError:
+        return StorageError(f"the bucket {self._bucket!r} does not exist (journal {self._uri})")
+
+    # -- the client and its errors --------------------------------------------------------------
+
+    async def _call(self, operation: str, **params: Any) -> Any:
+        client = self._client_handle or await self._open_client()
+        with self._translated(operation):
+            return await getattr(client, operation)(Bucket=self._bucket, **params)
+
+    async def _open_client(self) -> Any:
+        async with self._client_lock:
+            if self._client_handle is None:
+                stack = contextlib.AsyncExitStack()
+                session = aioboto3.Session(profile_name=self._profile)
+                config = AioConfig(retries=self._retries)
+                with self._translated("connect"):
+                    client = await stack.enter_async_context(
+                        session.client(
+                            "s3", endpoint_url=self._endpoint, region_name=self._region, config=config
+                        )
+                    )
+                self._client_stack, self._client_handle = stack, client
+            return self._client_handle
+
+    @contextlib.contextmanager
+    def _translated(self, operation: str) -> Iterator[None]:
+        try:
+            yield
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            if code in _CONFLICT_CODES:
+                raise _Conflict(code) from exc
+            if code == "NoSuchBucket":
+                raise self._no_bucket() from exc
+            if code in _MISSING_CODES:
+                raise _Missing(code) from exc
+            if code in _DENIED_CODES:
+                raise StorageError(
+                    f"S3 denied {operation} on {self._uri}: yoink needs {IAM_ACTIONS} on this bucket and key"
+                ) from exc
+            if code in _BAD_CREDENTIAL_CODES:
+                raise StorageError(
+                    f"S3 rejected the AWS credentials ({code}) for {self._uri}: check AWS_ACCESS_KEY_ID "
+                    "and AWS_SECRET_ACCESS_KEY, the AWS_PROFILE in use, or the role's session token"
+                ) from exc
+            message = error.get("Message") or "no message"
+            raise StorageError(f"S3 {operation} on {self._uri} failed: {code} ({message})") from exc
+        except NoCredentialsError as exc:
+            raise StorageError(
+                f"no AWS credentials found for {self._uri}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, choose a profile (AWS_PROFILE or profile_name=), run "
+                "'aws configure', or attach an IAM role"
+            ) from exc
+        except EndpointConnectionError as exc:
+            where = _redact(self._endpoint) or "AWS"
+            raise StorageError(f"cannot reach S3 at {where} for {self._uri}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"S3 {operation} on {self._uri} failed: {type(exc).__name__}") from exc
+
+
+_DEFAULTS: dict[str, Any] = {
+    "layout": "object",
+    "stage_dir": None,
+    "endpoint_url": None,
+    "region_name": None,
+    "profile_name": None,
+    "retry_mode": "standard",
+    "max_attempts": 5,
+    "part_size": 16 << 20,
+    "merge_after": 64,
+    "merge_target": 64 << 20,
+}
+
+
+def _parse_uri(uri: str) -> tuple[str, str, dict[str, str]]:
+    head, sep, rest = uri.partition("://")
+    if head.lower() != "s3" or not sep:
+        raise ValueError(f"an S3 URI looks like s3://bucket/key.jsonl; got {uri!r}")
+    location, _, query = rest.partition("?")
+    bucket, _, key = location.partition("/")
+    if not bucket or not key.strip("/"):
+        raise ValueError(f"an S3 URI names a bucket and a key, as in s3://bucket/runs/a.jsonl; got {uri!r}")
+    options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
+    unknown = sorted(set(options) - set(_QUERY_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"unknown S3 URI parameter(s) {', '.join(unknown)} in {uri!r}; "
+            f"the URI takes {', '.join(_QUERY_OPTIONS)}"
+        )
+    return bucket, key, options
+
+
+def _decode_writers(response: dict[str, Any]) -> dict[str, int]:
+    writers = {}
+    for pair in response.get("Metadata", {}).get("yoink-batches", "").split(","):
+        writer, _, seq = pair.partition("=")
+        if writer and seq.isdigit():
+            writers[writer] = int(seq)
+    return writers
+
+
+def _copy_ranges(size: int) -> Iterator[tuple[int, int]]:
+    """Split ``size`` bytes into near-equal inclusive ranges of at most 5 GiB each."""
+    count = -(-size // MAX_PART_SIZE)
+    step = -(-size // count)
+    for first in range(0, size, step):
+        yield first, min(first + step, size) - 1
+
+
+async def _staged_chunks(batches: Sequence[Batch]) -> AsyncIterator[bytes]:
+    for batch in batches:
+        async with await anyio.open_file(batch.path, "rb") as file:
+            while chunk := await file.read(READ_CHUNK):
+                yield chunk
+
+
+async def _prepend(head: bytes, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if head:
+        yield head
+    async for chunk in chunks:
+        yield chunk
+
+
+async def _regroup(chunks: AsyncIterator[bytes], size: int) -> AsyncIterator[bytes]:
+    """Yield ``size``-byte parts (the last one shorter) from ``chunks``."""
+    buffer = bytearray()
+    async for chunk in chunks:
+        buffer += chunk
+        while len(buffer) >= size:
+            yield bytes(buffer[:size])
+            del buffer[:size]
+    if buffer:
+        yield bytes(buffer)
+
+
+def _redact(url: str | None) -> str | None:
+    if not url or "@" not in url:
+        return url
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))

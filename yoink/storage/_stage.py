@@ -1,0 +1,283 @@
+"""Stage: batches waiting for upload, kept in a local directory that outlives the process.
+
+A remote backend (S3, fsspec) cannot append, so it stages what :meth:`write` accepts and uploads it
+at :meth:`flush`. yoink's stage is not a temporary directory: a ``kill -9`` before the upload loses
+nothing, and the next storage for the same URI finds the batches and uploads them. ::
+
+    <stage root>/<digest of the URI>/
+        lock                  flock held by the writing storage; a second writer is refused
+        stage.json            the URI, and the writer id the remote side records per upload
+        000000000007.jsonl    sealed batches, uploaded and deleted in order
+        000000000008.jsonl    the batch being written
+
+Exactly once: every upload records in the remote object which writer it came from and the number
+of the last batch it holds. A new storage that finds batches compares them with that record and
+uploads only what is missing, so a crash between an upload and the deletion of its batches does
+not upload them twice. Once a stage is empty, the next storage picks a new writer id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import anyio
+import anyio.to_thread
+
+from yoink._exceptions import CheckpointLockedError, StorageError
+from yoink._records import whole_lines
+from yoink.storage._local import READ_CHUNK, _set_aside_torn_tail
+
+__all__ = ["Batch", "Stage", "default_stage_root", "read_batches"]
+
+logger = logging.getLogger("yoink")
+
+_BATCH = re.compile(r"(\d{12})\.jsonl")
+
+
+def default_stage_root() -> str:
+    """The user's cache directory for yoink's stages (``~/.cache/yoink/stage`` on Linux)."""
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or os.path.expanduser("~/AppData/Local")
+    elif sys.platform == "darwin":
+        base = os.path.expanduser("~/Library/Caches")
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, "yoink", "stage")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One staged batch: its number and its file."""
+
+    seq: int
+    path: str
+    size: int
+
+
+class Stage:
+    """The stage of one remote journal, written by one storage at a time.
+
+    ``identity`` names the journal (URI and endpoint); the directory is derived from it.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], identity: str, *, describe: str) -> None:
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:32]
+        self.directory = os.path.join(os.path.abspath(os.path.expanduser(os.fspath(root))), digest)
+        self._describe = describe  # what errors and logs call the journal: its URI, no secrets
+        self.writer = ""
+        self._lock_fd: int | None = None
+        self._sealed: list[Batch] = []
+        self._active: int | None = None  # fd of the batch being written
+        self._active_seq = 0
+        self._active_size = 0
+        self.recovered = 0  # bytes left by an earlier process, found by open()
+
+    @property
+    def is_open(self) -> bool:
+        return self._lock_fd is not None
+
+    @property
+    def staged_bytes(self) -> int:
+        return sum(batch.size for batch in self._sealed) + self._active_size
+
+    async def open(self) -> None:
+        """Lock the stage, and take over what an earlier process left in it."""
+        await anyio.to_thread.run_sync(self._open)
+        if self.recovered:
+            logger.warning(
+                "%s: found %d staged bytes (%d batches) left by an earlier process in %s; "
+                "the next flush uploads what the remote journal does not already hold",
+                self._describe,
+                self.recovered,
+                len(self._sealed),
+                self.directory,
+            )
+
+    def _open(self) -> None:
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            fd = os.open(os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot create the stage of {self._describe} in {self.directory}: {exc}"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CheckpointLockedError(
+                f"{self._describe} is open for writing by another storage on this machine (it holds "
+                f"the stage {self.directory}); yoink allows one writer at a time, and nothing was written"
+            ) from None
+        try:
+            self._sealed = self._take_over()
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+        self._active_seq = self._sealed[-1].seq + 1 if self._sealed else 1
+        self.recovered = self.staged_bytes
+
+    def _take_over(self) -> list[Batch]:
+        batches = []
+        for seq, path in _list_batches(self.directory):
+            with open(path, "rb+") as file:
+                size = _set_aside_torn_tail(path, file.fileno())
+            if size:
+                batches.append(Batch(seq, path, size))
+            else:
+                os.unlink(path)
+        state_path = os.path.join(self.directory, "stage.json")
+        writer = _read_writer(state_path) if batches else None
+        if writer is None:
+            if batches:
+                logger.warning("%s: the stage's writer id is unreadable; starting a new one", self._describe)
+            writer = secrets.token_hex(8)
+            _write_atomically(state_path, json.dumps({"journal": self._describe, "writer": writer}))
+        self.writer = writer
+        return batches
+
+    async def write(self, payload: bytes) -> None:
+        """Append ``payload`` to the batch being written; all or nothing."""
+        await anyio.to_thread.run_sync(self._write, payload)
+
+    def _write(self, payload: bytes) -> None:
+        if self._active is None:
+            path = self._batch_path(self._active_seq)
+            try:
+                self._active = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            except OSError as exc:
+                raise StorageError(f"cannot stage a write for {self._describe} in {path}: {exc}") from exc
+        view = memoryview(payload)
+        try:
+            while view:
+                view = view[os.write(self._active, view) :]
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # if not, the next writer sets the torn tail aside
+                os.ftruncate(self._active, self._active_size)
+            raise StorageError(
+                f"staging a write for {self._describe} failed ({os.strerror(exc.errno or errno.EIO)}); "
+                "nothing of it was kept"
+            ) from exc
+        self._active_size += len(payload)
+
+    def seal(self) -> list[Batch]:
+        """End the batch being written; return every batch waiting for upload, oldest first."""
+        if self._active is not None:
+            os.close(self._active)
+            self._active = None
+            if self._active_size:
+                self._sealed.append(self._active_batch())
+            self._active_seq += 1
+            self._active_size = 0
+        return list(self._sealed)
+
+    async def discard(self, through: int) -> None:
+        """Delete the batches numbered up to ``through``: the remote journal holds them."""
+        done = [batch for batch in self._sealed if batch.seq <= through]
+        self._sealed = [batch for batch in self._sealed if batch.seq > through]
+        await anyio.to_thread.run_sync(_unlink_all, [batch.path for batch in done])
+
+    async def close(self) -> None:
+        """Release the lock; staged batches stay for the next storage."""
+        self.seal()
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def snapshot(self) -> list[Batch]:
+        """The batches (with the one being written) as they are now, for :func:`read_batches`."""
+        if self.is_open:
+            batches = list(self._sealed)
+            if self._active_size:
+                batches.append(self._active_batch())
+            return batches
+        # Another process may hold the stage, or nobody: read what is there without taking it.
+        batches = []
+        for seq, path in _list_batches(self.directory):
+            try:
+                batches.append(Batch(seq, path, os.stat(path).st_size))
+            except FileNotFoundError:
+                continue
+        return batches
+
+    def open_snapshot(self) -> list[tuple[Batch, BinaryIO]]:
+        """Open the batches of :meth:`snapshot`: an open file stays readable after an upload deletes it."""
+        opened: list[tuple[Batch, BinaryIO]] = []
+        for batch in self.snapshot():
+            try:
+                opened.append((batch, open(batch.path, "rb")))  # noqa: SIM115 (the caller closes them)
+            except FileNotFoundError:
+                continue
+        return opened
+
+    def snapshot_writer(self) -> str | None:
+        return self.writer or _read_writer(os.path.join(self.directory, "stage.json"))
+
+    def _active_batch(self) -> Batch:
+        return Batch(self._active_seq, self._batch_path(self._active_seq), self._active_size)
+
+    def _batch_path(self, seq: int) -> str:
+        return os.path.join(self.directory, f"{seq:012d}.jsonl")
+
+
+async def read_batches(batches: list[tuple[Batch, BinaryIO]], describe: str) -> AsyncIterator[str]:
+    """Yield the text of batches opened by :meth:`Stage.open_snapshot`, in whole lines."""
+    for batch, file in batches:
+        async for block in whole_lines(_file_chunks(file, batch.size), describe=describe):
+            yield block
+
+
+async def _file_chunks(file: BinaryIO, size: int) -> AsyncIterator[bytes]:
+    while size > 0:
+        chunk = await anyio.to_thread.run_sync(file.read, min(READ_CHUNK, size))
+        if not chunk:
+            return
+        size -= len(chunk)
+        yield chunk
+
+
+def _list_batches(directory: str) -> Iterator[tuple[int, str]]:
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    for name in sorted(names):
+        if match := _BATCH.fullmatch(name):
+            yield int(match[1]), os.path.join(directory, name)
+
+
+def _read_writer(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as file:
+            writer = json.load(file)["writer"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return writer if isinstance(writer, str) and re.fullmatch(r"[0-9a-f]{16}", writer) else None
+
+
+def _write_atomically(path: str, text: str) -> None:
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def _unlink_all(paths: list[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
