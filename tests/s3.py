@@ -39,13 +39,15 @@ class MotoServer:
 class Fault:
     """Answer the next ``times`` requests that ``match`` with ``status`` and an S3 error ``code``.
 
-    ``status`` 0 resets the connection instead of answering.
+    ``status`` 0 resets the connection instead of answering. With ``after``, moto gets the request
+    and acts on it, and the client gets the fault instead of moto's answer.
     """
 
     status: int
     code: str
     times: int = 1
     match: Callable[[str, str], bool] = lambda method, path: True
+    after: bool = False  # pass the request on first, and lose moto's answer
 
 
 @dataclass
@@ -77,6 +79,8 @@ class Proxy:
                 with proxy._lock:
                     proxy.traffic.requests.append((self.command, self.path))
                     proxy.traffic.sent += head + len(body)
+                if fault is not None and fault.after:
+                    self._forward(body)
                 if fault is not None and fault.status == 0:
                     self.connection.shutdown(socket.SHUT_RDWR)
                     self.close_connection = True
@@ -88,6 +92,10 @@ class Proxy:
                     ).encode()
                     self._answer(fault.status, [("Content-Type", "application/xml")], payload)
                     return
+                status, forwarded, payload = self._forward(body)
+                self._answer(status, forwarded, payload, head_only=self.command == "HEAD")
+
+            def _forward(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
                 upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
                 headers["Content-Length"] = str(len(body))
@@ -99,7 +107,7 @@ class Proxy:
                 )
                 forwarded = [(k, v) for k, v in response.getheaders() if k.lower() not in dropped]
                 upstream.close()
-                self._answer(response.status, forwarded, payload, head_only=self.command == "HEAD")
+                return response.status, forwarded, payload
 
             def _read_body(self) -> bytes:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

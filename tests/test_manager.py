@@ -109,6 +109,15 @@ async def test_records_reach_the_storage_in_batches_of_batch_bytes() -> None:
     await manager.close()
 
 
+async def test_the_first_flush_reaches_the_storage_even_with_nothing_appended() -> None:
+    storage = RecordingStorage()
+    async with CheckpointManager(storage, flush_interval=None) as manager:
+        await manager.flush()  # a backend may have a crashed writer's staged records to upload
+        assert storage.flushes == 1
+        await manager.flush()  # from then on, an empty flush costs nothing
+        assert storage.flushes == 1
+
+
 async def test_flush_interval_hands_records_to_the_storage_without_a_flush_call() -> None:
     storage = RecordingStorage()
     async with CheckpointManager(storage, flush_interval=0.05) as manager:

@@ -71,7 +71,9 @@ class CheckpointManager:
         self._default = default
         self._buffer = bytearray()
         self._handed = 0  # bytes taken from the buffer for the storage, a write under way included
-        self._durable = 0  # bytes the storage has flushed
+        # Bytes the storage has flushed. -1 sends the first flush to the storage even with nothing
+        # to write, so a backend can finish what a crashed writer left (S3's stage) at once.
+        self._durable = -1
         self._io_lock = anyio.Lock()  # the one path to the storage: batches never reorder
         self._flushing: anyio.Event | None = None
         self._flusher: TaskGroup | None = None

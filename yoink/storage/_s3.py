@@ -56,6 +56,10 @@ class _Missing(Exception):
     """The key does not exist."""
 
 
+class _AccessDenied(StorageError):
+    """S3 said 403; a HEAD's 403 may also be a bad signature, which only other requests tell."""
+
+
 @dataclass
 class _Object:
     """What this writer knows of the object (layout="object")."""
@@ -85,6 +89,7 @@ class _Segments:
     """What this writer knows of the segments (layout="segments")."""
 
     live: list[_Segment]
+    hidden: list[_Segment] = field(default_factory=list)  # merged, but a crash kept them from deletion
     landed: int = 0  # the last of this writer's batches that a segment holds
 
     @property
@@ -235,13 +240,14 @@ class S3Storage(CheckpointStorage):
         try:
             writer = self._stage.snapshot_writer()
             if self._layout == "object":
-                landed = 0
                 response = await self._get_object()
+                known = _Object()
                 if response is not None:
                     known = _Object(response["ETag"], response["ContentLength"], _decode_writers(response))
-                    if self._object is None and not self._closed:
-                        self._object = known  # this writer's view of the object starts here
-                    landed = known.writers.get(writer, 0) if writer else 0
+                if self._object is None and not self._closed:
+                    self._object = known  # this writer's view of the object starts here
+                landed = known.writers.get(writer, 0) if writer else 0
+                if response is not None:
                     async for block in self._stream(response):
                         yield block
             else:
@@ -266,6 +272,7 @@ class S3Storage(CheckpointStorage):
         try:
             await self._call("head_object", Key=self._key)
         except _Missing:
+            await self._check_bucket()
             return False
         return True
 
@@ -365,12 +372,14 @@ class S3Storage(CheckpointStorage):
                 if head is None or head[0].get("yoink-writer") != writer:
                     self._raise_conflict(f"segment {key} was written by someone else", batches)
                 metadata, size, etag = head  # an earlier attempt of ours went through
+                state.live.append(_Segment(key, number, number, size, etag))
+                state.landed = int(metadata["yoink-batch"])
+                continue
             state.live.append(_Segment(key, number, number, size, etag))
-            state.landed = int(metadata["yoink-batch"])
-            if state.landed >= batches[-1].seq:
-                await self._stage.discard(state.landed)
-                await self._merge_if_due(state)
-                return
+            state.landed = batches[-1].seq
+            await self._stage.discard(state.landed)
+            await self._merge_if_due(state)
+            return
 
     async def _drop_landed(self, batches: list[Batch], landed: int) -> list[Batch]:
         if batches and batches[0].seq <= landed:
@@ -456,12 +465,13 @@ class S3Storage(CheckpointStorage):
             if not response.get("IsTruncated"):
                 break
             params["ContinuationToken"] = response["NextContinuationToken"]
-        live: list[_Segment] = []
+        state = _Segments([])
         for segment in sorted(found, key=lambda s: (s.start, -s.end)):
-            if not live or segment.end > live[-1].end:  # a merged object hides what it covers
-                live.append(segment)
-        state = _Segments(live)
-        for segment in reversed(live[-REMEMBERED_WRITERS:] if writer else []):
+            if state.live and segment.end <= state.live[-1].end:
+                state.hidden.append(segment)  # a merged object holds it
+            else:
+                state.live.append(segment)
+        for segment in reversed(state.live[-REMEMBERED_WRITERS:] if writer else []):
             head = await self._head_metadata(segment.key)
             if head and head[0].get("yoink-writer") == writer:
                 state.landed = int(head[0]["yoink-batch"])
@@ -471,6 +481,13 @@ class S3Storage(CheckpointStorage):
         return state
 
     async def _merge_if_due(self, state: _Segments) -> None:
+        if state.hidden:
+            hidden, state.hidden = state.hidden, []
+            logger.info("%s: deleting %d segments left by an interrupted merge", self._uri, len(hidden))
+            try:
+                await self._delete(hidden)
+            except StorageError as exc:
+                logger.warning("%s: could not delete merged segments: %s", self._uri, exc)
         start = 0
         for index, segment in enumerate(state.live[:-1]):
             if segment.size >= self._merge_target:
@@ -487,9 +504,7 @@ class S3Storage(CheckpointStorage):
             etag = await self._upload(key, body, size, {}, {"IfNoneMatch": "*"}, copy=copy)
             merged = _Segment(key, run[0].start, run[-1].end, sum(s.size for s in run), etag)
             state.live[start:-1] = [merged]
-            for first in range(0, len(run), 1000):
-                objects = [{"Key": segment.key} for segment in run[first : first + 1000]]
-                await self._call("delete_objects", Delete={"Objects": objects, "Quiet": True})
+            await self._delete(run)
         except (StorageError, _Conflict, _Missing) as exc:
             logger.warning(
                 "%s: merging %d segments into %s failed; a later flush tries again: %s",
@@ -499,6 +514,11 @@ class S3Storage(CheckpointStorage):
                 exc,
             )
             self._segments = None
+
+    async def _delete(self, segments: Sequence[_Segment]) -> None:
+        for first in range(0, len(segments), 1000):
+            objects = [{"Key": segment.key} for segment in segments[first : first + 1000]]
+            await self._call("delete_objects", Delete={"Objects": objects, "Quiet": True})
 
     async def _objects_chunks(self, segments: Sequence[_Segment]) -> AsyncIterator[bytes]:
         for segment in segments:
@@ -545,8 +565,7 @@ class S3Storage(CheckpointStorage):
         try:
             response = await self._call("head_object", Key=self._key)
         except _Missing:
-            await self._check_bucket()
-            return _Object()
+            return _Object()  # a missing bucket: the upload that follows says so
         return _Object(response["ETag"], response["ContentLength"], _decode_writers(response))
 
     async def _head_metadata(self, key: str) -> tuple[dict[str, str], int, str] | None:
@@ -576,8 +595,13 @@ class S3Storage(CheckpointStorage):
 
     async def _call(self, operation: str, **params: Any) -> Any:
         client = self._client_handle or await self._open_client()
-        with self._translated(operation):
-            return await getattr(client, operation)(Bucket=self._bucket, **params)
+        try:
+            with self._translated(operation):
+                return await getattr(client, operation)(Bucket=self._bucket, **params)
+        except _AccessDenied:
+            if operation.startswith("head_"):  # a 403 to a HEAD has no body to say why; ask again
+                await self._call("list_objects_v2", Prefix=self._key, MaxKeys=1)
+            raise
 
     async def _open_client(self) -> Any:
         async with self._client_lock:
@@ -608,7 +632,7 @@ class S3Storage(CheckpointStorage):
             if code in _MISSING_CODES:
                 raise _Missing(code) from exc
             if code in _DENIED_CODES:
-                raise StorageError(
+                raise _AccessDenied(
                     f"S3 denied {operation} on {self._uri}: yoink needs {IAM_ACTIONS} on this bucket and key"
                 ) from exc
             if code in _BAD_CREDENTIAL_CODES:

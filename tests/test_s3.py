@@ -1,0 +1,499 @@
+"""S3Storage over HTTP against moto's server: layouts, conflicts, crashes, faults and errors.
+
+The storage contract itself runs against S3 in test_storage_contract.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import boto3
+import pytest
+
+from tests.conftest import read_text
+from tests.s3 import Fault, MotoServer, Proxy
+from yoink import CheckpointLockedError, CheckpointManager, ConcurrentWriterError, StorageError
+from yoink.storage import S3Storage
+
+CHILD = Path(__file__).with_name("s3_child.py")
+LAYOUTS = ["object", "segments"]
+
+OpenS3 = Callable[..., S3Storage]
+
+
+@pytest.fixture
+def open_s3(bucket: str, moto: MotoServer, tmp_path: Path) -> OpenS3:
+    """S3Storage on this test's bucket; keyword arguments override the defaults."""
+
+    def open_(key: str = "run.jsonl", **options: object) -> S3Storage:
+        options.setdefault("stage_dir", tmp_path / "stage")
+        options.setdefault("endpoint_url", moto.url)
+        return S3Storage(f"s3://{bucket}/{key}", **options)  # type: ignore[arg-type]
+
+    return open_
+
+
+def s3_client(moto: MotoServer) -> object:
+    return boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1")
+
+
+def records(first: int, count: int, pad: int = 0) -> str:
+    return "".join(f'{{"n":{n},"pad":"{"p" * pad}"}}\n' for n in range(first, first + count))
+
+
+async def numbers(storage: S3Storage) -> list[int]:
+    import orjson
+
+    return [orjson.loads(line)["n"] for line in (await read_text(storage)).splitlines()]
+
+
+def keys(moto: MotoServer, bucket: str) -> list[str]:
+    listing = s3_client(moto).list_objects_v2(Bucket=bucket)  # type: ignore[attr-defined]
+    return [item["Key"] for item in listing.get("Contents", [])]
+
+
+# -- round trips ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_manager_round_trip_with_unicode_across_read_chunks(
+    bucket: str, moto: MotoServer, tmp_path: Path, layout: str
+) -> None:
+    uri = f"s3://{bucket}/crawl?layout={layout}"
+    options = {"stage_dir": tmp_path / "stage", "endpoint_url": moto.url, "flush_interval": None}
+    written = [{"n": n, "url": f"https://例え.jp/{n}", "pad": "ü" * (n % 997)} for n in range(6000)]
+    async with CheckpointManager.from_uri(uri, **options) as manager:
+        for start in range(0, 6000, 1500):  # several flushes, so several segments
+            await manager.append_many(written[start : start + 1500])
+            await manager.flush()
+    async with CheckpointManager.from_uri(
+        uri, stage_dir=tmp_path / "other-stage", endpoint_url=moto.url
+    ) as again:
+        assert [record async for record in again.replay()] == written
+
+
+async def test_the_object_layout_is_one_plain_jsonl_object(
+    open_s3: OpenS3, moto: MotoServer, bucket: str
+) -> None:
+    async with open_s3() as storage:
+        await storage.write(records(0, 3))
+        await storage.flush()
+        await storage.write(records(3, 2))
+    body = s3_client(moto).get_object(Bucket=bucket, Key="run.jsonl")["Body"].read()  # type: ignore[attr-defined]
+    assert body.decode() == records(0, 5)
+
+
+async def test_an_empty_flush_makes_no_request(open_s3: OpenS3, proxy: Proxy) -> None:
+    async with open_s3(endpoint_url=proxy.url) as storage:
+        await storage.flush()
+        await storage.write("")
+        await storage.flush()
+        assert proxy.traffic.requests == []
+        await storage.write(records(0, 1))
+        await storage.flush()
+        proxy.reset_traffic()
+        await storage.flush()
+        assert proxy.traffic.requests == []
+
+
+async def test_writes_make_no_request_and_land_in_the_stage(open_s3: OpenS3, proxy: Proxy) -> None:
+    async with open_s3(endpoint_url=proxy.url) as storage:
+        for n in range(100):
+            await storage.write(records(n, 1))
+        assert proxy.traffic.requests == []
+        staged = b"".join(p.read_bytes() for p in sorted(Path(storage.stage_directory).glob("*.jsonl")))
+        assert staged.decode() == records(0, 100)
+        assert await storage.exists()  # a stage is enough
+
+
+# -- the object layout's three ways to append --------------------------------------------------
+
+
+async def test_a_flush_onto_a_large_object_sends_only_the_new_data(open_s3: OpenS3, proxy: Proxy) -> None:
+    # S3's real 5 MiB multipart minimum: the object is copied inside S3, the new data is the last part.
+    async with open_s3(endpoint_url=proxy.url) as storage:
+        await storage.write(records(0, 60_000, pad=90))  # 6.6 MiB
+        await storage.flush()
+        new = records(60_000, 1000, pad=90)
+        proxy.reset_traffic()
+        await storage.write(new)
+        await storage.flush()
+    traffic = proxy.reset_traffic()
+    methods = [method for method, _ in traffic.requests]
+    assert "GET" not in methods, traffic.requests
+    assert sum("uploadId" in path for _, path in traffic.requests) == 3  # copy part, new part, complete
+    assert traffic.sent + traffic.received < len(new) + (64 << 10), traffic
+    async with open_s3(stage_dir=Path(storage.stage_directory).parent / "reader") as reader:
+        assert await numbers(reader) == list(range(61_000))
+
+
+async def test_small_objects_are_rewritten_and_big_batches_go_in_parts(
+    open_s3: OpenS3, proxy: Proxy, small_parts: int
+) -> None:
+    async with open_s3(endpoint_url=proxy.url, part_size=small_parts) as storage:
+        await storage.write(records(0, 10))  # new object: one PutObject
+        await storage.flush()
+        assert [m for m, _ in proxy.reset_traffic().requests] == ["HEAD", "PUT"]
+        await storage.write(records(10, 10))  # small object: read it, put it back with If-Match
+        await storage.flush()
+        assert [m for m, _ in proxy.reset_traffic().requests] == ["GET", "PUT"]
+        await storage.write(records(20, 8000, pad=100))  # 1 MiB more: multipart, four parts
+        await storage.flush()
+        parts = [path for _, path in proxy.reset_traffic().requests if "partNumber" in path]
+        assert len(parts) == 4
+        await storage.write(records(8020, 10))  # now a large object: copied inside S3
+        await storage.flush()
+        assert "GET" not in [m for m, _ in proxy.reset_traffic().requests]
+        assert await numbers(storage) == list(range(8030))
+
+
+async def test_an_object_without_a_final_newline_keeps_its_last_line(
+    open_s3: OpenS3, moto: MotoServer, bucket: str
+) -> None:
+    s3_client(moto).put_object(Bucket=bucket, Key="run.jsonl", Body=b'{"n":0}')  # type: ignore[attr-defined]
+    async with open_s3() as storage:
+        await storage.write(records(1, 1))
+        await storage.flush()
+        assert await numbers(storage) == [0, 1]
+
+
+# -- the segments layout -----------------------------------------------------------------------
+
+
+async def test_segments_are_numbered_objects_and_merge_when_they_pile_up(
+    open_s3: OpenS3, moto: MotoServer, bucket: str
+) -> None:
+    async with open_s3("job", layout="segments", merge_after=4) as storage:
+        for n in range(3):
+            await storage.write(records(n, 1))
+            await storage.flush()
+        assert keys(moto, bucket) == [f"job/{n:012d}.jsonl" for n in range(3)]
+        for n in range(3, 7):
+            await storage.write(records(n, 1))
+            await storage.flush()
+        # Once four segments wait behind the newest, they are merged into one.
+        assert keys(moto, bucket) == [
+            "job/000000000000-000000000003.jsonl",
+            "job/000000000004.jsonl",
+            "job/000000000005.jsonl",
+            "job/000000000006.jsonl",
+        ]
+        assert await numbers(storage) == list(range(7))
+    async with open_s3("job", layout="segments", stage_dir=storage.stage_directory + "-other") as reader:
+        assert await numbers(reader) == list(range(7))
+
+
+async def test_a_segment_flush_costs_the_same_however_long_the_journal(open_s3: OpenS3, proxy: Proxy) -> None:
+    async with open_s3("long", layout="segments", endpoint_url=proxy.url) as storage:
+        costs = []
+        for n in range(40):
+            await storage.write(records(n * 100, 100, pad=200))
+            proxy.reset_traffic()
+            await storage.flush()
+            costs.append(proxy.traffic.sent + proxy.traffic.received)
+    assert max(costs[1:]) < 1.1 * min(costs[1:]), costs  # the first also lists the prefix
+
+
+@pytest.mark.parametrize("point", ["die-after-merge-upload", "die-in-merge-upload"])
+def test_a_merge_killed_part_way_loses_and_repeats_nothing(
+    moto: MotoServer, bucket: str, tmp_path: Path, point: str
+) -> None:
+    uri = f"s3://{bucket}/merged?layout=segments"
+    child = subprocess.run(
+        [sys.executable, str(CHILD), point, uri, str(tmp_path / "stage"), moto.url, "10"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.returncode == -9, child.stderr
+    stage = tmp_path / "stage"
+
+    async def check() -> None:
+        async with S3Storage(uri, stage_dir=tmp_path / "reader", endpoint_url=moto.url) as reader:
+            assert await numbers(reader) == [0, 1, 2, 3]  # each flushed record, once
+        async with S3Storage(uri, stage_dir=stage, endpoint_url=moto.url, merge_after=3) as writer:
+            for n in range(4, 10):
+                await writer.write(records(n, 1))
+                await writer.flush()  # merges again, over what the killed merge left
+            assert await numbers(writer) == list(range(10))
+
+    import anyio
+
+    anyio.run(check)
+    assert len([key for key in keys(moto, bucket) if key.startswith("merged/")]) <= 4
+
+
+# -- two writers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_a_second_writer_gets_concurrent_writer_error_and_both_keep_their_records(
+    open_s3: OpenS3, tmp_path: Path, layout: str
+) -> None:
+    first = open_s3(layout=layout, stage_dir=tmp_path / "machine-a")
+    second = open_s3(layout=layout, stage_dir=tmp_path / "machine-b")
+    assert await read_text(first) == await read_text(second) == ""  # both start from the same journal
+    await first.write(records(0, 3))
+    await first.flush()
+    await second.write(records(100, 2))
+    with pytest.raises(ConcurrentWriterError, match="another writer.*stay staged in .*machine-b"):
+        await second.flush()
+    with pytest.raises(ConcurrentWriterError):  # and it stays refused
+        await second.close()
+    await first.close()
+    async with open_s3(layout=layout, stage_dir=tmp_path / "reader") as reader:
+        assert await numbers(reader) == [0, 1, 2]
+    staged = b"".join(p.read_bytes() for p in (tmp_path / "machine-b").glob("*/*.jsonl"))
+    assert staged.decode() == records(100, 2)
+    # Once the first writer is gone, a new storage on the second's stage uploads what it kept.
+    async with open_s3(layout=layout, stage_dir=tmp_path / "machine-b") as recovered:
+        await recovered.flush()
+    async with open_s3(layout=layout, stage_dir=tmp_path / "reader") as reader:
+        assert await numbers(reader) == [0, 1, 2, 100, 101]
+
+
+def test_a_second_process_on_the_same_stage_is_refused(moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+    uri = f"s3://{bucket}/locked.jsonl"
+    holder = subprocess.Popen(
+        [sys.executable, str(CHILD), "stage", uri, str(tmp_path / "stage"), moto.url, "5"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "staged\n"
+
+        async def second_writer() -> None:
+            async with S3Storage(uri, stage_dir=tmp_path / "stage", endpoint_url=moto.url) as storage:
+                with pytest.raises(CheckpointLockedError, match="one writer at a time"):
+                    await storage.write(records(100, 1))
+
+        import anyio
+
+        anyio.run(second_writer)
+    finally:
+        holder.kill()
+        holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()
+
+
+# -- crashes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kill_9_before_flush_loses_nothing_that_write_accepted(
+    moto: MotoServer, bucket: str, tmp_path: Path, layout: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    uri = f"s3://{bucket}/staged?layout={layout}"
+    child = subprocess.Popen(
+        [sys.executable, str(CHILD), "stage", uri, str(tmp_path / "stage"), moto.url, "500"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline() == "staged\n"
+    child.kill()
+    child.wait()
+    child.stdout.close()
+
+    async def recover() -> None:
+        async with CheckpointManager.from_uri(
+            uri, stage_dir=tmp_path / "stage", endpoint_url=moto.url
+        ) as manager:
+            assert [r["n"] async for r in manager.replay()] == list(range(500))  # before any upload
+            await manager.flush()
+        async with S3Storage(uri, stage_dir=tmp_path / "reader", endpoint_url=moto.url) as reader:
+            assert await numbers(reader) == list(range(500))
+
+    import anyio
+
+    with caplog.at_level(logging.WARNING, logger="yoink"):
+        anyio.run(recover)
+    assert "left by an earlier process" in caplog.text
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kill_9_after_an_upload_and_before_the_stage_is_cleared_uploads_nothing_twice(
+    moto: MotoServer, bucket: str, tmp_path: Path, layout: str
+) -> None:
+    uri = f"s3://{bucket}/twice?layout={layout}"
+    child = subprocess.run(
+        [sys.executable, str(CHILD), "die-before-discard", uri, str(tmp_path / "stage"), moto.url, "50"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.returncode == -9, child.stderr
+    assert list((tmp_path / "stage").glob("*/*.jsonl")), "the stage should still hold the batch"
+
+    async def recover() -> None:
+        async with S3Storage(uri, stage_dir=tmp_path / "stage", endpoint_url=moto.url) as storage:
+            assert await numbers(storage) == list(range(50))  # the staged copy is recognised
+            await storage.write(records(50, 1))
+            await storage.flush()
+        async with S3Storage(uri, stage_dir=tmp_path / "reader", endpoint_url=moto.url) as reader:
+            assert await numbers(reader) == list(range(51))
+
+    import anyio
+
+    anyio.run(recover)
+    assert not list((tmp_path / "stage").glob("*/*.jsonl"))
+
+
+# -- faults and errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("status", "code"), [(500, "InternalError"), (503, "SlowDown")])
+async def test_server_errors_are_retried(
+    open_s3: OpenS3, proxy: Proxy, layout: str, status: int, code: str
+) -> None:
+    async with open_s3(layout=layout, endpoint_url=proxy.url) as storage:
+        await storage.write(records(0, 5))
+        proxy.inject(Fault(status, code, times=2, match=lambda method, path: method == "PUT"))
+        await storage.flush()
+        puts = [path for method, path in proxy.traffic.requests if method == "PUT"]
+        assert len(puts) == 3
+        assert await numbers(storage) == list(range(5))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("status", [500, 0], ids=["error-500", "connection-reset"])
+async def test_an_upload_whose_reply_is_lost_is_recognised_not_repeated(
+    open_s3: OpenS3, proxy: Proxy, layout: str, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with open_s3(layout=layout, endpoint_url=proxy.url) as storage:
+        await storage.write(records(0, 5))
+        await storage.flush()
+        await storage.write(records(5, 5))
+        # moto stores the upload, the client gets an error instead of its reply, and botocore retries.
+        proxy.inject(Fault(status, "InternalError", after=True, match=lambda method, path: method == "PUT"))
+        with caplog.at_level(logging.INFO, logger="yoink"):
+            await storage.flush()
+        assert "already in S3, from an upload whose reply was lost" in caplog.text
+        await storage.write(records(10, 5))
+        await storage.flush()
+    async with open_s3(layout=layout, stage_dir=Path(storage.stage_directory).parent / "reader") as reader:
+        assert await numbers(reader) == list(range(15))
+
+
+async def test_a_missing_bucket_is_named(moto: MotoServer, aws_env: None, tmp_path: Path) -> None:
+    storage = S3Storage("s3://no-such-bucket/run.jsonl", stage_dir=tmp_path, endpoint_url=moto.url)
+    await storage.write(records(0, 1))
+    with pytest.raises(StorageError, match="the bucket 'no-such-bucket' does not exist"):
+        await storage.flush()
+    with pytest.raises(StorageError, match="the bucket 'no-such-bucket' does not exist"):
+        await read_text(storage)
+    async with S3Storage(
+        "s3://no-such-bucket/other.jsonl", stage_dir=tmp_path, endpoint_url=moto.url
+    ) as fresh:
+        with pytest.raises(StorageError, match="the bucket 'no-such-bucket' does not exist"):
+            await fresh.exists()
+    with pytest.raises(StorageError, match="does not exist"):
+        await storage.close()  # which flushes, and releases the client all the same
+
+
+async def test_missing_credentials_say_how_to_provide_them(
+    open_s3: OpenS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    storage = open_s3()
+    await storage.write(records(0, 1))
+    with pytest.raises(StorageError, match="no AWS credentials found.*AWS_ACCESS_KEY_ID.*aws configure"):
+        await storage.flush()
+    with pytest.raises(StorageError):
+        await storage.close()
+    assert list(Path(storage.stage_directory).glob("*.jsonl")), "the record stays staged"
+
+
+async def test_rejected_or_unauthorised_credentials_give_clear_errors_without_secrets(
+    open_s3: OpenS3, moto: MotoServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from moto import settings
+
+    iam = boto3.client("iam", endpoint_url=moto.url, region_name="us-east-1")
+    iam.create_user(UserName="no-policies")
+    key = iam.create_access_key(UserName="no-policies")["AccessKey"]
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto checks from now on
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
+    storage = open_s3()
+    await storage.write(records(0, 1))
+    with pytest.raises(StorageError, match="rejected the AWS credentials") as rejected:
+        await storage.flush()
+    with pytest.raises(StorageError):
+        await storage.close()
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    storage = open_s3(stage_dir=Path(storage.stage_directory).parent / "other")
+    await storage.write(records(0, 1))
+    with pytest.raises(StorageError, match="S3 denied .* yoink needs s3:GetObject, s3:PutObject") as denied:
+        await storage.flush()
+    with pytest.raises(StorageError):
+        await storage.close()
+    for secret in ("wrong-secret-value", key["SecretAccessKey"]):
+        assert secret not in str(rejected.value) + str(denied.value) + caplog.text + repr(storage)
+
+
+# -- the URI, options and pickling -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("s3://bucket", "names a bucket and a key"),
+        ("s3:///key.jsonl", "names a bucket and a key"),
+        ("s3://bucket/dir/", "names a prefix; layout='object' needs an object key"),
+        ("s3://bucket/k.jsonl?colour=red", "unknown S3 URI parameter"),
+        ("s3://bucket/k.jsonl?layout=tree", "layout must be 'object' or 'segments'"),
+    ],
+)
+def test_bad_uris_are_refused_clearly(uri: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        S3Storage(uri)
+
+
+def test_an_option_given_twice_is_refused() -> None:
+    with pytest.raises(ValueError, match="region_name is given both in the URI and as an option"):
+        S3Storage("s3://b/k.jsonl?region_name=eu-west-1", region_name="us-east-1")
+
+
+async def test_a_pickled_storage_keeps_its_uri_and_options_not_its_client_or_stage(open_s3: OpenS3) -> None:
+    storage = open_s3(layout="segments", part_size=32 << 20)
+    await storage.write(records(0, 2))
+    await storage.flush()
+    await storage.write(records(2, 1))  # staged, not flushed
+    copy = pickle.loads(pickle.dumps(storage))
+    assert repr(copy) == repr(storage)
+    assert copy.stage_directory == storage.stage_directory
+    assert copy._part_size == 32 << 20
+    assert copy._client_handle is None
+    assert b'n\\":2' not in pickle.dumps(storage)
+    await storage.close()
+    async with copy:
+        assert await numbers(copy) == [0, 1, 2]
+
+
+def test_the_endpoint_comes_from_the_standard_variables(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://generic:9000")
+    assert S3Storage("s3://b/k.jsonl")._endpoint == "http://generic:9000"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://minio:9000")
+    assert S3Storage("s3://b/k.jsonl")._endpoint == "http://minio:9000"
+    assert S3Storage("s3://b/k.jsonl", endpoint_url="http://r2:1")._endpoint == "http://r2:1"
+    # A journal's stage belongs to its endpoint: the same key elsewhere is another journal.
+    assert (
+        S3Storage("s3://b/k.jsonl").stage_directory
+        != S3Storage("s3://b/k.jsonl", endpoint_url="http://r2:1").stage_directory
+    )
+    assert os.environ["AWS_ENDPOINT_URL"] not in repr(S3Storage("s3://b/k.jsonl"))
