@@ -1,6 +1,6 @@
 """A writer for crash tests: resume a journal, then append and flush until killed.
 
-Usage: python tests/crash_writer.py URI SEED
+Usage: python tests/crash_writer.py URI SEED [OPTIONS_JSON]
 
 Prints ``resumed N`` once the journal is replayed (N records), then, each time one of its tasks'
 flushes returns, ``acked n n ...``: the numbers of that task's records the flush covered. Those
@@ -11,6 +11,7 @@ so flushes are called while other tasks' batches are being written.
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import sys
 
@@ -19,12 +20,14 @@ import anyio
 from yoink import CheckpointManager
 
 
-async def main(uri: str, seed: int) -> None:
+async def main(uri: str, seed: int, options: dict[str, object]) -> None:
     rng = random.Random(seed)
     batch_bytes = rng.choice([256, 4096, 65536, 16 << 20])
     big_pad = 400 if batch_bytes < 1 << 20 else 40_000
     tasks = rng.choice([1, 8, 64])
-    async with CheckpointManager.from_uri(uri, batch_bytes=batch_bytes, flush_interval=None) as manager:
+    async with CheckpointManager.from_uri(
+        uri, batch_bytes=batch_bytes, flush_interval=None, **options
+    ) as manager:
         seen: set[int] = set()
         async for record in manager.replay():
             if record["n"] in seen:
@@ -51,4 +54,4 @@ async def main(uri: str, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    anyio.run(main, sys.argv[1], int(sys.argv[2]))
+    anyio.run(main, sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})

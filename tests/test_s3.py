@@ -258,6 +258,28 @@ async def test_a_second_writer_gets_concurrent_writer_error_and_both_keep_their_
         assert await numbers(reader) == [0, 1, 2, 100, 101]
 
 
+async def test_a_segments_writer_left_behind_by_merges_is_refused_not_hidden(
+    open_s3: OpenS3, tmp_path: Path
+) -> None:
+    # B last saw segment 0; A then writes more and merges, deleting segment numbers B thinks free.
+    first = open_s3("job", layout="segments", stage_dir=tmp_path / "a", merge_after=2)
+    second = open_s3("job", layout="segments", stage_dir=tmp_path / "b")
+    await first.write(records(0, 1))
+    await first.flush()
+    assert await numbers(second) == [0]
+    for n in range(1, 6):
+        await first.write(records(n, 1))
+        await first.flush()
+    await second.write(records(100, 1))
+    with pytest.raises(ConcurrentWriterError, match="merged away"):
+        await second.flush()
+    with pytest.raises(ConcurrentWriterError):
+        await second.close()
+    await first.close()
+    async with open_s3("job", layout="segments", stage_dir=tmp_path / "reader") as reader:
+        assert await numbers(reader) == list(range(6))
+
+
 def test_a_second_process_on_the_same_stage_is_refused(moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     uri = f"s3://{bucket}/locked.jsonl"
     holder = subprocess.Popen(

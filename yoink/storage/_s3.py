@@ -361,6 +361,10 @@ class S3Storage(CheckpointStorage):
             batches = await self._drop_landed(batches, state.landed)
             if not batches:
                 return
+            if state.live and not await self._unchanged(state.live[-1]):
+                # Another writer wrote after it, and may have merged it away: segment numbers this
+                # writer thinks free may be taken, and hidden behind a merged object.
+                self._raise_conflict(f"{state.live[-1].key} was replaced or merged away", batches)
             number = state.next
             key = self._segment_key(number)
             metadata = {"yoink-writer": writer, "yoink-batch": str(batches[-1].seq)}
@@ -574,6 +578,10 @@ class S3Storage(CheckpointStorage):
         except _Missing:
             return None
         return response.get("Metadata", {}), response["ContentLength"], response["ETag"]
+
+    async def _unchanged(self, segment: _Segment) -> bool:
+        head = await self._head_metadata(segment.key)
+        return head is not None and head[2] == segment.etag
 
     async def _get_small(self, etag: str) -> bytes:
         try:
