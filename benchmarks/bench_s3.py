@@ -76,7 +76,7 @@ def new_bucket(endpoint: str) -> str:
 
 async def fill(uri: str, stage: str, endpoint: str, size: int, flushes: int = 1, **options: Any) -> int:
     """Make a journal of about ``size`` bytes in ``flushes`` flushes; return the records written."""
-    per_flush = max(1, size // flushes // 130)
+    per_flush = max(1, size // flushes // len(lines(10**6, 1, pad=40)))
     n = 0
     async with S3Storage(uri, stage_dir=stage, endpoint_url=endpoint, **options) as storage:
         for _ in range(flushes):

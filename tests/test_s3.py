@@ -280,6 +280,17 @@ async def test_a_segments_writer_left_behind_by_merges_is_refused_not_hidden(
         assert await numbers(reader) == list(range(6))
 
 
+async def test_a_reader_beside_a_live_writer_sees_only_what_the_writer_flushed(open_s3: OpenS3) -> None:
+    async with open_s3() as writer:
+        await writer.write(records(0, 2))
+        await writer.flush()
+        await writer.write(records(2, 1))  # staged by a live writer: not the reader's to see or upload
+        async with open_s3() as reader:  # the same stage directory, as a `yoink cat` on this machine
+            assert await numbers(reader) == [0, 1]
+            await reader.flush()
+        assert await numbers(writer) == [0, 1, 2]
+
+
 def test_a_second_process_on_the_same_stage_is_refused(moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     uri = f"s3://{bucket}/locked.jsonl"
     holder = subprocess.Popen(

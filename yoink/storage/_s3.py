@@ -35,6 +35,7 @@ Layout = Literal["object", "segments"]
 MIN_PART_SIZE = 5 << 20  # S3's smallest part, but for the last one
 MAX_PART_SIZE = 5 << 30
 READ_CHUNK = 1 << 20
+ATTEMPTS = 4  # conditional uploads per flush: after a lost reply, the first retry finds it landed
 REMEMBERED_WRITERS = 16  # the (writer, last batch) pairs an object's metadata keeps
 IAM_ACTIONS = (
     "s3:GetObject, s3:PutObject and s3:ListBucket, plus s3:DeleteObject for layout='segments' "
@@ -314,7 +315,7 @@ class S3Storage(CheckpointStorage):
 
     async def _flush_object(self, batches: list[Batch]) -> None:
         writer = self._stage.writer
-        while True:
+        for _ in range(ATTEMPTS):
             known = self._object or await self._head()
             batches = await self._drop_landed(batches, known.writers.get(writer, 0))
             if not batches:
@@ -330,6 +331,7 @@ class S3Storage(CheckpointStorage):
                 continue
             await self._stage.discard(batches[-1].seq)
             return
+        self._give_up(batches)
 
     async def _append_to_object(self, known: _Object, batches: list[Batch]) -> _Object:
         writers = dict(known.writers)
@@ -355,7 +357,7 @@ class S3Storage(CheckpointStorage):
 
     async def _flush_segments(self, batches: list[Batch]) -> None:
         writer = self._stage.writer
-        while True:
+        for _ in range(ATTEMPTS):
             state = self._segments or await self._list_segments(writer)
             self._segments = state
             batches = await self._drop_landed(batches, state.landed)
@@ -384,6 +386,7 @@ class S3Storage(CheckpointStorage):
             await self._stage.discard(state.landed)
             await self._merge_if_due(state)
             return
+        self._give_up(batches)
 
     async def _drop_landed(self, batches: list[Batch], landed: int) -> list[Batch]:
         if batches and batches[0].seq <= landed:
@@ -397,6 +400,12 @@ class S3Storage(CheckpointStorage):
             )
             await self._stage.discard(landed)
         return [batch for batch in batches if batch.seq > landed]
+
+    def _give_up(self, batches: list[Batch]) -> NoReturn:
+        raise StorageError(
+            f"{self._uri}: S3 kept refusing conditional uploads ({ATTEMPTS} attempts); the "
+            f"{sum(b.size for b in batches)} bytes not uploaded stay staged for the next flush"
+        )
 
     def _raise_conflict(self, what: str, batches: list[Batch]) -> NoReturn:
         raise ConcurrentWriterError(

@@ -204,7 +204,9 @@ class Stage:
             if self._active_size:
                 batches.append(self._active_batch())
             return batches
-        # Another process may hold the stage, or nobody: read what is there without taking it.
+        if self._held_elsewhere():
+            return []  # another live writer's staged records are its own until it flushes them
+        # Left by a crashed writer: read what is there without taking the stage.
         batches = []
         for seq, path in _list_batches(self.directory):
             try:
@@ -212,6 +214,19 @@ class Stage:
             except FileNotFoundError:
                 continue
         return batches
+
+    def _held_elsewhere(self) -> bool:
+        try:
+            fd = os.open(os.path.join(self.directory, "lock"), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # and with it the shared lock, at once
+        return False
 
     def open_snapshot(self) -> list[tuple[Batch, BinaryIO]]:
         """Open the batches of :meth:`snapshot`: an open file stays readable after an upload deletes it."""
