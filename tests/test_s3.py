@@ -189,6 +189,26 @@ async def test_segments_are_numbered_objects_and_merge_when_they_pile_up(
         assert await numbers(reader) == list(range(7))
 
 
+async def test_a_merge_copies_a_big_first_segment_inside_s3(
+    open_s3: OpenS3, proxy: Proxy, small_parts: int, moto: MotoServer, bucket: str
+) -> None:
+    options = {"layout": "segments", "merge_after": 3, "part_size": small_parts, "endpoint_url": proxy.url}
+    async with open_s3("big", **options) as storage:
+        big = records(0, 4000, pad=100)  # over the (lowered) part minimum
+        await storage.write(big)
+        await storage.flush()
+        for n in range(4000, 4002):
+            await storage.write(records(n, 1))
+            await storage.flush()
+        proxy.reset_traffic()
+        await storage.write(records(4002, 1))
+        await storage.flush()  # segment 3, then the merge of 0-2
+        traffic = proxy.reset_traffic()
+        assert keys(moto, bucket) == ["big/000000000000-000000000002.jsonl", "big/000000000003.jsonl"]
+        assert traffic.sent + traffic.received < len(big) // 4  # segment 0 did not cross the wire
+        assert await numbers(storage) == list(range(4003))
+
+
 async def test_a_segment_flush_costs_the_same_however_long_the_journal(open_s3: OpenS3, proxy: Proxy) -> None:
     async with open_s3("long", layout="segments", endpoint_url=proxy.url) as storage:
         costs = []

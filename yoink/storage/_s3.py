@@ -501,10 +501,15 @@ class S3Storage(CheckpointStorage):
                 await self._delete(hidden)
             except StorageError as exc:
                 logger.warning("%s: could not delete merged segments: %s", self._uri, exc)
+        # A run of small segments, after the last big one. Only its first may be over S3's part
+        # minimum: that one is copied inside S3, the rest (each under it) are downloaded and
+        # uploaded again, so a merge moves a bounded amount however long the journal.
         start = 0
         for index, segment in enumerate(state.live[:-1]):
             if segment.size >= self._merge_target:
                 start = index + 1
+            elif segment.size >= self.min_part_size:
+                start = index
         run = state.live[start:-1]  # the newest segment stays, so the next number is always taken
         if len(run) < self._merge_after:
             return
