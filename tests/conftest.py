@@ -1,18 +1,20 @@
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.redis_server import RedisServer, redis_server_binary
 from tests.s3 import MotoServer, Proxy
-from yoink.storage import CheckpointStorage, LocalFileStorage, MemoryStorage, S3Storage
+from yoink.storage import CheckpointStorage, LocalFileStorage, MemoryStorage, RedisStreamStorage, S3Storage
 
 OpenStorage = Callable[[], CheckpointStorage]
 
 
-@pytest.fixture(params=["local", "memory", "s3-object", "s3-segments"])
+@pytest.fixture(params=["local", "memory", "s3-object", "s3-segments", "redis"])
 def open_storage(request: pytest.FixtureRequest, tmp_path: Path) -> OpenStorage:
     """Opens a new storage on one journal each call, as a restarted process would."""
     if request.param == "local":
@@ -24,6 +26,9 @@ def open_storage(request: pytest.FixtureRequest, tmp_path: Path) -> OpenStorage:
         endpoint = request.getfixturevalue("moto").url
         uri = f"s3://{bucket}/journal.jsonl"
         return lambda: S3Storage(uri, layout=layout, stage_dir=tmp_path / "stage", endpoint_url=endpoint)
+    if request.param == "redis":
+        url, key = request.getfixturevalue("redis_url"), f"test-{uuid.uuid4()}"
+        return lambda: RedisStreamStorage(url, key, lease_ttl=5)
     name = f"test-{uuid.uuid4()}"
     return lambda: MemoryStorage(name)
 
@@ -82,3 +87,22 @@ def small_parts(monkeypatch: pytest.MonkeyPatch) -> int:
     monkeypatch.setattr(moto.s3.models, "S3_UPLOAD_PART_MIN_SIZE", size)
     monkeypatch.setattr(S3Storage, "min_part_size", size)
     return size
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis for the session: $YOINK_TEST_REDIS_URL, or a redis-server started here.
+
+    Without either, a Redis test is skipped, except under CI=true, where it fails.
+    """
+    if url := os.environ.get("YOINK_TEST_REDIS_URL"):
+        yield url
+        return
+    if redis_server_binary() is None:
+        message = "redis-server is not installed and YOINK_TEST_REDIS_URL is not set"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server.url
+    server.stop()

@@ -102,24 +102,46 @@ def test_a_backend_whose_dependency_is_missing_says_what_to_install(
     assert isinstance(caught.value, ImportError)
 
 
-@pytest.mark.parametrize(("uri", "extra"), [("redis://localhost/0?key=k", "redis")])
-def test_a_backend_this_version_lacks_says_what_to_install(uri: str, extra: str) -> None:
+def test_a_backend_missing_from_this_install_says_to_upgrade(monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = _Entry("yoink.storage._absent:GCSStorage", "the 'gcs' extra: pip install 'yoink[gcs]'")
+    monkeypatch.setitem(StorageFactory._registry, "gs", entry)  # as a yoink too old for gs:// would see it
     with pytest.raises(
         MissingDependencyError,
-        match=f"it comes with the '{extra}' extra: pip install -U 'yoink\\[{extra}\\]'",
+        match=r"gs:// URIs need a yoink with that backend \(yoink.storage._absent is missing from this "
+        r"install\); it comes with the 'gcs' extra: pip install -U 'yoink\[gcs\]'",
+    ):
+        StorageFactory.from_uri("gs://bucket/key.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("uri", "package", "extra", "module"),
+    [
+        ("s3://bucket/key.jsonl", "aioboto3", "s3", "yoink.storage._s3"),
+        ("redis://localhost/0?key=k", "redis", "redis", "yoink.storage._redis"),
+        ("unix:///run/redis.sock?key=k", "redis", "redis", "yoink.storage._redis"),
+    ],
+)
+def test_a_backend_without_its_extra_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, uri: str, package: str, extra: str, module: str
+) -> None:
+    monkeypatch.setitem(sys.modules, package, None)  # what an install without the extra has
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    scheme = uri.partition("://")[0]
+    monkeypatch.setitem(StorageFactory._registry, scheme, _BUILTIN[scheme])
+    with pytest.raises(
+        MissingDependencyError,
+        match=rf"{scheme}:// URIs need the '{extra}' extra: pip install 'yoink\[{extra}\]' "
+        rf"\(module '{package}' is missing\)",
     ):
         StorageFactory.from_uri(uri)
 
 
-def test_s3_without_aioboto3_says_to_install_the_s3_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "aioboto3", None)  # what an install without the extra has
-    monkeypatch.delitem(sys.modules, "yoink.storage._s3", raising=False)
-    monkeypatch.setitem(StorageFactory._registry, "s3", _BUILTIN["s3"])
-    with pytest.raises(
-        MissingDependencyError,
-        match=r"s3:// URIs need the 's3' extra: pip install 'yoink\[s3\]' \(module 'aioboto3' is missing\)",
-    ):
-        StorageFactory.from_uri("s3://bucket/key.jsonl")
+def test_redis_uris_reach_redisstreamstorage_with_their_options() -> None:
+    from yoink.storage import RedisStreamStorage
+
+    storage = StorageFactory.from_uri("redis://localhost:6379/3?key=crawl-42", lease_ttl=5)
+    assert isinstance(storage, RedisStreamStorage)
+    assert (storage.key, storage._url, storage._lease_ms) == ("crawl-42", "redis://localhost:6379/3", 5000)
 
 
 def test_s3_uris_reach_s3storage_with_their_options(tmp_path: Path) -> None:

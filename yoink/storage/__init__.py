@@ -13,13 +13,23 @@ from yoink.storage._local import LocalFileStorage
 from yoink.storage._memory import MemoryStorage
 
 if TYPE_CHECKING:
+    from yoink.storage._redis import RedisStreamStorage
     from yoink.storage._s3 import S3Storage
 
-__all__ = ["CheckpointStorage", "LocalFileStorage", "MemoryStorage", "S3Storage", "StorageFactory"]
+__all__ = [
+    "CheckpointStorage",
+    "LocalFileStorage",
+    "MemoryStorage",
+    "RedisStreamStorage",
+    "S3Storage",
+    "StorageFactory",
+]
 
 
 def __getattr__(name: str) -> Any:
     """Import a backend with optional dependencies on first use: ``import yoink`` stays light."""
     if name == "S3Storage":
         return StorageFactory.resolve("s3")
+    if name == "RedisStreamStorage":
+        return StorageFactory.resolve("redis")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -46,6 +46,7 @@ _BUILTIN: dict[str, _Entry] = {
     "redis": _REDIS,
     "rediss": _REDIS,
     "s3": _S3,
+    "unix": _REDIS,
 }
 
 
@@ -65,6 +66,7 @@ class StorageFactory:
     >>> StorageFactory.from_uri("file:///var/lib/run.jsonl")  # LocalFileStorage
     >>> StorageFactory.from_uri("memory://test-run")          # MemoryStorage
     >>> StorageFactory.from_uri("s3://bucket/key.jsonl")      # S3Storage, with yoink[s3]
+    >>> StorageFactory.from_uri("redis://localhost/0?key=k")  # RedisStreamStorage, with yoink[redis]
 
     The registry is shared by the process and changed only through :meth:`register` and
     :meth:`unregister`.

@@ -1,0 +1,448 @@
+"""RedisStreamStorage: the journal as a Redis Stream.
+
+Each entry holds a block of whole JSONL lines (field ``d``), tagged with the writer's id (``w``) and
+the block's number in that writer's sequence (``b``). A flush is one round trip: a Lua script that
+checks the writer's lease and ``XADD``s every pending block atomically. A flush retried after a
+dropped connection may add blocks that were already there; readers drop a block whose number they
+have already seen from the same writer, so nothing is replayed twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import sys
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import anyio
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from yoink._exceptions import CheckpointLockedError, StorageClosedError, StorageError
+from yoink.storage._base import CheckpointStorage
+
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:
+    from typing_extensions import Self
+
+__all__ = ["RedisStreamStorage"]
+
+logger = logging.getLogger("yoink")
+
+_APPEND = """
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then
+  return redis.error_reply('YOINKLEASE ' .. holder)
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+local b = tonumber(ARGV[3])
+for i = 4, #ARGV do
+  redis.call('XADD', KEYS[1], '*', 'w', ARGV[1], 'b', b, 'd', ARGV[i])
+  b = b + 1
+end
+return #ARGV - 3
+"""
+_ACQUIRE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then
+  return {holder, redis.call('PTTL', KEYS[1])}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {ARGV[1], tonumber(ARGV[2])}
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class RedisStreamStorage(CheckpointStorage):
+    """A journal in a Redis Stream, written by one lease-holding writer at a time.
+
+    ``RedisStreamStorage("redis://localhost:6379/0", "crawl-42")``, or through the factory:
+    ``redis://[[user]:password@]host[:port][/db]?key=NAME``, ``rediss://`` for TLS, and
+    ``unix:///path/to/redis.sock?db=0&key=NAME``.
+
+    - :meth:`write` keeps blocks in memory (sending them early once ``max_pending`` bytes wait);
+      :meth:`flush` sends them in one round trip and returns when Redis has applied them. For more
+      durability, ``wait_replicas=N`` waits for N replicas (``WAIT``) and ``wait_aof=True`` for the
+      append-only file (``WAITAOF``, Redis 7.2+, refused at connection on an older server).
+    - One writer at a time: the first write takes a lease, the key ``<key>:lease`` (``SET NX PX``),
+      renewed every third of ``lease_ttl`` while the storage is open and released by
+      :meth:`close`. A second writer gets :class:`~yoink.CheckpointLockedError`; a crashed writer's
+      lease expires after ``lease_ttl`` seconds.
+    - :meth:`read` pages through the stream with ``XRANGE ... COUNT page_size``; memory is bounded
+      by a page of blocks of at most ``entry_bytes`` each.
+    - Redis Cluster: the stream and its lease must share a slot. yoink names the lease
+      ``{<key>}:lease`` for a key without a hash tag; give keys a hash tag (``{run-42}:journal``)
+      to place them yourself.
+    - Passwords never appear in a repr, a log line or an error.
+    - redis-py's asyncio client runs on asyncio (not trio).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        key: str,
+        *,
+        lease_ttl: float = 30.0,
+        wait_replicas: int = 0,
+        wait_aof: bool = False,
+        wait_timeout: float = 5.0,
+        page_size: int = 256,
+        entry_bytes: int = 64 << 10,
+        max_pending: int = 8 << 20,
+    ) -> None:
+        if not key:
+            raise ValueError(
+                "RedisStreamStorage needs a stream key, e.g. RedisStreamStorage(url, 'crawl-42')"
+            )
+        if lease_ttl <= 0 or wait_replicas < 0 or wait_timeout < 0 or page_size < 1 or entry_bytes < 1:
+            raise ValueError("lease_ttl, page_size and entry_bytes must be positive; the waits not negative")
+        self._url = url
+        self._where = _where(url)
+        self._key = key
+        self._lease_key = f"{key}:lease" if _has_hash_tag(key) else f"{{{key}}}:lease"
+        self._options = {
+            "lease_ttl": lease_ttl,
+            "wait_replicas": wait_replicas,
+            "wait_aof": wait_aof,
+            "wait_timeout": wait_timeout,
+            "page_size": page_size,
+            "entry_bytes": entry_bytes,
+            "max_pending": max_pending,
+        }
+        self._lease_ms = int(lease_ttl * 1000)
+        self._wait_replicas = wait_replicas
+        self._wait_aof = wait_aof
+        self._wait_ms = int(wait_timeout * 1000)
+        self._page_size = page_size
+        self._entry_bytes = entry_bytes
+        self._max_pending = max_pending
+        self._writer = secrets.token_hex(8)
+        self._next_block = 0
+        self._pending: list[tuple[int, bytes]] = []  # (block number, whole lines) not yet in Redis
+        self._pending_bytes = 0
+        self._client: redis.Redis | None = None
+        self._leased = False
+        self._lease_lost: str | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        self._lock = anyio.Lock()
+        self._connect_lock = anyio.Lock()
+        self._closed = False
+
+    @classmethod
+    def from_uri(cls, uri: str, **options: Any) -> Self:
+        """Build a storage from a Redis URI whose query names the stream key.
+
+        >>> RedisStreamStorage.from_uri("redis://localhost:6379/0?key=crawl-42")
+        >>> RedisStreamStorage.from_uri("rediss://:secret@cache.example.com:6380/2?key=crawl-42")
+        >>> RedisStreamStorage.from_uri("unix:///run/redis.sock?db=0&key=crawl-42")
+        """
+        parts = urlsplit(uri)
+        if parts.scheme.lower() not in ("redis", "rediss", "unix"):
+            raise ValueError(f"a Redis URI starts with redis://, rediss:// or unix://; got {_redact(uri)!r}")
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        keys = [value for name, value in query if name == "key"]
+        if len(keys) != 1 or not keys[0]:
+            others = [(name, value) for name, value in query if name != "key"]
+            example = uri.partition("?")[0] + "?" + urlencode([*others, ("key", "crawl-42")])
+            raise ValueError(
+                f"a Redis URI names the stream in its query, once, as in {_redact(example)!r}; "
+                f"got {_redact(uri)!r}"
+            )
+        rest = urlencode([(name, value) for name, value in query if name != "key"])
+        return cls(urlunsplit(parts._replace(query=rest)), keys[0], **options)
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({_redact(self._url)!r}, key={self._key!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self._url, "key": self._key, "options": self._options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["url"], state["key"], **state["options"])  # type: ignore[misc]
+
+    # -- the contract ------------------------------------------------------------------------
+
+    async def write(self, data: str) -> None:
+        self._check_open()
+        if not data:
+            return
+        async with self._lock:
+            self._check_open()
+            if not self._leased:
+                await self._acquire()
+            for block in _blocks(data.encode("utf-8"), self._entry_bytes):
+                self._pending.append((self._next_block, block))
+                self._next_block += 1
+                self._pending_bytes += len(block)
+            if self._pending_bytes >= self._max_pending:
+                await self._send(wait=False)
+
+    async def flush(self) -> None:
+        self._check_open()
+        async with self._lock:
+            if self._pending:
+                await self._send(wait=True)
+
+    async def read(self) -> AsyncIterator[str]:
+        async with self._lock:
+            pending = list(self._pending)
+        client = await self._connection()
+        last: dict[bytes, int] = {}  # writer -> the last block number seen from it
+        start = "-"
+        while True:
+            with self._translated("XRANGE"):
+                page: list[tuple[bytes, dict[bytes, bytes]]] = await client.xrange(  # type: ignore[assignment]
+                    self._key, min=start, max="+", count=self._page_size
+                )
+            for entry_id, fields in page:
+                data = fields.get(b"d")
+                writer, tag = fields.get(b"w"), fields.get(b"b")
+                if data is None:
+                    logger.warning("%r: entry %s has no 'd' field; skipped", self, entry_id.decode())
+                    continue
+                if writer is not None and tag is not None:
+                    if int(tag) <= last.get(writer, -1):
+                        continue  # a block repeated by a retried flush
+                    last[writer] = int(tag)
+                yield data.decode("utf-8", "surrogateescape")
+            if len(page) < self._page_size:
+                break
+            start = "(" + page[-1][0].decode()
+        mine = last.get(self._writer.encode(), -1)
+        for number, block in pending:
+            if number > mine:
+                yield block.decode("utf-8", "surrogateescape")
+
+    async def exists(self) -> bool:
+        if self._pending:
+            return True
+        client = await self._connection()
+        with self._translated("EXISTS"):
+            return bool(await client.exists(self._key))
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            async with self._lock:
+                if self._pending:
+                    await self._send(wait=True)
+        finally:
+            if self._renewer is not None:
+                self._renewer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._renewer
+            client, self._client = self._client, None
+            if client is not None:
+                with anyio.CancelScope(shield=True):
+                    if self._leased and self._lease_lost is None:
+                        with contextlib.suppress(RedisError):
+                            await client.eval(_RELEASE, 1, self._lease_key, self._writer)
+                    await client.aclose()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageClosedError(f"{self!r} is closed")
+
+    # -- the lease -----------------------------------------------------------------------------
+
+    async def _acquire(self) -> None:
+        client = await self._connection()
+        with self._translated("SET"):
+            holder, ttl = await client.eval(_ACQUIRE, 1, self._lease_key, self._writer, self._lease_ms)
+        if holder.decode() != self._writer:
+            raise self._locked(ttl)
+        self._leased = True
+        self._renewer = asyncio.get_running_loop().create_task(self._renew_lease())
+
+    async def _renew_lease(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_ms / 3000)
+            client = self._client
+            if client is None:
+                return
+            try:
+                renewed = await client.eval(_RENEW, 1, self._lease_key, self._writer, self._lease_ms)
+            except RedisError as exc:
+                logger.warning(
+                    "%r: could not renew the writer's lease (%s); retrying", self, type(exc).__name__
+                )
+                continue
+            if not renewed:
+                self._lease_lost = "it expired while this writer could not reach Redis"
+                logger.error("%r: lost the writer's lease: %s", self, self._lease_lost)
+                return
+
+    def _locked(self, ttl_ms: int) -> CheckpointLockedError:
+        expires = f"expires in {ttl_ms / 1000:.1f} s" if ttl_ms > 0 else "has no expiry set"
+        return CheckpointLockedError(
+            f"{self!r} is held by another writer: its lease {self._lease_key!r} {expires} if that "
+            "writer has crashed (a live writer renews it); yoink allows one writer at a time, and "
+            "nothing was written"
+        )
+
+    # -- sending -------------------------------------------------------------------------------
+
+    async def _send(self, *, wait: bool) -> None:
+        """Send every pending block in one round trip; on failure they stay pending, numbered alike."""
+        client = await self._connection()
+        blocks = self._pending
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.eval(
+                _APPEND,
+                2,
+                self._key,
+                self._lease_key,
+                self._writer,
+                self._lease_ms,
+                blocks[0][0],
+                *(block for _, block in blocks),
+            )
+            if wait and self._wait_replicas:
+                pipe.execute_command("WAIT", self._wait_replicas, self._wait_ms)
+            if wait and self._wait_aof:
+                pipe.execute_command("WAITAOF", 1, self._wait_replicas, self._wait_ms)
+            try:
+                with self._translated("XADD"):
+                    results = await pipe.execute()
+            except _LeaseTaken as exc:
+                if self._renewer is not None:
+                    self._renewer.cancel()
+                self._lease_lost = f"writer {exc.holder} holds it now"
+                raise CheckpointLockedError(
+                    f"{self!r}: another writer ({exc.holder}) took the lease after this one's expired; "
+                    f"nothing of this flush was written, and its {self._pending_bytes} bytes are kept"
+                ) from None
+        self._pending = []
+        self._pending_bytes = 0
+        if self._lease_lost is not None:  # the script took the lease again: keep renewing it
+            self._lease_lost = None
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_lease())
+        if wait and self._wait_replicas:
+            acked = results[1]
+            if acked < self._wait_replicas:
+                raise StorageError(
+                    f"{self!r}: only {acked} of {self._wait_replicas} replicas acknowledged the flush "
+                    f"within {self._wait_ms / 1000:g} s; it is on the primary"
+                )
+        if wait and self._wait_aof:
+            local, replicas = results[-1]
+            if local < 1 or replicas < self._wait_replicas:
+                raise StorageError(
+                    f"{self!r}: the append-only file did not confirm the flush within "
+                    f"{self._wait_ms / 1000:g} s (local {local}, replicas {replicas}); it is in memory"
+                )
+
+    # -- the connection and its errors ----------------------------------------------------------
+
+    async def _connection(self) -> redis.Redis:
+        if self._client is not None:
+            return self._client
+        async with self._connect_lock:
+            if self._client is None:
+                client = redis.from_url(
+                    self._url,
+                    retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+                    retry_on_error=[RedisConnectionError, RedisTimeoutError],
+                    socket_connect_timeout=5,
+                )
+                try:
+                    with self._translated("PING"):
+                        await client.ping()
+                        if self._wait_aof:
+                            await self._check_waitaof(client)
+                except BaseException:
+                    await client.aclose()
+                    raise
+                self._client = client
+        return self._client
+
+    async def _check_waitaof(self, client: redis.Redis) -> None:
+        version = (await client.info("server"))["redis_version"]
+        if tuple(int(part) for part in str(version).split(".")[:2]) < (7, 2):
+            raise StorageError(
+                f"wait_aof=True needs WAITAOF, from Redis 7.2; the server at {self._where} is {version}"
+            )
+
+    @contextlib.contextmanager
+    def _translated(self, command: str) -> Iterator[None]:
+        try:
+            yield
+        except AuthenticationError as exc:
+            raise StorageError(f"Redis at {self._where} refused the credentials (AUTH)") from exc
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StorageError(
+                f"cannot reach Redis at {self._where} ({type(exc).__name__}); what was not flushed is kept"
+            ) from exc
+        except ResponseError as exc:
+            message = str(exc)
+            if message.startswith("YOINKLEASE "):
+                raise _LeaseTaken(message.split(" ", 1)[1]) from None
+            raise StorageError(f"Redis at {self._where} refused {command}: {message}") from exc
+        except RedisError as exc:
+            raise StorageError(f"Redis {command} at {self._where} failed: {type(exc).__name__}") from exc
+
+
+class _LeaseTaken(Exception):
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+def _blocks(data: bytes, size: int) -> Iterator[bytes]:
+    """Cut ``data`` (whole lines) into blocks of whole lines of about ``size`` bytes."""
+    start = 0
+    while len(data) - start > size:
+        cut = data.find(b"\n", start + size - 1) + 1  # a line longer than size is a block of its own
+        if cut == 0:
+            break
+        yield data[start:cut]
+        start = cut
+    if start < len(data):
+        yield data[start:]
+
+
+def _has_hash_tag(key: str) -> bool:
+    opening = key.find("{")
+    return opening >= 0 and key.find("}", opening + 2) > 0
+
+
+def _where(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme.lower() == "unix":
+        return parts.path
+    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
