@@ -106,7 +106,7 @@ class RedisStreamStorage(CheckpointStorage):
         wait_replicas: int = 0,
         wait_aof: bool = False,
         wait_timeout: float = 5.0,
-        page_size: int = 256,
+        page_size: int = 64,
         entry_bytes: int = 64 << 10,
         max_pending: int = 8 << 20,
     ) -> None:
