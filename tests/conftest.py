@@ -11,6 +11,8 @@ from tests.redis_server import RedisServer, redis_server_binary
 from tests.s3 import MotoServer, Proxy
 from yoink.storage import CheckpointStorage, LocalFileStorage, MemoryStorage, RedisStreamStorage, S3Storage
 
+pytest_plugins = ["pytester"]
+
 OpenStorage = Callable[[], CheckpointStorage]
 
 

@@ -1,121 +1,83 @@
-"""The promises of CheckpointStorage's docstrings, held by every built-in backend."""
+"""yoink.testing.StorageContract, run against every built-in backend."""
 
 from __future__ import annotations
 
-import anyio
+import uuid
+from pathlib import Path
+
 import pytest
 
-from tests.conftest import OpenStorage, read_text
-from yoink import CheckpointLockedError, StorageClosedError
+from tests.s3 import MotoServer
+from yoink.storage import LocalFileStorage, MemoryStorage, RedisStreamStorage, S3Storage
+from yoink.testing import StorageContract
 
 
-async def test_reads_back_what_was_written_in_order(open_storage: OpenStorage) -> None:
-    async with open_storage() as storage:
-        for i in range(100):
-            await storage.write(f'{{"i":{i}}}\n')
-        await storage.flush()
-        assert await read_text(storage) == "".join(f'{{"i":{i}}}\n' for i in range(100))
+class TestLocalFileStorage(StorageContract):
+    @pytest.fixture
+    def storage(self, tmp_path: Path) -> LocalFileStorage:
+        return LocalFileStorage(tmp_path / "journal.jsonl")
 
 
-async def test_read_sees_writes_that_were_not_flushed(open_storage: OpenStorage) -> None:
-    async with open_storage() as storage:
-        await storage.write('{"a":1}\n')
-        assert await read_text(storage) == '{"a":1}\n'
+class TestMemoryStorage(StorageContract):
+    @pytest.fixture
+    def storage(self) -> MemoryStorage:
+        return MemoryStorage(f"contract-{uuid.uuid4()}")
 
 
-async def test_a_new_storage_reads_what_a_closed_one_flushed(open_storage: OpenStorage) -> None:
-    async with open_storage() as storage:
-        await storage.write('{"a":1}\n{"b":2}\n')
-        await storage.flush()
-    async with open_storage() as storage:
-        assert await read_text(storage) == '{"a":1}\n{"b":2}\n'
-        await storage.write('{"c":3}\n')
-    async with open_storage() as storage:
-        assert await read_text(storage) == '{"a":1}\n{"b":2}\n{"c":3}\n'
+class TestS3StorageObject(StorageContract):
+    @pytest.fixture
+    def storage(self, bucket: str, moto: MotoServer, tmp_path: Path) -> S3Storage:
+        return S3Storage(f"s3://{bucket}/journal.jsonl", stage_dir=tmp_path / "stage", endpoint_url=moto.url)
 
 
-async def test_items_are_whole_lines(open_storage: OpenStorage) -> None:
-    line = '{"pad":"' + "x" * 1000 + '"}\n'
-    async with open_storage() as storage:
-        for _ in range(3000):  # several read chunks' worth
-            await storage.write(line)
-        items = [item async for item in storage.read()]
-    lines = [text for item in items for text in item.removesuffix("\n").split("\n")]
-    assert lines == [line.removesuffix("\n")] * 3000
+class TestS3StorageSegments(StorageContract):
+    @pytest.fixture
+    def storage(self, bucket: str, moto: MotoServer, tmp_path: Path) -> S3Storage:
+        uri = f"s3://{bucket}/journal?layout=segments"
+        return S3Storage(uri, stage_dir=tmp_path / "stage", endpoint_url=moto.url, merge_after=4)
 
 
-async def test_unicode_round_trips(open_storage: OpenStorage) -> None:
-    text = '{"t":"naïve café ✓ 日本語 🚀"}\n'
-    async with open_storage() as storage:
-        await storage.write(text)
-        await storage.flush()
-    async with open_storage() as storage:
-        assert await read_text(storage) == text
+class TestRedisStreamStorage(StorageContract):
+    @pytest.fixture
+    def storage(self, redis_url: str) -> RedisStreamStorage:
+        return RedisStreamStorage(redis_url, f"contract-{uuid.uuid4()}", lease_ttl=5)
 
 
-async def test_a_large_write_round_trips(open_storage: OpenStorage) -> None:
-    text = "".join(f'{{"i":{i},"pad":"{"y" * 100}"}}\n' for i in range(100_000))
-    async with open_storage() as storage:
-        await storage.write(text)
-        await storage.flush()
-        assert await read_text(storage) == text
+BROKEN_BACKEND = '''
+import pytest
+from yoink.storage import MemoryStorage
+from yoink.testing import StorageContract
 
 
-async def test_empty_writes_and_empty_flushes_change_nothing(open_storage: OpenStorage) -> None:
-    async with open_storage() as storage:
-        await storage.write("")
-        await storage.flush()
-        assert await read_text(storage) == ""
+class ForgetfulStorage(MemoryStorage):
+    """Reads back only the first write: it breaks ordering and read-your-writes."""
+
+    async def read(self):
+        async for item in super().read():
+            yield item
+            return
 
 
-async def test_exists_only_after_the_first_write(open_storage: OpenStorage) -> None:
-    async with open_storage() as storage:
-        assert not await storage.exists()
-        assert [item async for item in storage.read()] == []
-        await storage.write('{"a":1}\n')
-        await storage.flush()
-        assert await storage.exists()
+class TestForgetfulStorage(StorageContract):
+    refuses_a_second_writer = False
+
+    @pytest.fixture
+    def storage(self, request):
+        return ForgetfulStorage(request.node.name)
+'''
 
 
-async def test_write_and_flush_after_close_raise_and_close_twice_is_safe(open_storage: OpenStorage) -> None:
-    storage = open_storage()
-    await storage.write('{"a":1}\n')
-    await storage.close()
-    await storage.close()
-    with pytest.raises(StorageClosedError, match="closed"):
-        await storage.write('{"b":2}\n')
-    with pytest.raises(StorageClosedError):
-        await storage.flush()
-    async with open_storage() as reopened:
-        assert await read_text(reopened) == '{"a":1}\n'
-
-
-async def test_concurrent_writes_never_interleave(open_storage: OpenStorage) -> None:
-    async def writer(storage_: object, n: int) -> None:
-        for j in range(20):
-            await storage_.write("".join(f'{{"w":{n},"j":{j},"k":{k}}}\n' for k in range(50)))  # type: ignore[attr-defined]
-
-    async with open_storage() as storage:
-        async with anyio.create_task_group() as tg:
-            for n in range(50):
-                tg.start_soon(writer, storage, n)
-        lines = (await read_text(storage)).splitlines()
-    assert len(lines) == 50 * 20 * 50
-    # Each write's 50 lines stay together and in order.
-    for start in range(0, len(lines), 50):
-        block = lines[start : start + 50]
-        assert block == [block[0].replace('"k":0}', f'"k":{k}}}') for k in range(50)]
-
-
-async def test_a_second_writer_is_refused_and_loses_nothing(open_storage: OpenStorage) -> None:
-    async with open_storage() as first:
-        await first.write('{"first":1}\n')
-        second = open_storage()
-        with pytest.raises(CheckpointLockedError, match="one writer at a time"):
-            await second.write('{"second":1}\n')
-        await second.close()
-        await first.write('{"first":2}\n')
-        await first.flush()
-    async with open_storage() as third:  # the lock went with close()
-        await third.write('{"third":1}\n')
-        assert await read_text(third) == '{"first":1}\n{"first":2}\n{"third":1}\n'
+def test_a_backend_that_breaks_a_promise_is_told_which(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_forgetful=BROKEN_BACKEND)
+    result = pytester.runpytest(
+        "-p",
+        "asyncio",
+        "-o",
+        "asyncio_mode=strict",
+        "-o",
+        "asyncio_default_fixture_loop_scope=function",
+        "-q",
+    )
+    result.assert_outcomes(passed=9, failed=5, skipped=1)
+    result.stdout.fnmatch_lines(["*promise broken: read() yields every write, in order*"])
+    result.stdout.fnmatch_lines(["*promise broken: a reopened journal is appended to*"])

@@ -87,6 +87,12 @@ class LocalFileStorage(CheckpointStorage):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._path!r})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self._path, "fsync": self._fsync}  # never the open file or its lock
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], fsync=state["fsync"])  # type: ignore[misc]
+
     async def write(self, data: str) -> None:
         self._check_open()
         if not data:

@@ -60,6 +60,12 @@ class MemoryStorage(CheckpointStorage):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._name!r})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {"name": self._name}  # the journal stays in this process: a copy elsewhere is empty
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["name"])  # type: ignore[misc]
+
     async def write(self, data: str) -> None:
         self._check_open()
         if not data:

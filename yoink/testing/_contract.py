@@ -1,0 +1,228 @@
+"""StorageContract: every promise of CheckpointStorage, as tests a backend's suite inherits."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+
+import anyio
+import pytest
+
+from yoink._exceptions import CheckpointLockedError, CorruptCheckpointError, StorageClosedError
+from yoink._manager import CheckpointManager
+from yoink.storage._base import CheckpointStorage
+
+__all__ = ["StorageContract"]
+
+Reopen = Callable[[], CheckpointStorage]
+
+
+async def _text(storage: CheckpointStorage) -> str:
+    """The journal's text, with each item's missing final newline restored."""
+    items = [item async for item in storage.read()]
+    for item in items:
+        assert isinstance(item, str), f"promise broken: read() yields str, not {type(item).__name__}"
+    return "".join(item if item.endswith("\n") else item + "\n" for item in items)
+
+
+def _lines(first: int, count: int, pad: str = "") -> str:
+    return "".join(f'{{"n":{n}{pad}}}\n' for n in range(first, first + count))
+
+
+@pytest.mark.asyncio
+class StorageContract:
+    """The promises of :class:`~yoink.storage.CheckpointStorage`, for a backend's test suite.
+
+    Subclass it in a test module and give it a ``storage`` fixture that returns a new storage on
+    an empty journal::
+
+        from yoink.testing import StorageContract
+
+        class TestSQLiteStorage(StorageContract):
+            @pytest.fixture
+            async def storage(self, tmp_path):
+                return SQLiteStorage(tmp_path / "journal.db")
+
+    Some promises need a second storage on the same journal, as a restarted process would open
+    it. The ``reopen`` fixture makes one by pickling ``storage`` (yoink's backends pickle as their
+    URI and options); override it if yours does not::
+
+            @pytest.fixture
+            def reopen(self, tmp_path):
+                return lambda: SQLiteStorage(tmp_path / "journal.db")
+
+    A backend that does not refuse a second writer sets ``refuses_a_second_writer = False``.
+    Every failure names the promise that was broken. The tests are async (pytest-asyncio): with
+    ``asyncio_mode = "strict"``, declare the fixture with ``@pytest_asyncio.fixture``.
+    """
+
+    refuses_a_second_writer = True
+
+    @pytest.fixture
+    def reopen(self, storage: CheckpointStorage) -> Reopen:
+        return lambda: pickle.loads(pickle.dumps(storage))
+
+    async def test_read_yields_what_was_written_in_order(self, storage: CheckpointStorage) -> None:
+        async with storage:
+            for n in range(100):
+                await storage.write(_lines(n, 1))
+            await storage.flush()
+            assert await _text(storage) == _lines(0, 100), (
+                "promise broken: read() yields every write, in order"
+            )
+
+    async def test_read_sees_writes_that_were_not_flushed(self, storage: CheckpointStorage) -> None:
+        async with storage:
+            await storage.write(_lines(0, 2))
+            assert await _text(storage) == _lines(0, 2), "promise broken: read your writes, flushed or not"
+
+    async def test_a_new_storage_reads_what_was_flushed(
+        self, storage: CheckpointStorage, reopen: Reopen
+    ) -> None:
+        async with storage:
+            await storage.write(_lines(0, 2))
+            await storage.flush()
+            async with reopen() as reader:
+                assert await _text(reader) == _lines(0, 2), (
+                    "promise broken: after flush(), any reader sees it"
+                )
+
+    async def test_the_journal_outlives_close_and_takes_more_writes(
+        self, storage: CheckpointStorage, reopen: Reopen
+    ) -> None:
+        async with storage:
+            await storage.write(_lines(0, 2))
+        async with reopen() as again:
+            assert await _text(again) == _lines(0, 2), "promise broken: close() flushes"
+            await again.write(_lines(2, 1))
+        async with reopen() as third:
+            assert await _text(third) == _lines(0, 3), "promise broken: a reopened journal is appended to"
+
+    async def test_items_are_whole_lines(self, storage: CheckpointStorage) -> None:
+        pad = ',"pad":"' + "x" * 1000 + '"'
+        async with storage:
+            for first in range(0, 3000, 100):  # megabytes: several read chunks or pages
+                await storage.write(_lines(first, 100, pad))
+            await storage.flush()
+            items = [item async for item in storage.read()]
+        lines = [line for item in items for line in item.removesuffix("\n").split("\n")]
+        assert lines == _lines(0, 3000, pad).splitlines(), (
+            "promise broken: each item read() yields is one or more whole lines"
+        )
+
+    async def test_unicode_and_escapes_round_trip(self, storage: CheckpointStorage, reopen: Reopen) -> None:
+        text = '{"t":"naïve café ✓ 日本語 🚀","e":"\\u0000\\n\\"tab\\t"}\n'
+        async with storage:
+            await storage.write(text)
+        async with reopen() as reader:
+            assert await _text(reader) == text, "promise broken: text round-trips as UTF-8"
+
+    async def test_a_large_write_round_trips(self, storage: CheckpointStorage) -> None:
+        text = _lines(0, 100_000, ',"pad":"' + "y" * 100 + '"')  # about 11 MB in one write
+        async with storage:
+            await storage.write(text)
+            await storage.flush()
+            assert await _text(storage) == text, "promise broken: a large write is stored whole"
+
+    async def test_a_write_of_several_lines_stays_together(self, storage: CheckpointStorage) -> None:
+        async with storage:
+            await storage.write(_lines(0, 3))
+            await storage.write(_lines(3, 1) + _lines(4, 2))
+            assert await _text(storage) == _lines(0, 6), (
+                "promise broken: a write of several lines is kept whole"
+            )
+
+    async def test_empty_writes_and_flushes_change_nothing(self, storage: CheckpointStorage) -> None:
+        async with storage:
+            await storage.write("")
+            await storage.flush()
+            await storage.flush()
+            assert await _text(storage) == "", "promise broken: an empty write or flush stores nothing"
+
+    async def test_exists_is_false_before_the_first_write_and_true_after(
+        self, storage: CheckpointStorage
+    ) -> None:
+        async with storage:
+            assert not await storage.exists(), "promise broken: a new journal does not exist"
+            assert [item async for item in storage.read()] == [], (
+                "promise broken: a missing journal reads empty"
+            )
+            await storage.write(_lines(0, 1))
+            await storage.flush()
+            assert await storage.exists(), "promise broken: a written journal exists"
+
+    async def test_write_and_flush_after_close_raise_and_close_twice_is_safe(
+        self, storage: CheckpointStorage
+    ) -> None:
+        await storage.write(_lines(0, 1))
+        await storage.close()
+        await storage.close()
+        with pytest.raises(StorageClosedError):
+            await storage.write(_lines(1, 1))
+        with pytest.raises(StorageClosedError):
+            await storage.flush()
+
+    async def test_concurrent_writes_never_interleave(self, storage: CheckpointStorage) -> None:
+        async def writer(n: int) -> None:
+            for j in range(20):
+                await storage.write("".join(f'{{"w":{n},"j":{j},"k":{k}}}\n' for k in range(50)))
+
+        async with storage:
+            async with anyio.create_task_group() as tg:
+                for n in range(50):
+                    tg.start_soon(writer, n)
+            lines = (await _text(storage)).splitlines()
+        assert len(lines) == 50 * 20 * 50, "promise broken: concurrent writes are all kept"
+        for start in range(0, len(lines), 50):
+            block = lines[start : start + 50]
+            expected = [block[0].replace('"k":0}', f'"k":{k}}}') for k in range(50)]
+            assert block == expected, "promise broken: concurrent writes never interleave"
+
+    async def test_a_second_writer_is_refused_and_loses_nothing(
+        self, storage: CheckpointStorage, reopen: Reopen
+    ) -> None:
+        if not self.refuses_a_second_writer:
+            pytest.skip("this backend does not refuse a second writer (refuses_a_second_writer = False)")
+        async with storage:
+            await storage.write(_lines(0, 1))
+            second = reopen()
+            with pytest.raises(CheckpointLockedError):
+                await second.write(_lines(100, 1))
+            await second.close()
+            await storage.write(_lines(1, 1))
+        async with reopen() as third:  # the first writer's close() let go
+            await third.write(_lines(2, 1))
+            assert await _text(third) == _lines(0, 3), (
+                "promise broken: one writer at a time, and a refused one writes nothing"
+            )
+
+    async def test_the_manager_skips_a_torn_last_line(
+        self, storage: CheckpointStorage, reopen: Reopen
+    ) -> None:
+        async with storage:
+            await storage.write(_lines(0, 2) + '{"n":2,"torn')
+        async with CheckpointManager(reopen()) as manager:
+            records = [record async for record in manager.replay()]
+        assert records == [{"n": 0}, {"n": 1}], "promise broken: a torn last line is not a record"
+
+    async def test_the_manager_finds_corruption_before_the_end(
+        self, storage: CheckpointStorage, reopen: Reopen
+    ) -> None:
+        async with storage:
+            await storage.write(_lines(0, 1) + "not json\n" + _lines(2, 1))
+        seen: list[dict[str, object]] = []
+        async with CheckpointManager(reopen()) as manager:
+
+            async def replay_until_corruption() -> None:
+                async for record in manager.replay():
+                    seen.append(record)
+
+            with pytest.raises(CorruptCheckpointError) as caught:
+                await replay_until_corruption()
+        assert seen == [{"n": 0}], "promise broken: records before a corrupt line are replayed first"
+        assert (caught.value.line, caught.value.offset) == (2, 8), (
+            "promise broken: corruption is found by line"
+        )
+        async with CheckpointManager(reopen(), on_corrupt="skip") as manager:
+            records = [record async for record in manager.replay()]
+        assert records == [{"n": 0}, {"n": 2}], "promise broken: on_corrupt='skip' keeps every intact record"
