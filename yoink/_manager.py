@@ -101,6 +101,24 @@ class CheckpointManager:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._storage!r})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle as the storage (its URI and options) and the options, for another process."""
+        if self._buffer or self._handed > max(self._durable, 0):
+            raise TypeError(
+                f"{self!r} has records that are not flushed; await flush() before pickling it "
+                "(a pickled manager carries no records, so they would be lost to the copy)"
+            )
+        options = {
+            "batch_bytes": self._batch_bytes,
+            "flush_interval": self._flush_interval,
+            "on_corrupt": self._on_corrupt,
+            "default": self._default,
+        }
+        return {"storage": self._storage, "options": options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["storage"], **state["options"])  # type: ignore[misc]
+
     async def append(self, record: Any) -> None:
         """Append one record; raise ``TypeError``, appending nothing, if it is not a JSON object.
 
