@@ -13,11 +13,13 @@ from yoink.storage._local import LocalFileStorage
 from yoink.storage._memory import MemoryStorage
 
 if TYPE_CHECKING:
+    from yoink.storage._fsspec import FsspecStorage
     from yoink.storage._redis import RedisStreamStorage
     from yoink.storage._s3 import S3Storage
 
 __all__ = [
     "CheckpointStorage",
+    "FsspecStorage",
     "LocalFileStorage",
     "MemoryStorage",
     "RedisStreamStorage",
@@ -32,4 +34,6 @@ def __getattr__(name: str) -> Any:
         return StorageFactory.resolve("s3")
     if name == "RedisStreamStorage":
         return StorageFactory.resolve("redis")
+    if name == "FsspecStorage":
+        return StorageFactory.resolve("fsspec+")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -40,7 +40,13 @@ class _Entry:
 _S3 = _Entry("yoink.storage._s3:S3Storage", "the 's3' extra: pip install 'yoink[s3]'")
 _REDIS = _Entry("yoink.storage._redis:RedisStreamStorage", "the 'redis' extra: pip install 'yoink[redis]'")
 
+_FSSPEC = _Entry("yoink.storage._fsspec:FsspecStorage", "the 'fsspec' extra: pip install 'yoink[fsspec]'")
+FSSPEC_PREFIX = "fsspec+"  # fsspec+<protocol>://... reaches any fsspec protocol
+_FSSPEC_SCHEMES = ("abfs", "abfss", "adl", "az", "ftp", "gcs", "gs", "hdfs", "sftp", "webhdfs")
+
 _BUILTIN: dict[str, _Entry] = {
+    **dict.fromkeys(_FSSPEC_SCHEMES, _FSSPEC),
+    FSSPEC_PREFIX: _FSSPEC,
     "file": _Entry("yoink.storage._local:LocalFileStorage"),
     "memory": _Entry("yoink.storage._memory:MemoryStorage"),
     "redis": _REDIS,
@@ -67,6 +73,7 @@ class StorageFactory:
     >>> StorageFactory.from_uri("memory://test-run")          # MemoryStorage
     >>> StorageFactory.from_uri("s3://bucket/key.jsonl")      # S3Storage, with yoink[s3]
     >>> StorageFactory.from_uri("redis://localhost/0?key=k")  # RedisStreamStorage, with yoink[redis]
+    >>> StorageFactory.from_uri("gs://bucket/key.jsonl")      # FsspecStorage, with yoink[fsspec]
 
     The registry is shared by the process and changed only through :meth:`register` and
     :meth:`unregister`.
@@ -98,6 +105,8 @@ class StorageFactory:
         """Return the backend class registered for ``scheme``, importing it if needed."""
         cls._load_plugins()
         scheme = scheme.lower()
+        if scheme.startswith(FSSPEC_PREFIX) and scheme not in cls._registry:
+            scheme = FSSPEC_PREFIX
         entry = cls._registry.get(scheme)
         if entry is None:
             known = ", ".join(f"{name}://" for name in cls.schemes())

@@ -241,6 +241,22 @@ class Stage:
     def snapshot_writer(self) -> str | None:
         return self.writer or _read_writer(os.path.join(self.directory, "stage.json"))
 
+    def write_intent(self, intent: dict[str, int]) -> None:
+        """Record, before an upload, what the upload will do: a later storage checks it."""
+        _write_atomically(os.path.join(self.directory, "upload.json"), json.dumps(intent))
+
+    def read_intent(self) -> dict[str, int] | None:
+        try:
+            with open(os.path.join(self.directory, "upload.json"), encoding="utf-8") as file:
+                intent = json.load(file)
+        except (OSError, ValueError):
+            return None
+        return intent if isinstance(intent, dict) else None
+
+    def clear_intent(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.directory, "upload.json"))
+
     def _active_batch(self) -> Batch:
         return Batch(self._active_seq, self._batch_path(self._active_seq), self._active_size)
 
