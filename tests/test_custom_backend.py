@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from yoink.storage import StorageFactory
 from yoink.testing import StorageContract
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -21,6 +22,7 @@ assert spec.loader is not None
 custom_backend = importlib.util.module_from_spec(spec)
 sys.modules["custom_backend"] = custom_backend  # so that its storages pickle
 spec.loader.exec_module(custom_backend)
+StorageFactory.unregister("sqlite")  # the example registers it for itself; other tests see the defaults
 
 
 class TestSQLiteStorage(StorageContract):

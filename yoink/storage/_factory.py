@@ -109,7 +109,9 @@ class StorageFactory:
             scheme = FSSPEC_PREFIX
         entry = cls._registry.get(scheme)
         if entry is None:
-            known = ", ".join(f"{name}://" for name in cls.schemes())
+            known = ", ".join(
+                f"{name}<protocol>://" if name == FSSPEC_PREFIX else f"{name}://" for name in cls.schemes()
+            )
             raise UnknownSchemeError(
                 f"no storage backend for {scheme}:// URIs; known schemes: {known} "
                 "(a plain path is a local file; add one with StorageFactory.register)"
