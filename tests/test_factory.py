@@ -163,7 +163,7 @@ def test_s3_uris_reach_s3storage_with_their_options(tmp_path: Path) -> None:
 def test_import_yoink_imports_no_optional_dependency() -> None:
     code = (
         "import sys, yoink, yoink.storage\n"
-        "print(sorted(m for m in ('aioboto3', 'botocore', 'redis') if m in sys.modules))"
+        "print(sorted(m for m in ('aioboto3', 'botocore', 'fsspec', 'redis') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
