@@ -39,7 +39,7 @@ async def main(mode: str, uri: str, stage_dir: str, endpoint: str, count: int) -
         Stage.discard = die  # type: ignore[assignment,method-assign]
         await storage.flush()
     elif mode in ("die-after-merge-upload", "die-in-merge-upload"):
-        upload = S3Storage._upload
+        upload = S3Storage._put
 
         async def upload_then_maybe_die(self: S3Storage, key: str, *args: object, **kwargs: object) -> str:
             merging = "-" in key.rsplit("/", 1)[-1]
@@ -51,7 +51,7 @@ async def main(mode: str, uri: str, stage_dir: str, endpoint: str, count: int) -
                 die()
             return etag
 
-        S3Storage._upload = upload_then_maybe_die  # type: ignore[assignment,method-assign]
+        S3Storage._put = upload_then_maybe_die  # type: ignore[assignment,method-assign]
         for n in range(count):
             await storage.write(f'{{"n":{n}}}\n')
             await storage.flush()

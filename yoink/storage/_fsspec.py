@@ -16,10 +16,10 @@ import anyio
 import anyio.to_thread
 import fsspec
 
-from yoink._exceptions import ConcurrentWriterError, MissingDependencyError, StorageClosedError, StorageError
+from yoink._exceptions import ConcurrentWriterError, MissingDependencyError, StorageError
 from yoink._records import whole_lines
-from yoink.storage._base import CheckpointStorage
-from yoink.storage._stage import Batch, Stage, default_stage_root, read_batches
+from yoink.storage._stage import Batch
+from yoink.storage._staged import StagedStorage
 
 __all__ = ["FsspecStorage"]
 
@@ -30,7 +30,7 @@ PREFIX = "fsspec+"  # fsspec+memory://..., for protocols whose plain scheme yoin
 T = TypeVar("T")
 
 
-class FsspecStorage(CheckpointStorage):
+class FsspecStorage(StagedStorage):
     """A journal in one file of an fsspec filesystem, staged locally between flushes.
 
     ``FsspecStorage("gs://bucket/crawl.jsonl")``; through the factory for ``gs://``, ``gcs://``,
@@ -72,103 +72,32 @@ class FsspecStorage(CheckpointStorage):
         storage_options: dict[str, Any] | None = None,
         append: bool | None = None,
     ) -> None:
-        self._uri = uri.removeprefix(PREFIX)
-        self._storage_options = dict(storage_options or {})
+        uri = uri.removeprefix(PREFIX)
         try:
-            self._fs, self._path = fsspec.core.url_to_fs(self._uri, **self._storage_options)
+            self._fs, self._path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         except ImportError as exc:  # the protocol's own package: gcsfs, adlfs, ...
-            raise MissingDependencyError(f"{self._uri} needs fsspec's driver for it: {exc}") from exc
+            raise MissingDependencyError(f"{uri} needs fsspec's driver for it: {exc}") from exc
         except ValueError as exc:
-            raise StorageError(f"fsspec cannot open {self._uri}: {exc}") from exc
-        self._options: dict[str, Any] = {
-            "stage_dir": stage_dir,
-            "storage_options": storage_options,
-            "append": append,
-        }
+            raise StorageError(f"fsspec cannot open {uri}: {exc}") from exc
         self._append = append  # None: try appending, and fall back to rewriting the file
         protocol = self._fs.protocol if isinstance(self._fs.protocol, str) else self._fs.protocol[0]
-        root = stage_dir if stage_dir is not None else default_stage_root()
-        self._stage = Stage(root, f"fsspec|{protocol}|{self._path}", describe=self._uri)
+        options = {"stage_dir": stage_dir, "storage_options": storage_options, "append": append}
+        super().__init__(uri, options, stage_dir, identity=f"fsspec|{protocol}|{self._path}")
         self._known_size: int | None = None  # the file's size as this writer last saw or left it
-        self._write_lock = anyio.Lock()
-        self._flush_lock = anyio.Lock()
-        self._closed = False
-
-    @property
-    def stage_directory(self) -> str:
-        return self._stage.directory
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._uri!r})"
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"uri": self._uri, "options": self._options}
+    async def _open_remote(self, writer: str | None, staged: bool) -> tuple[int, AsyncIterator[str]]:
+        size = await self._size()
+        if self._known_size is None and not self._closed:
+            self._known_size = size  # this writer's view of the file starts here
+        return self._landed(size), whole_lines(self._chunks(size), describe=self._uri, keep_tail=True)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["uri"], **state["options"])  # type: ignore[misc]
+    async def _remote_exists(self) -> bool:
+        return await self._run(self._fs.exists, self._path)
 
-    async def write(self, data: str) -> None:
-        self._check_open()
-        if not data:
-            return
-        async with self._write_lock:
-            self._check_open()
-            if not self._stage.is_open:
-                await self._stage.open()
-            with anyio.CancelScope(shield=True):
-                await self._stage.write(data.encode("utf-8"))
-
-    async def flush(self) -> None:
-        self._check_open()
-        async with self._flush_lock:
-            await self._upload_staged()
-
-    async def read(self) -> AsyncIterator[str]:
-        async with self._write_lock:
-            staged = self._stage.open_snapshot()
-        try:
-            size = await self._size()
-            if self._known_size is None and not self._closed:
-                self._known_size = size  # this writer's view of the file starts here
-            landed = self._landed(size)
-            if size:
-                async for block in whole_lines(self._chunks(size), describe=self._uri, keep_tail=True):
-                    yield block
-            pending = [(batch, file) for batch, file in staged if batch.seq > landed]
-            async for block in read_batches(pending, self._uri):
-                yield block
-        finally:
-            for _, file in staged:
-                file.close()
-
-    async def exists(self) -> bool:
-        return bool(self._stage.snapshot()) or await self._run(self._fs.exists, self._path)
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if self._stage.is_open:
-                async with self._flush_lock:
-                    await self._upload_staged()
-        finally:
-            async with self._write_lock:
-                await self._stage.close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StorageClosedError(f"{self!r} is closed")
-
-    async def _upload_staged(self) -> None:
-        async with self._write_lock:
-            if not self._stage.is_open:
-                if not self._stage.snapshot():
-                    return
-                await self._stage.open()
-            batches = self._stage.seal()
-        if not batches:
-            return
+    async def _upload(self, batches: list[Batch]) -> None:
         size = await self._size()
         landed = self._landed(size)
         if landed:
@@ -193,7 +122,7 @@ class FsspecStorage(CheckpointStorage):
             )
         after = size + sum(batch.size for batch in batches)
         self._stage.write_intent({"through": batches[-1].seq, "before": size, "after": after})
-        await self._run(self._upload, batches, size)
+        await self._run(self._write_file, batches, size)
         self._known_size = after
         self._stage.clear_intent()
         await self._stage.discard(batches[-1].seq)
@@ -205,7 +134,7 @@ class FsspecStorage(CheckpointStorage):
             return int(intent["through"])
         return 0
 
-    def _upload(self, batches: list[Batch], size: int) -> None:
+    def _write_file(self, batches: list[Batch], size: int) -> None:
         """Append the batches to the file: by appending where the store can, else by rewriting it."""
         if self._append is not False:
             try:
@@ -231,6 +160,8 @@ class FsspecStorage(CheckpointStorage):
         return int(info.get("size") or 0)
 
     async def _chunks(self, size: int) -> AsyncIterator[bytes]:
+        if not size:
+            return
         file = await self._run(self._fs.open, self._path, "rb")
         try:
             while size > 0:

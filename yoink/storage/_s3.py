@@ -21,10 +21,10 @@ import anyio
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
-from yoink._exceptions import ConcurrentWriterError, StorageClosedError, StorageError
+from yoink._exceptions import ConcurrentWriterError, StorageError
 from yoink._records import whole_lines
-from yoink.storage._base import CheckpointStorage
-from yoink.storage._stage import Batch, Stage, default_stage_root, read_batches
+from yoink.storage._stage import Batch
+from yoink.storage._staged import StagedStorage
 
 __all__ = ["S3Storage"]
 
@@ -98,7 +98,7 @@ class _Segments:
         return self.live[-1].end + 1 if self.live else 0
 
 
-class S3Storage(CheckpointStorage):
+class S3Storage(StagedStorage):
     """A journal in S3, staged locally between flushes.
 
     ``S3Storage("s3://bucket/crawls/site-a.jsonl")``, or through ``StorageFactory.from_uri``.
@@ -172,8 +172,6 @@ class S3Storage(CheckpointStorage):
             raise ValueError(f"part_size must be between {self.min_part_size} and {MAX_PART_SIZE} bytes")
         if merge_after < 2:
             raise ValueError("merge_after must be at least 2")
-        self._uri = f"s3://{self._bucket}/{self._key}"
-        self._options = {k: v for k, v in options.items() if v != _DEFAULTS[k]}
         self._layout: Layout = layout
         environ = os.environ
         self._endpoint = (
@@ -185,88 +183,38 @@ class S3Storage(CheckpointStorage):
         self._part_size = part_size
         self._merge_after = merge_after
         self._merge_target = merge_target
-        root = stage_dir if stage_dir is not None else default_stage_root()
-        identity = f"s3|{self._endpoint or 'aws'}|{layout}|{self._bucket}|{self._key}"
-        self._stage = Stage(root, identity, describe=self._uri)
+        super().__init__(
+            f"s3://{self._bucket}/{self._key}",
+            {k: v for k, v in options.items() if v != _DEFAULTS[k]},
+            stage_dir,
+            identity=f"s3|{self._endpoint or 'aws'}|{layout}|{self._bucket}|{self._key}",
+        )
         self._client_stack: contextlib.AsyncExitStack | None = None
         self._client_handle: Any = None
+        self._client_lock = anyio.Lock()
         self._object: _Object | None = None
         self._segments: _Segments | None = None
-        self._write_lock = anyio.Lock()
-        self._flush_lock = anyio.Lock()
-        self._client_lock = anyio.Lock()
-        self._closed = False
-
-    @property
-    def uri(self) -> str:
-        return self._uri
-
-    @property
-    def stage_directory(self) -> str:
-        """Where this journal's writes wait for upload."""
-        return self._stage.directory
 
     def __repr__(self) -> str:
         layout = f", layout={self._layout!r}" if self._layout != "object" else ""
         return f"{type(self).__name__}({self._uri!r}{layout})"
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"uri": self._uri, "options": self._options}
+    # -- what StagedStorage asks of a backend ------------------------------------------------
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["uri"], **state["options"])  # type: ignore[misc]
+    async def _open_remote(self, writer: str | None, staged: bool) -> tuple[int, AsyncIterator[str]]:
+        if self._layout == "segments":
+            state = await self._list_segments(writer if staged else None)
+            return state.landed, self._read_segments(state.live)
+        response = await self._get_object()
+        known = _Object()
+        if response is not None:
+            known = _Object(response["ETag"], response["ContentLength"], _decode_writers(response))
+        if self._object is None and not self._closed:
+            self._object = known  # this writer's view of the object starts here
+        landed = known.writers.get(writer, 0) if writer else 0
+        return landed, self._stream(response) if response is not None else _nothing()
 
-    # -- the contract ------------------------------------------------------------------------
-
-    async def write(self, data: str) -> None:
-        self._check_open()
-        if not data:
-            return
-        payload = data.encode("utf-8")
-        async with self._write_lock:
-            self._check_open()
-            if not self._stage.is_open:
-                await self._stage.open()
-            with anyio.CancelScope(shield=True):
-                await self._stage.write(payload)
-
-    async def flush(self) -> None:
-        self._check_open()
-        async with self._flush_lock:
-            await self._upload_staged()
-
-    async def read(self) -> AsyncIterator[str]:
-        async with self._write_lock:  # staged files are opened before S3 is read: none is missed
-            staged = self._stage.open_snapshot()
-        try:
-            writer = self._stage.snapshot_writer()
-            if self._layout == "object":
-                response = await self._get_object()
-                known = _Object()
-                if response is not None:
-                    known = _Object(response["ETag"], response["ContentLength"], _decode_writers(response))
-                if self._object is None and not self._closed:
-                    self._object = known  # this writer's view of the object starts here
-                landed = known.writers.get(writer, 0) if writer else 0
-                if response is not None:
-                    async for block in self._stream(response):
-                        yield block
-            else:
-                state = await self._list_segments(writer if staged else None)
-                landed = state.landed
-                for segment in state.live:
-                    async for block in self._read_segment(segment.key):
-                        yield block
-            pending = [(batch, file) for batch, file in staged if batch.seq > landed]
-            async for block in read_batches(pending, self._uri):
-                yield block
-        finally:
-            for _, file in staged:
-                file.close()
-
-    async def exists(self) -> bool:
-        if self._stage.snapshot():
-            return True
+    async def _remote_exists(self) -> bool:
         if self._layout == "segments":
             response = await self._call("list_objects_v2", Prefix=self._key + "/", MaxKeys=1)
             return bool(response.get("KeyCount"))
@@ -277,41 +225,19 @@ class S3Storage(CheckpointStorage):
             return False
         return True
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if self._stage.is_open:  # this storage wrote; a stage it never took is not its to upload
-                async with self._flush_lock:
-                    await self._upload_staged()
-        finally:
-            async with self._write_lock:
-                await self._stage.close()
-            if self._client_stack is not None:
-                stack, self._client_stack, self._client_handle = self._client_stack, None, None
-                with anyio.CancelScope(shield=True):
-                    await stack.aclose()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StorageClosedError(f"{self!r} is closed")
-
-    # -- uploads -------------------------------------------------------------------------------
-
-    async def _upload_staged(self) -> None:
-        async with self._write_lock:
-            if not self._stage.is_open:
-                if not self._stage.snapshot():
-                    return  # nothing written here, nothing left by a crash
-                await self._stage.open()
-            batches = self._stage.seal()
-        if not batches:
-            return
+    async def _upload(self, batches: list[Batch]) -> None:
         if self._layout == "object":
             await self._flush_object(batches)
         else:
             await self._flush_segments(batches)
+
+    async def _release(self) -> None:
+        if self._client_stack is not None:
+            stack, self._client_stack, self._client_handle = self._client_stack, None, None
+            with anyio.CancelScope(shield=True):
+                await stack.aclose()
+
+    # -- uploads -------------------------------------------------------------------------------
 
     async def _flush_object(self, batches: list[Batch]) -> None:
         writer = self._stage.writer
@@ -342,17 +268,17 @@ class S3Storage(CheckpointStorage):
         size = sum(batch.size for batch in batches)
         staged = _staged_chunks(batches)
         if known.etag is None:
-            etag = await self._upload(self._key, staged, size, metadata, {"IfNoneMatch": "*"})
+            etag = await self._put(self._key, staged, size, metadata, {"IfNoneMatch": "*"})
             return _Object(etag, size, writers)
         if known.size < self.min_part_size:
             old = await self._get_small(known.etag)
             if old and not old.endswith(b"\n"):  # written by another tool: keep its last line whole
                 old += b"\n"
             body = _prepend(old, staged)
-            etag = await self._upload(self._key, body, len(old) + size, metadata, {"IfMatch": known.etag})
+            etag = await self._put(self._key, body, len(old) + size, metadata, {"IfMatch": known.etag})
             return _Object(etag, len(old) + size, writers)
         copy = [_Segment(self._key, 0, 0, known.size, known.etag)]
-        etag = await self._upload(self._key, staged, size, metadata, {"IfMatch": known.etag}, copy=copy)
+        etag = await self._put(self._key, staged, size, metadata, {"IfMatch": known.etag}, copy=copy)
         return _Object(etag, known.size + size, writers)
 
     async def _flush_segments(self, batches: list[Batch]) -> None:
@@ -372,7 +298,7 @@ class S3Storage(CheckpointStorage):
             metadata = {"yoink-writer": writer, "yoink-batch": str(batches[-1].seq)}
             size = sum(batch.size for batch in batches)
             try:
-                etag = await self._upload(key, _staged_chunks(batches), size, metadata, {"IfNoneMatch": "*"})
+                etag = await self._put(key, _staged_chunks(batches), size, metadata, {"IfNoneMatch": "*"})
             except _Conflict:
                 head = await self._head_metadata(key)
                 if head is None or head[0].get("yoink-writer") != writer:
@@ -415,7 +341,7 @@ class S3Storage(CheckpointStorage):
             "writer has stopped"
         )
 
-    async def _upload(
+    async def _put(
         self,
         key: str,
         body: AsyncIterator[bytes],
@@ -519,7 +445,7 @@ class S3Storage(CheckpointStorage):
         try:
             size = sum(segment.size for segment in rest)
             body = self._objects_chunks(rest)
-            etag = await self._upload(key, body, size, {}, {"IfNoneMatch": "*"}, copy=copy)
+            etag = await self._put(key, body, size, {}, {"IfNoneMatch": "*"}, copy=copy)
             merged = _Segment(key, run[0].start, run[-1].end, sum(s.size for s in run), etag)
             state.live[start:-1] = [merged]
             await self._delete(run)
@@ -551,6 +477,11 @@ class S3Storage(CheckpointStorage):
             return await self._call("get_object", Key=self._key)  # type: ignore[no-any-return]
         except _Missing:
             return None
+
+    async def _read_segments(self, segments: list[_Segment]) -> AsyncIterator[str]:
+        for segment in segments:
+            async for block in self._read_segment(segment.key):
+                yield block
 
     async def _read_segment(self, key: str) -> AsyncIterator[str]:
         try:
@@ -724,6 +655,11 @@ def _copy_ranges(size: int) -> Iterator[tuple[int, int]]:
     step = -(-size // count)
     for first in range(0, size, step):
         yield first, min(first + step, size) - 1
+
+
+async def _nothing() -> AsyncIterator[str]:
+    return
+    yield
 
 
 async def _staged_chunks(batches: Sequence[Batch]) -> AsyncIterator[bytes]:

@@ -1,0 +1,127 @@
+"""StagedStorage: the part every remote backend shares, writing to a local stage and uploading it.
+
+A subclass says where the journal lives: how to read what the remote side holds
+(:meth:`_open_remote`) and how to upload staged batches (:meth:`_upload`). The write path, the
+locks, read-your-writes and close are here, once.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import abstractmethod
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+
+from yoink._exceptions import StorageClosedError
+from yoink.storage._base import CheckpointStorage
+from yoink.storage._stage import Batch, Stage, default_stage_root, read_batches
+
+__all__ = ["StagedStorage"]
+
+
+class StagedStorage(CheckpointStorage):
+    """A backend whose writes wait in a crash-surviving :class:`Stage` until a flush uploads them."""
+
+    def __init__(
+        self, uri: str, options: dict[str, Any], stage_dir: str | os.PathLike[str] | None, identity: str
+    ):
+        self._uri = uri
+        self._options = options  # what pickling keeps, with the URI
+        root = stage_dir if stage_dir is not None else default_stage_root()
+        self._stage = Stage(root, identity, describe=uri)
+        self._write_lock = anyio.Lock()  # the stage's files
+        self._flush_lock = anyio.Lock()  # one upload at a time
+        self._closed = False
+
+    @property
+    def uri(self) -> str:
+        return self._uri
+
+    @property
+    def stage_directory(self) -> str:
+        """Where this journal's writes wait for upload."""
+        return self._stage.directory
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"uri": self._uri, "options": self._options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["uri"], **state["options"])  # type: ignore[misc]
+
+    async def write(self, data: str) -> None:
+        self._check_open()
+        if not data:
+            return
+        payload = data.encode("utf-8")
+        async with self._write_lock:
+            self._check_open()
+            if not self._stage.is_open:
+                await self._stage.open()
+            with anyio.CancelScope(shield=True):
+                await self._stage.write(payload)
+
+    async def flush(self) -> None:
+        self._check_open()
+        async with self._flush_lock:
+            await self._upload_staged()
+
+    async def read(self) -> AsyncIterator[str]:
+        async with self._write_lock:  # staged files are opened before the remote side is read
+            staged = self._stage.open_snapshot()
+        try:
+            landed, remote = await self._open_remote(self._stage.snapshot_writer(), bool(staged))
+            async for block in remote:
+                yield block
+            pending = [(batch, file) for batch, file in staged if batch.seq > landed]
+            async for block in read_batches(pending, self._uri):
+                yield block
+        finally:
+            for _, file in staged:
+                file.close()
+
+    async def exists(self) -> bool:
+        return bool(self._stage.snapshot()) or await self._remote_exists()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._stage.is_open:  # this storage wrote; a stage it never took is not its to upload
+                async with self._flush_lock:
+                    await self._upload_staged()
+        finally:
+            async with self._write_lock:
+                await self._stage.close()
+            await self._release()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageClosedError(f"{self!r} is closed")
+
+    async def _upload_staged(self) -> None:
+        async with self._write_lock:
+            if not self._stage.is_open:
+                if not self._stage.snapshot():
+                    return  # nothing written here, nothing left by a crash
+                await self._stage.open()
+            batches = self._stage.seal()
+        if batches:
+            await self._upload(batches)
+
+    @abstractmethod
+    async def _open_remote(self, writer: str | None, staged: bool) -> tuple[int, AsyncIterator[str]]:
+        """Start reading the remote journal: return the last of ``writer``'s batches that it already
+        holds (0 if none, or if ``staged`` is false and it need not be looked up), and its text."""
+
+    @abstractmethod
+    async def _remote_exists(self) -> bool: ...
+
+    @abstractmethod
+    async def _upload(self, batches: list[Batch]) -> None:
+        """Upload the sealed ``batches`` (oldest first), then discard them from the stage."""
+
+    async def _release(self) -> None:
+        """Release clients once the storage is closed."""
