@@ -44,7 +44,7 @@ async def main(mode: str, uri: str, stage_dir: str, endpoint: str, count: int) -
         async def upload_then_maybe_die(self: S3Storage, key: str, *args: object, **kwargs: object) -> str:
             merging = "-" in key.rsplit("/", 1)[-1]
             if merging and mode == "die-in-merge-upload":
-                await self._call("create_multipart_upload", Key=key)
+                await self._client.call("create_multipart_upload", Key=key)
                 die()
             etag = await upload(self, key, *args, **kwargs)  # type: ignore[arg-type]
             if merging:

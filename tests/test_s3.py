@@ -529,7 +529,7 @@ async def test_a_pickled_storage_keeps_its_uri_and_options_not_its_client_or_sta
     assert repr(copy) == repr(storage)
     assert copy.stage_directory == storage.stage_directory
     assert copy._part_size == 32 << 20
-    assert copy._client_handle is None
+    assert copy._client._handle is None
     assert b'n\\":2' not in pickle.dumps(storage)
     await storage.close()
     async with copy:

@@ -14,15 +14,13 @@ import re
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NoReturn
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl
 
-import aioboto3
 import anyio
-from aiobotocore.config import AioConfig
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
 from yoink._exceptions import ConcurrentWriterError, StorageError
 from yoink._records import whole_lines
+from yoink.storage._s3_client import Conflict, Missing, S3Client
 from yoink.storage._stage import Batch
 from yoink.storage._staged import StagedStorage
 
@@ -37,28 +35,8 @@ MAX_PART_SIZE = 5 << 30
 READ_CHUNK = 1 << 20
 ATTEMPTS = 4  # conditional uploads per flush: after a lost reply, the first retry finds it landed
 REMEMBERED_WRITERS = 16  # the (writer, last batch) pairs an object's metadata keeps
-IAM_ACTIONS = (
-    "s3:GetObject, s3:PutObject and s3:ListBucket, plus s3:DeleteObject for layout='segments' "
-    "and s3:AbortMultipartUpload for multipart uploads"
-)
 _QUERY_OPTIONS = ("layout", "endpoint_url", "region_name", "profile_name")
 _SEGMENT = re.compile(r"(\d{12})(?:-(\d{12}))?\.jsonl")
-_CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
-_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
-_DENIED_CODES = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
-_BAD_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
-
-
-class _Conflict(Exception):
-    """A conditional request failed: the object is not what this writer thought."""
-
-
-class _Missing(Exception):
-    """The key does not exist."""
-
-
-class _AccessDenied(StorageError):
-    """S3 said 403; a HEAD's 403 may also be a bad signature, which only other requests tell."""
 
 
 @dataclass
@@ -174,12 +152,9 @@ class S3Storage(StagedStorage):
             raise ValueError("merge_after must be at least 2")
         self._layout: Layout = layout
         environ = os.environ
-        self._endpoint = (
+        self._endpoint: str | None = (
             options["endpoint_url"] or environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
         )
-        self._region = options["region_name"]
-        self._profile = options["profile_name"]
-        self._retries = {"mode": retry_mode, "max_attempts": max_attempts}
         self._part_size = part_size
         self._merge_after = merge_after
         self._merge_target = merge_target
@@ -189,9 +164,14 @@ class S3Storage(StagedStorage):
             stage_dir,
             identity=f"s3|{self._endpoint or 'aws'}|{layout}|{self._bucket}|{self._key}",
         )
-        self._client_stack: contextlib.AsyncExitStack | None = None
-        self._client_handle: Any = None
-        self._client_lock = anyio.Lock()
+        self._client = S3Client(
+            self._bucket,
+            journal=self._uri,
+            endpoint=self._endpoint,
+            region=options["region_name"],
+            profile=options["profile_name"],
+            retries={"mode": retry_mode, "max_attempts": max_attempts},
+        )
         self._object: _Object | None = None
         self._segments: _Segments | None = None
 
@@ -216,12 +196,12 @@ class S3Storage(StagedStorage):
 
     async def _remote_exists(self) -> bool:
         if self._layout == "segments":
-            response = await self._call("list_objects_v2", Prefix=self._key + "/", MaxKeys=1)
+            response = await self._client.call("list_objects_v2", Prefix=self._key + "/", MaxKeys=1)
             return bool(response.get("KeyCount"))
         try:
-            await self._call("head_object", Key=self._key)
-        except _Missing:
-            await self._check_bucket()
+            await self._client.call("head_object", Key=self._key)
+        except Missing:
+            await self._client.check_bucket()
             return False
         return True
 
@@ -232,10 +212,7 @@ class S3Storage(StagedStorage):
             await self._flush_segments(batches)
 
     async def _release(self) -> None:
-        if self._client_stack is not None:
-            stack, self._client_stack, self._client_handle = self._client_stack, None, None
-            with anyio.CancelScope(shield=True):
-                await stack.aclose()
+        await self._client.close()
 
     # -- uploads -------------------------------------------------------------------------------
 
@@ -248,7 +225,7 @@ class S3Storage(StagedStorage):
                 return
             try:
                 self._object = await self._append_to_object(known, batches)
-            except _Conflict:
+            except Conflict:
                 now = await self._head()
                 if now.last_writer != writer:
                     self._object = known  # and so the next flush fails the same way
@@ -299,7 +276,7 @@ class S3Storage(StagedStorage):
             size = sum(batch.size for batch in batches)
             try:
                 etag = await self._put(key, _staged_chunks(batches), size, metadata, {"IfNoneMatch": "*"})
-            except _Conflict:
+            except Conflict:
                 head = await self._head_metadata(key)
                 if head is None or head[0].get("yoink-writer") != writer:
                     self._raise_conflict(f"segment {key} was written by someone else", batches)
@@ -354,15 +331,17 @@ class S3Storage(StagedStorage):
         """Write ``copy`` (objects copied inside S3) then ``body`` to ``key``; return the ETag."""
         if not copy and size <= self._part_size:
             data = b"".join([chunk async for chunk in body])
-            response = await self._call("put_object", Key=key, Body=data, Metadata=metadata, **condition)
+            response = await self._client.call(
+                "put_object", Key=key, Body=data, Metadata=metadata, **condition
+            )
             return str(response["ETag"])
-        created = await self._call("create_multipart_upload", Key=key, Metadata=metadata)
+        created = await self._client.call("create_multipart_upload", Key=key, Metadata=metadata)
         upload = {"Key": key, "UploadId": created["UploadId"]}
         try:
             parts: list[dict[str, Any]] = []
             for source in copy:
                 for first, last in _copy_ranges(source.size):
-                    response = await self._call(
+                    response = await self._client.call(
                         "upload_part_copy",
                         CopySource={"Bucket": self._bucket, "Key": source.key},
                         CopySourceRange=f"bytes={first}-{last}",
@@ -372,14 +351,16 @@ class S3Storage(StagedStorage):
                     )
                     parts.append({"PartNumber": len(parts) + 1, "ETag": response["CopyPartResult"]["ETag"]})
             async for part in _regroup(body, self._part_size):
-                response = await self._call("upload_part", Body=part, PartNumber=len(parts) + 1, **upload)
+                response = await self._client.call(
+                    "upload_part", Body=part, PartNumber=len(parts) + 1, **upload
+                )
                 parts.append({"PartNumber": len(parts) + 1, "ETag": response["ETag"]})
-            response = await self._call(
+            response = await self._client.call(
                 "complete_multipart_upload", MultipartUpload={"Parts": parts}, **upload, **condition
             )
         except BaseException:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                await self._call("abort_multipart_upload", **upload)
+                await self._client.call("abort_multipart_upload", **upload)
             raise
         return str(response["ETag"])
 
@@ -394,7 +375,7 @@ class S3Storage(StagedStorage):
         found = []
         params: dict[str, Any] = {"Prefix": self._key + "/"}
         while True:
-            response = await self._call("list_objects_v2", **params)
+            response = await self._client.call("list_objects_v2", **params)
             for item in response.get("Contents", []):
                 match = _SEGMENT.fullmatch(item["Key"][len(self._key) + 1 :])
                 if match:
@@ -449,7 +430,7 @@ class S3Storage(StagedStorage):
             merged = _Segment(key, run[0].start, run[-1].end, sum(s.size for s in run), etag)
             state.live[start:-1] = [merged]
             await self._delete(run)
-        except (StorageError, _Conflict, _Missing) as exc:
+        except (StorageError, Conflict, Missing) as exc:
             logger.warning(
                 "%s: merging %d segments into %s failed; a later flush tries again: %s",
                 self._uri,
@@ -462,11 +443,11 @@ class S3Storage(StagedStorage):
     async def _delete(self, segments: Sequence[_Segment]) -> None:
         for first in range(0, len(segments), 1000):
             objects = [{"Key": segment.key} for segment in segments[first : first + 1000]]
-            await self._call("delete_objects", Delete={"Objects": objects, "Quiet": True})
+            await self._client.call("delete_objects", Delete={"Objects": objects, "Quiet": True})
 
     async def _objects_chunks(self, segments: Sequence[_Segment]) -> AsyncIterator[bytes]:
         for segment in segments:
-            response = await self._call("get_object", Key=segment.key, IfMatch=segment.etag)
+            response = await self._client.call("get_object", Key=segment.key, IfMatch=segment.etag)
             async for chunk in self._body_chunks(response):
                 yield chunk
 
@@ -474,8 +455,8 @@ class S3Storage(StagedStorage):
 
     async def _get_object(self) -> dict[str, Any] | None:
         try:
-            return await self._call("get_object", Key=self._key)  # type: ignore[no-any-return]
-        except _Missing:
+            return await self._client.call("get_object", Key=self._key)  # type: ignore[no-any-return]
+        except Missing:
             return None
 
     async def _read_segments(self, segments: list[_Segment]) -> AsyncIterator[str]:
@@ -485,8 +466,8 @@ class S3Storage(StagedStorage):
 
     async def _read_segment(self, key: str) -> AsyncIterator[str]:
         try:
-            response = await self._call("get_object", Key=key)
-        except _Missing:
+            response = await self._client.call("get_object", Key=key)
+        except Missing:
             raise StorageError(
                 f"{key} was merged into a larger segment while {self._uri} was being read; read again"
             ) from None
@@ -502,7 +483,7 @@ class S3Storage(StagedStorage):
         body = response["Body"]
         try:
             while True:
-                with self._translated("get_object"):
+                with self._client.translated("get_object"):
                     chunk = await body.read(READ_CHUNK)
                 if not chunk:
                     return
@@ -512,15 +493,15 @@ class S3Storage(StagedStorage):
 
     async def _head(self) -> _Object:
         try:
-            response = await self._call("head_object", Key=self._key)
-        except _Missing:
+            response = await self._client.call("head_object", Key=self._key)
+        except Missing:
             return _Object()  # a missing bucket: the upload that follows says so
         return _Object(response["ETag"], response["ContentLength"], _decode_writers(response))
 
     async def _head_metadata(self, key: str) -> tuple[dict[str, str], int, str] | None:
         try:
-            response = await self._call("head_object", Key=key)
-        except _Missing:
+            response = await self._client.call("head_object", Key=key)
+        except Missing:
             return None
         return response.get("Metadata", {}), response["ContentLength"], response["ETag"]
 
@@ -530,82 +511,10 @@ class S3Storage(StagedStorage):
 
     async def _get_small(self, etag: str) -> bytes:
         try:
-            response = await self._call("get_object", Key=self._key, IfMatch=etag)
-        except _Missing:
-            raise _Conflict from None
+            response = await self._client.call("get_object", Key=self._key, IfMatch=etag)
+        except Missing:
+            raise Conflict from None
         return b"".join([chunk async for chunk in self._body_chunks(response)])
-
-    async def _check_bucket(self) -> None:
-        try:
-            await self._call("head_bucket")
-        except _Missing:
-            raise self._no_bucket() from None
-
-    def _no_bucket(self) -> StorageError:
-        return StorageError(f"the bucket {self._bucket!r} does not exist (journal {self._uri})")
-
-    # -- the client and its errors --------------------------------------------------------------
-
-    async def _call(self, operation: str, **params: Any) -> Any:
-        client = self._client_handle or await self._open_client()
-        try:
-            with self._translated(operation):
-                return await getattr(client, operation)(Bucket=self._bucket, **params)
-        except _AccessDenied:
-            if operation.startswith("head_"):  # a 403 to a HEAD has no body to say why; ask again
-                await self._call("list_objects_v2", Prefix=self._key, MaxKeys=1)
-            raise
-
-    async def _open_client(self) -> Any:
-        async with self._client_lock:
-            if self._client_handle is None:
-                stack = contextlib.AsyncExitStack()
-                session = aioboto3.Session(profile_name=self._profile)
-                config = AioConfig(retries=self._retries)
-                with self._translated("connect"):
-                    client = await stack.enter_async_context(
-                        session.client(
-                            "s3", endpoint_url=self._endpoint, region_name=self._region, config=config
-                        )
-                    )
-                self._client_stack, self._client_handle = stack, client
-            return self._client_handle
-
-    @contextlib.contextmanager
-    def _translated(self, operation: str) -> Iterator[None]:
-        try:
-            yield
-        except ClientError as exc:
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", ""))
-            if code in _CONFLICT_CODES:
-                raise _Conflict(code) from exc
-            if code == "NoSuchBucket":
-                raise self._no_bucket() from exc
-            if code in _MISSING_CODES:
-                raise _Missing(code) from exc
-            if code in _DENIED_CODES:
-                raise _AccessDenied(
-                    f"S3 denied {operation} on {self._uri}: yoink needs {IAM_ACTIONS} on this bucket and key"
-                ) from exc
-            if code in _BAD_CREDENTIAL_CODES:
-                raise StorageError(
-                    f"S3 rejected the AWS credentials ({code}) for {self._uri}: check AWS_ACCESS_KEY_ID "
-                    "and AWS_SECRET_ACCESS_KEY, the AWS_PROFILE in use, or the role's session token"
-                ) from exc
-            message = error.get("Message") or "no message"
-            raise StorageError(f"S3 {operation} on {self._uri} failed: {code} ({message})") from exc
-        except NoCredentialsError as exc:
-            raise StorageError(
-                f"no AWS credentials found for {self._uri}: set AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY, choose a profile (AWS_PROFILE or profile_name=), run "
-                "'aws configure', or attach an IAM role"
-            ) from exc
-        except EndpointConnectionError as exc:
-            where = _redact(self._endpoint) or "AWS"
-            raise StorageError(f"cannot reach S3 at {where} for {self._uri}") from exc
-        except BotoCoreError as exc:
-            raise StorageError(f"S3 {operation} on {self._uri} failed: {type(exc).__name__}") from exc
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -686,10 +595,3 @@ async def _regroup(chunks: AsyncIterator[bytes], size: int) -> AsyncIterator[byt
             del buffer[:size]
     if buffer:
         yield bytes(buffer)
-
-
-def _redact(url: str | None) -> str | None:
-    if not url or "@" not in url:
-        return url
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
