@@ -21,7 +21,15 @@ import orjson
 
 from yoink._exceptions import CorruptCheckpointError
 
-__all__ = ["ENCODE_OPTIONS", "JournalDecoder", "OnCorrupt", "encode_record", "not_a_record", "whole_lines"]
+__all__ = [
+    "ENCODE_OPTIONS",
+    "BadLine",
+    "JournalDecoder",
+    "OnCorrupt",
+    "encode_record",
+    "not_a_record",
+    "whole_lines",
+]
 
 logger = logging.getLogger("yoink")
 
@@ -63,6 +71,7 @@ async def whole_lines(
     else left out as a torn write, with a WARNING that names ``describe``.
     """
     carry = b""
+    whole = 0  # bytes of whole lines so far
     async for chunk in chunks:
         cut = chunk.rfind(b"\n") + 1
         if cut == 0:
@@ -70,20 +79,25 @@ async def whole_lines(
             continue
         block = carry + chunk[:cut] if carry else chunk[:cut]
         carry = chunk[cut:]
+        whole += len(block)
         yield block.decode("utf-8", "surrogateescape")
     if carry and keep_tail:
         yield carry.decode("utf-8", "surrogateescape")
     elif carry:
         logger.warning(
-            "%s ends in %d bytes without a newline (a torn write, or one still under way); "
-            "they are not part of the journal",
+            "%s ends in %d bytes without a newline (a torn write, or one still under way), from "
+            "byte offset %d; they are not part of the journal",
             describe,
             len(carry),
+            whole,
+            extra={"yoink_torn_tail": len(carry)},
         )
 
 
 @dataclass(frozen=True)
-class _BadLine:
+class BadLine:
+    """A line that is not a record: ``line`` is 1-based, ``offset`` the byte offset of its start."""
+
     line: int
     offset: int
     reason: str
@@ -102,7 +116,8 @@ class JournalDecoder:
         self.lines = 0
         self.offset = 0
         self.skipped = 0
-        self._suspect: _BadLine | None = None  # a bad line that is torn if nothing follows it
+        self.problems: list[tuple[str, BadLine]] = []  # ("corrupt" or "torn", the line), as skipped
+        self._suspect: BadLine | None = None  # a bad line that is torn if nothing follows it
         self._error: CorruptCheckpointError | None = None
 
     def feed(self, item: str) -> list[dict[str, Any]]:
@@ -130,6 +145,7 @@ class JournalDecoder:
         if self._error is not None:
             raise self._error
         if self._suspect is not None:
+            self.problems.append(("torn", self._suspect))
             logger.warning(
                 "%s: skipped line %d (byte offset %d), the last line, as a torn write: %s",
                 self.source,
@@ -159,10 +175,10 @@ class JournalDecoder:
                     records.append(record)
                     continue
                 reason = f"a JSON {type(record).__name__}, not an object"
-            self._suspect = _BadLine(self.lines + index + 1, start, reason)
+            self._suspect = BadLine(self.lines + index + 1, start, reason)
         return records
 
-    def _is_corrupt(self, bad: _BadLine) -> bool:
+    def _is_corrupt(self, bad: BadLine) -> bool:
         """A bad line is followed by another line: raise later, or skip it now. True to stop."""
         message = (
             f"{self.source}: line {bad.line} (byte offset {bad.offset}) is not a JSON object: {bad.reason}"
@@ -176,6 +192,7 @@ class JournalDecoder:
             )
             return True
         self.skipped += 1
+        self.problems.append(("corrupt", bad))
         logger.warning("%s; skipped", message)
         return False
 

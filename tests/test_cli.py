@@ -1,0 +1,188 @@
+"""The yoink command, run through its installed entry point against local, S3 and Redis journals."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import boto3
+import orjson
+import pytest
+import redis
+
+from tests.s3 import MotoServer
+
+YOINK = str(Path(sys.executable).with_name("yoink"))
+RECORDS = [{"n": n, "url": f"https://example.com/{n}", "t": "✓"} for n in range(1000)]
+
+
+def yoink(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [YOINK, *args], capture_output=True, text=True, input=stdin, env=os.environ, timeout=120
+    )
+
+
+def jsonl(records: list[dict[str, object]]) -> str:
+    return "".join(orjson.dumps(r).decode() + "\n" for r in records)
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Path:
+    path = tmp_path / "journal.jsonl"
+    path.write_text(jsonl(RECORDS))
+    return path
+
+
+@pytest.fixture
+def corrupt(tmp_path: Path) -> Path:
+    path = tmp_path / "corrupt.jsonl"
+    path.write_text('{"n":0}\n{"n":1}\nnot json\n{"n":3}\n[4]\n{"n":5}\n{"n":6,"to')
+    return path
+
+
+@pytest.fixture
+def s3_uri(bucket: str, moto: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto.url)  # the usual variable, as a user would set it
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return f"s3://{bucket}/copied.jsonl"
+
+
+def test_cat_writes_the_records_as_jsonl_and_nothing_else(journal: Path) -> None:
+    result = yoink("cat", str(journal))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == jsonl(RECORDS)
+    assert result.stderr == ""
+
+
+def test_cat_into_a_pipe_that_closes_early_is_not_an_error(journal: Path) -> None:
+    pipeline = subprocess.run(
+        f"{YOINK} cat {journal} | head -n 3; echo status=${{PIPESTATUS[0]}} >&2",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+    )
+    assert pipeline.stdout == jsonl(RECORDS[:3])
+    assert pipeline.stderr.strip() == "status=0"
+
+
+def test_cat_stops_at_corruption_with_one_line_and_the_records_before_it(corrupt: Path) -> None:
+    result = yoink("cat", str(corrupt))
+    assert result.returncode == 1
+    assert result.stdout == '{"n":0}\n{"n":1}\n'
+    assert result.stderr.count("\n") == 1
+    assert "line 3 (byte offset 16) is not a JSON object" in result.stderr
+    assert "yoink cat --skip-corrupt skips such lines" in result.stderr
+    assert "Traceback" not in result.stderr
+    skipped = yoink("cat", "--skip-corrupt", str(corrupt))
+    assert skipped.returncode == 0
+    assert [orjson.loads(line)["n"] for line in skipped.stdout.splitlines()] == [0, 1, 3, 5]
+
+
+def test_stats_counts_and_shows_the_problems(journal: Path, corrupt: Path) -> None:
+    result = yoink("stats", str(journal))
+    assert result.returncode == 0
+    assert "records:  1,000" in result.stdout
+    assert f"bytes:    {journal.stat().st_size:,}" in result.stdout
+    assert 'first:    {"n":0,"url":"https://example.com/0","t":"✓"}' in result.stdout
+    assert '"n":999' in result.stdout.split("last:")[1]
+    assert "torn tail: none" in result.stdout
+    damaged = yoink("stats", str(corrupt))
+    assert "records:  4" in damaged.stdout
+    assert (
+        "torn tail: line 7 (byte offset 45): a torn last line: 10 bytes without a newline" in damaged.stdout
+    )
+    assert "corrupt lines: 2" in damaged.stdout
+
+
+def test_verify_exits_0_when_clean_and_1_with_each_problem(journal: Path, corrupt: Path) -> None:
+    clean = yoink("verify", str(journal))
+    assert (clean.returncode, clean.stdout) == (0, f"{journal}: clean, 1,000 records\n")
+    damaged = yoink("verify", str(corrupt))
+    assert damaged.returncode == 1
+    problems = damaged.stdout.splitlines()
+    assert len(problems) == 3
+    assert problems[0].startswith(f"{corrupt}: line 3 (byte offset 16): a corrupt line: ")
+    assert problems[1] == f"{corrupt}: line 5 (byte offset 33): a corrupt line: a JSON list, not an object"
+    assert problems[2] == f"{corrupt}: line 7 (byte offset 45): a torn last line: 10 bytes without a newline"
+
+
+def test_copy_goes_local_to_s3_to_redis_to_local(
+    journal: Path, s3_uri: str, redis_url: str, tmp_path: Path
+) -> None:
+    redis_uri = f"{redis_url}?key=cli-{uuid.uuid4().hex[:8]}"
+    back = tmp_path / "back.jsonl"
+    for source, destination in ((str(journal), s3_uri), (s3_uri, redis_uri), (redis_uri, str(back))):
+        result = yoink("copy", source, destination)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == ""  # no progress line when stderr is not a terminal
+    assert back.read_text() == journal.read_text()
+    assert yoink("verify", s3_uri).returncode == 0
+    assert yoink("cat", redis_uri).stdout == jsonl(RECORDS)
+
+
+def test_copy_refuses_a_destination_with_records_unless_told(journal: Path, tmp_path: Path) -> None:
+    destination = tmp_path / "destination.jsonl"
+    destination.write_text('{"kept":true}\n')
+    refused = yoink("copy", str(journal), str(destination))
+    assert refused.returncode == 1
+    assert (
+        refused.stderr
+        == f"yoink: error: {destination} already holds 1 records; pass --append to add to them\n"
+    )
+    assert destination.read_text() == '{"kept":true}\n'
+    appended = yoink("copy", "--append", str(journal), str(destination))
+    assert appended.returncode == 0
+    assert destination.read_text() == '{"kept":true}\n' + jsonl(RECORDS)
+
+
+def test_corrupt_s3_and_redis_journals_are_found(
+    bucket: str, s3_uri: str, redis_url: str, moto: MotoServer
+) -> None:
+    boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1").put_object(
+        Bucket=bucket, Key="bad.jsonl", Body=b'{"n":0}\n{oops\n{"n":2}\n'
+    )
+    result = yoink("verify", f"s3://{bucket}/bad.jsonl")
+    assert result.returncode == 1
+    assert "line 2 (byte offset 8): a corrupt line" in result.stdout
+    key = f"cli-bad-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(redis_url)
+    client.xadd(key, {"w": "0" * 16, "b": 0, "d": '{"n":0}\nnope\n'})
+    client.xadd(key, {"w": "0" * 16, "b": 1, "d": '{"n":2}\n'})
+    client.close()
+    result = yoink("verify", f"{redis_url}?key={key}")
+    assert result.returncode == 1
+    assert "line 2 (byte offset 8): a corrupt line" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["cat", "gopher://x/y"], "no storage backend for gopher:// URIs"),
+        (["cat", "redis://localhost/0"], "a Redis URI names the stream in its query"),
+        (["copy", "/tmp/same.jsonl", "/tmp/same.jsonl"], "is both the source and the destination"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["cat"], "the following arguments are required: uri"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(args: list[str], message: str) -> None:
+    result = yoink(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_failure_is_one_line_and_debug_shows_the_traceback(tmp_path: Path) -> None:
+    unreachable = "redis://:hunter2@127.0.0.1:1/0?key=k"
+    result = yoink("cat", unreachable)
+    assert result.returncode == 1
+    assert (
+        result.stderr
+        == "yoink: error: cannot reach Redis at 127.0.0.1:1 (ConnectionError); what was not flushed is kept\n"
+    )
+    debug = yoink("--debug", "cat", unreachable)
+    assert "Traceback" in debug.stderr
+    assert "hunter2" not in result.stderr + debug.stderr

@@ -1,0 +1,248 @@
+"""The ``yoink`` command: look into a journal, check it, copy it to another backend.
+
+    yoink cat URI            the records, as JSONL on stdout
+    yoink stats URI          records, bytes, the first and last record, problems found
+    yoink verify URI         exit status 0 for a clean journal, 1 with each problem
+    yoink copy SRC DST       stream a journal from one backend to another
+
+URIs are those of :class:`~yoink.StorageFactory`; S3 and Redis settings come from the usual
+environment variables (``AWS_*``, ``AWS_ENDPOINT_URL``) and URI forms. Errors are one line on
+stderr (exit status 1, or 2 for a usage error); ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import anyio
+import orjson
+
+from yoink import __version__
+from yoink._exceptions import CorruptCheckpointError, UnknownSchemeError, YoinkError
+from yoink._manager import CheckpointManager
+from yoink._records import JournalDecoder
+from yoink.storage import CheckpointStorage, StorageFactory
+
+__all__ = ["main"]
+
+logger = logging.getLogger("yoink")
+
+USAGE_ERRORS = (UnknownSchemeError, ValueError, TypeError)  # a URI or option the user got wrong
+
+
+@dataclass
+class Problem:
+    kind: str  # "corrupt" or "torn"
+    line: int
+    offset: int
+    reason: str
+
+    def __str__(self) -> str:
+        what = "a torn last line" if self.kind == "torn" else "a corrupt line"
+        return f"line {self.line} (byte offset {self.offset}): {what}: {self.reason}"
+
+
+@dataclass
+class Scan:
+    records: int = 0
+    bytes: int = 0
+    first: dict[str, Any] | None = None
+    last: dict[str, Any] | None = None
+    problems: list[Problem] = field(default_factory=list)
+
+
+class _TornTails(logging.Handler):
+    """Collects the torn tails a storage leaves out of read() itself (it logs them)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.sizes: list[int] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        size = getattr(record, "yoink_torn_tail", None)
+        if size is not None:
+            self.sizes.append(size)
+
+
+async def scan(storage: CheckpointStorage, uri: str) -> Scan:
+    """Read the whole journal once, skipping and noting every problem."""
+    result = Scan()
+    decoder = JournalDecoder(uri, on_corrupt="skip")
+    torn = _TornTails()
+    logger.addHandler(torn)
+    try:
+        async for item in storage.read():
+            for record in decoder.feed(item):
+                result.first = result.first or record
+                result.last = record
+                result.records += 1
+        decoder.finish()
+    finally:
+        logger.removeHandler(torn)
+    result.bytes = decoder.offset + sum(torn.sizes)
+    result.problems = [Problem(kind, bad.line, bad.offset, bad.reason) for kind, bad in decoder.problems]
+    for size in torn.sizes:
+        reason = f"{size} bytes without a newline"
+        result.problems.append(Problem("torn", decoder.lines + 1, decoder.offset, reason))
+    return result
+
+
+async def cat(uri: str, skip_corrupt: bool, out: BinaryIO) -> int:
+    on_corrupt = "skip" if skip_corrupt else "raise"
+    async with CheckpointManager.from_uri(uri, flush_interval=None, on_corrupt=on_corrupt) as manager:
+        chunk: list[bytes] = []
+        try:
+            async for record in manager.replay():
+                chunk.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+                if len(chunk) == 1024:
+                    out.write(b"".join(chunk))
+                    chunk.clear()
+        finally:  # the records before a corrupt line are written before the error
+            out.write(b"".join(chunk))
+            out.flush()
+    return 0
+
+
+async def stats(uri: str) -> int:
+    async with StorageFactory.from_uri(uri) as storage:
+        result = await scan(storage, uri)
+    print(f"journal:  {uri}")
+    print(f"records:  {result.records:,}")
+    print(f"bytes:    {result.bytes:,}")
+    print(f"first:    {_show(result.first)}")
+    print(f"last:     {_show(result.last)}")
+    torn = [p for p in result.problems if p.kind == "torn"]
+    corrupt = [p for p in result.problems if p.kind == "corrupt"]
+    print(f"torn tail: {torn[0] if torn else 'none'}")
+    print(f"corrupt lines: {len(corrupt)}")
+    for problem in corrupt[:10]:
+        print(f"  {problem}")
+    if len(corrupt) > 10:
+        print(f"  ... and {len(corrupt) - 10} more (yoink verify lists them all)")
+    return 0
+
+
+async def verify(uri: str) -> int:
+    async with StorageFactory.from_uri(uri) as storage:
+        result = await scan(storage, uri)
+    for problem in result.problems:
+        print(f"{uri}: {problem}")
+    if result.problems:
+        return 1
+    print(f"{uri}: clean, {result.records:,} records")
+    return 0
+
+
+async def copy(source: str, destination: str, append: bool, progress: bool) -> int:
+    if source == destination:
+        raise ValueError(f"{source} is both the source and the destination")
+    async with CheckpointManager.from_uri(destination, flush_interval=None) as target:
+        if await target.exists() and not append:
+            count = sum([1 async for _ in target.replay()])
+            if count:
+                raise _Refused(f"{destination} already holds {count:,} records; pass --append to add to them")
+        async with CheckpointManager.from_uri(source, flush_interval=None) as origin:
+            copied, started, shown = 0, time.monotonic(), 0.0
+            async for batch in _batches(origin.replay(), 4096):
+                await target.append_many(batch)
+                copied += len(batch)
+                now = time.monotonic()
+                if progress and now - shown > 0.2:
+                    rate = copied / max(now - started, 1e-9)
+                    print(f"\rcopied {copied:,} records ({rate:,.0f}/s)", end="", file=sys.stderr, flush=True)
+                    shown = now
+            await target.flush()
+    if progress:
+        print(f"\rcopied {copied:,} records" + " " * 20, file=sys.stderr)
+    return 0
+
+
+class _Refused(YoinkError):
+    """The command would have done something the user did not ask for."""
+
+
+async def _batches(records: AsyncIterator[dict[str, Any]], size: int) -> AsyncIterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    async for record in records:
+        batch.append(record)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _show(record: dict[str, Any] | None) -> str:
+    if record is None:
+        return "-"
+    text = orjson.dumps(record).decode()
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="yoink", description="Look into, check and copy yoink journals.")
+    parser.add_argument("--version", action="version", version=f"yoink {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and yoink's log")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    command = commands.add_parser("cat", help="write the records as JSONL to stdout")
+    command.add_argument("uri")
+    command.add_argument("--skip-corrupt", action="store_true", help="skip corrupt lines instead of stopping")
+    command = commands.add_parser(
+        "stats", help="count records and bytes, show the first and last, and problems"
+    )
+    command.add_argument("uri")
+    command = commands.add_parser("verify", help="exit 0 if the journal is clean, else 1 with each problem")
+    command.add_argument("uri")
+    command = commands.add_parser("copy", help="copy a journal to another URI (any backend to any other)")
+    command.add_argument("source")
+    command.add_argument("destination")
+    command.add_argument("--append", action="store_true", help="add to a destination that holds records")
+    command.add_argument("--no-progress", action="store_true", help="no progress line, even on a terminal")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("yoink: %(levelname)s: %(message)s"))
+    handler.setLevel(logging.DEBUG if args.debug else logging.ERROR)  # stats and verify report the rest
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    try:
+        if args.command == "cat":
+            return anyio.run(cat, args.uri, args.skip_corrupt, sys.stdout.buffer)
+        if args.command == "stats":
+            return anyio.run(stats, args.uri)
+        if args.command == "verify":
+            return anyio.run(verify, args.uri)
+        progress = sys.stderr.isatty() and not args.no_progress
+        return anyio.run(copy, args.source, args.destination, args.append, progress)
+    except BrokenPipeError:  # `yoink cat ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit either
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        status = 2 if isinstance(exc, USAGE_ERRORS) else 1
+        message = _one_line(exc)
+        if isinstance(exc, CorruptCheckpointError):
+            message = message.replace("on_corrupt='skip'", "yoink cat --skip-corrupt")
+        print(f"yoink: error: {message}", file=sys.stderr)
+        return status
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
