@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
+
+from tests.s3 import free_port
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -23,3 +29,73 @@ def test_the_demo_kills_a_job_and_the_resume_neither_loses_nor_duplicates(tmp_pa
     assert "jobs missing:                  0" in result.stdout
     before = int(result.stdout.split("jobs done before the kill:")[1].split()[0])
     assert 0 < before < 800
+
+
+def test_the_crawl_demo_kills_a_crawl_and_the_resume_fetches_no_recorded_page_again(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "crawl_demo.py"), "--pages", "400", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "killed (exit status -9)" in result.stdout
+    assert "recorded pages fetched again:             0" in result.stdout
+    assert "pages never fetched:                      0" in result.stdout
+    before = int(result.stdout.split("pages fetched before the kill:")[1].split()[0].replace(",", ""))
+    assert 0 < before < 801
+    twice = int(result.stdout.split("pages fetched twice in all:")[1].split()[0])
+    in_flight = int(result.stdout.split("in flight at the kill, with no record yet:")[1].split()[0])
+    assert twice == in_flight <= 16  # only pages under way at the kill, at most one per worker
+
+
+@pytest.mark.parametrize("backend", ["s3", "redis"])
+def test_the_crawler_runs_on_s3_and_redis_checkpoints(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if backend == "s3":
+        bucket = request.getfixturevalue("bucket")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", request.getfixturevalue("moto").url)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        checkpoint = f"s3://{bucket}/crawl.jsonl"
+    else:
+        checkpoint = f"{request.getfixturevalue('redis_url')}?key=crawl-{tmp_path.name}"
+    port = free_port()
+    site = subprocess.Popen(
+        [
+            sys.executable,
+            str(EXAMPLES / "crawler_site.py"),
+            "--pages",
+            "100",
+            "--port",
+            str(port),
+            "--log",
+            str(tmp_path / "served.log"),
+            "--delay",
+            "0",
+        ]
+    )
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        crawl = [
+            sys.executable,
+            str(EXAMPLES / "crawler.py"),
+            f"http://127.0.0.1:{port}/",
+            "--checkpoint",
+            checkpoint,
+        ]
+        result = subprocess.run(crawl, capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[-1] == "finished 201 0 201"
+        again = subprocess.run(crawl, capture_output=True, text=True, timeout=120, check=False)
+        assert again.stdout.splitlines()[0].startswith("resumed 201 0 ")  # nothing left to fetch
+        assert again.stdout.splitlines()[-1] == "finished 0 0 201"
+    finally:
+        site.terminate()
+        site.wait()
