@@ -186,3 +186,32 @@ def test_a_failure_is_one_line_and_debug_shows_the_traceback(tmp_path: Path) -> 
     debug = yoink("--debug", "cat", unreachable)
     assert "Traceback" in debug.stderr
     assert "hunter2" not in result.stderr + debug.stderr
+
+
+def test_copy_shows_progress_on_a_terminal(journal: Path, tmp_path: Path) -> None:
+    import pty
+
+    controller, terminal = pty.openpty()
+    try:
+        result = subprocess.run(
+            [YOINK, "copy", str(journal), str(tmp_path / "copy.jsonl")],
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            env=os.environ,
+            timeout=60,
+            check=False,
+        )
+        os.close(terminal)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # the terminal's other side is closed: all is read
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(controller)
+    assert result.returncode == 0
+    assert b"copied 1,000 records" in shown
