@@ -1,6 +1,6 @@
 """A writer for crash tests: resume a journal, then append and flush until killed.
 
-Usage: python tests/crash_writer.py URI SEED [OPTIONS_JSON]
+Usage: python tests/reliability/writer.py URI SEED [OPTIONS_JSON]
 
 Prints ``resumed N`` once the journal is replayed (N records), then, each time one of its tasks'
 flushes returns, ``acked n n ...``: the numbers of that task's records the flush covered. Those
