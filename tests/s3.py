@@ -6,9 +6,13 @@ HTTP to ``moto.server.ThreadedMotoServer``.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import http.client
+import random
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,6 +52,7 @@ class Fault:
     times: int = 1
     match: Callable[[str, str], bool] = lambda method, path: True
     after: bool = False  # pass the request on first, and lose moto's answer
+    stall: float = 0.0  # with status -1: pass the request on, then answer this many seconds late
 
 
 @dataclass
@@ -63,6 +68,8 @@ class Proxy:
     def __init__(self, upstream_port: int) -> None:
         self.traffic = Traffic()
         self.faults: list[Fault] = []
+        self.broken: collections.Counter[str] = collections.Counter()  # faults made by chaos()
+        self._chaos: tuple[float, random.Random, float] | None = None
         self._lock = threading.Lock()
         proxy = self
 
@@ -79,6 +86,12 @@ class Proxy:
                 with proxy._lock:
                     proxy.traffic.requests.append((self.command, self.path))
                     proxy.traffic.sent += head + len(body)
+                if fault is not None and fault.status == -1:  # moto acts; its answer comes late
+                    status, forwarded, payload = self._forward(body)
+                    time.sleep(fault.stall)
+                    with contextlib.suppress(OSError):
+                        self._answer(status, forwarded, payload, head_only=self.command == "HEAD")
+                    return
                 if fault is not None and fault.after:
                     self._forward(body)
                 if fault is not None and fault.status == 0:
@@ -153,12 +166,32 @@ class Proxy:
             traffic, self.traffic = self.traffic, Traffic()
         return traffic
 
+    def chaos(self, probability: float, rng: random.Random, stall: float = 2.0) -> None:
+        """From now on, break each request with ``probability``: a 500, a 503 SlowDown, a reset
+        before or after moto acted, or an answer held back for ``stall`` seconds."""
+        self._chaos = (probability, rng, stall)
+
+    def calm(self) -> None:
+        self._chaos = None
+
     def _take_fault(self, method: str, path: str) -> Fault | None:
         with self._lock:
             for fault in self.faults:
                 if fault.times > 0 and fault.match(method, path):
                     fault.times -= 1
                     return fault
+            if self._chaos is not None:
+                probability, rng, stall = self._chaos
+                if rng.random() < probability:
+                    kind = rng.choice(["500", "503", "reset", "reset-after", "stall"])
+                    self.broken[kind] += 1
+                    if kind == "500":
+                        return Fault(500, "InternalError")
+                    if kind == "503":
+                        return Fault(503, "SlowDown")
+                    if kind == "stall":
+                        return Fault(-1, "", after=True, stall=stall)
+                    return Fault(0, "", after=kind == "reset-after")
         return None
 
     def stop(self) -> None:

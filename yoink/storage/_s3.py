@@ -130,6 +130,7 @@ class S3Storage(StagedStorage):
         part_size: int = 16 << 20,
         merge_after: int = 64,
         merge_target: int = 64 << 20,
+        timeout: float = 60.0,
     ) -> None:
         options = {k: v for k, v in locals().items() if k not in ("self", "uri", "__class__")}
         self._bucket, self._key, query = _parse_uri(uri)
@@ -171,6 +172,7 @@ class S3Storage(StagedStorage):
             region=options["region_name"],
             profile=options["profile_name"],
             retries={"mode": retry_mode, "max_attempts": max_attempts},
+            timeout=timeout,
         )
         self._object: _Object | None = None
         self._segments: _Segments | None = None
@@ -528,6 +530,7 @@ _DEFAULTS: dict[str, Any] = {
     "part_size": 16 << 20,
     "merge_after": 64,
     "merge_target": 64 << 20,
+    "timeout": 60.0,
 }
 
 

@@ -55,6 +55,7 @@ class S3Client:
         region: str | None,
         profile: str | None,
         retries: dict[str, Any],
+        timeout: float,
     ) -> None:
         self.bucket = bucket
         self.endpoint = endpoint
@@ -62,6 +63,7 @@ class S3Client:
         self._region = region
         self._profile = profile
         self._retries = retries
+        self._timeout = timeout
         self._stack: contextlib.AsyncExitStack | None = None
         self._handle: Any = None
         self._lock = anyio.Lock()
@@ -94,7 +96,9 @@ class S3Client:
             if self._handle is None:
                 stack = contextlib.AsyncExitStack()
                 session = aioboto3.Session(profile_name=self._profile)
-                config = AioConfig(retries=self._retries)
+                config = AioConfig(
+                    retries=self._retries, connect_timeout=self._timeout, read_timeout=self._timeout
+                )
                 client = session.client(
                     "s3", endpoint_url=self.endpoint, region_name=self._region, config=config
                 )

@@ -1,0 +1,98 @@
+"""Faults under a writer: S3 that errs, resets and stalls at random; Redis killed and restarted.
+
+Whatever happens, a record covered by a flush that returned is never lost, and no record is
+replayed twice. A flush that cannot succeed raises StorageError (and keeps its records for the
+next flush); nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import read_text
+from tests.redis_server import RedisServer
+from tests.reliability.killing import LONG
+from tests.s3 import MotoServer, Proxy
+from yoink import CheckpointManager, StorageError
+from yoink.storage import RedisStreamStorage, S3Storage
+
+ROUNDS = 300 if LONG else 40
+
+
+def records(first: int, count: int) -> list[dict[str, int]]:
+    return [{"n": n} for n in range(first, first + count)]
+
+
+async def write_through_faults(
+    manager: CheckpointManager, first: int, rounds: int
+) -> tuple[int, int, list[str]]:
+    """Append 20 records and flush, ``rounds`` times, from record ``first``.
+
+    Returns (records appended in all, records a returned flush covered, the errors of the others).
+    """
+    appended, acknowledged, errors = first, 0, []
+    for _ in range(rounds):
+        await manager.append_many(records(appended, 20))
+        appended += 20
+        try:
+            await manager.flush()
+        except StorageError as exc:  # anything else fails the test
+            errors.append(str(exc))
+        else:
+            acknowledged = appended  # a flush covers everything appended before it
+    return appended, acknowledged, errors
+
+
+@pytest.mark.parametrize("layout", ["object", "segments"])
+async def test_s3_errors_resets_and_stalls_lose_and_repeat_nothing(
+    bucket: str, moto: MotoServer, tmp_path: Path, layout: str
+) -> None:
+    seed = int(os.environ.get("YOINK_TEST_SEED", time.time_ns() % (1 << 32)))
+    proxy = Proxy(moto.port)
+    uri = f"s3://{bucket}/faults?layout={layout}"
+    storage = S3Storage(
+        uri, stage_dir=tmp_path / "stage", endpoint_url=proxy.url, timeout=0.5, max_attempts=3, merge_after=4
+    )
+    try:
+        proxy.chaos(0.2, random.Random(seed), stall=1.0)
+        async with CheckpointManager(storage, flush_interval=None) as manager:
+            appended, acknowledged, errors = await write_through_faults(manager, 0, ROUNDS)
+            proxy.calm()
+            await manager.flush()  # what failed flushes kept goes now
+    finally:
+        proxy.stop()
+    assert sum(proxy.broken.values()) >= 5, proxy.broken  # the faults did happen
+    async with S3Storage(uri, stage_dir=tmp_path / "reader", endpoint_url=moto.url) as reader:
+        replayed = [int(line[5:-1]) for line in (await read_text(reader)).splitlines()]
+    assert set(range(acknowledged)) <= set(replayed), f"seed {seed}: acknowledged records lost"
+    assert replayed == list(range(appended)), f"seed {seed}: records lost, repeated or reordered"
+    print(f"seed {seed}: faults {dict(proxy.broken)}, {len(errors)} flushes failed of {ROUNDS}")
+
+
+async def test_redis_killed_and_restarted_at_random_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    seed = int(os.environ.get("YOINK_TEST_SEED", time.time_ns() % (1 << 32)))
+    rng = random.Random(seed)
+    server = RedisServer(tmp_path / "aof", appendonly=True)
+    key = f"faults-{seed}"
+    try:
+        storage = RedisStreamStorage(server.url, key, lease_ttl=60)
+        async with CheckpointManager(storage, flush_interval=None) as manager:
+            appended, failed = 0, 0
+            for _ in range(3 if not LONG else 20):
+                appended, _, _ = await write_through_faults(manager, appended, rng.randint(5, 30))
+                server.kill()  # at a random moment between flushes, with its AOF on
+                appended, _, errors = await write_through_faults(manager, appended, rng.randint(1, 5))
+                failed += len(errors)
+                server.start()
+            await manager.flush()
+        assert failed, "the server was down for some flushes: they must have failed"
+        async with RedisStreamStorage(server.url, key) as reader:
+            replayed = [int(line[5:-1]) for line in (await read_text(reader)).splitlines()]
+        assert replayed == list(range(appended)), f"seed {seed}: records lost, repeated or reordered"
+    finally:
+        server.stop()
