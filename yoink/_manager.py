@@ -15,8 +15,17 @@ import anyio
 import orjson
 from anyio.abc import TaskGroup
 
-from yoink._exceptions import StorageClosedError
-from yoink._records import ENCODE_OPTIONS, JournalDecoder, OnCorrupt, encode_record, not_a_record
+from yoink import _records
+from yoink._exceptions import CorruptCheckpointError, StorageClosedError
+from yoink._records import (
+    ENCODE_OPTIONS,
+    JournalDecoder,
+    OnCorrupt,
+    encode_record,
+    line_too_long,
+    not_a_record,
+    record_too_long,
+)
 from yoink.storage import CheckpointStorage, StorageFactory
 
 if sys.version_info >= (3, 11):
@@ -60,6 +69,8 @@ class CheckpointManager:
             raise TypeError(f"storage must be a CheckpointStorage, got {type(storage).__name__}")
         if not isinstance(batch_bytes, int) or batch_bytes < 1:
             raise ValueError(f"batch_bytes must be a positive number of bytes, got {batch_bytes!r}")
+        if batch_bytes > _records.MAX_LINE_BYTES:
+            raise ValueError(f"batch_bytes must be at most {_records.MAX_LINE_BYTES:,}, got {batch_bytes:,}")
         if flush_interval is not None and not flush_interval > 0:
             raise ValueError(f"flush_interval must be positive seconds or None, got {flush_interval!r}")
         if on_corrupt not in ("raise", "skip"):
@@ -135,7 +146,10 @@ class CheckpointManager:
             raise not_a_record(record)
         buffer = self._buffer
         buffer += line
-        if len(buffer) >= self._batch_bytes:
+        if len(buffer) >= self._batch_bytes:  # and so a line over MAX_LINE_BYTES is caught here
+            if len(line) > _records.MAX_LINE_BYTES:
+                del buffer[-len(line) :]
+                raise record_too_long(len(line))
             await self._write_batch()
 
     async def append_many(self, records: Iterable[Any]) -> None:
@@ -185,9 +199,15 @@ class CheckpointManager:
         decoder = JournalDecoder(repr(self._storage), on_corrupt=self._on_corrupt)
         items = self._storage.read()
         try:
-            async for item in items:
-                for record in decoder.feed(item):
-                    yield record
+            try:
+                async for item in items:
+                    for record in decoder.feed(item):
+                        yield record
+            except CorruptCheckpointError as exc:
+                if exc.line:
+                    raise
+                # A storage met a line over MAX_LINE_BYTES and stopped; the decoder counted the lines.
+                raise line_too_long(decoder.source, decoder.lines + 1, exc.offset) from None
             decoder.finish()
         finally:
             self.corrupt_lines_skipped = decoder.skipped

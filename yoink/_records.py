@@ -12,10 +12,11 @@ Encoding is orjson's; decoding is here and nowhere else, with the rules for a da
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import orjson
 
@@ -23,11 +24,14 @@ from yoink._exceptions import CorruptCheckpointError
 
 __all__ = [
     "ENCODE_OPTIONS",
+    "MAX_LINE_BYTES",
     "BadLine",
     "JournalDecoder",
     "OnCorrupt",
     "encode_record",
+    "line_too_long",
     "not_a_record",
+    "record_too_long",
     "whole_lines",
 ]
 
@@ -35,6 +39,10 @@ logger = logging.getLogger("yoink")
 
 OnCorrupt = Literal["raise", "skip"]
 ENCODE_OPTIONS = orjson.OPT_APPEND_NEWLINE
+LARGE_LINE = 4 << 20  # a line longer than this is parsed by _loads with the json module
+MAX_LINE_BYTES = 64 << 20
+"""The longest line yoink writes or reads. ``append`` refuses a longer record; replay stops at a
+longer line with :class:`~yoink.CorruptCheckpointError`, so memory never grows past it."""
 _OBJECT_START = ord("{")
 
 
@@ -49,7 +57,16 @@ def encode_record(record: Any, default: Callable[[Any], Any] | None = None) -> b
         raise not_a_record(record, exc) from exc
     if line[0] != _OBJECT_START:
         raise not_a_record(record)
+    if len(line) > MAX_LINE_BYTES:
+        raise record_too_long(len(line))
     return line
+
+
+def record_too_long(size: int) -> ValueError:
+    return ValueError(
+        f"a record of {size:,} bytes is longer than {MAX_LINE_BYTES:,} bytes, yoink's limit for a line; "
+        "nothing was appended"
+    )
 
 
 def not_a_record(record: Any, cause: TypeError | None = None) -> TypeError:
@@ -70,17 +87,22 @@ async def whole_lines(
     What follows the last newline is yielded last if ``keep_tail`` (the manager then judges it),
     else left out as a torn write, with a WARNING that names ``describe``.
     """
-    carry = b""
+    parts: list[bytes] = []  # the start of a line that continues in the next chunk
+    waiting = 0  # their size
     whole = 0  # bytes of whole lines so far
     async for chunk in chunks:
         cut = chunk.rfind(b"\n") + 1
         if cut == 0:
-            carry += chunk
+            parts.append(chunk)
+            waiting += len(chunk)
+            if waiting > MAX_LINE_BYTES:
+                raise line_too_long(describe, 0, whole)
             continue
-        block = carry + chunk[:cut] if carry else chunk[:cut]
-        carry = chunk[cut:]
+        block = b"".join([*parts, chunk[:cut]]) if parts else chunk[:cut]
+        parts, waiting = ([chunk[cut:]], len(chunk) - cut) if cut < len(chunk) else ([], 0)
         whole += len(block)
         yield block.decode("utf-8", "surrogateescape")
+    carry = b"".join(parts)
     if carry and keep_tail:
         yield carry.decode("utf-8", "surrogateescape")
     elif carry:
@@ -129,7 +151,11 @@ class JournalDecoder:
         lines = item.split("\n")
         if not lines[-1]:
             lines.pop()
+        if len(item) > MAX_LINE_BYTES // 4:  # a line may be too long (a character is 1 to 4 bytes)
+            lines = self._cut_at_a_long_line(lines)
         try:
+            if len(item) > LARGE_LINE:  # a long line may be there: leave it to _loads
+                raise orjson.JSONDecodeError("", "", 0)
             records = [orjson.loads(line) for line in lines]
         except orjson.JSONDecodeError:
             records = self._decode_slowly(lines)
@@ -139,6 +165,17 @@ class JournalDecoder:
         self.lines += len(lines)
         self.offset += _utf8_len(item) + (not item.endswith("\n"))
         return records
+
+    def _cut_at_a_long_line(self, lines: list[str]) -> list[str]:
+        """Keep the lines before the first one over MAX_LINE_BYTES; raise for it at the next call."""
+        offset = self.offset
+        for index, line in enumerate(lines):
+            size = _utf8_len(line)
+            if size > MAX_LINE_BYTES:
+                self._error = line_too_long(self.source, self.lines + index + 1, offset)
+                return lines[:index]
+            offset += size + 1
+        return lines
 
     def finish(self) -> None:
         """Call after the last item: a bad last line is a torn tail; raise corruption found earlier."""
@@ -167,8 +204,8 @@ class JournalDecoder:
                     return records
                 self._suspect = None
             try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
+                record = _loads(line)
+            except json.JSONDecodeError as exc:  # orjson's is a subclass
                 reason = str(exc)
             else:
                 if type(record) is dict:
@@ -195,6 +232,32 @@ class JournalDecoder:
         self.problems.append(("corrupt", bad))
         logger.warning("%s; skipped", message)
         return False
+
+
+def _loads(line: str) -> Any:
+    """Parse one line: with orjson, or, for a long line, with the json module.
+
+    orjson needs about 13 times a document's size while it parses it; json about its size. A
+    journal of long lines would otherwise make replay's memory thirteen times its longest line.
+    """
+    if len(line) <= LARGE_LINE:
+        return orjson.loads(line)
+    return json.loads(line, parse_constant=_no_constant)
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)  # as orjson says
+
+
+def line_too_long(source: str, line: int, offset: int) -> CorruptCheckpointError:
+    """The error for a line over MAX_LINE_BYTES; ``line`` 0 when the caller cannot count lines."""
+    where = f"line {line} (byte offset {offset})" if line else f"the line at byte offset {offset}"
+    return CorruptCheckpointError(
+        f"{source}: {where} is longer than {MAX_LINE_BYTES:,} bytes, yoink's limit for a line; "
+        "yoink never writes such a line, and does not read one (even with on_corrupt='skip')",
+        line=line,
+        offset=offset,
+    )
 
 
 def _utf8_len(text: str) -> int:
