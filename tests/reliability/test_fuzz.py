@@ -133,7 +133,7 @@ async def test_replay_memory_follows_the_longest_line_not_the_journal(tmp_path: 
     path = tmp_path / "mixed.jsonl"
     longest = 16 << 20
     with path.open("wb") as file:
-        for block in range(8):  # 8 long lines among 40 MB of small ones
+        for _ in range(8):  # 8 long lines among 40 MB of small ones
             file.write(b"".join(orjson.dumps({"n": n, "pad": "s" * 60}) + b"\n" for n in range(60_000)))
             file.write(b'{"long":"' + b"L" * longest + b'"}\n')
     assert path.stat().st_size > 100 << 20
