@@ -150,7 +150,7 @@ class CheckpointManager:
             if len(line) > _records.MAX_LINE_BYTES:
                 del buffer[-len(line) :]
                 raise record_too_long(len(line))
-            await self._write_batch()
+            await self._write_batch(if_full=True)
 
     async def append_many(self, records: Iterable[Any]) -> None:
         """Append records in order, all or none: if one cannot be encoded, none is appended."""
@@ -161,7 +161,7 @@ class CheckpointManager:
         buffer = self._buffer
         buffer += encoded
         if len(buffer) >= self._batch_bytes:
-            await self._write_batch()
+            await self._write_batch(if_full=True)
 
     async def flush(self) -> None:
         """Return when every record appended before the call is durable in the storage.
@@ -254,9 +254,12 @@ class CheckpointManager:
         if self._closed:
             raise StorageClosedError(f"{self!r} is closed")
 
-    async def _write_batch(self) -> None:
+    async def _write_batch(self, *, if_full: bool = False) -> None:
         async with self._io_lock:
-            await self._write_locked()
+            # Appenders that waited for the lock find the batch written by the one before them;
+            # they write only a buffer that is full again, never a handful of records each.
+            if not if_full or len(self._buffer) >= self._batch_bytes:
+                await self._write_locked()
 
     async def _write_locked(self) -> None:
         """Hand the buffered records to the storage in one write; keep them if it fails."""
