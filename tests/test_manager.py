@@ -351,3 +351,16 @@ def test_bad_options_are_refused(options: dict[str, Any], message: str) -> None:
 def test_a_storage_must_be_a_checkpoint_storage() -> None:
     with pytest.raises(TypeError, match="storage must be a CheckpointStorage, got str"):
         CheckpointManager("./crawl.jsonl")  # type: ignore[arg-type]
+
+
+async def test_skipping_many_corrupt_lines_warns_for_the_first_ten_then_once_in_all(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    storage = MemoryStorage()
+    await storage.write('{"n":1}\nbad\n' * 50 + '{"n":2}\n')
+    async with CheckpointManager(storage, on_corrupt="skip") as manager:
+        with caplog.at_level(logging.WARNING, logger="yoink"):
+            assert len([r async for r in manager.replay()]) == 51
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 11
+    assert warnings[-1].endswith("skipped 50 corrupt lines in all (a warning was logged for the first 10)")

@@ -39,6 +39,7 @@ logger = logging.getLogger("yoink")
 
 OnCorrupt = Literal["raise", "skip"]
 ENCODE_OPTIONS = orjson.OPT_APPEND_NEWLINE
+WARNED_LINES = 10  # corrupt lines skipped with a warning each; finish() logs the total of the rest
 LARGE_LINE = 4 << 20  # a line longer than this is parsed by _loads with the json module
 MAX_LINE_BYTES = 64 << 20
 """The longest line yoink writes or reads. ``append`` refuses a longer record; replay stops at a
@@ -132,13 +133,14 @@ class JournalDecoder:
     whole lines; the newline that ends an item is optional.
     """
 
-    def __init__(self, source: str, *, on_corrupt: OnCorrupt = "raise") -> None:
+    def __init__(self, source: str, *, on_corrupt: OnCorrupt = "raise", keep_problems: bool = False) -> None:
         self.source = source
         self.on_corrupt = on_corrupt
         self.lines = 0
         self.offset = 0
         self.skipped = 0
-        self.problems: list[tuple[str, BadLine]] = []  # ("corrupt" or "torn", the line), as skipped
+        # ("corrupt" or "torn", the line) for each line skipped, if asked for: replay does not keep them.
+        self.problems: list[tuple[str, BadLine]] | None = [] if keep_problems else None
         self._suspect: BadLine | None = None  # a bad line that is torn if nothing follows it
         self._error: CorruptCheckpointError | None = None
 
@@ -182,13 +184,21 @@ class JournalDecoder:
         if self._error is not None:
             raise self._error
         if self._suspect is not None:
-            self.problems.append(("torn", self._suspect))
+            if self.problems is not None:
+                self.problems.append(("torn", self._suspect))
             logger.warning(
                 "%s: skipped line %d (byte offset %d), the last line, as a torn write: %s",
                 self.source,
                 self._suspect.line,
                 self._suspect.offset,
                 self._suspect.reason,
+            )
+        if self.skipped > WARNED_LINES:
+            logger.warning(
+                "%s: skipped %d corrupt lines in all (a warning was logged for the first %d)",
+                self.source,
+                self.skipped,
+                WARNED_LINES,
             )
 
     def _decode_slowly(self, lines: list[str]) -> list[dict[str, Any]]:
@@ -229,8 +239,10 @@ class JournalDecoder:
             )
             return True
         self.skipped += 1
-        self.problems.append(("corrupt", bad))
-        logger.warning("%s; skipped", message)
+        if self.problems is not None:
+            self.problems.append(("corrupt", bad))
+        if self.skipped <= WARNED_LINES:
+            logger.warning("%s; skipped", message)
         return False
 
 

@@ -74,7 +74,7 @@ class _TornTails(logging.Handler):
 async def scan(storage: CheckpointStorage, uri: str) -> Scan:
     """Read the whole journal once, skipping and noting every problem."""
     result = Scan()
-    decoder = JournalDecoder(uri, on_corrupt="skip")
+    decoder = JournalDecoder(uri, on_corrupt="skip", keep_problems=True)
     torn = _TornTails()
     logger.addHandler(torn)
     try:
@@ -87,7 +87,9 @@ async def scan(storage: CheckpointStorage, uri: str) -> Scan:
     finally:
         logger.removeHandler(torn)
     result.bytes = decoder.offset + sum(torn.sizes)
-    result.problems = [Problem(kind, bad.line, bad.offset, bad.reason) for kind, bad in decoder.problems]
+    result.problems = [
+        Problem(kind, bad.line, bad.offset, bad.reason) for kind, bad in decoder.problems or []
+    ]
     for size in torn.sizes:
         reason = f"{size} bytes without a newline"
         result.problems.append(Problem("torn", decoder.lines + 1, decoder.offset, reason))

@@ -146,3 +146,22 @@ async def test_replay_memory_follows_the_longest_line_not_the_journal(tmp_path: 
         tracemalloc.stop()
     assert count == 8 * 60_001
     assert peak < 6 * longest, f"replay of {path.stat().st_size >> 20} MiB peaked at {peak >> 20} MiB"
+
+
+async def test_skipping_corrupt_lines_keeps_nothing_per_line(tmp_path: Path) -> None:
+    import tracemalloc
+
+    path = tmp_path / "garbage.jsonl"
+    path.write_bytes(b'{"n":1}\nnot a record at all, but long enough to matter\n' * 200_000)
+    tracemalloc.start()
+    try:
+        async with CheckpointManager.from_uri(path, on_corrupt="skip") as manager:
+            count = 0
+            async for _ in manager.replay():
+                count += 1
+            skipped = manager.corrupt_lines_skipped
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (count, skipped) == (200_000, 199_999)  # the last bad line is a torn tail
+    assert peak < 16 << 20, f"skipping 200,000 lines peaked at {peak >> 20} MiB"
