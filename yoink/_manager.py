@@ -13,10 +13,9 @@ from typing import Any
 
 import anyio
 import orjson
-from anyio.abc import TaskGroup
 
 from yoink import _records
-from yoink._exceptions import CorruptCheckpointError, StorageClosedError
+from yoink._exceptions import CorruptCheckpointError, StorageClosedError, StorageError
 from yoink._records import (
     ENCODE_OPTIONS,
     JournalDecoder,
@@ -26,6 +25,7 @@ from yoink._records import (
     not_a_record,
     record_too_long,
 )
+from yoink._tasks import start_background, uninterrupted
 from yoink.storage import CheckpointStorage, StorageFactory
 
 if sys.version_info >= (3, 11):
@@ -49,6 +49,12 @@ class CheckpointManager:
 
     Durability: when :meth:`flush` returns, every record appended before it was called is durable
     in the storage. A crash loses at most the records appended since the last flush that returned.
+
+    Cancellation never cuts a storage call short: each write and flush runs in a task of its own
+    (on asyncio; shielded on trio), so a cancelled :meth:`flush` or :meth:`append` stops waiting
+    while the write it started finishes, and nothing is written twice or lost. A cancelled
+    :meth:`append` has appended its record. :meth:`close` finishes its flush and releases the
+    storage before its caller's cancellation goes on.
 
     >>> async with CheckpointManager.from_uri("./crawl.jsonl") as checkpoint:
     ...     done = {record["url"] async for record in checkpoint.replay()}
@@ -87,8 +93,10 @@ class CheckpointManager:
         self._durable = -1
         self._io_lock = anyio.Lock()  # the one path to the storage: batches never reorder
         self._flushing: anyio.Event | None = None
-        self._flusher: TaskGroup | None = None
-        self._closed = False
+        self._flusher: anyio.CancelScope | None = None
+        self._closed = False  # no more appends: close() has begun
+        self._closing: anyio.Event | None = None  # set once close() has released the storage
+        self._unknown: str | None = None  # why a storage call's outcome is unknown, if one is
         self.corrupt_lines_skipped = 0
         """Lines the last :meth:`replay` skipped as corrupt (with ``on_corrupt="skip"``)."""
 
@@ -166,25 +174,11 @@ class CheckpointManager:
     async def flush(self) -> None:
         """Return when every record appended before the call is durable in the storage.
 
-        Tasks that call ``flush()`` together share one storage flush (group commit).
+        Tasks that call ``flush()`` together share one storage flush (group commit). A cancelled
+        ``flush()`` stops waiting; the storage flush it started goes on to its end.
         """
         self._check_open()
-        target = self._handed + len(self._buffer)
-        while self._durable < target:
-            if self._flushing is not None:
-                await self._flushing.wait()
-                continue
-            self._flushing = done = anyio.Event()
-            try:
-                async with self._io_lock:
-                    await self._write_locked()
-                    handed = self._handed  # all written: writes happen only under this lock
-                    with anyio.CancelScope(shield=True):
-                        await self._storage.flush()
-                    self._durable = handed
-            finally:
-                self._flushing = None
-                done.set()
+        await self._flush()
 
     async def replay(self) -> AsyncIterator[dict[str, Any]]:
         """Yield the journal's records in append order, streaming.
@@ -220,20 +214,29 @@ class CheckpointManager:
         return bool(self._buffer) or self._handed > 0 or await self._storage.exists()
 
     async def close(self) -> None:
-        """Flush, then close the storage. Safe to call twice."""
-        if self._closed:
+        """Flush, then close the storage. Safe to call twice; a second call waits for the first.
+
+        From the moment it is called, :meth:`append` raises :class:`~yoink.StorageClosedError`;
+        every record appended before is flushed. It finishes even when its caller is cancelled,
+        and its caller's cancellation goes on once the storage is released.
+        """
+        if self._closing is not None:
+            await self._closing.wait()
             return
+        self._closed = True
+        self._closing = closing = anyio.Event()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
         try:
-            await self.flush()
+            await uninterrupted(self._close_storage, finish_first=True)
         finally:
-            self._closed = True
-            await self._storage.close()
+            closing.set()
 
     async def __aenter__(self) -> Self:
-        if self._flush_interval is not None:
-            self._flusher = anyio.create_task_group()
-            await self._flusher.__aenter__()
-            self._flusher.start_soon(self._flush_periodically, self._flush_interval)
+        self._check_open()
+        if self._flush_interval is not None and self._flusher is None:
+            self._flusher = start_background(self._flush_periodically)
         return self
 
     async def __aexit__(
@@ -242,19 +245,21 @@ class CheckpointManager:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        flusher, self._flusher = self._flusher, None
         try:
-            if flusher is not None:
-                flusher.cancel_scope.cancel()
-                await flusher.__aexit__(None, None, None)
-        finally:
             await self.close()
+        except Exception:
+            if exc is None:
+                raise
+            logger.error("closing %r after its block raised failed as well", self, exc_info=True)
 
     def _check_open(self) -> None:
         if self._closed:
             raise StorageClosedError(f"{self!r} is closed")
 
     async def _write_batch(self, *, if_full: bool = False) -> None:
+        await uninterrupted(functools.partial(self._write_unit, if_full=if_full))
+
+    async def _write_unit(self, *, if_full: bool) -> None:
         async with self._io_lock:
             # Appenders that waited for the lock find the batch written by the one before them;
             # they write only a buffer that is full again, never a handful of records each.
@@ -265,21 +270,66 @@ class CheckpointManager:
         """Hand the buffered records to the storage in one write; keep them if it fails."""
         if not self._buffer:
             return
+        if self._unknown is not None:
+            raise StorageError(
+                f"{self!r} stopped writing: {self._unknown}. Nothing is written twice or guessed at: "
+                "open a new manager, whose replay shows what the journal holds"
+            )
         batch, self._buffer = self._buffer, bytearray()
         self._handed += len(batch)  # before the write, so a flush called meanwhile waits for it
         try:
-            with anyio.CancelScope(shield=True):
-                await self._storage.write(batch.decode())
+            await self._storage.write(batch.decode())
+        except anyio.get_cancelled_exc_class():
+            # Cancelled in its own task: the event loop is shutting down. The write may or may not
+            # have reached the storage, so it is neither repeated nor undone.
+            self._unknown = f"a write of {len(batch):,} bytes was cancelled part-way, its outcome unknown"
+            raise
         except BaseException:
             self._buffer[:0] = batch
             self._handed -= len(batch)
             raise
 
-    async def _flush_periodically(self, interval: float) -> None:
+    async def _flush(self) -> None:
+        target = self._handed + len(self._buffer)
+        while self._durable < target:
+            if self._flushing is not None:
+                await self._flushing.wait()
+                continue
+            self._flushing = anyio.Event()  # before the round starts, so that others join it
+            await uninterrupted(self._flush_round)
+
+    async def _flush_round(self) -> None:
+        try:
+            async with self._io_lock:
+                await self._write_locked()
+                handed = self._handed  # all written: writes happen only under this lock
+                await self._storage.flush()
+                self._durable = handed
+        finally:
+            done, self._flushing = self._flushing, None
+            if done is not None:
+                done.set()
+
+    async def _close_storage(self) -> None:
+        try:
+            if self._unknown is None:
+                await self._flush()
+        finally:
+            await self._storage.close()
+        if self._buffer:
+            raise StorageError(
+                f"{self!r} closed without writing its last {len(self._buffer):,} bytes of records: "
+                f"{self._unknown}"
+            )
+
+    async def _flush_periodically(self) -> None:
+        assert self._flush_interval is not None
         while True:
-            await anyio.sleep(interval)
+            await anyio.sleep(self._flush_interval)
             try:
                 await self.flush()
+            except StorageClosedError:
+                return
             except Exception:
                 logger.warning(
                     "periodic flush of %r failed; the records stay buffered for the next flush",

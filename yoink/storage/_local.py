@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import sys
@@ -10,14 +11,13 @@ from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
-import aiofiles
-import aiofiles.os
 import anyio
 import anyio.to_thread
-from aiofiles.threadpool.binary import AsyncBufferedReader, AsyncFileIO
 
 from yoink._exceptions import CheckpointLockedError, StorageClosedError, StorageError
+from yoink._fork import drop_in_forked_children, forked_note
 from yoink._records import whole_lines
+from yoink._tasks import uninterrupted
 from yoink.storage._base import CheckpointStorage
 
 if sys.version_info >= (3, 11):
@@ -34,16 +34,21 @@ TORN_SUFFIX = ".torn"
 
 
 class LocalFileStorage(CheckpointStorage):
-    """A journal in a local file, appended through aiofiles.
+    """A journal in a local file, appended through anyio's worker threads (asyncio or trio).
 
     - The file is opened in append mode on the first :meth:`write`, creating missing parent
       directories. From then on the storage holds an advisory lock (``flock``) on it until
       :meth:`close`: a second writer, in this process or another, gets
-      :class:`~yoink.CheckpointLockedError` and writes nothing. Readers need no lock.
+      :class:`~yoink.CheckpointLockedError` and writes nothing. Readers need no lock. A forked
+      child lets go of its copy of the lock, so a writer in the child is not refused once the
+      parent closes.
     - Every :meth:`write` goes to the operating system at once, so it survives a crash of this
       process. :meth:`flush` fsyncs the file (and, once, its directory after creating it) so it
       also survives a crash of the machine. ``fsync=False`` skips that, for speed where a power
       cut may cost the last seconds of work.
+    - A write is one call in a worker thread that measures the file, appends, and on an error
+      truncates back to what it measured: it is whole or absent, and a cancelled caller cannot cut
+      it short (it finishes in its own task, see :mod:`yoink._tasks`).
     - A crash in the middle of a write can leave a last line without its newline. It is never part
       of the journal: :meth:`read` leaves it out, and before the next append the fragment is moved
       to ``<path>.torn`` (one fragment a line) and logged at WARNING, so the next record starts on a
@@ -56,10 +61,10 @@ class LocalFileStorage(CheckpointStorage):
             raise ValueError("LocalFileStorage needs a file path, got an empty string")
         self._path = os.path.abspath(os.path.expanduser(path))
         self._fsync = fsync
-        self._file: AsyncFileIO | None = None
-        self._size = 0
+        self._fd: int | None = None
         self._dirty = False
         self._closed = False
+        self._closed_note = ""
         self._lock = anyio.Lock()
 
     @classmethod
@@ -95,33 +100,26 @@ class LocalFileStorage(CheckpointStorage):
 
     async def write(self, data: str) -> None:
         self._check_open()
-        if not data:
-            return
-        payload = data.encode("utf-8")
-        async with self._lock:
-            self._check_open()
-            file = self._file or await self._open()
-            # A write that is under way in a thread finishes even if its caller is cancelled, so the
-            # bookkeeping below must not be skipped by a cancellation.
-            with anyio.CancelScope(shield=True):
-                await self._append(file, payload)
+        if data:
+            await uninterrupted(functools.partial(self._write, data.encode("utf-8")))
 
     async def read(self) -> AsyncIterator[str]:
         try:
-            file = await aiofiles.open(self._path, "rb")
+            file = await anyio.open_file(self._path, "rb")
         except FileNotFoundError:
             return
         except OSError as exc:
             raise StorageError(f"cannot read {self._path}: {exc.strerror}") from exc
         try:
             # Read up to the size at the start: a batch appended meanwhile is not half-seen.
-            size = os.fstat(file.fileno()).st_size
+            size = os.fstat(file.wrapped.fileno()).st_size
             async for block in whole_lines(self._chunks(file, size), describe=self._path):
                 yield block
         finally:
-            await file.close()
+            with anyio.CancelScope(shield=True):
+                await file.aclose()
 
-    async def _chunks(self, file: AsyncBufferedReader, size: int) -> AsyncIterator[bytes]:
+    async def _chunks(self, file: anyio.AsyncFile[bytes], size: int) -> AsyncIterator[bytes]:
         while size > 0:
             try:
                 chunk = await file.read(min(READ_CHUNK, size))
@@ -133,81 +131,93 @@ class LocalFileStorage(CheckpointStorage):
             yield chunk
 
     async def exists(self) -> bool:
-        return await aiofiles.os.path.exists(self._path)
+        return await anyio.to_thread.run_sync(os.path.exists, self._path)
 
     async def flush(self) -> None:
         self._check_open()
-        async with self._lock:
-            await self._sync()
+        await uninterrupted(self._flush)
 
     async def close(self) -> None:
+        await uninterrupted(self._close, finish_first=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageClosedError(f"{self!r} is closed{self._closed_note}")
+
+    async def _write(self, payload: bytes) -> None:
+        async with self._lock:
+            self._check_open()
+            fd = self._fd if self._fd is not None else await self._open()
+            await anyio.to_thread.run_sync(self._append, fd, payload)
+
+    async def _flush(self) -> None:
+        async with self._lock:
+            self._check_open()
+            await self._sync()
+
+    async def _close(self) -> None:
         async with self._lock:
             if self._closed:
                 return
             self._closed = True
-            file, self._file = self._file, None
-            if file is None:
+            fd, self._fd = self._fd, None
+            if fd is None:
                 return
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._sync(file)
-                finally:
-                    await file.close()  # releases the lock
+            try:
+                await self._sync(fd)
+            finally:
+                os.close(fd)  # and with it the lock
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StorageClosedError(f"{self!r} is closed")
+    async def _open(self) -> int:
+        self._fd = await anyio.to_thread.run_sync(self._open_and_lock)
+        drop_in_forked_children(self)
+        return self._fd
 
-    async def _open(self) -> AsyncFileIO:
-        created = not await aiofiles.os.path.exists(self._path)
+    def _open_and_lock(self) -> int:
+        """Open the journal, take the writer's lock and set aside a torn tail."""
+        created = not os.path.exists(self._path)
         try:
-            await aiofiles.os.makedirs(os.path.dirname(self._path), exist_ok=True)
-            file = await aiofiles.open(self._path, "ab", buffering=0)
+            os.makedirs(os.path.dirname(self._path), exist_ok=True)
+            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
         except OSError as exc:
             raise StorageError(f"cannot open {self._path} for appending: {exc.strerror}") from exc
         try:
-            self._size = await anyio.to_thread.run_sync(self._lock_and_repair, file.fileno(), created)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CheckpointLockedError(
+                    f"{self._path} is open for writing elsewhere (another process or storage holds "
+                    "its lock); yoink allows one writer at a time, and nothing was written"
+                ) from None
+            try:
+                if created and self._fsync:
+                    _fsync_directory(os.path.dirname(self._path))
+                _set_aside_torn_tail(self._path, fd)
+            except OSError as exc:
+                raise StorageError(f"cannot prepare {self._path} for appending: {exc}") from exc
         except BaseException:
-            await file.close()
+            os.close(fd)
             raise
-        self._file = file
-        return file
+        return fd
 
-    def _lock_and_repair(self, fd: int, created: bool) -> int:
-        """Take the writer's lock, set aside a torn tail, and return the journal's clean size."""
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CheckpointLockedError(
-                f"{self._path} is open for writing elsewhere (another process or storage holds its "
-                "lock); yoink allows one writer at a time, and nothing was written"
-            ) from None
-        try:
-            if created and self._fsync:
-                _fsync_directory(os.path.dirname(self._path))
-            return _set_aside_torn_tail(self._path, fd)
-        except OSError as exc:
-            raise StorageError(f"cannot prepare {self._path} for appending: {exc}") from exc
-
-    async def _append(self, file: AsyncFileIO, payload: bytes) -> None:
-        start = self._size
+    def _append(self, fd: int, payload: bytes) -> None:
+        """Append ``payload`` whole, or leave the file as this call found it (in a worker thread)."""
+        start = os.fstat(fd).st_size  # what is there, not what this storage believes is there
         view = memoryview(payload)
         try:
             while view:
-                written = await file.write(view)
-                view = view[written:]
+                view = view[os.write(fd, view) :]
         except OSError as exc:
-            await self._undo_partial_append(file, start, exc)
-        self._size = start + len(payload)
+            self._undo_partial_append(fd, start, exc)
         self._dirty = True
 
-    async def _undo_partial_append(self, file: AsyncFileIO, start: int, exc: OSError) -> NoReturn:
+    def _undo_partial_append(self, fd: int, start: int, exc: OSError) -> NoReturn:
         try:
-            await anyio.to_thread.run_sync(os.ftruncate, file.fileno(), start)
+            os.ftruncate(fd, start)
         except OSError:
             self._closed = True
-            await file.close()
-            self._file = None
+            self._fd = None
+            os.close(fd)
             raise StorageError(
                 f"appending to {self._path} failed ({exc.strerror}) and the partial write could not be "
                 "undone; the storage is closed, and the next writer sets the torn tail aside"
@@ -216,17 +226,25 @@ class LocalFileStorage(CheckpointStorage):
             f"appending to {self._path} failed: {exc.strerror}; the journal is unchanged"
         ) from exc
 
-    async def _sync(self, file: AsyncFileIO | None = None) -> None:
-        file = file or self._file
-        if file is None or not self._dirty:
+    async def _sync(self, fd: int | None = None) -> None:
+        fd = self._fd if fd is None else fd
+        if fd is None or not self._dirty:
             return
         if self._fsync:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await anyio.to_thread.run_sync(os.fsync, file.fileno())
-                except OSError as exc:
-                    raise StorageError(f"fsync of {self._path} failed: {exc.strerror}") from exc
+            try:
+                await anyio.to_thread.run_sync(os.fsync, fd)
+            except OSError as exc:
+                raise StorageError(f"fsync of {self._path} failed: {exc.strerror}") from exc
         self._dirty = False
+
+    def _drop_after_fork(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        os.close(fd)  # the child's copy only: the parent keeps its lock
+        self._closed = True
+        self._closed_note = f": {forked_note(os.getppid())}"
+        self._lock = anyio.Lock()
 
 
 def _fsync_directory(path: str) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import os
 import secrets
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -27,6 +29,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from yoink._exceptions import CheckpointLockedError, StorageClosedError, StorageError
+from yoink._fork import drop_in_forked_children, forked_note
+from yoink._tasks import asyncio_loop_of, uninterrupted
 from yoink.storage._base import CheckpointStorage
 
 if sys.version_info >= (3, 11):
@@ -141,12 +145,14 @@ class RedisStreamStorage(CheckpointStorage):
         self._pending: list[tuple[int, bytes]] = []  # (block number, whole lines) not yet in Redis
         self._pending_bytes = 0
         self._client: redis.Redis | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the client belongs to
         self._leased = False
         self._lease_lost: str | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._lock = anyio.Lock()
         self._connect_lock = anyio.Lock()
         self._closed = False
+        self._closed_note = ""
 
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> Self:
@@ -188,8 +194,18 @@ class RedisStreamStorage(CheckpointStorage):
 
     async def write(self, data: str) -> None:
         self._check_open()
-        if not data:
-            return
+        if data:
+            await uninterrupted(functools.partial(self._write, data))
+
+    async def flush(self) -> None:
+        self._check_open()
+        await uninterrupted(self._flush)
+
+    async def close(self) -> None:
+        if not self._closed:
+            await uninterrupted(self._close, finish_first=True)
+
+    async def _write(self, data: str) -> None:
         async with self._lock:
             self._check_open()
             if not self._leased:
@@ -201,9 +217,9 @@ class RedisStreamStorage(CheckpointStorage):
             if self._pending_bytes >= self._max_pending:
                 await self._send(wait=False)
 
-    async def flush(self) -> None:
-        self._check_open()
+    async def _flush(self) -> None:
         async with self._lock:
+            self._check_open()
             if self._pending:
                 await self._send(wait=True)
 
@@ -244,7 +260,7 @@ class RedisStreamStorage(CheckpointStorage):
         with self._translated("EXISTS"):
             return bool(await client.exists(self._key))
 
-    async def close(self) -> None:
+    async def _close(self) -> None:
         if self._closed:
             return
         self._closed = True
@@ -253,21 +269,43 @@ class RedisStreamStorage(CheckpointStorage):
                 if self._pending:
                     await self._send(wait=True)
         finally:
-            if self._renewer is not None:
-                self._renewer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._renewer
+            if self._pending:
+                logger.error("%r closed with %d bytes that were never flushed", self, self._pending_bytes)
             client, self._client = self._client, None
-            if client is not None:
-                with anyio.CancelScope(shield=True):
-                    if self._leased and self._lease_lost is None:
-                        with contextlib.suppress(RedisError):
-                            await client.eval(_RELEASE, 1, self._lease_key, self._writer)
-                    await client.aclose()
+            renewer, self._renewer = self._renewer, None
+            if client is not None and self._loop is asyncio.get_running_loop():
+                if renewer is not None:
+                    renewer.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await renewer
+                if self._leased and self._lease_lost is None:
+                    with contextlib.suppress(RedisError):
+                        await client.eval(_RELEASE, 1, self._lease_key, self._writer)
+                await client.aclose()
+            elif client is not None and self._leased and self._lease_lost is None:
+                await self._release_from_this_loop()
+
+    async def _release_from_this_loop(self) -> None:
+        """Release the lease through a new connection: the client belongs to another, dead loop."""
+        client = redis.from_url(self._url, socket_connect_timeout=5)
+        try:
+            with contextlib.suppress(RedisError, OSError):
+                await client.eval(_RELEASE, 1, self._lease_key, self._writer)
+        finally:
+            await client.aclose()
 
     def _check_open(self) -> None:
         if self._closed:
-            raise StorageClosedError(f"{self!r} is closed")
+            raise StorageClosedError(f"{self!r} is closed{self._closed_note}")
+
+    def _drop_after_fork(self) -> None:
+        if self._client is None:
+            return
+        self._client = self._renewer = None  # the parent's connections and lease stay the parent's
+        self._closed = True
+        self._closed_note = f": {forked_note(os.getppid())}"
+        self._lock = anyio.Lock()
+        self._connect_lock = anyio.Lock()
 
     # -- the lease -----------------------------------------------------------------------------
 
@@ -361,6 +399,7 @@ class RedisStreamStorage(CheckpointStorage):
     # -- the connection and its errors ----------------------------------------------------------
 
     async def _connection(self) -> redis.Redis:
+        asyncio_loop_of(self, self._loop if self._client is not None else None)
         if self._client is not None:
             return self._client
         async with self._connect_lock:
@@ -380,6 +419,8 @@ class RedisStreamStorage(CheckpointStorage):
                     await client.aclose()
                     raise
                 self._client = client
+                self._loop = asyncio.get_running_loop()
+                drop_in_forked_children(self)
         return self._client
 
     async def _check_waitaof(self, client: redis.Redis) -> None:

@@ -20,6 +20,7 @@ import anyio
 
 from yoink._exceptions import ConcurrentWriterError, StorageError
 from yoink._records import whole_lines
+from yoink._tasks import asyncio_loop_of
 from yoink.storage._s3_client import Conflict, Missing, S3Client
 from yoink.storage._stage import Batch
 from yoink.storage._staged import StagedStorage
@@ -215,6 +216,13 @@ class S3Storage(StagedStorage):
 
     async def _release(self) -> None:
         await self._client.close()
+
+    async def _open_stage(self) -> None:
+        asyncio_loop_of(self, None)  # refuse trio at the first write, not at the first upload
+        await super()._open_stage()
+
+    def _drop_clients_after_fork(self) -> None:
+        self._client.forget()
 
     # -- uploads -------------------------------------------------------------------------------
 

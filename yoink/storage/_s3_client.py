@@ -7,6 +7,7 @@ the journal and what to do, and never a credential.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +19,7 @@ from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
 from yoink._exceptions import StorageError
+from yoink._tasks import asyncio_loop_of
 
 __all__ = ["IAM_ACTIONS", "Conflict", "Missing", "S3Client"]
 
@@ -66,10 +68,12 @@ class S3Client:
         self._timeout = timeout
         self._stack: contextlib.AsyncExitStack | None = None
         self._handle: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the client belongs to
         self._lock = anyio.Lock()
 
     async def call(self, operation: str, **params: Any) -> Any:
         """Run ``operation`` (a client method name) on the bucket."""
+        asyncio_loop_of(self, self._loop if self._handle is not None else None)
         client = self._handle or await self._open()
         try:
             with self.translated(operation):
@@ -85,11 +89,20 @@ class S3Client:
         except Missing:
             raise self._no_bucket() from None
 
+    def __repr__(self) -> str:
+        return f"S3Client({self._journal!r})"
+
     async def close(self) -> None:
         if self._stack is not None:
             stack, self._stack, self._handle = self._stack, None, None
+            if self._loop is not asyncio.get_running_loop():
+                return  # its loop is gone, and its connections with it
             with anyio.CancelScope(shield=True):
                 await stack.aclose()
+
+    def forget(self) -> None:
+        """Drop the client without closing it: it belongs to a parent process, or a dead loop."""
+        self._stack = self._handle = None
 
     async def _open(self) -> Any:
         async with self._lock:
@@ -105,6 +118,7 @@ class S3Client:
                 with self.translated("connect"):
                     self._handle = await stack.enter_async_context(client)
                 self._stack = stack
+                self._loop = asyncio.get_running_loop()
             return self._handle
 
     def _no_bucket(self) -> StorageError:

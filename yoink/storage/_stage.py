@@ -197,6 +197,13 @@ class Stage:
         if fd is not None:
             os.close(fd)
 
+    def drop_after_fork(self) -> None:
+        """In a forked child: close the child's copies of the stage's files, keeping the parent's lock."""
+        for fd in (self._active, self._lock_fd):
+            if fd is not None:
+                os.close(fd)
+        self._active = self._lock_fd = None
+
     def snapshot(self) -> list[Batch]:
         """The batches (with the one being written) as they are now, for :func:`read_batches`."""
         if self.is_open:

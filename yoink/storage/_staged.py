@@ -7,6 +7,7 @@ locks, read-your-writes and close are here, once.
 
 from __future__ import annotations
 
+import functools
 import os
 from abc import abstractmethod
 from collections.abc import AsyncIterator
@@ -15,6 +16,8 @@ from typing import Any
 import anyio
 
 from yoink._exceptions import StorageClosedError
+from yoink._fork import drop_in_forked_children, forked_note
+from yoink._tasks import uninterrupted
 from yoink.storage._base import CheckpointStorage
 from yoink.storage._stage import Batch, Stage, default_stage_root, read_batches
 
@@ -34,6 +37,7 @@ class StagedStorage(CheckpointStorage):
         self._write_lock = anyio.Lock()  # the stage's files
         self._flush_lock = anyio.Lock()  # one upload at a time
         self._closed = False
+        self._closed_note = ""
 
     @property
     def uri(self) -> str:
@@ -52,20 +56,12 @@ class StagedStorage(CheckpointStorage):
 
     async def write(self, data: str) -> None:
         self._check_open()
-        if not data:
-            return
-        payload = data.encode("utf-8")
-        async with self._write_lock:
-            self._check_open()
-            if not self._stage.is_open:
-                await self._stage.open()
-            with anyio.CancelScope(shield=True):
-                await self._stage.write(payload)
+        if data:
+            await uninterrupted(functools.partial(self._write, data.encode("utf-8")))
 
     async def flush(self) -> None:
         self._check_open()
-        async with self._flush_lock:
-            await self._upload_staged()
+        await uninterrupted(self._flush)
 
     async def read(self) -> AsyncIterator[str]:
         async with self._write_lock:  # staged files are opened before the remote side is read
@@ -85,6 +81,26 @@ class StagedStorage(CheckpointStorage):
         return bool(self._stage.snapshot()) or await self._remote_exists()
 
     async def close(self) -> None:
+        if not self._closed:
+            await uninterrupted(self._close, finish_first=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageClosedError(f"{self!r} is closed{self._closed_note}")
+
+    async def _write(self, payload: bytes) -> None:
+        async with self._write_lock:
+            self._check_open()
+            if not self._stage.is_open:
+                await self._open_stage()
+            await self._stage.write(payload)
+
+    async def _flush(self) -> None:
+        async with self._flush_lock:
+            self._check_open()
+            await self._upload_staged()
+
+    async def _close(self) -> None:
         if self._closed:
             return
         self._closed = True
@@ -97,16 +113,29 @@ class StagedStorage(CheckpointStorage):
                 await self._stage.close()
             await self._release()
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StorageClosedError(f"{self!r} is closed")
+    async def _open_stage(self) -> None:
+        await self._stage.open()
+        drop_in_forked_children(self)
+
+    def _drop_after_fork(self) -> None:
+        if not self._stage.is_open:
+            return
+        self._stage.drop_after_fork()
+        self._closed = True
+        self._closed_note = f": {forked_note(os.getppid())}"
+        self._write_lock = anyio.Lock()
+        self._flush_lock = anyio.Lock()
+        self._drop_clients_after_fork()
+
+    def _drop_clients_after_fork(self) -> None:
+        """Forget clients that the parent process opened, without closing them (they are its)."""
 
     async def _upload_staged(self) -> None:
         async with self._write_lock:
             if not self._stage.is_open:
                 if not self._stage.snapshot():
                     return  # nothing written here, nothing left by a crash
-                await self._stage.open()
+                await self._open_stage()
             batches = self._stage.seal()
         if batches:
             await self._upload(batches)
