@@ -3,13 +3,15 @@
     python examples/custom_backend.py /tmp/jobs.db
 
 SQLite comes with Python, so this runs anywhere. Every blocking call goes through one thread
-(``anyio.to_thread`` with a limiter of one), so calls never overlap. Each ``write()`` is one row and
-one transaction; ``flush()`` has nothing left to do. tests/test_custom_backend.py runs
+(``anyio.to_thread`` with a limiter of one), so calls never overlap, and through
+``yoink.storage.uninterrupted``, so a caller's cancellation never cuts one short. Each ``write()``
+is one row; ``flush()`` commits. tests/test_custom_backend.py runs
 ``yoink.testing.StorageContract`` against it.
 """
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +22,7 @@ import anyio
 import anyio.to_thread
 
 from yoink import CheckpointLockedError, CheckpointManager, StorageClosedError, StorageError
-from yoink.storage import CheckpointStorage, StorageFactory
+from yoink.storage import CheckpointStorage, StorageFactory, uninterrupted
 
 T = TypeVar("T")
 
@@ -50,7 +52,8 @@ class SQLiteStorage(CheckpointStorage):
 
     async def _run(self, call: Callable[..., T], *args: Any) -> T:
         try:
-            return await anyio.to_thread.run_sync(call, *args, limiter=self._thread)
+            run = functools.partial(anyio.to_thread.run_sync, call, *args, limiter=self._thread)
+            return await uninterrupted(run)  # finishes even if the caller is cancelled
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc):
                 raise CheckpointLockedError(f"{self.path} is being written by another storage") from exc
@@ -111,16 +114,22 @@ class SQLiteStorage(CheckpointStorage):
         if self._closed:
             raise StorageClosedError(f"{self.path} is closed")
         if self._db is not None:
-            await self._run(self._db.execute, "COMMIT")  # durable, then keep the writer's lock
-            await self._run(self._db.execute, "BEGIN IMMEDIATE")
+            await self._run(self._commit, self._db)
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         if self._db is not None:
-            await self._run(self._db.execute, "COMMIT")
-            await self._run(self._db.close)
+            await self._run(self._commit, self._db, False)
+
+    @staticmethod
+    def _commit(db: sqlite3.Connection, keep_writing: bool = True) -> None:
+        db.execute("COMMIT")  # durable
+        if keep_writing:
+            db.execute("BEGIN IMMEDIATE")  # and keep the writer's lock, in the same call
+        else:
+            db.close()
 
 
 StorageFactory.register("sqlite", SQLiteStorage, replace=True)

@@ -1,12 +1,14 @@
 """Storage backends: where a :class:`~yoink.CheckpointManager` keeps its journal.
 
-:class:`CheckpointStorage` is the contract; :class:`StorageFactory` turns a URI into a backend.
+:class:`CheckpointStorage` is the contract; :class:`StorageFactory` turns a URI into a backend;
+:func:`uninterrupted` keeps a backend's calls whole when their callers are cancelled.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from yoink._tasks import uninterrupted
 from yoink.storage._base import CheckpointStorage
 from yoink.storage._factory import StorageFactory
 from yoink.storage._local import LocalFileStorage
@@ -25,6 +27,7 @@ __all__ = [
     "RedisStreamStorage",
     "S3Storage",
     "StorageFactory",
+    "uninterrupted",
 ]
 
 

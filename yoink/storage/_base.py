@@ -28,6 +28,15 @@ class CheckpointStorage(ABC):
     :meth:`write`, and asks for durability with :meth:`flush`. A backend stores the text; it never
     needs to parse it.
 
+    Cancellation: the manager never cancels a call it has started (it runs each in a task of its
+    own), but code that uses a storage directly may, and asyncio's cancellation (``task.cancel()``,
+    ``asyncio.timeout()``, ``wait_for()``) goes through anyio's shielded scopes. So a cancelled
+    :meth:`write` must be whole or absent, never half there, and must leave the storage in step
+    with its journal: later writes land after it, in order, and nothing written before is lost
+    or undone. A cancelled :meth:`flush` leaves what it had not made durable to the next flush.
+    The simplest way to keep this is what yoink's backends do: run the body of each call through
+    ``yoink.storage.uninterrupted``, so that it finishes whatever happens to its caller.
+
     ``async with storage:`` returns the storage and awaits :meth:`close` on the way out.
     """
 
@@ -48,7 +57,11 @@ class CheckpointStorage(ABC):
           calls from concurrent tasks, and is never interleaved.
         - ``data`` is usually one or more whole lines, each ending in ``"\\n"``.
         - All or nothing: if ``write()`` raises, the journal is as it was before the call, so the
-          caller may hand the same text over again.
+          caller may hand the same text over again. A write that failed part-way is undone to what
+          the journal really held before it, never to what the backend believed it held.
+        - Cancelled: the text is stored whole or not at all, and later writes follow it (see the
+          class docstring); a caller that was cancelled cannot tell which, and must not retry
+          blindly.
         - Durability comes only from :meth:`flush`; what was written but not flushed may be lost in
           a crash.
         - After :meth:`close`, raises :class:`~yoink.StorageClosedError`.
@@ -90,7 +103,10 @@ class CheckpointStorage(ABC):
         """Flush, then release every resource (file handles, locks, clients).
 
         Safe to call twice: the second call does nothing. Afterwards :meth:`write` and :meth:`flush`
-        raise :class:`~yoink.StorageClosedError`.
+        raise :class:`~yoink.StorageClosedError`. A cancelled ``close()`` still releases what the
+        storage holds (a lock, a lease) before its caller's cancellation goes on, so that a new
+        writer is not refused. A process forked from one that holds a lock or a lease must not
+        keep it: it is the parent's.
         """
 
     async def __aenter__(self) -> Self:

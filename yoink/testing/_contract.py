@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import pickle
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 import pytest
@@ -27,6 +29,18 @@ async def _text(storage: CheckpointStorage) -> str:
 
 def _lines(first: int, count: int, pad: str = "") -> str:
     return "".join(f'{{"n":{n}{pad}}}\n' for n in range(first, first + count))
+
+
+async def _cancel_after(delay: float, call: Awaitable[None]) -> None:
+    """Await ``call``, cancelled after ``delay`` seconds by asyncio's own means where it runs."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio: cancellation comes through a scope
+        with anyio.move_on_after(delay):
+            await call
+        return
+    with contextlib.suppress(asyncio.TimeoutError):  # TimeoutError itself from Python 3.11 on
+        await asyncio.wait_for(call, delay)  # task.cancel(), which goes through shielded scopes
 
 
 @pytest.mark.asyncio
@@ -177,6 +191,33 @@ class StorageContract:
             block = lines[start : start + 50]
             expected = [block[0].replace('"k":0}', f'"k":{k}}}') for k in range(50)]
             assert block == expected, "promise broken: concurrent writes never interleave"
+
+    async def test_a_cancelled_write_is_whole_or_absent_and_later_writes_follow_it(
+        self, storage: CheckpointStorage, reopen: Reopen
+    ) -> None:
+        pad = ',"pad":"' + "c" * 200 + '"'
+        delays = (0.0, 0.0002, 0.001, 0.005, 0.02, 0.1)
+
+        def block(r: int) -> list[str]:
+            return [f'{{"r":{r},"k":{k}{pad}}}' for k in range(4000)]  # about 1 MB
+
+        async with storage:
+            for r, delay in enumerate(delays):
+                await _cancel_after(delay, storage.write("\n".join(block(r)) + "\n"))
+                await storage.write(f'{{"r":{r},"after":true}}\n')
+                await _cancel_after(delay, storage.flush())
+            await storage.flush()
+        async with reopen() as reader:
+            lines = (await _text(reader)).splitlines()
+        at = 0
+        for r in range(len(delays)):
+            if lines[at : at + 4000] == block(r):
+                at += 4000
+            assert lines[at : at + 1] == [f'{{"r":{r},"after":true}}'], (
+                "promise broken: a cancelled write is whole or absent, and the writes after it follow it"
+            )
+            at += 1
+        assert at == len(lines), "promise broken: a cancelled write is whole or absent, never repeated"
 
     async def test_a_second_writer_is_refused_and_loses_nothing(
         self, storage: CheckpointStorage, reopen: Reopen
