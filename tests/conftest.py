@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from tests.redis_server import RedisServer, redis_server_binary
@@ -14,6 +17,39 @@ from yoink.storage import CheckpointStorage, LocalFileStorage, MemoryStorage, Re
 pytest_plugins = ["pytester"]
 
 OpenStorage = Callable[[], CheckpointStorage]
+ASYNCIO_ONLY = {"s3-object", "s3-segments", "redis"}  # their clients run on asyncio alone
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def async_backend(request: pytest.FixtureRequest) -> str:
+    """Runs a test under asyncio and under trio: ask for it with usefixtures("async_backend")."""
+    return str(request.param)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Run the trio variant of an async test under trio; pytest-asyncio runs the rest."""
+    callspec = getattr(pyfuncitem, "callspec", None)
+    if callspec is None or callspec.params.get("async_backend") != "trio":
+        return None
+    test = getattr(pyfuncitem.obj, "__wrapped__", pyfuncitem.obj)  # under pytest-asyncio's wrapper
+    if not inspect.iscoroutinefunction(test):
+        return None
+    arguments = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    anyio.run(functools.partial(test, **arguments), backend="trio")
+    return True
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave out trio runs on S3 and Redis: tests/test_cancellation.py checks that they refuse it."""
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        asyncio_only = params.get("open_storage") in ASYNCIO_ONLY
+        (drop if params.get("async_backend") == "trio" and asyncio_only else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(params=["local", "memory", "s3-object", "s3-segments", "redis"])

@@ -17,12 +17,14 @@ from yoink.storage import FsspecStorage
 from yoink.testing import StorageContract
 
 
+@pytest.mark.usefixtures("async_backend")
 class TestFsspecMemoryAppending(StorageContract):
     @pytest.fixture
     def storage(self, tmp_path: Path) -> FsspecStorage:
         return FsspecStorage(f"fsspec+memory://{uuid.uuid4().hex}/j.jsonl", stage_dir=tmp_path / "stage")
 
 
+@pytest.mark.usefixtures("async_backend")
 class TestFsspecMemoryRewriting(StorageContract):
     """A store that cannot append: each flush rewrites the file."""
 
@@ -32,6 +34,7 @@ class TestFsspecMemoryRewriting(StorageContract):
         return FsspecStorage(uri, stage_dir=tmp_path / "stage", append=False)
 
 
+@pytest.mark.usefixtures("async_backend")
 class TestFsspecLocal(StorageContract):
     @pytest.fixture
     def storage(self, tmp_path: Path) -> FsspecStorage:

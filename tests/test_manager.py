@@ -18,6 +18,8 @@ from tests.helpers import RecordingStorage
 from yoink import CheckpointManager, CorruptCheckpointError, StorageClosedError, StorageError
 from yoink.storage import LocalFileStorage, MemoryStorage
 
+pytestmark = pytest.mark.usefixtures("async_backend")  # every test runs under asyncio and trio
+
 
 async def replay_all(manager: CheckpointManager) -> list[dict[str, Any]]:
     return [record async for record in manager.replay()]

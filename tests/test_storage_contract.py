@@ -12,12 +12,14 @@ from yoink.storage import LocalFileStorage, MemoryStorage, RedisStreamStorage, S
 from yoink.testing import StorageContract
 
 
+@pytest.mark.usefixtures("async_backend")
 class TestLocalFileStorage(StorageContract):
     @pytest.fixture
     def storage(self, tmp_path: Path) -> LocalFileStorage:
         return LocalFileStorage(tmp_path / "journal.jsonl")
 
 
+@pytest.mark.usefixtures("async_backend")
 class TestMemoryStorage(StorageContract):
     @pytest.fixture
     def storage(self) -> MemoryStorage:
@@ -78,6 +80,40 @@ def test_a_backend_that_breaks_a_promise_is_told_which(pytester: pytest.Pytester
         "asyncio_default_fixture_loop_scope=function",
         "-q",
     )
-    result.assert_outcomes(passed=9, failed=5, skipped=1)
+    result.assert_outcomes(passed=9, failed=6, skipped=1)
     result.stdout.fnmatch_lines(["*promise broken: read() yields every write, in order*"])
     result.stdout.fnmatch_lines(["*promise broken: a reopened journal is appended to*"])
+
+
+HALF_WRITING_BACKEND = '''
+import asyncio
+import pytest
+from yoink.storage import MemoryStorage
+from yoink.testing import StorageContract
+
+
+class HalfWritingStorage(MemoryStorage):
+    """Stores a write in two steps with an await between: a cancellation can leave half of it."""
+
+    async def write(self, data):
+        half = data.index("\\n", len(data) // 2) + 1 if len(data) > 1000 else len(data)
+        await super().write(data[:half])
+        await asyncio.sleep(0.001)
+        await super().write(data[half:])
+
+
+class TestHalfWritingStorage(StorageContract):
+    @pytest.fixture
+    def storage(self, request):
+        return HalfWritingStorage(request.node.name)
+'''
+
+
+def test_a_backend_that_a_cancellation_cuts_in_half_is_told_so(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_half=HALF_WRITING_BACKEND)
+    result = pytester.runpytest(
+        "-p", "asyncio", "-o", "asyncio_mode=strict", "-o", "asyncio_default_fixture_loop_scope=function",
+        "-q", "-k", "cancelled",
+    )  # fmt: skip
+    result.assert_outcomes(failed=1, deselected=15)
+    result.stdout.fnmatch_lines(["*promise broken: a cancelled write is whole or absent*"])
