@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_local.py            # the issue's workload: 1,000,000 records
     .venv/bin/python benchmarks/bench_local.py --quick    # a smaller one, for a smoke run
+    .venv/bin/python benchmarks/bench_local.py --against a8d5b35   # and yoink at that commit, alike
 
 Every figure is taken in a fresh process, best of --repeat runs. Workload: records
 {"url": "https://example.com/page/<i>", "status": 200, "depth": 3} from one task, written to a
@@ -173,8 +174,15 @@ MEASUREMENTS: dict[str, Callable[[str, Any], Coroutine[Any, Any, float]]] = {
 
 
 def measure(
-    name: str, size: float, repeat: int, directory: str, best: Callable[[list[float]], float] = max
+    name: str,
+    size: float,
+    repeat: int,
+    directory: str,
+    best: Callable[[list[float]], float] = max,
+    yoink_at: str | None = None,
 ) -> float:
+    """Best of ``repeat`` fresh processes; ``yoink_at`` is a checkout whose yoink they import."""
+    env = dict(os.environ, PYTHONPATH=yoink_at) if yoink_at else None
     results = []
     for _ in range(repeat):
         out = subprocess.run(
@@ -182,9 +190,34 @@ def measure(
             capture_output=True,
             text=True,
             check=True,
+            env=env,
         )
         results.append(float(out.stdout.strip()))
     return best(results)
+
+
+def compare(revision: str, n: int, repeat: int, directory: str, quick: bool) -> None:
+    """yoink at ``revision`` against this checkout, each figure taken in turn, in this one run."""
+    checkout = os.path.join(directory, "at-revision")
+    git = ["git", "-C", os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    subprocess.run([*git, "worktree", "add", "--detach", checkout, revision], check=True, capture_output=True)
+    try:
+        print(f"yoink at {revision} (before) against this checkout (after): {n:,} records")
+        for name, size in [
+            ("yoink_append", n),
+            ("yoink_replay", n),
+            ("concurrent_flushes", 2 if quick else 5),
+        ]:
+            before, after = [], []
+            for _ in range(repeat):  # alternate, so that the machine's drift falls on both alike
+                before.append(measure(name, size, 1, directory, yoink_at=checkout))
+                after.append(measure(name, size, 1, directory))
+            print(
+                f"  {name}: before {max(before):,.0f}/s, after {max(after):,.0f}/s "
+                f"({max(after) / max(before):.2f} x; runs before {sorted(before)}, after {sorted(after)})"
+            )
+    finally:
+        subprocess.run([*git, "worktree", "remove", "--force", checkout], check=False, capture_output=True)
 
 
 def main() -> None:
@@ -196,6 +229,11 @@ def main() -> None:
     parser.add_argument(
         "--dir", default=None, help="where to write journals (default: a temporary directory)"
     )
+    parser.add_argument(
+        "--against",
+        metavar="REVISION",
+        help="compare append, replay and flushes with yoink at a git revision",
+    )
     parser.add_argument("--one", nargs=3, metavar=("NAME", "SIZE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -204,6 +242,10 @@ def main() -> None:
         return
 
     n = 100_000 if args.quick else 1_000_000
+    if args.against:
+        with tempfile.TemporaryDirectory(dir=args.dir) as directory:
+            compare(args.against, n, args.repeat, directory, args.quick)
+        return
     baseline_n = 20_000 if args.quick else 50_000  # the baselines are slow; their rate does not depend on n
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
         r = args.repeat
