@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from tests.conftest import OpenStorage
@@ -491,7 +492,7 @@ async def test_a_second_close_waits_for_the_first_to_release_the_journal(tmp_pat
     await manager.append({"n": 1})
     first = asyncio.ensure_future(manager.close())
     await asyncio.sleep(0)
-    await manager.close()
+    await _wait_for(manager.close(), 0.0001)  # even a second close() that is cancelled waits
     async with CheckpointManager.from_uri(path, flush_interval=None) as again:
         await again.append({"n": 2})
     await first
@@ -502,3 +503,158 @@ async def test_a_second_close_waits_for_the_first_to_release_the_journal(tmp_pat
             async with CheckpointManager.from_uri(path, flush_interval=None) as b:
                 await b.append({"n": 4})
                 await b.flush()
+
+
+# -- found by attacking the above ----------------------------------------------------------------
+
+
+async def _deadline_loop(path: str) -> tuple[bool, float]:
+    manager = CheckpointManager.from_uri(path, flush_interval=None)
+    started = anyio.current_time()
+    with anyio.move_on_after(0.05) as scope:
+        for n in range(3000):
+            await manager.append({"n": n})
+            await manager.flush()
+    elapsed = anyio.current_time() - started
+    await manager.close()
+    return scope.cancelled_caught, elapsed
+
+
+@pytest.mark.parametrize("library", ["asyncio", "trio"])
+def test_a_deadline_stops_a_loop_of_appends_and_flushes(library: str, tmp_path: Path) -> None:
+    caught, elapsed = anyio.run(_deadline_loop, str(tmp_path / "j.jsonl"), backend=library)
+    assert caught, "the deadline never cancelled the loop"
+    assert elapsed < 1.0, f"the deadline of 0.05 s took {elapsed:.2f} s to act"
+
+
+def test_a_fork_while_the_journal_is_being_opened_does_not_keep_its_lock(tmp_path: Path) -> None:
+    child = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(FORK_WHILE_OPENING), str(tmp_path / "j.jsonl")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.count("a new writer works") == 20, child.stdout
+
+
+FORK_WHILE_OPENING = """
+    import asyncio, multiprocessing, os, sys
+    from yoink import CheckpointManager, CheckpointLockedError
+    context = multiprocessing.get_context("fork")
+    async def main(path):
+        # Forked as soon as the file exists: the worker thread may hold the new, locked descriptor.
+        manager = CheckpointManager.from_uri(path, flush_interval=None)
+        await manager.append({"a": 1})
+        flush = asyncio.ensure_future(manager.flush())
+        while not os.path.exists(path):
+            await asyncio.sleep(0)
+        event = context.Event()
+        process = context.Process(target=event.wait, args=(10,))
+        process.start()
+        await flush
+        await manager.close()
+        try:
+            async with CheckpointManager.from_uri(path, flush_interval=None) as again:
+                await again.append({"b": 2})
+            print("a new writer works")
+        except CheckpointLockedError as exc:
+            print("refused:", exc)
+        finally:
+            event.set()
+            process.join()
+            os.unlink(path)
+    for _ in range(20):
+        asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_replays_cancelled_at_random_leave_no_file_open(tmp_path: Path) -> None:
+    import gc
+    import warnings
+
+    path = tmp_path / "j.jsonl"
+    async with CheckpointManager.from_uri(path, flush_interval=None) as manager:
+        await manager.append_many({"n": n} for n in range(100))
+    rng = random.Random(14)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with CheckpointManager.from_uri(path, flush_interval=None) as manager:
+            for _ in range(300):
+                await _wait_for(replay_all(manager), rng.uniform(0, 0.0005))
+        gc.collect()
+    assert not [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+async def _abandon_replays(uri: str) -> None:
+    async with CheckpointManager.from_uri(uri, flush_interval=None) as manager:
+        await manager.append_many({"n": n} for n in range(5000))
+    async with (
+        CheckpointManager.from_uri(uri, flush_interval=None) as manager,
+        contextlib.aclosing(manager.replay()) as records,  # type: ignore[type-var]
+    ):
+        async for _ in records:
+            break
+
+
+@pytest.mark.parametrize("library", ["asyncio", "trio"])
+@pytest.mark.parametrize("backend", ["local", "fsspec"])
+def test_an_abandoned_replay_closes_what_it_opened_at_once(
+    library: str, backend: str, tmp_path: Path
+) -> None:
+    import gc
+    import warnings
+
+    uri = str(tmp_path / "j.jsonl") if backend == "local" else f"fsspec+file://{tmp_path}/f.jsonl"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        anyio.run(_abandon_replays, uri, backend=library)
+        gc.collect()
+    assert not [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+async def test_a_write_that_could_not_be_sent_early_is_kept_and_flushed_once(tmp_path: Path) -> None:
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    try:
+        url = server.url
+        storage = RedisStreamStorage(url, "early", max_pending=1000)
+        manager = CheckpointManager(storage, batch_bytes=1500, flush_interval=None)
+        await manager.append({"n": -1})
+        await manager.flush()
+        server.kill()  # Redis goes away while batches are sent early
+        for n in range(100):
+            await manager.append({"n": n, "pad": "x" * 100})  # accepted: kept for the next flush
+        server.start()
+        await manager.flush()
+        await manager.close()
+        async with CheckpointManager(RedisStreamStorage(url, "early"), flush_interval=None) as reader:
+            assert [record["n"] for record in await replay_all(reader)] == list(range(-1, 100))
+    finally:
+        server.stop()
+
+
+def test_a_reader_beside_a_series_of_writers_never_makes_one_refused(tmp_path: Path) -> None:
+    uri = f"fsspec+file://{tmp_path}/j.jsonl"
+    options = {"stage_dir": str(tmp_path / "stage")}
+
+    async def main() -> None:
+        stop = anyio.Event()
+
+        async def reader() -> None:
+            async with CheckpointManager.from_uri(uri, flush_interval=None, **options) as manager:
+                while not stop.is_set():
+                    await manager.exists()  # asks whether a writer holds the stage
+                    await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(reader)
+            for n in range(300):
+                async with CheckpointManager.from_uri(uri, flush_interval=None, **options) as writer:
+                    await writer.append({"n": n})
+                    await writer.flush()
+            stop.set()
+
+    anyio.run(main)

@@ -11,12 +11,15 @@ use with an error that says to open a new storage in the child.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import weakref
+from collections.abc import Iterator
 from typing import Protocol
 
-__all__ = ["ForkAware", "drop_in_forked_children", "forked_note"]
+__all__ = ["ForkAware", "drop_in_forked_children", "forked_note", "forks_wait"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +29,14 @@ class ForkAware(Protocol):
 
 
 _holders: weakref.WeakSet[ForkAware] = weakref.WeakSet()
+_opening = threading.Lock()  # held from opening a locked descriptor until its holder is registered
+
+
+@contextlib.contextmanager
+def forks_wait() -> Iterator[None]:
+    """A fork waits for this block: open and lock a descriptor, and register its holder, in it."""
+    with _opening:
+        yield
 
 
 def drop_in_forked_children(holder: ForkAware) -> None:
@@ -41,6 +52,7 @@ def forked_note(pid: int) -> str:
 
 
 def _after_fork_in_child() -> None:
+    _opening.release()  # taken by the parent's forking thread before the fork
     for holder in list(_holders):
         try:
             holder._drop_after_fork()
@@ -49,4 +61,6 @@ def _after_fork_in_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(
+        before=_opening.acquire, after_in_parent=_opening.release, after_in_child=_after_fork_in_child
+    )

@@ -221,7 +221,7 @@ class CheckpointManager:
         and its caller's cancellation goes on once the storage is released.
         """
         if self._closing is not None:
-            await self._closing.wait()
+            await uninterrupted(self._closing.wait, finish_first=True)
             return
         self._closed = True
         self._closing = closing = anyio.Event()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
@@ -82,7 +82,7 @@ def not_a_record(record: Any, cause: TypeError | None = None) -> TypeError:
 
 async def whole_lines(
     chunks: AsyncIterator[bytes], *, describe: str, keep_tail: bool = False
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """Regroup byte chunks into blocks of whole lines, decoded as UTF-8 (surrogateescape).
 
     What follows the last newline is yielded last if ``keep_tail`` (the manager then judges it),
@@ -91,18 +91,23 @@ async def whole_lines(
     parts: list[bytes] = []  # the start of a line that continues in the next chunk
     waiting = 0  # their size
     whole = 0  # bytes of whole lines so far
-    async for chunk in chunks:
-        cut = chunk.rfind(b"\n") + 1
-        if cut == 0:
-            parts.append(chunk)
-            waiting += len(chunk)
-            if waiting > MAX_LINE_BYTES:
-                raise line_too_long(describe, 0, whole)
-            continue
-        block = b"".join([*parts, chunk[:cut]]) if parts else chunk[:cut]
-        parts, waiting = ([chunk[cut:]], len(chunk) - cut) if cut < len(chunk) else ([], 0)
-        whole += len(block)
-        yield block.decode("utf-8", "surrogateescape")
+    try:
+        async for chunk in chunks:
+            cut = chunk.rfind(b"\n") + 1
+            if cut == 0:
+                parts.append(chunk)
+                waiting += len(chunk)
+                if waiting > MAX_LINE_BYTES:
+                    raise line_too_long(describe, 0, whole)
+                continue
+            block = b"".join([*parts, chunk[:cut]]) if parts else chunk[:cut]
+            parts, waiting = ([chunk[cut:]], len(chunk) - cut) if cut < len(chunk) else ([], 0)
+            whole += len(block)
+            yield block.decode("utf-8", "surrogateescape")
+    finally:  # an abandoned replay closes the reader underneath at once, not at garbage collection
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
     carry = b"".join(parts)
     if carry and keep_tail:
         yield carry.decode("utf-8", "surrogateescape")

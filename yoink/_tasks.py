@@ -8,7 +8,8 @@ outcome nobody knows (a thread may still be writing), so yoink never lets that h
 - on asyncio, :func:`uninterrupted` runs the call in a task of its own; a cancelled caller stops
   waiting (or, with ``finish_first``, waits on and is cancelled afterwards) and the call finishes,
   with its bookkeeping;
-- on trio every cancellation goes through scopes, so a shielded scope is enough.
+- on trio every cancellation goes through scopes, so a shielded scope is enough; the caller's
+  cancellation is delivered as soon as the call is done.
 
 :func:`start_background` starts a task that belongs to an object's lifetime rather than to a task
 group entered by hand, as the manager's periodic flusher does.
@@ -22,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 
 from yoink._exceptions import StorageError
 
@@ -43,7 +45,11 @@ async def uninterrupted(call: Callable[[], Awaitable[T]], *, finish_first: bool 
     """
     loop = _asyncio_loop()
     if loop is None:
-        return await _shielded(call)
+        if not finish_first:
+            await anyio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller starts nothing
+        result = await _shielded(call)
+        await anyio.lowlevel.checkpoint_if_cancelled()  # and is cancelled once the call is done
+        return result
     task: asyncio.Task[T] = loop.create_task(_call(call))
     _running.add(task)
     task.add_done_callback(_finished)

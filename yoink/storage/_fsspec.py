@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -88,7 +88,7 @@ class FsspecStorage(StagedStorage):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._uri!r})"
 
-    async def _open_remote(self, writer: str | None, staged: bool) -> tuple[int, AsyncIterator[str]]:
+    async def _open_remote(self, writer: str | None, staged: bool) -> tuple[int, AsyncGenerator[str, None]]:
         size = await self._size()
         if self._known_size is None and not self._closed:
             self._known_size = size  # this writer's view of the file starts here

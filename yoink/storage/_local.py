@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import logging
 import os
 import sys
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 from urllib.parse import unquote, urlsplit
 
 import anyio
 import anyio.to_thread
 
 from yoink._exceptions import CheckpointLockedError, StorageClosedError, StorageError
-from yoink._fork import drop_in_forked_children, forked_note
+from yoink._fork import drop_in_forked_children, forked_note, forks_wait
 from yoink._records import whole_lines
 from yoink._tasks import uninterrupted
 from yoink.storage._base import CheckpointStorage
@@ -104,25 +105,27 @@ class LocalFileStorage(CheckpointStorage):
             await uninterrupted(functools.partial(self._write, data.encode("utf-8")))
 
     async def read(self) -> AsyncIterator[str]:
-        try:
-            file = await anyio.open_file(self._path, "rb")
+        try:  # opened here, not in a thread, so that a cancelled caller cannot drop an open file
+            file = open(self._path, "rb")  # noqa: SIM115, ASYNC230 (closed below, at once)
         except FileNotFoundError:
             return
         except OSError as exc:
             raise StorageError(f"cannot read {self._path}: {exc.strerror}") from exc
         try:
             # Read up to the size at the start: a batch appended meanwhile is not half-seen.
-            size = os.fstat(file.wrapped.fileno()).st_size
-            async for block in whole_lines(self._chunks(file, size), describe=self._path):
-                yield block
+            size = os.fstat(file.fileno()).st_size
+            async with contextlib.aclosing(
+                whole_lines(self._chunks(file, size), describe=self._path)
+            ) as blocks:
+                async for block in blocks:
+                    yield block
         finally:
-            with anyio.CancelScope(shield=True):
-                await file.aclose()
+            file.close()
 
-    async def _chunks(self, file: anyio.AsyncFile[bytes], size: int) -> AsyncIterator[bytes]:
+    async def _chunks(self, file: BinaryIO, size: int) -> AsyncIterator[bytes]:
         while size > 0:
             try:
-                chunk = await file.read(min(READ_CHUNK, size))
+                chunk = await anyio.to_thread.run_sync(file.read, min(READ_CHUNK, size))
             except OSError as exc:
                 raise StorageError(f"cannot read {self._path}: {exc.strerror}") from exc
             if not chunk:
@@ -169,18 +172,22 @@ class LocalFileStorage(CheckpointStorage):
                 os.close(fd)  # and with it the lock
 
     async def _open(self) -> int:
-        self._fd = await anyio.to_thread.run_sync(self._open_and_lock)
-        drop_in_forked_children(self)
-        return self._fd
+        return await anyio.to_thread.run_sync(self._open_and_lock)
 
     def _open_and_lock(self) -> int:
         """Open the journal, take the writer's lock and set aside a torn tail."""
         created = not os.path.exists(self._path)
         try:
             os.makedirs(os.path.dirname(self._path), exist_ok=True)
-            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
         except OSError as exc:
             raise StorageError(f"cannot open {self._path} for appending: {exc.strerror}") from exc
+        with forks_wait():  # a child forked meanwhile would keep the lock: it waits until we know of it
+            try:
+                fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            except OSError as exc:
+                raise StorageError(f"cannot open {self._path} for appending: {exc.strerror}") from exc
+            self._fd = fd
+            drop_in_forked_children(self)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -196,6 +203,7 @@ class LocalFileStorage(CheckpointStorage):
             except OSError as exc:
                 raise StorageError(f"cannot prepare {self._path} for appending: {exc}") from exc
         except BaseException:
+            self._fd = None
             os.close(fd)
             raise
         return fd

@@ -210,12 +210,30 @@ class RedisStreamStorage(CheckpointStorage):
             self._check_open()
             if not self._leased:
                 await self._acquire()
+            first, kept = self._next_block, len(self._pending)
             for block in _blocks(data.encode("utf-8"), self._entry_bytes):
                 self._pending.append((self._next_block, block))
                 self._next_block += 1
                 self._pending_bytes += len(block)
-            if self._pending_bytes >= self._max_pending:
+            if self._pending_bytes < self._max_pending:
+                return
+            try:
                 await self._send(wait=False)
+            except CheckpointLockedError:  # refused by the script, so none of it landed: undo this write
+                self._pending_bytes -= sum(len(block) for _, block in self._pending[kept:])
+                del self._pending[kept:]
+                self._next_block = first
+                raise
+            except StorageError as exc:
+                # Sent early only to bound memory. The blocks may have landed or not: they stay pending
+                # under their numbers, the next flush sends them again, and readers drop repeats. The
+                # write itself is accepted, so the manager does not hand it over again.
+                logger.warning(
+                    "%r: could not send %d bytes early (%s); they wait for the next flush",
+                    self,
+                    self._pending_bytes,
+                    exc,
+                )
 
     async def _flush(self) -> None:
         async with self._lock:

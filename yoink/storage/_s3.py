@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NoReturn
 from urllib.parse import parse_qsl
@@ -184,7 +184,7 @@ class S3Storage(StagedStorage):
 
     # -- what StagedStorage asks of a backend ------------------------------------------------
 
-    async def _open_remote(self, writer: str | None, staged: bool) -> tuple[int, AsyncIterator[str]]:
+    async def _open_remote(self, writer: str | None, staged: bool) -> tuple[int, AsyncGenerator[str, None]]:
         if self._layout == "segments":
             state = await self._list_segments(writer if staged else None)
             return state.landed, self._read_segments(state.live)
@@ -469,12 +469,12 @@ class S3Storage(StagedStorage):
         except Missing:
             return None
 
-    async def _read_segments(self, segments: list[_Segment]) -> AsyncIterator[str]:
+    async def _read_segments(self, segments: list[_Segment]) -> AsyncGenerator[str, None]:
         for segment in segments:
             async for block in self._read_segment(segment.key):
                 yield block
 
-    async def _read_segment(self, key: str) -> AsyncIterator[str]:
+    async def _read_segment(self, key: str) -> AsyncGenerator[str, None]:
         try:
             response = await self._client.call("get_object", Key=key)
         except Missing:
@@ -484,7 +484,7 @@ class S3Storage(StagedStorage):
         async for block in self._stream(response):
             yield block
 
-    async def _stream(self, response: dict[str, Any]) -> AsyncIterator[str]:
+    async def _stream(self, response: dict[str, Any]) -> AsyncGenerator[str, None]:
         async for block in whole_lines(self._body_chunks(response), describe=self._uri, keep_tail=True):
             yield block
 
@@ -577,7 +577,7 @@ def _copy_ranges(size: int) -> Iterator[tuple[int, int]]:
         yield first, min(first + step, size) - 1
 
 
-async def _nothing() -> AsyncIterator[str]:
+async def _nothing() -> AsyncGenerator[str, None]:
     return
     yield
 

@@ -28,7 +28,8 @@ import os
 import re
 import secrets
 import sys
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -36,6 +37,7 @@ import anyio
 import anyio.to_thread
 
 from yoink._exceptions import CheckpointLockedError, StorageError
+from yoink._fork import drop_in_forked_children, forks_wait
 from yoink._records import whole_lines
 from yoink.storage._local import READ_CHUNK, _set_aside_torn_tail
 
@@ -106,27 +108,30 @@ class Stage:
             )
 
     def _open(self) -> None:
-        try:
-            os.makedirs(self.directory, exist_ok=True)
-            fd = os.open(os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise StorageError(
-                f"cannot create the stage of {self._describe} in {self.directory}: {exc}"
-            ) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise CheckpointLockedError(
-                f"{self._describe} is open for writing by another storage on this machine (it holds "
-                f"the stage {self.directory}); yoink allows one writer at a time, and nothing was written"
-            ) from None
+        with forks_wait():  # a child forked meanwhile would keep the lock: it waits until we know of it
+            try:
+                os.makedirs(self.directory, exist_ok=True)
+                fd = os.open(
+                    os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
+            except OSError as exc:
+                raise StorageError(
+                    f"cannot create the stage of {self._describe} in {self.directory}: {exc}"
+                ) from exc
+            if not _lock_exclusively(fd):
+                os.close(fd)
+                raise CheckpointLockedError(
+                    f"{self._describe} is open for writing by another storage on this machine (it holds "
+                    f"the stage {self.directory}); yoink allows one writer at a time, and nothing was written"
+                )
+            self._lock_fd = fd
+            drop_in_forked_children(self)
         try:
             self._sealed = self._take_over()
         except BaseException:
+            self._lock_fd = None
             os.close(fd)
             raise
-        self._lock_fd = fd
         self._active_seq = self._sealed[-1].seq + 1 if self._sealed else 1
         self.recovered = self.staged_bytes
 
@@ -197,7 +202,7 @@ class Stage:
         if fd is not None:
             os.close(fd)
 
-    def drop_after_fork(self) -> None:
+    def _drop_after_fork(self) -> None:
         """In a forked child: close the child's copies of the stage's files, keeping the parent's lock."""
         for fd in (self._active, self._lock_fd):
             if fd is not None:
@@ -271,11 +276,14 @@ class Stage:
         return os.path.join(self.directory, f"{seq:012d}.jsonl")
 
 
-async def read_batches(batches: list[tuple[Batch, BinaryIO]], describe: str) -> AsyncIterator[str]:
+async def read_batches(batches: list[tuple[Batch, BinaryIO]], describe: str) -> AsyncGenerator[str, None]:
     """Yield the text of batches opened by :meth:`Stage.open_snapshot`, in whole lines."""
     for batch, file in batches:
-        async for block in whole_lines(_file_chunks(file, batch.size), describe=describe):
-            yield block
+        async with contextlib.aclosing(
+            whole_lines(_file_chunks(file, batch.size), describe=describe)
+        ) as blocks:
+            async for block in blocks:
+                yield block
 
 
 async def _file_chunks(file: BinaryIO, size: int) -> AsyncIterator[bytes]:
@@ -285,6 +293,22 @@ async def _file_chunks(file: BinaryIO, size: int) -> AsyncIterator[bytes]:
             return
         size -= len(chunk)
         yield chunk
+
+
+def _lock_exclusively(fd: int) -> bool:
+    """Take the writer's lock; False if another writer holds it.
+
+    A reader asking whether a writer is alive holds a shared lock for an instant
+    (:meth:`Stage._held_elsewhere`), so a refusal is tried again a few times before it counts.
+    """
+    for attempt in range(20):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            time.sleep(0.001 * (attempt + 1))
+            continue
+        return True
+    return False
 
 
 def _list_batches(directory: str) -> Iterator[tuple[int, str]]:

@@ -7,10 +7,11 @@ locks, read-your-writes and close are here, once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from abc import abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import anyio
@@ -68,11 +69,13 @@ class StagedStorage(CheckpointStorage):
             staged = self._stage.open_snapshot()
         try:
             landed, remote = await self._open_remote(self._stage.snapshot_writer(), bool(staged))
-            async for block in remote:
-                yield block
+            async with contextlib.aclosing(remote):  # closed at once when a replay is abandoned
+                async for block in remote:
+                    yield block
             pending = [(batch, file) for batch, file in staged if batch.seq > landed]
-            async for block in read_batches(pending, self._uri):
-                yield block
+            async with contextlib.aclosing(read_batches(pending, self._uri)) as batches:
+                async for block in batches:
+                    yield block
         finally:
             for _, file in staged:
                 file.close()
@@ -117,10 +120,9 @@ class StagedStorage(CheckpointStorage):
         await self._stage.open()
         drop_in_forked_children(self)
 
-    def _drop_after_fork(self) -> None:
-        if not self._stage.is_open:
+    def _drop_after_fork(self) -> None:  # the stage lets go of its own files (Stage._drop_after_fork)
+        if self._closed:
             return
-        self._stage.drop_after_fork()
         self._closed = True
         self._closed_note = f": {forked_note(os.getppid())}"
         self._write_lock = anyio.Lock()
@@ -141,7 +143,7 @@ class StagedStorage(CheckpointStorage):
             await self._upload(batches)
 
     @abstractmethod
-    async def _open_remote(self, writer: str | None, staged: bool) -> tuple[int, AsyncIterator[str]]:
+    async def _open_remote(self, writer: str | None, staged: bool) -> tuple[int, AsyncGenerator[str, None]]:
         """Start reading the remote journal: return the last of ``writer``'s batches that it already
         holds (0 if none, or if ``staged`` is false and it need not be looked up), and its text."""
 
