@@ -108,3 +108,110 @@ def kill_loop(journal: Journal, count: int, rng: random.Random) -> Outcome:
         outcome.duplicated |= {n for n, times in Counter(numbers).items() if times > 1}
         outcome.lost |= outcome.acknowledged - set(numbers)
     return outcome
+
+
+@dataclass
+class Takeover:
+    """A zombie round: writer A is paused (SIGSTOP), B takes the journal over from "another machine"
+    (another stage, another connection) and writes, then A is let go (SIGCONT) and tries to flush."""
+
+    zombie_refused: str = ""  # the error A died of
+    lost: set[tuple[str, int]] = field(default_factory=set)
+    duplicated: set[tuple[str, int]] = field(default_factory=set)
+    reordered: bool = False  # a record of A's after one of B's
+
+
+class _Lines:
+    """A writer's stdout, read by a thread so that a paused writer does not block the test."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        import threading
+
+        self.lines: list[str] = []
+        assert proc.stdout is not None
+        self._thread = threading.Thread(target=lambda: self.lines.extend(proc.stdout or []), daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join(10)
+
+    def acked(self) -> set[int]:
+        numbers: set[int] = set()
+        for line in self.lines:
+            if line.startswith("acked ") and line.rstrip().endswith(tuple("0123456789")):
+                numbers.update(int(n) for n in line.split()[1:])
+        return numbers
+
+    def wait_for(self, prefix: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(line.startswith(prefix) for line in self.lines):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {prefix!r} line within {timeout} s: {self.lines[-3:]}")
+            time.sleep(0.01)
+
+
+def _writer(uri: str, options: dict[str, Any], seed: int, name: str, limit: int = 0) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(WRITER), uri, str(seed), json.dumps(options), name, str(limit)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def take_over_from_a_paused_writer(
+    journal: Journal, elsewhere: dict[str, Any], rng: random.Random, *, stopped: float, records: int
+) -> Takeover:
+    """Pause writer A for ``stopped`` seconds while B (with ``elsewhere`` options) writes ``records``."""
+    import signal
+
+    journal.before_start()
+    zombie = _writer(journal.uri, journal.options, rng.randrange(1 << 30), "A")
+    zombie_out = _Lines(zombie)
+    try:
+        zombie_out.wait_for("acked", 30)
+        time.sleep(rng.uniform(0, journal.pause))
+        zombie.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        journal.before_start()  # e.g. the paused writer's lease runs out
+        other = _writer(journal.uri, elsewhere, rng.randrange(1 << 30), "B", limit=records)
+        other_out = _Lines(other)
+        other.wait(timeout=120)
+        assert other.stderr is not None
+        other_err = other.stderr.read()
+        other.stderr.close()
+        assert other.returncode == 0, f"the second writer failed: {other_err[-2000:]}"
+        time.sleep(max(0.0, stopped - (time.monotonic() - started)))
+        zombie.send_signal(signal.SIGCONT)
+        try:
+            zombie.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            zombie.kill()
+            zombie.wait()
+    finally:
+        if zombie.poll() is None:
+            zombie.send_signal(signal.SIGCONT)
+            zombie.kill()
+            zombie.wait()
+    zombie_out.join()
+    other_out.join()
+    assert zombie.stderr is not None
+    error = zombie.stderr.read()
+    zombie.stderr.close()
+    outcome = Takeover(
+        zombie_refused=next(
+            (name for name in ("ConcurrentWriterError", "CheckpointLockedError") if name in error), ""
+        )
+    )
+    acked = {("A", n) for n in zombie_out.acked()} | {("B", n) for n in other_out.acked()}
+
+    async def replay() -> list[tuple[str, int]]:
+        async with CheckpointManager.from_uri(journal.uri, **elsewhere) as manager:
+            return [(record.get("w", "?"), record["n"]) async for record in manager.replay()]
+
+    found = asyncio.run(replay())
+    outcome.duplicated = {key for key, times in Counter(found).items() if times > 1}
+    outcome.lost = acked - set(found)
+    writers = [w for w, _ in found if w in ("A", "B")]
+    outcome.reordered = "B" in writers and "A" in writers[writers.index("B") :]
+    return outcome

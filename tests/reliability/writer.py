@@ -1,11 +1,13 @@
 """A writer for crash tests: resume a journal, then append and flush until killed.
 
-Usage: python tests/reliability/writer.py URI SEED [OPTIONS_JSON]
+Usage: python tests/reliability/writer.py URI SEED [OPTIONS_JSON [NAME [LIMIT]]]
 
 Prints ``resumed N`` once the journal is replayed (N records), then, each time one of its tasks'
 flushes returns, ``acked n n ...``: the numbers of that task's records the flush covered. Those
 records are durable, and a ``kill -9`` must not lose any of them. Some runs use one task, some many,
-so flushes are called while other tasks' batches are being written.
+so flushes are called while other tasks' batches are being written. Records carry the writer's
+NAME (``"w"``) when one is given; with a LIMIT, the writer stops after about that many acknowledged
+records and closes its manager.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import anyio
 from yoink import CheckpointManager
 
 
-async def main(uri: str, seed: int, options: dict[str, object]) -> None:
+async def main(uri: str, seed: int, options: dict[str, object], name: str, limit: int) -> None:
     rng = random.Random(seed)
     batch_bytes = rng.choice([256, 4096, 65536, 16 << 20])
     big_pad = 400 if batch_bytes < 1 << 20 else 4_000  # records past a 1 MiB batch, without a huge journal
@@ -36,14 +38,19 @@ async def main(uri: str, seed: int, options: dict[str, object]) -> None:
         print(f"resumed {len(seen)}", flush=True)
         numbers = itertools.count(max(seen, default=-1) + 1)
 
+        acked = 0
+        tag = {"w": name} if name else {}
+
         async def task(task_rng: random.Random) -> None:
-            while True:
+            nonlocal acked
+            while not limit or acked < limit:
                 mine = []
                 for _ in range(task_rng.randint(1, 200 // tasks + 1)):
                     n = next(numbers)
-                    await manager.append({"n": n, "pad": "x" * task_rng.randint(0, big_pad)})
+                    await manager.append({"n": n, **tag, "pad": "x" * task_rng.randint(0, big_pad)})
                     mine.append(n)
                 await manager.flush()
+                acked += len(mine)
                 print("acked", *mine, flush=True)
                 if tasks > 1:  # like real jobs, tasks finish at scattered moments
                     await anyio.sleep(task_rng.uniform(0, 0.005))
@@ -54,4 +61,7 @@ async def main(uri: str, seed: int, options: dict[str, object]) -> None:
 
 
 if __name__ == "__main__":
-    anyio.run(main, sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})
+    arguments = sys.argv[1:] + ["{}", "", "0"][len(sys.argv) - 3 :]  # the defaults of those not given
+    anyio.run(
+        main, arguments[0], int(arguments[1]), json.loads(arguments[2]), arguments[3], int(arguments[4])
+    )
