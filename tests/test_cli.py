@@ -215,3 +215,75 @@ def test_copy_shows_progress_on_a_terminal(journal: Path, tmp_path: Path) -> Non
         os.close(controller)
     assert result.returncode == 0
     assert b"copied 1,000 records" in shown
+
+
+def _s3_state(bucket: str, moto: MotoServer) -> dict[str, str]:
+    client = boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1")
+    listing = client.list_objects_v2(Bucket=bucket).get("Contents", [])
+    return {item["Key"]: item["ETag"] for item in listing}
+
+
+@pytest.mark.parametrize("layout", ["object", "segments"])
+def test_read_commands_leave_an_s3_journal_and_a_crashed_writers_stage_untouched(
+    bucket: str, moto: MotoServer, s3_uri: str, tmp_path: Path, layout: str
+) -> None:
+    uri = f"s3://{bucket}/job?layout={layout}"
+    written = yoink("copy", str(tmp_path / "none.jsonl"), uri)  # an empty journal to start from
+    assert written.returncode == 0, written.stderr
+    stage = tmp_path / "cache" / "yoink" / "stage"  # the default stage, under XDG_CACHE_HOME
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("s3_child.py")),
+            "stage",
+            uri,
+            str(stage),
+            moto.url,
+            "50",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline() == "staged\n"
+    child.kill()  # a crashed writer: 50 records staged on this machine, none uploaded
+    child.wait()
+    child.stdout.close()
+    before = _s3_state(bucket, moto)
+    staged = sorted(p.name for p in stage.rglob("*.jsonl"))
+    assert staged, "the crashed writer left no stage"
+    for command in (
+        ["cat", uri],
+        ["stats", uri],
+        ["verify", uri],
+        ["copy", uri, str(tmp_path / "out.jsonl")],
+    ):
+        result = yoink(*command)
+        assert result.returncode == 0, (command, result.stderr)
+        assert _s3_state(bucket, moto) == before, f"yoink {command[0]} changed the S3 journal"
+        assert sorted(p.name for p in stage.rglob("*.jsonl")) == staged, f"yoink {command[0]} took the stage"
+    # A reader shows the staged records, as the next writer on this machine would replay them.
+    assert yoink("cat", uri).stdout == "".join(f'{{"n":{n}}}\n' for n in range(50))
+
+
+def test_read_commands_leave_a_redis_journal_and_a_live_writers_lease_untouched(redis_url: str) -> None:
+    key = f"cli-read-{uuid.uuid4().hex[:8]}"
+    uri = f"{redis_url}?key={key}"
+    client = redis.Redis.from_url(redis_url)
+    client.xadd(key, {"w": "0123456789abcdef", "b": 0, "d": jsonl(RECORDS[:10])})
+    client.set(f"{{{key}}}:lease", "another-writer", px=60_000)  # a writer holds the journal
+
+    def state() -> tuple[object, ...]:
+        return client.xlen(key), client.xinfo_stream(key)["last-generated-id"], client.get(f"{{{key}}}:lease")
+
+    before = state()
+    for command in (["cat", uri], ["stats", uri], ["verify", uri], ["copy", uri, f"memory://out-{key}"]):
+        result = yoink(*command)
+        assert result.returncode == 0, (command, result.stderr)
+        now = (
+            client.xlen(key),
+            client.xinfo_stream(key)["last-generated-id"],
+            client.get(f"{{{key}}}:lease"),
+        )
+        assert now == before, f"yoink {command[0]} changed the Redis journal or its lease"
+    client.close()

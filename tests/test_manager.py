@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import OpenStorage
 from tests.helpers import RecordingStorage
-from yoink import CheckpointManager, CorruptCheckpointError, StorageClosedError, StorageError
+from yoink import CheckpointManager, CorruptCheckpointError, ReadOnlyError, StorageClosedError, StorageError
 from yoink.storage import LocalFileStorage, MemoryStorage
 
 pytestmark = pytest.mark.usefixtures("async_backend")  # every test runs under asyncio and trio
@@ -366,3 +366,21 @@ async def test_skipping_many_corrupt_lines_warns_for_the_first_ten_then_once_in_
     warnings = [record.getMessage() for record in caplog.records]
     assert len(warnings) == 11
     assert warnings[-1].endswith("skipped 50 corrupt lines in all (a warning was logged for the first 10)")
+
+
+async def test_a_read_only_manager_replays_beside_a_writer_and_refuses_to_write(
+    open_storage: OpenStorage,
+) -> None:
+    async with CheckpointManager(open_storage(), flush_interval=None) as writer:
+        await writer.append({"n": 1})
+        await writer.flush()  # the writer holds the journal's lock or lease
+        async with CheckpointManager(open_storage(), read_only=True) as reader:
+            assert await replay_all(reader) == [{"n": 1}]  # no lock or lease needed
+            for refused in (reader.append({"n": 2}), reader.append_many([{"n": 3}]), reader.flush()):
+                with pytest.raises(ReadOnlyError, match=r"is read-only \(read_only=True\)"):
+                    await refused
+        await writer.append({"n": 4})  # the reader took nothing from the writer
+    async with CheckpointManager(open_storage(), read_only=True) as reader:
+        assert await replay_all(reader) == [{"n": 1}, {"n": 4}]
+    with pytest.raises(StorageClosedError):  # after close(), the error says closed, not read-only
+        await reader.append({"n": 5})

@@ -10,6 +10,7 @@ from yoink import (
     CheckpointLockedError,
     CorruptCheckpointError,
     MissingDependencyError,
+    ReadOnlyError,
     StorageClosedError,
     StorageError,
     UnknownSchemeError,
@@ -37,6 +38,7 @@ def test_the_exception_tree() -> None:
     assert issubclass(StorageError, YoinkError)
     assert issubclass(CheckpointLockedError, StorageError)
     assert issubclass(StorageClosedError, StorageError)
+    assert issubclass(ReadOnlyError, StorageError)
     assert issubclass(CorruptCheckpointError, YoinkError)
     assert issubclass(UnknownSchemeError, YoinkError)
     assert issubclass(UnknownSchemeError, ValueError)

@@ -6,6 +6,7 @@
     ├── StorageError                  a backend could not do what was asked
     │   ├── CheckpointLockedError     another writer holds the journal
     │   ├── ConcurrentWriterError     another writer changed a remote journal under this one
+    │   ├── ReadOnlyError             a read-only manager was asked to append or flush
     │   └── StorageClosedError        the storage or manager was used after close()
     ├── CorruptCheckpointError        a line in the middle of the journal is not a record
     ├── UnknownSchemeError            (also a ValueError) no backend for a URI's scheme
@@ -22,6 +23,7 @@ __all__ = [
     "ConcurrentWriterError",
     "CorruptCheckpointError",
     "MissingDependencyError",
+    "ReadOnlyError",
     "StorageClosedError",
     "StorageError",
     "UnknownSchemeError",
@@ -46,6 +48,10 @@ class ConcurrentWriterError(StorageError):
 
     Nothing is lost: what this writer had not uploaded stays in its local stage.
     """
+
+
+class ReadOnlyError(StorageError):
+    """A manager opened with ``read_only=True`` was asked to append or flush."""
 
 
 class StorageClosedError(StorageError):

@@ -15,7 +15,7 @@ import anyio
 import orjson
 
 from yoink import _records
-from yoink._exceptions import CorruptCheckpointError, StorageClosedError, StorageError
+from yoink._exceptions import CorruptCheckpointError, ReadOnlyError, StorageClosedError, StorageError
 from yoink._records import (
     ENCODE_OPTIONS,
     JournalDecoder,
@@ -47,6 +47,11 @@ class CheckpointManager:
     ``batch_bytes`` have gathered, when ``flush_interval`` seconds have passed (while the manager
     is open with ``async with``), and on :meth:`flush` and :meth:`close`.
 
+    ``read_only=True`` makes a reader: it takes no lock or lease, writes and uploads nothing (not
+    even what a crashed writer left staged on this machine, which its replay shows), and refuses
+    :meth:`append` and :meth:`flush` with :class:`~yoink.ReadOnlyError`. The ``yoink`` command
+    reads through one.
+
     Durability: when :meth:`flush` returns, every record appended before it was called is durable
     in the storage. A crash loses at most the records appended since the last flush that returned.
 
@@ -70,6 +75,7 @@ class CheckpointManager:
         flush_interval: float | None = 1.0,
         on_corrupt: OnCorrupt = "raise",
         default: Callable[[Any], Any] | None = None,
+        read_only: bool = False,
     ) -> None:
         if not isinstance(storage, CheckpointStorage):
             raise TypeError(f"storage must be a CheckpointStorage, got {type(storage).__name__}")
@@ -86,6 +92,7 @@ class CheckpointManager:
         self._flush_interval = flush_interval
         self._on_corrupt: OnCorrupt = on_corrupt
         self._default = default
+        self._read_only = read_only
         self._buffer = bytearray()
         self._handed = 0  # bytes taken from the buffer for the storage, a write under way included
         # Bytes the storage has flushed. -1 sends the first flush to the storage even with nothing
@@ -94,7 +101,8 @@ class CheckpointManager:
         self._io_lock = anyio.Lock()  # the one path to the storage: batches never reorder
         self._flushing: anyio.Event | None = None
         self._flusher: anyio.CancelScope | None = None
-        self._closed = False  # no more appends: close() has begun
+        self._closed = False  # close() has begun
+        self._writable = not read_only  # append() is refused once this is false
         self._closing: anyio.Event | None = None  # set once close() has released the storage
         self._unknown: str | None = None  # why a storage call's outcome is unknown, if one is
         self.corrupt_lines_skipped = 0
@@ -132,6 +140,7 @@ class CheckpointManager:
             "flush_interval": self._flush_interval,
             "on_corrupt": self._on_corrupt,
             "default": self._default,
+            "read_only": self._read_only,
         }
         return {"storage": self._storage, "options": options}
 
@@ -144,8 +153,8 @@ class CheckpointManager:
         Waits while a full batch is handed to the storage, so memory stays bounded however slow
         the storage is.
         """
-        if self._closed:  # self._check_open(), inlined on the hot path
-            raise StorageClosedError(f"{self!r} is closed")
+        if not self._writable:  # self._check_writable(), inlined on the hot path
+            raise self._refusal()
         try:  # encode_record(), inlined
             line = orjson.dumps(record, self._default, ENCODE_OPTIONS)
         except TypeError as exc:
@@ -162,7 +171,7 @@ class CheckpointManager:
 
     async def append_many(self, records: Iterable[Any]) -> None:
         """Append records in order, all or none: if one cannot be encoded, none is appended."""
-        self._check_open()
+        self._check_writable()
         encoded = bytearray()
         for record in records:
             encoded += encode_record(record, self._default)
@@ -177,7 +186,7 @@ class CheckpointManager:
         Tasks that call ``flush()`` together share one storage flush (group commit). A cancelled
         ``flush()`` stops waiting; the storage flush it started goes on to its end.
         """
-        self._check_open()
+        self._check_writable()
         await self._flush()
 
     async def replay(self) -> AsyncIterator[dict[str, Any]]:
@@ -189,7 +198,8 @@ class CheckpointManager:
         ``on_corrupt="skip"``, is skipped and counted in :attr:`corrupt_lines_skipped`).
         """
         self._check_open()
-        await self._write_batch()
+        if not self._read_only:
+            await self._write_batch()
         decoder = JournalDecoder(repr(self._storage), on_corrupt=self._on_corrupt)
         items = self._storage.read()
         try:
@@ -224,6 +234,7 @@ class CheckpointManager:
             await uninterrupted(self._closing.wait, finish_first=True)
             return
         self._closed = True
+        self._writable = False
         self._closing = closing = anyio.Event()
         if self._flusher is not None:
             self._flusher.cancel()
@@ -235,7 +246,7 @@ class CheckpointManager:
 
     async def __aenter__(self) -> Self:
         self._check_open()
-        if self._flush_interval is not None and self._flusher is None:
+        if self._flush_interval is not None and self._flusher is None and not self._read_only:
             self._flusher = start_background(self._flush_periodically)
         return self
 
@@ -255,6 +266,15 @@ class CheckpointManager:
     def _check_open(self) -> None:
         if self._closed:
             raise StorageClosedError(f"{self!r} is closed")
+
+    def _check_writable(self) -> None:
+        if not self._writable:
+            raise self._refusal()
+
+    def _refusal(self) -> StorageError:
+        if self._closed:
+            return StorageClosedError(f"{self!r} is closed")
+        return ReadOnlyError(f"{self!r} is read-only (read_only=True): it neither appends nor flushes")
 
     async def _write_batch(self, *, if_full: bool = False) -> None:
         await uninterrupted(functools.partial(self._write_unit, if_full=if_full))
@@ -312,7 +332,7 @@ class CheckpointManager:
 
     async def _close_storage(self) -> None:
         try:
-            if self._unknown is None:
+            if self._unknown is None and not self._read_only:
                 await self._flush()
         finally:
             await self._storage.close()

@@ -5,7 +5,9 @@
     yoink verify URI         exit status 0 for a clean journal, 1 with each problem
     yoink copy SRC DST       stream a journal from one backend to another
 
-URIs are those of :class:`~yoink.StorageFactory`; S3 and Redis settings come from the usual
+Every command reads its journals read-only (a copy's destination aside): it takes no lock or lease
+and writes nothing, not even a crashed writer's staged records. URIs are those of
+:class:`~yoink.StorageFactory`; S3 and Redis settings come from the usual
 environment variables (``AWS_*``, ``AWS_ENDPOINT_URL``) and URI forms. Errors are one line on
 stderr (exit status 1, or 2 for a usage error); ``--debug`` shows the traceback.
 """
@@ -98,7 +100,7 @@ async def scan(storage: CheckpointStorage, uri: str) -> Scan:
 
 async def cat(uri: str, skip_corrupt: bool, out: BinaryIO) -> int:
     on_corrupt = "skip" if skip_corrupt else "raise"
-    async with CheckpointManager.from_uri(uri, flush_interval=None, on_corrupt=on_corrupt) as manager:
+    async with CheckpointManager.from_uri(uri, read_only=True, on_corrupt=on_corrupt) as manager:
         chunk: list[bytes] = []
         try:
             async for record in manager.replay():
@@ -150,7 +152,7 @@ async def copy(source: str, destination: str, append: bool, progress: bool) -> i
             count = sum([1 async for _ in target.replay()])
             if count:
                 raise _Refused(f"{destination} already holds {count:,} records; pass --append to add to them")
-        async with CheckpointManager.from_uri(source, flush_interval=None) as origin:
+        async with CheckpointManager.from_uri(source, read_only=True) as origin:
             copied, started, shown = 0, time.monotonic(), 0.0
             async for batch in _batches(origin.replay(), 4096):
                 await target.append_many(batch)
