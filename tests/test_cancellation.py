@@ -28,6 +28,12 @@ from yoink import CheckpointLockedError, CheckpointManager, StorageClosedError, 
 from yoink.storage import LocalFileStorage, MemoryStorage, RedisStreamStorage, S3Storage
 
 
+def run_script(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a Python process of its own (for fork, rlimits and other process-wide state)."""
+    command = [sys.executable, "-c", textwrap.dedent(code), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
 async def replay_all(manager: CheckpointManager) -> list[dict[str, Any]]:
     return [record async for record in manager.replay()]
 
@@ -125,13 +131,7 @@ async def test_an_append_cancelled_while_its_batch_is_written_has_appended_its_r
 def test_a_refused_write_after_cancelled_ones_cuts_no_flushed_record(tmp_path: Path) -> None:
     # Cancelled writes must leave the storage knowing the file's real size: a later write that the
     # OS refuses (RLIMIT_FSIZE: "file too large") is undone to what the file held, not further.
-    child = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(REFUSED_AFTER_CANCELLED), str(tmp_path / "j.jsonl")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    child = run_script(REFUSED_AFTER_CANCELLED, str(tmp_path / "j.jsonl"))
     assert child.returncode == 0, child.stderr
     flushed = int(child.stdout.split("flushed:")[1].split()[0])
     assert "the journal is unchanged" in child.stdout
@@ -330,13 +330,7 @@ async def test_a_forked_worker_can_write_once_the_parent_has_closed(
 
 
 def test_a_forked_child_cannot_use_its_parents_open_storage(tmp_path: Path) -> None:
-    child = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(FORKED_CHILD), str(tmp_path / "j.jsonl")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    child = run_script(FORKED_CHILD, str(tmp_path / "j.jsonl"))
     assert child.returncode == 0, child.stderr
     assert "child: StorageClosedError" in child.stdout
     assert "this process is a fork of it" in child.stdout
@@ -528,13 +522,7 @@ def test_a_deadline_stops_a_loop_of_appends_and_flushes(library: str, tmp_path: 
 
 
 def test_a_fork_while_the_journal_is_being_opened_does_not_keep_its_lock(tmp_path: Path) -> None:
-    child = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(FORK_WHILE_OPENING), str(tmp_path / "j.jsonl")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    child = run_script(FORK_WHILE_OPENING, str(tmp_path / "j.jsonl"))
     assert child.returncode == 0, child.stderr
     assert child.stdout.count("a new writer works") == 20, child.stdout
 

@@ -116,6 +116,7 @@ class Takeover:
     (another stage, another connection) and writes, then A is let go (SIGCONT) and tries to flush."""
 
     zombie_refused: str = ""  # the error A died of
+    taken_over: int = 0  # records B wrote and flushed while A was paused
     lost: set[tuple[str, int]] = field(default_factory=set)
     duplicated: set[tuple[str, int]] = field(default_factory=set)
     reordered: bool = False  # a record of A's after one of B's
@@ -203,6 +204,7 @@ def take_over_from_a_paused_writer(
             (name for name in ("ConcurrentWriterError", "CheckpointLockedError") if name in error), ""
         )
     )
+    outcome.taken_over = len(other_out.acked())
     acked = {("A", n) for n in zombie_out.acked()} | {("B", n) for n in other_out.acked()}
 
     async def replay() -> list[tuple[str, int]]:
