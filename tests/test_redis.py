@@ -20,7 +20,13 @@ import redis.asyncio as redis
 
 from tests.conftest import read_text
 from tests.redis_server import DroppingProxy, RedisServer
-from yoink import CheckpointLockedError, CheckpointManager, StorageError, StorageFactory
+from yoink import (
+    CheckpointLockedError,
+    CheckpointManager,
+    ConcurrentWriterError,
+    StorageError,
+    StorageFactory,
+)
 from yoink.storage import RedisStreamStorage
 
 
@@ -211,6 +217,142 @@ async def test_the_lease_is_renewed_while_the_writer_is_open_and_released_by_clo
         assert await numbers(reader) == [0, 1]
 
 
+async def stream_length(redis_url: str, key: str) -> int:
+    monitor = redis.from_url(redis_url)
+    try:
+        return int(await monitor.xlen(key))
+    finally:
+        await monitor.aclose()
+
+
+async def test_a_second_manager_flushing_while_the_first_holds_the_lease_is_refused_and_keeps_its_records(
+    redis_url: str, key: str
+) -> None:
+    uri = f"{redis_url}?key={key}"
+    first = CheckpointManager.from_uri(uri, flush_interval=None)
+    await first.append({"n": 0})
+    await first.flush()
+    second = CheckpointManager.from_uri(uri, flush_interval=None)
+    await second.append({"n": 100})
+    with pytest.raises(CheckpointLockedError) as caught:
+        await second.flush()
+    assert type(caught.value) is CheckpointLockedError
+    assert await stream_length(redis_url, key) == 1  # nothing of the refused flush
+    await first.close()
+    await second.flush()  # the refused records were kept: they go in once the lease is free
+    await second.close()
+    async with CheckpointManager.from_uri(uri) as reader:
+        assert [record["n"] async for record in reader.replay()] == [0, 100]
+
+
+async def test_a_writer_whose_expired_lease_another_took_is_fenced_and_keeps_its_records(
+    redis_url: str, key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = RedisStreamStorage(redis_url, key)
+    await first.write(records(0, 1))
+    await first.flush()
+    await first.write(records(1, 1))  # pending when its lease runs out
+    monitor = redis.from_url(redis_url)
+    await monitor.delete(f"{{{key}}}:lease")  # the first writer was paused past its lease
+    second = RedisStreamStorage(redis_url, key)
+    await second.write(records(100, 1))
+    await second.flush()
+    with pytest.raises(ConcurrentWriterError, match="another writer took the journal over") as caught:
+        await first.flush()
+    assert type(caught.value) is ConcurrentWriterError
+    assert await monitor.xlen(key) == 2  # nothing of the refused flush was written
+    assert await numbers(first) == [0, 100, 1]  # its record is kept, still pending
+
+    await second.close()  # the lease is free now, but a newer epoch has written
+    assert not await monitor.exists(f"{{{key}}}:lease")
+    with pytest.raises(ConcurrentWriterError):
+        await first.flush()
+    with pytest.raises(ConcurrentWriterError):
+        await first.write(records(2, 1))
+    with pytest.raises(ConcurrentWriterError):
+        await first.close()
+    assert not await monitor.exists(f"{{{key}}}:lease")  # never taken again
+    assert "closed with 8 bytes that were never flushed" in caplog.text
+    async with RedisStreamStorage(redis_url, key) as reader:
+        assert await numbers(reader) == [0, 100]
+    await monitor.aclose()
+
+
+async def test_a_writer_without_fencing_holding_the_lease_refuses_a_flush_with_checkpoint_locked(
+    redis_url: str, key: str
+) -> None:
+    storage = RedisStreamStorage(redis_url, key, wait_replicas=1, wait_timeout=0.1)
+    await storage.write(records(0, 1))
+    monitor = redis.from_url(redis_url)
+    await monitor.set(f"{{{key}}}:lease", "older-yoink", px=30_000)  # took it without an epoch
+    with pytest.raises(
+        CheckpointLockedError, match=r"another writer \(older-yoink\) took the lease"
+    ) as caught:
+        await storage.flush()  # the script's error comes back through a pipeline
+    assert type(caught.value) is CheckpointLockedError
+    assert await monitor.xlen(key) == 0
+    await monitor.delete(f"{{{key}}}:lease")
+    with pytest.raises(StorageError, match="only 0 of 1 replicas"):
+        await storage.flush()  # its epoch is still the newest: it takes the free lease again
+    assert await numbers(storage) == [0]
+    await storage.close()
+    await monitor.aclose()
+
+
+async def test_a_replaced_writer_stops_renewing_its_lease_and_its_next_write_is_refused(
+    redis_url: str, key: str
+) -> None:
+    first = RedisStreamStorage(redis_url, key, lease_ttl=0.3)
+    await first.write(records(0, 1))
+    await first.flush()
+    monitor = redis.from_url(redis_url)
+    await monitor.incr(f"{{{key}}}:epoch")  # a newer writer's epoch, issued while the lease was renewed
+    await anyio.sleep(0.7)  # the renewal sees it, stops, and the lease expires
+    assert not await monitor.exists(f"{{{key}}}:lease")
+    with pytest.raises(ConcurrentWriterError, match=r"lease was epoch 1\) while"):
+        await first.write(records(1, 1))
+    assert not await monitor.exists(f"{{{key}}}:lease")
+    await first.close()  # nothing pending: nothing to refuse
+    await monitor.aclose()
+
+
+async def test_an_early_send_refused_by_the_fence_undoes_that_write_alone(redis_url: str, key: str) -> None:
+    storage = RedisStreamStorage(redis_url, key, max_pending=1000)
+    await storage.write(records(0, 1))
+    await storage.flush()
+    await storage.write(records(1, 1))
+    monitor = redis.from_url(redis_url)
+    await monitor.incr(f"{{{key}}}:epoch")
+    with pytest.raises(ConcurrentWriterError):
+        await storage.write(records(2, 200))  # over max_pending: sent early, and refused
+    assert await numbers(storage) == [0, 1]  # the earlier pending record is kept, the refused write undone
+    assert await monitor.xlen(key) == 1
+    with pytest.raises(ConcurrentWriterError):
+        await storage.close()
+    await monitor.aclose()
+
+
+async def test_entries_carry_the_writers_epoch_and_streams_without_epochs_still_replay(
+    redis_url: str, key: str
+) -> None:
+    monitor = redis.from_url(redis_url)
+    await monitor.xadd(key, {"w": "old-writer", "b": 0, "d": records(0, 2)})  # written before fencing
+    await monitor.xadd(key, {"w": "old-writer", "b": 0, "d": records(0, 2)})  # ...and its retry
+    await monitor.xadd(key, {"d": records(2, 1)})  # and before block numbers
+    async with RedisStreamStorage(redis_url, key) as storage:
+        assert await numbers(storage) == [0, 1, 2]
+        await storage.write(records(3, 1))
+        await storage.flush()
+        assert await numbers(storage) == [0, 1, 2, 3]
+    async with RedisStreamStorage(redis_url, key) as storage:
+        await storage.write(records(4, 1))
+    entries = await monitor.xrange(key)
+    assert [fields.get(b"e") for _, fields in entries] == [None, None, None, b"1", b"2"]
+    async with RedisStreamStorage(redis_url, key) as reader:
+        assert await numbers(reader) == [0, 1, 2, 3, 4]
+    await monitor.aclose()
+
+
 # -- retries, crashes and durability -------------------------------------------------------------
 
 
@@ -332,9 +474,11 @@ async def test_waitaof_on_a_server_without_it_is_refused_at_open(redis_url: str,
 # -- keys, pickling --------------------------------------------------------------------------
 
 
-def test_the_lease_shares_the_streams_cluster_slot() -> None:
-    assert RedisStreamStorage("redis://h/0", "{run-42}:journal")._lease_key == "{run-42}:journal:lease"
-    assert RedisStreamStorage("redis://h/0", "journal")._lease_key == "{journal}:lease"
+def test_the_lease_and_the_epoch_share_the_streams_cluster_slot() -> None:
+    tagged = RedisStreamStorage("redis://h/0", "{run-42}:journal")
+    assert (tagged._lease_key, tagged._epoch_key) == ("{run-42}:journal:lease", "{run-42}:journal:epoch")
+    plain = RedisStreamStorage("redis://h/0", "journal")
+    assert (plain._lease_key, plain._epoch_key) == ("{journal}:lease", "{journal}:epoch")
 
 
 async def test_a_pickled_storage_keeps_url_key_and_options_not_its_connection(

@@ -1,10 +1,11 @@
 """RedisStreamStorage: the journal as a Redis Stream.
 
-Each entry holds a block of whole JSONL lines (field ``d``), tagged with the writer's id (``w``) and
-the block's number in that writer's sequence (``b``). A flush is one round trip: a Lua script that
-checks the writer's lease and ``XADD``s every pending block atomically. A flush retried after a
-dropped connection may add blocks that were already there; readers drop a block whose number they
-have already seen from the same writer, so nothing is replayed twice.
+Each entry holds a block of whole JSONL lines (field ``d``), tagged with the writer's id (``w``), its
+fencing epoch (``e``; streams written before it existed have none) and the block's number in that
+writer's sequence (``b``). A flush is one round trip: a Lua script that checks the writer's epoch and
+lease and ``XADD``s every pending block atomically. A flush retried after a dropped connection may
+add blocks that were already there; readers drop a block whose number they have already seen from
+the same writer, so nothing is replayed twice.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import secrets
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -28,7 +30,7 @@ from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from yoink._exceptions import CheckpointLockedError, StorageClosedError, StorageError
+from yoink._exceptions import CheckpointLockedError, ConcurrentWriterError, StorageClosedError, StorageError
 from yoink._fork import drop_in_forked_children, forked_note
 from yoink._tasks import asyncio_loop_of, uninterrupted
 from yoink.storage._base import CheckpointStorage
@@ -42,32 +44,45 @@ __all__ = ["RedisStreamStorage"]
 
 logger = logging.getLogger("yoink")
 
+# KEYS: the stream, the lease, the epoch. ARGV: writer, lease ms, epoch, first block number, blocks...
 _APPEND = """
+local epoch = tonumber(redis.call('GET', KEYS[3]) or '0')
+if epoch ~= tonumber(ARGV[3]) then
+  return redis.error_reply('YOINKFENCED ' .. epoch)
+end
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[1] then
   return redis.error_reply('YOINKLEASE ' .. holder)
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-local b = tonumber(ARGV[3])
-for i = 4, #ARGV do
-  redis.call('XADD', KEYS[1], '*', 'w', ARGV[1], 'b', b, 'd', ARGV[i])
+local b = tonumber(ARGV[4])
+for i = 5, #ARGV do
+  redis.call('XADD', KEYS[1], '*', 'w', ARGV[1], 'e', ARGV[3], 'b', b, 'd', ARGV[i])
   b = b + 1
 end
-return #ARGV - 3
+return #ARGV - 4
 """
+# KEYS: the lease, the epoch. ARGV: writer, lease ms. Returns {holder, ms left, epoch (0 if refused)}.
 _ACQUIRE = """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then
-  return {holder, redis.call('PTTL', KEYS[1])}
+  return {holder, redis.call('PTTL', KEYS[1]), 0}
+end
+local epoch = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {ARGV[1], tonumber(ARGV[2]), epoch}
+"""
+# KEYS: the lease, the epoch. ARGV: writer, lease ms, epoch. 1 renewed, 0 held by another, -1 fenced.
+_RENEW = """
+if tonumber(redis.call('GET', KEYS[2]) or '0') ~= tonumber(ARGV[3]) then
+  return -1
+end
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then
+  return 0
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return {ARGV[1], tonumber(ARGV[2])}
-"""
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
+return 1
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -92,11 +107,22 @@ class RedisStreamStorage(CheckpointStorage):
       renewed every third of ``lease_ttl`` while the storage is open and released by
       :meth:`close`. A second writer gets :class:`~yoink.CheckpointLockedError`; a crashed writer's
       lease expires after ``lease_ttl`` seconds.
+    - Fencing: a lease alone cannot stop a writer that was paused (SIGSTOP, a long GC, a frozen VM)
+      past its lease and comes back after another took over. So each lease comes with a token, an
+      epoch that only grows (``INCR <key>:epoch``, a key that never expires), and every flush (the
+      Lua script that ``XADD``s) and every renewal checks, atomically on the server, that the
+      writer's epoch is still the newest, whether or not the lease is free at that moment. A writer
+      that was replaced gets :class:`~yoink.ConcurrentWriterError` from :meth:`flush` (and from
+      :meth:`write` and :meth:`close` from then on): nothing of the refused flush is written, its
+      records stay pending in this storage (the manager keeps what it had not handed over), and it
+      never takes the lease again; open a new writer, whose replay shows what the journal holds.
+      Each entry carries its writer's epoch (field ``e``). Writers of yoink versions without
+      fencing do not check it.
     - :meth:`read` pages through the stream with ``XRANGE ... COUNT page_size``; memory is bounded
       by a page of blocks of at most ``entry_bytes`` each.
-    - Redis Cluster: the stream and its lease must share a slot. yoink names the lease
-      ``{<key>}:lease`` for a key without a hash tag; give keys a hash tag (``{run-42}:journal``)
-      to place them yourself.
+    - Redis Cluster: the stream, its lease and its epoch must share a slot. yoink names them
+      ``{<key>}:lease`` and ``{<key>}:epoch`` for a key without a hash tag; give keys a hash tag
+      (``{run-42}:journal``) to place them yourself.
     - Passwords never appear in a repr, a log line or an error.
     - redis-py's asyncio client runs on asyncio (not trio).
     """
@@ -123,7 +149,9 @@ class RedisStreamStorage(CheckpointStorage):
         self._url = url
         self._where = _where(url)
         self._key = key
-        self._lease_key = f"{key}:lease" if _has_hash_tag(key) else f"{{{key}}}:lease"
+        base = key if _has_hash_tag(key) else f"{{{key}}}"
+        self._lease_key = f"{base}:lease"
+        self._epoch_key = f"{base}:epoch"
         self._options = {
             "lease_ttl": lease_ttl,
             "wait_replicas": wait_replicas,
@@ -147,6 +175,8 @@ class RedisStreamStorage(CheckpointStorage):
         self._client: redis.Redis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the client belongs to
         self._leased = False
+        self._epoch = 0  # the fencing token this writer's lease came with
+        self._fenced: str | None = None  # how this writer learnt that a newer epoch exists
         self._lease_lost: str | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._lock = anyio.Lock()
@@ -208,6 +238,7 @@ class RedisStreamStorage(CheckpointStorage):
     async def _write(self, data: str) -> None:
         async with self._lock:
             self._check_open()
+            self._check_fence()
             if not self._leased:
                 await self._acquire()
             first, kept = self._next_block, len(self._pending)
@@ -219,7 +250,7 @@ class RedisStreamStorage(CheckpointStorage):
                 return
             try:
                 await self._send(wait=False)
-            except CheckpointLockedError:  # refused by the script, so none of it landed: undo this write
+            except (CheckpointLockedError, ConcurrentWriterError):  # refused by the script: undo this write
                 self._pending_bytes -= sum(len(block) for _, block in self._pending[kept:])
                 del self._pending[kept:]
                 self._next_block = first
@@ -316,6 +347,14 @@ class RedisStreamStorage(CheckpointStorage):
         if self._closed:
             raise StorageClosedError(f"{self!r} is closed{self._closed_note}")
 
+    def _check_fence(self) -> None:
+        if self._fenced is not None:
+            raise ConcurrentWriterError(
+                f"{self!r}: {self._fenced}. This writer writes nothing more: its {self._pending_bytes} "
+                "bytes not flushed are kept here (its read() shows them), and a new writer's replay "
+                "shows what the journal holds"
+            )
+
     def _drop_after_fork(self) -> None:
         if self._client is None:
             return
@@ -330,10 +369,13 @@ class RedisStreamStorage(CheckpointStorage):
     async def _acquire(self) -> None:
         client = await self._connection()
         with self._translated("SET"):
-            holder, ttl = await client.eval(_ACQUIRE, 1, self._lease_key, self._writer, self._lease_ms)
+            holder, ttl, epoch = await client.eval(
+                _ACQUIRE, 2, self._lease_key, self._epoch_key, self._writer, self._lease_ms
+            )
         if holder.decode() != self._writer:
             raise self._locked(ttl)
         self._leased = True
+        self._epoch = epoch
         self._renewer = asyncio.get_running_loop().create_task(self._renew_lease())
 
     async def _renew_lease(self) -> None:
@@ -343,16 +385,34 @@ class RedisStreamStorage(CheckpointStorage):
             if client is None:
                 return
             try:
-                renewed = await client.eval(_RENEW, 1, self._lease_key, self._writer, self._lease_ms)
+                renewed = await client.eval(
+                    _RENEW, 2, self._lease_key, self._epoch_key, self._writer, self._lease_ms, self._epoch
+                )
             except RedisError as exc:
                 logger.warning(
                     "%r: could not renew the writer's lease (%s); retrying", self, type(exc).__name__
                 )
                 continue
-            if not renewed:
-                self._lease_lost = "it expired while this writer could not reach Redis"
+            if renewed < 0:
+                self._fence(newer=None)
+                logger.error("%r stopped renewing its lease: %s", self, self._fenced)
+                return
+            if renewed == 0:  # taken by a writer that does not fence (an older yoink)
+                self._lease_lost = "another writer took it after it expired"
                 logger.error("%r: lost the writer's lease: %s", self, self._lease_lost)
                 return
+
+    def _fence(self, newer: int | None) -> None:
+        """Note that a newer epoch exists: this writer never writes again."""
+        self._lease_lost = "a newer writer took the journal over"
+        renewer = self._renewer
+        if renewer is not None and renewer is not asyncio.current_task():
+            renewer.cancel()
+        newest = f"epoch {newer}" if newer else "a newer epoch"
+        self._fenced = (
+            f"another writer took the journal over ({newest}; this writer's lease was epoch "
+            f"{self._epoch}) while this one was paused or could not reach Redis"
+        )
 
     def _locked(self, ttl_ms: int) -> CheckpointLockedError:
         expires = f"expires in {ttl_ms / 1000:.1f} s" if ttl_ms > 0 else "has no expiry set"
@@ -366,16 +426,19 @@ class RedisStreamStorage(CheckpointStorage):
 
     async def _send(self, *, wait: bool) -> None:
         """Send every pending block in one round trip; on failure they stay pending, numbered alike."""
+        self._check_fence()
         client = await self._connection()
         blocks = self._pending
         async with client.pipeline(transaction=False) as pipe:
             pipe.eval(
                 _APPEND,
-                2,
+                3,
                 self._key,
                 self._lease_key,
+                self._epoch_key,
                 self._writer,
                 self._lease_ms,
+                self._epoch,
                 blocks[0][0],
                 *(block for _, block in blocks),
             )
@@ -386,12 +449,15 @@ class RedisStreamStorage(CheckpointStorage):
             try:
                 with self._translated("XADD"):
                     results = await pipe.execute()
-            except _LeaseTaken as exc:
+            except _Refused as exc:
+                if exc.fenced:
+                    self._fence(newer=int(exc.detail))
+                    self._check_fence()
                 if self._renewer is not None:
                     self._renewer.cancel()
-                self._lease_lost = f"writer {exc.holder} holds it now"
+                self._lease_lost = f"writer {exc.detail} holds it now"
                 raise CheckpointLockedError(
-                    f"{self!r}: another writer ({exc.holder}) took the lease after this one's expired; "
+                    f"{self!r}: another writer ({exc.detail}) took the lease after this one's expired; "
                     f"nothing of this flush was written, and its {self._pending_bytes} bytes are kept"
                 ) from None
         self._pending = []
@@ -460,17 +526,27 @@ class RedisStreamStorage(CheckpointStorage):
             ) from exc
         except ResponseError as exc:
             message = str(exc)
-            if message.startswith("YOINKLEASE "):
-                raise _LeaseTaken(message.split(" ", 1)[1]) from None
+            # The script's refusal, wherever redis-py put it: a pipeline's error quotes the command
+            # (the script's source, where the marker is followed by a quote) before the reply.
+            refusals = _REFUSAL.findall(message)
+            if refusals:
+                kind, detail = refusals[-1]
+                raise _Refused(kind == "FENCED", detail) from None
             raise StorageError(f"Redis at {self._where} refused {command}: {message}") from exc
         except RedisError as exc:
             raise StorageError(f"Redis {command} at {self._where} failed: {type(exc).__name__}") from exc
 
 
-class _LeaseTaken(Exception):
-    def __init__(self, holder: str) -> None:
-        super().__init__(holder)
-        self.holder = holder
+_REFUSAL = re.compile(r"\bYOINK(LEASE|FENCED) ([^\s'\",)]+)")
+
+
+class _Refused(Exception):
+    """The append script refused: a newer epoch exists (``fenced``), or another holds the lease."""
+
+    def __init__(self, fenced: bool, detail: str) -> None:
+        super().__init__(detail)
+        self.fenced = fenced
+        self.detail = detail
 
 
 def _blocks(data: bytes, size: int) -> Iterator[bytes]:
