@@ -5,6 +5,7 @@ The storage contract itself runs against S3 in test_storage_contract.py.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import pickle
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -54,8 +56,28 @@ async def numbers(storage: S3Storage) -> list[int]:
 
 
 def keys(moto: MotoServer, bucket: str) -> list[str]:
+    return list(sizes(moto, bucket))
+
+
+def sizes(moto: MotoServer, bucket: str) -> dict[str, int]:
     listing = s3_client(moto).list_objects_v2(Bucket=bucket)  # type: ignore[attr-defined]
-    return [item["Key"] for item in listing.get("Contents", [])]
+    return {item["Key"]: item["Size"] for item in listing.get("Contents", [])}
+
+
+def merges_are_tidy(moto: MotoServer, bucket: str, prefix: str) -> None:
+    """No merged object holds another's range, and every segment that one holds is emptied."""
+    found = sizes(moto, bucket)
+    ranges = sorted(
+        tuple(int(n) for n in key.rsplit("/", 1)[1].removesuffix(".jsonl").split("-"))
+        for key in found
+        if key.startswith(f"{prefix}/merged/")
+    )
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(ranges)), ranges
+    for key, size in found.items():
+        if key.startswith(f"{prefix}/segments/"):
+            number = int(key.rsplit("/", 1)[1].removesuffix(".jsonl"))
+            held = any(first <= number <= last for first, last in ranges)
+            assert (size == 0) == held, (key, size, ranges)
 
 
 # -- round trips ------------------------------------------------------------------------------
@@ -173,17 +195,18 @@ async def test_segments_are_numbered_objects_and_merge_when_they_pile_up(
         for n in range(3):
             await storage.write(records(n, 1))
             await storage.flush()
-        assert keys(moto, bucket) == [f"job/{n:012d}.jsonl" for n in range(3)]
+        assert keys(moto, bucket) == [f"job/segments/{n:012d}.jsonl" for n in range(3)]
         for n in range(3, 7):
             await storage.write(records(n, 1))
             await storage.flush()
-        # Once four segments wait behind the newest, they are merged into one.
-        assert keys(moto, bucket) == [
-            "job/000000000000-000000000003.jsonl",
-            "job/000000000004.jsonl",
-            "job/000000000005.jsonl",
-            "job/000000000006.jsonl",
+        # Once four segments wait behind the newest, they are merged into one, and emptied: their
+        # keys stay, so that no writer can write those numbers again.
+        found = sizes(moto, bucket)
+        assert list(found) == ["job/merged/000000000000-000000000003.jsonl"] + [
+            f"job/segments/{n:012d}.jsonl" for n in range(7)
         ]
+        assert [found[f"job/segments/{n:012d}.jsonl"] for n in range(4)] == [0, 0, 0, 0]
+        assert all(found[f"job/segments/{n:012d}.jsonl"] for n in range(4, 7))
         assert await numbers(storage) == list(range(7))
     async with open_s3("job", layout="segments", stage_dir=storage.stage_directory + "-other") as reader:
         assert await numbers(reader) == list(range(7))
@@ -204,7 +227,10 @@ async def test_a_merge_copies_a_big_first_segment_inside_s3(
         await storage.write(records(4002, 1))
         await storage.flush()  # segment 3, then the merge of 0-2
         traffic = proxy.reset_traffic()
-        assert keys(moto, bucket) == ["big/000000000000-000000000002.jsonl", "big/000000000003.jsonl"]
+        assert [key for key, size in sizes(moto, bucket).items() if size] == [
+            "big/merged/000000000000-000000000002.jsonl",
+            "big/segments/000000000003.jsonl",
+        ]
         assert traffic.sent + traffic.received < len(big) // 4  # segment 0 did not cross the wire
         assert await numbers(storage) == list(range(4003))
 
@@ -246,7 +272,7 @@ def test_a_merge_killed_part_way_loses_and_repeats_nothing(
     import anyio
 
     anyio.run(check)
-    assert len([key for key in keys(moto, bucket) if key.startswith("merged/")]) <= 4
+    merges_are_tidy(moto, bucket, "merged")
 
 
 # -- two writers -------------------------------------------------------------------------------
@@ -291,13 +317,137 @@ async def test_a_segments_writer_left_behind_by_merges_is_refused_not_hidden(
         await first.write(records(n, 1))
         await first.flush()
     await second.write(records(100, 1))
-    with pytest.raises(ConcurrentWriterError, match="merged away"):
+    with pytest.raises(ConcurrentWriterError, match="segment 1, the next one it would write, is another"):
         await second.flush()
     with pytest.raises(ConcurrentWriterError):
         await second.close()
     await first.close()
     async with open_s3("job", layout="segments", stage_dir=tmp_path / "reader") as reader:
         assert await numbers(reader) == list(range(6))
+
+
+def pause_before_put(
+    storage: S3Storage, monkeypatch: pytest.MonkeyPatch, meanwhile: Callable[[], Any]
+) -> None:
+    """Stop ``storage`` just before its next PutObject, as a SIGSTOP would, and run ``meanwhile``."""
+    call = storage._client.call
+    armed = [True]
+
+    async def paused(operation: str, **params: object) -> object:
+        if operation == "put_object" and armed[0]:
+            armed[0] = False
+            await meanwhile()
+        return await call(operation, **params)
+
+    monkeypatch.setattr(storage._client, "call", paused)
+
+
+async def test_a_writer_that_saw_an_empty_journal_is_refused_after_another_wrote_and_merged(
+    open_s3: OpenS3, tmp_path: Path
+) -> None:
+    # Issue 12: A replays a new journal; B flushes enough to merge; A's three flushes used to return,
+    # writing numbers the merge had deleted, which readers then skipped as merged.
+    first = open_s3("job", layout="segments", stage_dir=tmp_path / "a")
+    assert await numbers(first) == []
+    async with open_s3("job", layout="segments", stage_dir=tmp_path / "b", merge_after=2) as second:
+        for n in range(6):
+            await second.write(records(n, 1))
+            await second.flush()
+    for n in range(100, 103):
+        await first.write(records(n, 1))
+        with pytest.raises(ConcurrentWriterError, match="segment 0, the next one it would write, is another"):
+            await first.flush()
+    with pytest.raises(ConcurrentWriterError):
+        await first.close()
+    async with open_s3("job", layout="segments", stage_dir=tmp_path / "reader") as reader:
+        assert await numbers(reader) == list(range(6))
+    async with open_s3("job", layout="segments", stage_dir=tmp_path / "a") as recovered:
+        await recovered.flush()  # what A kept is uploaded once B is gone, after B's records
+        assert await numbers(recovered) == [*range(6), 100, 101, 102]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("seen", ["empty", "written"])
+async def test_a_writer_paused_just_before_its_upload_is_refused_by_the_upload_itself(
+    open_s3: OpenS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str, seen: str
+) -> None:
+    # Whatever A checked before, B writes and merges between that check and A's PutObject: only
+    # the PutObject's own condition can refuse A.
+    first = open_s3("job", layout=layout, stage_dir=tmp_path / "a")
+    if seen == "written":
+        await first.write(records(0, 1))
+        await first.flush()
+    else:
+        assert await numbers(first) == []
+    start = 1 if seen == "written" else 0
+
+    async def another_machine_takes_over() -> None:
+        async with open_s3("job", layout=layout, stage_dir=tmp_path / "b", merge_after=2) as second:
+            for n in range(start, start + 6):
+                await second.write(records(n, 1))
+                await second.flush()
+
+    await first.write(records(100, 2))
+    pause_before_put(first, monkeypatch, another_machine_takes_over)
+    with pytest.raises(ConcurrentWriterError, match="another writer"):
+        await first.flush()
+    with pytest.raises(ConcurrentWriterError):
+        await first.close()
+    async with open_s3("job", layout=layout, stage_dir=tmp_path / "reader") as reader:
+        assert await numbers(reader) == list(range(start + 6))
+    staged = b"".join(p.read_bytes() for p in (tmp_path / "a").glob("*/*.jsonl"))
+    assert staged.decode() == records(100, 2)
+
+
+async def test_a_reader_that_lists_while_a_merge_empties_segments_lists_again(
+    open_s3: OpenS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = open_s3("job", layout="segments", merge_after=3)
+    for n in range(3):
+        await writer.write(records(n, 1))
+        await writer.flush()
+    reader = open_s3("job", layout="segments", stage_dir=tmp_path / "reader")
+    call = reader._client.call
+    merged = [False]
+
+    async def merge_between_the_two_listings(operation: str, **params: Any) -> Any:
+        if operation == "list_objects_v2" and params["Prefix"].endswith("/segments/") and not merged[0]:
+            merged[0] = True
+            await writer.write(records(3, 1))
+            await writer.flush()  # merges 0-2 and empties them
+        return await call(operation, **params)
+
+    monkeypatch.setattr(reader._client, "call", merge_between_the_two_listings)
+    assert await numbers(reader) == [0, 1, 2, 3]
+    assert merged[0]
+    await writer.close()
+    await reader.close()
+
+
+async def test_a_lost_upload_that_another_writer_merged_is_not_uploaded_again(
+    open_s3: OpenS3, proxy: Proxy, tmp_path: Path
+) -> None:
+    first = open_s3(
+        "job", layout="segments", stage_dir=tmp_path / "a", endpoint_url=proxy.url, max_attempts=0
+    )
+    await first.write(records(0, 1))
+    await first.flush()
+    await first.write(records(1, 1))
+    proxy.inject(Fault(500, "InternalError", after=True, match=lambda method, path: method == "PUT"))
+    with pytest.raises(StorageError):
+        await first.flush()  # it landed; the reply did not
+    async with open_s3("job", layout="segments", stage_dir=tmp_path / "b", merge_after=2) as second:
+        for n in range(2, 6):
+            await second.write(records(n, 1))
+            await second.flush()  # merges segment 1, A's lost upload, among others
+    await first.write(records(100, 1))
+    with pytest.raises(ConcurrentWriterError, match="it merged segment 1"):
+        await first.flush()
+    with pytest.raises(ConcurrentWriterError):
+        await first.close()
+    async with open_s3("job", layout="segments", stage_dir=tmp_path / "a", endpoint_url=proxy.url) as again:
+        await again.flush()
+        assert await numbers(again) == [*range(6), 100]  # record 1 once
 
 
 async def test_a_reader_beside_a_live_writer_sees_only_what_the_writer_flushed(open_s3: OpenS3) -> None:

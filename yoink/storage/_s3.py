@@ -37,7 +37,8 @@ READ_CHUNK = 1 << 20
 ATTEMPTS = 4  # conditional uploads per flush: after a lost reply, the first retry finds it landed
 REMEMBERED_WRITERS = 16  # the (writer, last batch) pairs an object's metadata keeps
 _QUERY_OPTIONS = ("layout", "endpoint_url", "region_name", "profile_name")
-_SEGMENT = re.compile(r"(\d{12})(?:-(\d{12}))?\.jsonl")
+_SEGMENT = re.compile(r"(\d{12})\.jsonl")  # under <prefix>/segments/
+_MERGED = re.compile(r"(\d{12})-(\d{12})\.jsonl")  # under <prefix>/merged/
 
 
 @dataclass
@@ -62,6 +63,8 @@ class _Segment:
     end: int
     size: int
     etag: str
+    merged: bool = False  # an object of merged/, not a segment
+    batch: int = 0  # for a segment this writer wrote: the last staged batch it holds
 
 
 @dataclass
@@ -69,12 +72,17 @@ class _Segments:
     """What this writer knows of the segments (layout="segments")."""
 
     live: list[_Segment]
-    hidden: list[_Segment] = field(default_factory=list)  # merged, but a crash kept them from deletion
+    hidden: list[_Segment] = field(default_factory=list)  # merged objects a bigger one covers
+    unburied: list[_Segment] = field(default_factory=list)  # merged segments a crash left holding data
     landed: int = 0  # the last of this writer's batches that a segment holds
 
     @property
     def next(self) -> int:
         return self.live[-1].end + 1 if self.live else 0
+
+
+class _ListingChanged(Exception):
+    """A merge ran while the segments were being listed: list them again."""
 
 
 class S3Storage(StagedStorage):
@@ -95,13 +103,20 @@ class S3Storage(StagedStorage):
       new data as its last part, so only the new data crosses the network. S3 still copies the whole
       object on its side, so flushes slow down as the object grows: for long jobs, use segments.
     - ``layout="segments"``: the URI names a prefix, and each flush writes one new object,
-      ``<prefix>/000000000042.jsonl``, with ``If-None-Match: *``. A flush costs the same however long
-      the journal is. When more than ``merge_after`` small segments pile up, they are merged into
-      one (``<prefix>/000000000000-000000000063.jsonl``); a crash at any point of a merge loses and
-      repeats nothing, because readers skip segments that a merged object covers.
-    - Another writer: if the journal changed since this storage last saw it (its first
-      :meth:`read` or :meth:`flush`), a flush raises :class:`~yoink.ConcurrentWriterError` and the
-      staged data stays staged.
+      ``<prefix>/segments/000000000042.jsonl``, with ``If-None-Match: *``. A flush costs the same
+      however long the journal is. When more than ``merge_after`` small segments pile up, they are
+      merged into one (``<prefix>/merged/000000000000-000000000063.jsonl``), then emptied: a merged
+      segment's key stays, as an empty object. Readers list ``merged/``, then the segments after
+      the last merged one; a crash at any point of a merge loses and repeats nothing.
+    - Another writer (fencing): a writer that saw the journal (its first :meth:`read` or
+      :meth:`flush`) and was then overtaken (paused, frozen, cut off) is refused by the condition
+      of its own upload, so a pause between any check and the upload changes nothing. Objects:
+      ``If-Match`` on the ETag it last saw (``If-None-Match: *`` if it saw none). Segments: the
+      number it writes next is taken, since a segment key, once written, is never deleted (a merge
+      empties it); ``If-None-Match: *`` fails. The refused flush, and every later one, raises
+      :class:`~yoink.ConcurrentWriterError`; the staged data stays staged, and a new storage on that
+      stage uploads it after the other writer's records. Only a writer that had seen nothing
+      before the other wrote cannot tell: its records follow the other's.
     - Exactly once: each upload records in S3 which writer made it and the last staged batch it
       holds, so a batch is never uploaded twice, after a retry or after a crash.
     - Credentials come from the standard AWS chain (environment, profile, IAM role).
@@ -276,10 +291,9 @@ class S3Storage(StagedStorage):
             batches = await self._drop_landed(batches, state.landed)
             if not batches:
                 return
-            if state.live and not await self._unchanged(state.live[-1]):
-                # Another writer wrote after it, and may have merged it away: segment numbers this
-                # writer thinks free may be taken, and hidden behind a merged object.
-                self._raise_conflict(f"{state.live[-1].key} was replaced or merged away", batches)
+            # The fence is this PutObject's condition. A segment key, once written, exists for
+            # good (a merge empties it, never deletes it), so a writer whose view is stale, by a
+            # moment or a day, asks for a number that is taken, and S3 refuses it.
             number = state.next
             key = self._segment_key(number)
             metadata = {"yoink-writer": writer, "yoink-batch": str(batches[-1].seq)}
@@ -287,19 +301,31 @@ class S3Storage(StagedStorage):
             try:
                 etag = await self._put(key, _staged_chunks(batches), size, metadata, {"IfNoneMatch": "*"})
             except Conflict:
-                head = await self._head_metadata(key)
-                if head is None or head[0].get("yoink-writer") != writer:
-                    self._raise_conflict(f"segment {key} was written by someone else", batches)
-                metadata, size, etag = head  # an earlier attempt of ours went through
-                state.live.append(_Segment(key, number, number, size, etag))
-                state.landed = int(metadata["yoink-batch"])
+                batch, size, etag = await self._taken_segment(number, batches)
+                state.live.append(_Segment(key, number, number, size, etag, batch=batch))
+                state.landed = batch  # an earlier attempt of ours went through
                 continue
-            state.live.append(_Segment(key, number, number, size, etag))
+            state.live.append(_Segment(key, number, number, size, etag, batch=batches[-1].seq))
             state.landed = batches[-1].seq
             await self._stage.discard(state.landed)
             await self._merge_if_due(state)
             return
         self._give_up(batches)
+
+    async def _taken_segment(self, number: int, batches: list[Batch]) -> tuple[int, int, str]:
+        """Segment ``number`` exists: return its batch, size and ETag if an earlier attempt of this
+        writer wrote it, else raise :class:`ConcurrentWriterError`."""
+        head = await self._head_metadata(self._segment_key(number))
+        if head is None or head[0].get("yoink-writer") != self._stage.writer:
+            self._raise_conflict(
+                f"segment {number}, the next one it would write, is another writer's", batches
+            )
+        metadata, size, etag = head
+        batch = int(metadata["yoink-batch"])
+        if not size:  # ours, and merged since by a writer that went on after it
+            batches = await self._drop_landed(batches, batch)
+            self._raise_conflict(f"it merged segment {number} and wrote after it", batches)
+        return batch, size, etag
 
     async def _drop_landed(self, batches: list[Batch], landed: int) -> list[Batch]:
         if batches and batches[0].seq <= landed:
@@ -376,33 +402,26 @@ class S3Storage(StagedStorage):
 
     # -- segments: listing and merging ----------------------------------------------------------
 
-    def _segment_key(self, start: int, end: int | None = None) -> str:
-        name = f"{start:012d}" if end is None else f"{start:012d}-{end:012d}"
-        return f"{self._key}/{name}.jsonl"
+    def _segment_key(self, number: int) -> str:
+        return f"{self._key}/segments/{number:012d}.jsonl"
+
+    def _merged_key(self, start: int, end: int) -> str:
+        return f"{self._key}/merged/{start:012d}-{end:012d}.jsonl"
 
     async def _list_segments(self, writer: str | None) -> _Segments:
         """List the live segments, and find the last batch of ``writer`` that they hold."""
-        found = []
-        params: dict[str, Any] = {"Prefix": self._key + "/"}
-        while True:
-            response = await self._client.call("list_objects_v2", **params)
-            for item in response.get("Contents", []):
-                match = _SEGMENT.fullmatch(item["Key"][len(self._key) + 1 :])
-                if match:
-                    start = int(match[1])
-                    end = int(match[2]) if match[2] else start
-                    found.append(_Segment(item["Key"], start, end, item["Size"], item["ETag"]))
-            if not response.get("IsTruncated"):
+        for _ in range(ATTEMPTS):
+            try:
+                state = await self._try_listing(tidy=writer is not None)
                 break
-            params["ContinuationToken"] = response["NextContinuationToken"]
-        state = _Segments([])
-        for segment in sorted(found, key=lambda s: (s.start, -s.end)):
-            if state.live and segment.end <= state.live[-1].end:
-                state.hidden.append(segment)  # a merged object holds it
-            else:
-                state.live.append(segment)
+            except _ListingChanged:
+                continue
+        else:
+            raise StorageError(
+                f"{self._uri}: another writer kept merging segments while they were listed; try again"
+            )
         for segment in reversed(state.live[-REMEMBERED_WRITERS:] if writer else []):
-            head = await self._head_metadata(segment.key)
+            head = None if segment.merged else await self._head_metadata(segment.key)
             if head and head[0].get("yoink-writer") == writer:
                 state.landed = int(head[0]["yoink-batch"])
                 break
@@ -410,14 +429,74 @@ class S3Storage(StagedStorage):
             self._segments = state
         return state
 
+    async def _try_listing(self, *, tidy: bool) -> _Segments:
+        """One listing: merged objects first, then the segments after them (not the emptied ones
+        before). With ``tidy``, also find what an interrupted merge left for the next to clear."""
+        state = _Segments([])
+        merged = []
+        for name, size, etag in await self._list(f"{self._key}/merged/"):
+            if match := _MERGED.fullmatch(name):
+                key = f"{self._key}/merged/{name}"
+                merged.append(_Segment(key, int(match[1]), int(match[2]), size, etag, merged=True))
+        for segment in sorted(merged, key=lambda s: (s.start, -s.end)):
+            if segment.end < state.next:
+                state.hidden.append(segment)  # a bigger merge holds it; a crash kept it from deletion
+                continue
+            if segment.start < state.next:
+                raise StorageError(
+                    f"{self._uri}: the merged objects {state.live[-1].key} and {segment.key} overlap; "
+                    "two writers merged at once with different merge settings. Delete the one whose "
+                    "range the other holds, after checking it does, and read again"
+                )
+            for number in range(state.next, segment.start):  # a segment big enough to stay unmerged
+                state.live.append(await self._segment(number))
+            state.live.append(segment)
+        covered = state.next - 1
+        after = covered
+        if tidy and state.live and state.live[-1].merged:
+            head = await self._head_metadata(state.live[-1].key)
+            first = int(head[0].get("yoink-from", after + 1)) if head else after + 1
+            after = min(after, first - 1)  # the newest merge's segments: emptied, unless it was cut short
+        start_after = {"StartAfter": self._segment_key(after)} if after >= 0 else {}
+        for name, size, etag in await self._list(f"{self._key}/segments/", **start_after):
+            if not (match := _SEGMENT.fullmatch(name)):
+                continue
+            number = int(match[1])
+            segment = _Segment(f"{self._key}/segments/{name}", number, number, size, etag)
+            if number <= covered:
+                if size:
+                    state.unburied.append(segment)
+            elif not size:
+                raise _ListingChanged  # emptied by a merge that the merged listing did not show
+            else:
+                state.live.append(segment)
+        return state
+
+    async def _segment(self, number: int) -> _Segment:
+        key = self._segment_key(number)
+        head = await self._head_metadata(key)
+        if head is None:
+            raise StorageError(
+                f"{self._uri}: segment {key} is missing; something other than yoink deleted it"
+            )
+        if not head[1]:
+            raise _ListingChanged
+        return _Segment(key, number, number, head[1], head[2])
+
+    async def _list(self, prefix: str, **params: Any) -> list[tuple[str, int, str]]:
+        """The names (after ``prefix``), sizes and ETags of the objects under ``prefix``."""
+        found = []
+        params["Prefix"] = prefix
+        while True:
+            response = await self._client.call("list_objects_v2", **params)
+            for item in response.get("Contents", []):
+                found.append((item["Key"][len(prefix) :], item["Size"], item["ETag"]))
+            if not response.get("IsTruncated"):
+                return found
+            params["ContinuationToken"] = response["NextContinuationToken"]
+
     async def _merge_if_due(self, state: _Segments) -> None:
-        if state.hidden:
-            hidden, state.hidden = state.hidden, []
-            logger.info("%s: deleting %d segments left by an interrupted merge", self._uri, len(hidden))
-            try:
-                await self._delete(hidden)
-            except StorageError as exc:
-                logger.warning("%s: could not delete merged segments: %s", self._uri, exc)
+        await self._tidy(state)
         # A run of small segments, after the last big one. Only its first may be over S3's part
         # minimum: that one is copied inside S3, the rest (each under it) are downloaded and
         # uploaded again, so a merge moves a bounded amount however long the journal.
@@ -427,20 +506,21 @@ class S3Storage(StagedStorage):
                 start = index + 1
             elif segment.size >= self.min_part_size:
                 start = index
-        run = state.live[start:-1]  # the newest segment stays, so the next number is always taken
+        run = state.live[start:-1]  # the newest segment stays
         if len(run) < self._merge_after:
             return
-        key = self._segment_key(run[0].start, run[-1].end)
+        key = self._merged_key(run[0].start, run[-1].end)
         copy = run[:1] if run[0].size >= self.min_part_size else []
         rest = run[len(copy) :]
+        after_merged = [segment for segment in run if segment.merged][-1:]
+        first = after_merged[0].end + 1 if after_merged else run[0].start
         try:
             size = sum(segment.size for segment in rest)
             body = self._objects_chunks(rest)
-            etag = await self._put(key, body, size, {}, {"IfNoneMatch": "*"}, copy=copy)
-            merged = _Segment(key, run[0].start, run[-1].end, sum(s.size for s in run), etag)
-            state.live[start:-1] = [merged]
-            await self._delete(run)
+            metadata = {"yoink-from": str(first)}  # the segments it empties: where to look after a crash
+            etag = await self._put(key, body, size, metadata, {"IfNoneMatch": "*"}, copy=copy)
         except (StorageError, Conflict, Missing) as exc:
+            # This writer's view stays as it was: its next segment number does not depend on merges.
             logger.warning(
                 "%s: merging %d segments into %s failed; a later flush tries again: %s",
                 self._uri,
@@ -448,7 +528,50 @@ class S3Storage(StagedStorage):
                 key,
                 exc,
             )
-            self._segments = None
+            return
+        state.live[start:-1] = [
+            _Segment(key, run[0].start, run[-1].end, sum(s.size for s in run), etag, True)
+        ]
+        try:
+            await self._bury([segment for segment in run if not segment.merged], key)
+            await self._delete([segment for segment in run if segment.merged])
+        except StorageError as exc:
+            logger.warning(
+                "%s: could not clear what %s holds; the next writer clears it: %s", self._uri, key, exc
+            )
+
+    async def _tidy(self, state: _Segments) -> None:
+        """Clear what an interrupted merge left: merged objects a bigger one holds, and segments a
+        merged object holds that still hold their data."""
+        hidden, unburied = state.hidden, state.unburied
+        state.hidden, state.unburied = [], []
+        if not hidden and not unburied:
+            return
+        logger.info(
+            "%s: clearing %d objects left by an interrupted merge", self._uri, len(hidden) + len(unburied)
+        )
+        try:
+            await self._bury(unburied, "")
+            await self._delete(hidden)
+        except StorageError as exc:
+            logger.warning("%s: could not clear what an interrupted merge left: %s", self._uri, exc)
+
+    async def _bury(self, segments: Sequence[_Segment], into: str) -> None:
+        """Empty merged segments, keeping their keys: a writer behind the times who asks for one of
+        their numbers must find it taken. Each keeps its writer and batch, for that writer's retries."""
+        for segment in segments:
+            if segment.batch:
+                metadata = {"yoink-writer": self._stage.writer, "yoink-batch": str(segment.batch)}
+            else:
+                head = await self._head_metadata(segment.key)
+                kept = head[0] if head and head[1] else {}
+                metadata = {k: v for k, v in kept.items() if k in ("yoink-writer", "yoink-batch")}
+            if into:
+                metadata["yoink-merged-into"] = into.rsplit("/", 1)[-1]
+            with contextlib.suppress(Conflict, Missing):  # emptied already, by another merge
+                await self._client.call(
+                    "put_object", Key=segment.key, Body=b"", Metadata=metadata, IfMatch=segment.etag
+                )
 
     async def _delete(self, segments: Sequence[_Segment]) -> None:
         for first in range(0, len(segments), 1000):
@@ -471,15 +594,15 @@ class S3Storage(StagedStorage):
 
     async def _read_segments(self, segments: list[_Segment]) -> AsyncGenerator[str, None]:
         for segment in segments:
-            async for block in self._read_segment(segment.key):
+            async for block in self._read_segment(segment):
                 yield block
 
-    async def _read_segment(self, key: str) -> AsyncGenerator[str, None]:
-        try:
-            response = await self._client.call("get_object", Key=key)
-        except Missing:
+    async def _read_segment(self, segment: _Segment) -> AsyncGenerator[str, None]:
+        try:  # If-Match: a segment merged since the listing is empty now
+            response = await self._client.call("get_object", Key=segment.key, IfMatch=segment.etag)
+        except (Missing, Conflict):
             raise StorageError(
-                f"{key} was merged into a larger segment while {self._uri} was being read; read again"
+                f"{segment.key} was merged into a larger object while {self._uri} was being read; read again"
             ) from None
         async for block in self._stream(response):
             yield block
@@ -514,10 +637,6 @@ class S3Storage(StagedStorage):
         except Missing:
             return None
         return response.get("Metadata", {}), response["ContentLength"], response["ETag"]
-
-    async def _unchanged(self, segment: _Segment) -> bool:
-        head = await self._head_metadata(segment.key)
-        return head is not None and head[2] == segment.etag
 
     async def _get_small(self, etag: str) -> bytes:
         try:
