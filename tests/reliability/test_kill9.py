@@ -17,7 +17,7 @@ from tests.reliability.killing import Journal, kill_loop, kills, replayed
 from yoink import CheckpointManager
 
 
-@pytest.fixture(params=["local", "s3-object", "s3-segments", "redis"])
+@pytest.fixture(params=["local", "s3-object", "s3-segments", "redis", "fsspec"])
 def journal(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Journal]:
@@ -32,6 +32,9 @@ def journal(
                     time.sleep(0.05)
 
             yield Journal("redis", f"{url}?key={key}", {"lease_ttl": 1.0}, pause=0.3, before_start=lease_gone)
+    elif request.param == "fsspec":  # a local file through fsspec: kills land in uploads, which append
+        uri = f"fsspec+file://{tmp_path}/crash.jsonl"
+        yield Journal("fsspec", uri, {"stage_dir": str(tmp_path / "stage")}, pause=0.3)
     else:
         bucket = request.getfixturevalue("bucket")
         monkeypatch.setenv("AWS_ENDPOINT_URL", request.getfixturevalue("moto").url)  # the writers inherit it

@@ -253,11 +253,11 @@ class Stage:
     def snapshot_writer(self) -> str | None:
         return self.writer or _read_writer(os.path.join(self.directory, "stage.json"))
 
-    def write_intent(self, intent: dict[str, int]) -> None:
+    def write_intent(self, intent: dict[str, int | str]) -> None:
         """Record, before an upload, what the upload will do: a later storage checks it."""
         _write_atomically(os.path.join(self.directory, "upload.json"), json.dumps(intent))
 
-    def read_intent(self) -> dict[str, int] | None:
+    def read_intent(self) -> dict[str, int | str] | None:
         try:
             with open(os.path.join(self.directory, "upload.json"), encoding="utf-8") as file:
                 intent = json.load(file)
