@@ -12,6 +12,7 @@ use with an error that says to open a new storage in the child.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import threading
@@ -19,7 +20,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Protocol
 
-__all__ = ["ForkAware", "drop_in_forked_children", "forked_note", "forks_wait"]
+__all__ = ["ForkAware", "close_locked", "drop_in_forked_children", "forked_note", "forks_wait"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,19 @@ def forks_wait() -> Iterator[None]:
 def drop_in_forked_children(holder: ForkAware) -> None:
     """Call ``holder._drop_after_fork()`` in every child this process forks from now on."""
     _holders.add(holder)
+
+
+def close_locked(fd: int) -> None:
+    """Unlock, then close, a descriptor that holds an ``flock``.
+
+    A child forked at any moment shares the lock until it closes its copy, which it does in its
+    own time: unlocking first lets go of the lock for every copy, so the next writer is not refused
+    by a child that has not run yet.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def forked_note(pid: int) -> str:

@@ -16,10 +16,11 @@ import anyio
 import anyio.to_thread
 
 from yoink._exceptions import CheckpointLockedError, StorageClosedError, StorageError
-from yoink._fork import drop_in_forked_children, forked_note, forks_wait
+from yoink._fork import close_locked, drop_in_forked_children, forked_note, forks_wait
 from yoink._records import whole_lines
 from yoink._tasks import uninterrupted
 from yoink.storage._base import CheckpointStorage
+from yoink.storage._factory import take_uri_options
 
 if sys.version_info >= (3, 11):
     from typing import Self
@@ -70,19 +71,28 @@ class LocalFileStorage(CheckpointStorage):
 
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> Self:
-        """Build a storage from a path or a ``file://`` URI.
+        """Build a storage from a path or a ``file://`` URI, whose query may give ``fsync``.
 
         >>> LocalFileStorage.from_uri("./crawl.jsonl")        # relative to the working directory
         >>> LocalFileStorage.from_uri("~/runs/crawl.jsonl")   # in the home directory
-        >>> LocalFileStorage.from_uri("file:///var/lib/run.jsonl", fsync=False)
+        >>> LocalFileStorage.from_uri("file:///var/lib/run.jsonl?fsync=false")
+
+        A path is taken as it is (a ``?`` in it is part of the name). ``file:run.jsonl``, without
+        the ``//``, is refused: write the path itself.
         """
-        if "://" in uri:
-            parts = urlsplit(uri)
-            if parts.scheme.lower() != "file" or parts.netloc not in ("", "localhost"):
+        if uri[:5].lower() == "file:":
+            if uri[5:7] != "//":
+                raise ValueError(
+                    f"a file URI is written file:///abs/run.jsonl; for a relative path, give the path "
+                    f"itself, as in ./{uri[5:].lstrip('/') or 'run.jsonl'}; got {uri!r}"
+                )
+            rest, given = take_uri_options(cls, uri)
+            parts = urlsplit(rest)
+            if parts.netloc not in ("", "localhost") or not parts.path:
                 raise ValueError(f"a file URI names a local path, as in file:///abs/run.jsonl; got {uri!r}")
-            if parts.query or parts.fragment:
-                raise ValueError(f"a file URI takes no query or fragment; got {uri!r}")
-            uri = unquote(parts.path)
+            if parts.fragment:
+                raise ValueError(f"a file URI takes no fragment; got {uri!r}")
+            uri, options = unquote(parts.path), {**options, **given}
         return cls(uri, **options)
 
     @property
@@ -169,7 +179,7 @@ class LocalFileStorage(CheckpointStorage):
             try:
                 await self._sync(fd)
             finally:
-                os.close(fd)  # and with it the lock
+                close_locked(fd)
 
     async def _open(self) -> int:
         return await anyio.to_thread.run_sync(self._open_and_lock)
@@ -204,7 +214,7 @@ class LocalFileStorage(CheckpointStorage):
                 raise StorageError(f"cannot prepare {self._path} for appending: {exc}") from exc
         except BaseException:
             self._fd = None
-            os.close(fd)
+            close_locked(fd)
             raise
         return fd
 
@@ -225,7 +235,7 @@ class LocalFileStorage(CheckpointStorage):
         except OSError:
             self._closed = True
             self._fd = None
-            os.close(fd)
+            close_locked(fd)
             raise StorageError(
                 f"appending to {self._path} failed ({exc.strerror}) and the partial write could not be "
                 "undone; the storage is closed, and the next writer sets the torn tail aside"

@@ -37,7 +37,7 @@ import anyio
 import anyio.to_thread
 
 from yoink._exceptions import CheckpointLockedError, StorageError
-from yoink._fork import drop_in_forked_children, forks_wait
+from yoink._fork import close_locked, drop_in_forked_children, forks_wait
 from yoink._records import whole_lines
 from yoink.storage._local import READ_CHUNK, _set_aside_torn_tail
 
@@ -130,7 +130,7 @@ class Stage:
             self._sealed = self._take_over()
         except BaseException:
             self._lock_fd = None
-            os.close(fd)
+            close_locked(fd)
             raise
         self._active_seq = self._sealed[-1].seq + 1 if self._sealed else 1
         self.recovered = self.staged_bytes
@@ -200,7 +200,7 @@ class Stage:
         self.seal()
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
-            os.close(fd)
+            close_locked(fd)
 
     def _drop_after_fork(self) -> None:
         """In a forked child: close the child's copies of the stage's files, keeping the parent's lock."""
