@@ -4,10 +4,10 @@
     (or scripts/reliability-report)
 
 For each backend (a local file; S3 in both layouts, through moto's server; Redis, on a
-redis-server started here), writers are killed with SIGKILL at random moments, --kills times; after
-each kill the journal is replayed. The table counts, over all kills, the records whose flush had
-returned (acknowledged), and of those the ones lost, the ones replayed twice, and the replays that
-met a corrupt line.
+redis-server started here; fsspec, on a local file), writers are killed with SIGKILL at random
+moments, --kills times; after each kill the journal is replayed. The table counts, over all
+kills, the records whose flush had returned (acknowledged), and of those the ones lost, the ones
+replayed twice, and the replays that met a corrupt line.
 
 Then, --pauses times per backend that fences writers (Redis, S3 in both layouts, fsspec), a writer
 is paused with SIGSTOP while another, on "another machine", takes the journal over and writes; the
@@ -79,6 +79,9 @@ def main() -> int:
             ),
             Journal(
                 "redis", f"{server.url}?key=report", {"lease_ttl": 1.0}, pause=0.3, before_start=lease_gone
+            ),
+            Journal(
+                "fsspec", f"fsspec+file://{root}/report.jsonl", {"stage_dir": str(root / "s3")}, pause=0.3
             ),
         ]
 
