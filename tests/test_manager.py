@@ -384,3 +384,73 @@ async def test_a_read_only_manager_replays_beside_a_writer_and_refuses_to_write(
         assert await replay_all(reader) == [{"n": 1}, {"n": 4}]
     with pytest.raises(StorageClosedError):  # after close(), the error says closed, not read-only
         await reader.append({"n": 5})
+
+
+@pytest.mark.parametrize(
+    "fragment", [b'{"a":\n1}', b"1\n", b"\n2", b'"x"\n\n'], ids=["inside", "after", "before", "two"]
+)
+async def test_a_record_whose_fragment_holds_a_newline_is_refused_and_nothing_is_appended(
+    fragment: bytes,
+) -> None:
+    async with CheckpointManager(MemoryStorage(f"m-{uuid.uuid4()}")) as manager:
+        await manager.append({"n": 0})
+        with pytest.raises(TypeError, match="more than one line .*; nothing was appended"):
+            await manager.append({"raw": orjson.Fragment(fragment)})
+        with pytest.raises(TypeError, match="more than one line"):
+            await manager.append_many([{"n": 1}, {"raw": [orjson.Fragment(fragment)]}])
+        await manager.append({"n": 2, "fine": orjson.Fragment(b'{"a":[1,2]}')})
+        await manager.flush()
+        assert await replay_all(manager) == [{"n": 0}, {"n": 2, "fine": {"a": [1, 2]}}]
+
+
+async def test_integers_beyond_64_bits_in_a_hand_written_journal_replay_exactly() -> None:
+    big = 2**64 + 1
+    text = (
+        f'{{"n": {big}}}\n{{"list":[1,-{2**63 + 1},{{"k":{10**40}}}],"id":"{"7" * 25}"}}\n'
+        '{"n":18446744073709551615,"f":1e20,"small":-9223372036854775808}\n'
+        f'{{"pad":"{"p" * 100}","n":{big}}}\n'
+    )
+    for storage in (journal(text), journal(text * 200)):  # one line an item, and one block of many
+        async with CheckpointManager(storage) as manager:
+            records = await replay_all(manager)
+        assert repr(records[:4]) == repr(  # repr tells 1e+20 from 100000000000000000000
+            [
+                {"n": big},
+                {"list": [1, -(2**63 + 1), {"k": 10**40}], "id": "7" * 25},
+                {"n": 2**64 - 1, "f": 1e20, "small": -(2**63)},
+                {"pad": "p" * 100, "n": big},
+            ]
+        )
+
+
+async def test_a_long_line_nested_deeper_than_python_parses_is_corrupt_never_a_crash(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    deep = '{"pad":"' + "p" * (5 << 20) + '","deep":' + "[" * 5000 + "]" * 5000 + "}"  # over 4 MiB
+    text = f'{{"n":0}}\n{deep}\n{{"n":2}}\n'
+    async with CheckpointManager(journal(text)) as manager:
+        seen: list[dict[str, Any]] = []
+        with pytest.raises(CorruptCheckpointError, match=r"line 2 \(byte offset 8\).*nested too deeply"):
+            async for record in manager.replay():
+                seen.append(record)
+        assert seen == [{"n": 0}]
+    async with CheckpointManager(journal(text), on_corrupt="skip") as manager:
+        assert await replay_all(manager) == [{"n": 0}, {"n": 2}]
+        assert manager.corrupt_lines_skipped == 1
+    async with CheckpointManager(journal(f'{{"n":0}}\n{deep}\n')) as manager:  # last: a torn tail
+        assert await replay_all(manager) == [{"n": 0}]
+    assert "nested too deeply" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"pad":"' + "p" * (5 << 20) + '","x":1e400}',
+        '{"pad":"' + "p" * (5 << 20) + '\udcff"}',
+    ],
+    ids=["overflow", "not-utf8"],
+)
+async def test_a_long_line_is_corrupt_where_a_short_one_would_be(line: str) -> None:
+    async with CheckpointManager(journal(f'{{"n":0}}\n{line}\n{{"n":2}}\n'), on_corrupt="skip") as manager:
+        assert await replay_all(manager) == [{"n": 0}, {"n": 2}]
+        assert manager.corrupt_lines_skipped == 1

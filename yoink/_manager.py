@@ -17,13 +17,13 @@ import orjson
 from yoink import _records
 from yoink._exceptions import CorruptCheckpointError, ReadOnlyError, StorageClosedError, StorageError
 from yoink._records import (
-    ENCODE_OPTIONS,
     JournalDecoder,
     OnCorrupt,
     encode_record,
     line_too_long,
     not_a_record,
     record_too_long,
+    refused,
 )
 from yoink._tasks import start_background, uninterrupted
 from yoink.storage import CheckpointStorage, StorageFactory
@@ -150,23 +150,27 @@ class CheckpointManager:
     async def append(self, record: Any) -> None:
         """Append one record; raise ``TypeError``, appending nothing, if it is not a JSON object.
 
+        Refused with ``TypeError`` as well: a record whose ``orjson.Fragment`` holds a newline, which
+        would break the line format. NaN and +-Infinity are written as ``null``, as orjson does.
+
         Waits while a full batch is handed to the storage, so memory stays bounded however slow
         the storage is.
         """
         if not self._writable:  # self._check_writable(), inlined on the hot path
             raise self._refusal()
         try:  # encode_record(), inlined
-            line = orjson.dumps(record, self._default, ENCODE_OPTIONS)
+            line = orjson.dumps(record, self._default)
         except TypeError as exc:
             raise not_a_record(record, exc) from exc
-        if line[0] != 123:  # "{"
-            raise not_a_record(record)
+        if line[0] != 123 or 10 in line:  # a JSON object ("{"), on one line (a Fragment may hold "\n")
+            raise refused(record, line)
         buffer = self._buffer
         buffer += line
+        buffer += b"\n"
         if len(buffer) >= self._batch_bytes:  # and so a line over MAX_LINE_BYTES is caught here
-            if len(line) > _records.MAX_LINE_BYTES:
-                del buffer[-len(line) :]
-                raise record_too_long(len(line))
+            if len(line) >= _records.MAX_LINE_BYTES:
+                del buffer[-len(line) - 1 :]
+                raise record_too_long(len(line) + 1)
             await self._write_batch(if_full=True)
 
     async def append_many(self, records: Iterable[Any]) -> None:

@@ -2,7 +2,12 @@
 
 Encoding is orjson's; decoding is here and nowhere else, with the rules for a damaged journal:
 
+- a line is written without ``"\n"`` in it (a record whose ``orjson.Fragment`` holds one is
+  refused); NaN and +-Infinity are written as ``null``, as orjson writes them;
 - a blank line is ignored;
+- what JSON holds comes back unchanged: an integer beyond 64 bits, which orjson reads as a float, is
+  read again with the json module (only a line with a run of 19 digits or more is);
+- a line nested too deeply to parse is a bad line like any other, never an error of its own;
 - the last line of the journal, if it is not a JSON object, is a torn write from a crash: it is
   skipped with a WARNING;
 - any other line that is not a JSON object is corruption: :class:`~yoink.CorruptCheckpointError`
@@ -12,8 +17,11 @@ Encoding is orjson's; decoding is here and nowhere else, with the rules for a da
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
@@ -23,44 +31,66 @@ import orjson
 from yoink._exceptions import CorruptCheckpointError
 
 __all__ = [
-    "ENCODE_OPTIONS",
     "MAX_LINE_BYTES",
     "BadLine",
     "JournalDecoder",
     "OnCorrupt",
     "encode_record",
+    "is_record_tail",
     "line_too_long",
     "not_a_record",
     "record_too_long",
     "whole_lines",
+    "without_torn_tail",
 ]
 
 logger = logging.getLogger("yoink")
 
 OnCorrupt = Literal["raise", "skip"]
-ENCODE_OPTIONS = orjson.OPT_APPEND_NEWLINE
 WARNED_LINES = 10  # corrupt lines skipped with a warning each; finish() logs the total of the rest
 LARGE_LINE = 4 << 20  # a line longer than this is parsed by _loads with the json module
 MAX_LINE_BYTES = 64 << 20
 """The longest line yoink writes or reads. ``append`` refuses a longer record; replay stops at a
 longer line with :class:`~yoink.CorruptCheckpointError`, so memory never grows past it."""
 _OBJECT_START = ord("{")
+MAX_DEPTH = 1024  # orjson's limit for nesting: a line nested deeper is not a record
+_NEWLINE = ord("\n")
+# orjson reads an integer beyond 64 bits (-9223372036854775809 has 19 digits) as a float.
+_LONG_RUN = "0" * 19
+_DIGITS = str.maketrans("123456789", "000000000")
+_LONG_RUN_BYTES = _LONG_RUN.encode()
+_DIGIT_BYTES = bytes.maketrans(b"123456789", b"000000000")
+_DIGIT_RUN = re.compile(r"-?[0-9]{19,}")
+_INT64_MIN, _UINT64_MAX = -(1 << 63), (1 << 64) - 1  # what orjson reads as an integer
 
 
 def encode_record(record: Any, default: Callable[[Any], Any] | None = None) -> bytes:
     """Return ``record`` as one JSONL line, or raise ``TypeError`` if it is not a JSON object.
 
+    Refused too: a record that would encode as more than one line, which only an
+    ``orjson.Fragment`` holding a newline can. NaN and +-Infinity are written as ``null``, as
+    orjson writes them (looking for them would cost append a third of its time).
     ``CheckpointManager.append`` inlines these lines: a function call is a tenth of its cost.
     """
     try:
-        line = orjson.dumps(record, default, ENCODE_OPTIONS)
+        line = orjson.dumps(record, default)
     except TypeError as exc:
         raise not_a_record(record, exc) from exc
+    if line[0] != _OBJECT_START or _NEWLINE in line:
+        raise refused(record, line)
+    if len(line) >= MAX_LINE_BYTES:
+        raise record_too_long(len(line) + 1)
+    return line + b"\n"
+
+
+def refused(record: Any, line: bytes) -> TypeError:
+    """The error for a record that orjson encoded, but not as one line holding a JSON object."""
     if line[0] != _OBJECT_START:
-        raise not_a_record(record)
-    if len(line) > MAX_LINE_BYTES:
-        raise record_too_long(len(line))
-    return line
+        return not_a_record(record)
+    return TypeError(
+        f"a {type(record).__name__} record encodes as more than one line (an orjson.Fragment in it "
+        "holds a newline), which would break the journal's line format; nothing was appended"
+    )
 
 
 def record_too_long(size: int) -> ValueError:
@@ -161,7 +191,8 @@ class JournalDecoder:
         if len(item) > MAX_LINE_BYTES // 4:  # a line may be too long (a character is 1 to 4 bytes)
             lines = self._cut_at_a_long_line(lines)
         try:
-            if len(item) > LARGE_LINE:  # a long line may be there: leave it to _loads
+            # A long line may be there, or an integer beyond 64 bits: leave them to _loads.
+            if len(item) > LARGE_LINE or _long_digit_run(item):
                 raise orjson.JSONDecodeError("", "", 0)
             records = [orjson.loads(line) for line in lines]
         except orjson.JSONDecodeError:
@@ -256,14 +287,73 @@ def _loads(line: str) -> Any:
 
     orjson needs about 13 times a document's size while it parses it; json about its size. A
     journal of long lines would otherwise make replay's memory thirteen times its longest line.
+    A line that holds an integer beyond 64 bits, which orjson reads as a float, is read again by
+    json, which reads it exactly. json refuses what orjson does (NaN, Infinity, numbers that
+    overflow a double, text that is not UTF-8), so a line is a record or not whichever parses it.
     """
     if len(line) <= LARGE_LINE:
-        return orjson.loads(line)
-    return json.loads(line, parse_constant=_no_constant)
+        record = orjson.loads(line)
+        return _json_loads(line) if _long_digit_run(line) else record
+    if not line.isascii():
+        try:
+            line.encode()
+        except UnicodeEncodeError as exc:  # bytes that were not UTF-8, kept by surrogateescape
+            raise json.JSONDecodeError(f"not valid UTF-8: {exc.reason}", line, exc.start) from None
+    return _json_loads(line)
+
+
+def _json_loads(line: str) -> Any:
+    try:
+        record = json.loads(line, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise json.JSONDecodeError(
+            "nested too deeply for Python's json module, which reads lines over "
+            f"{LARGE_LINE >> 20} MiB and lines with integers beyond 64 bits",
+            line,
+            0,
+        ) from None
+    # json goes as deep as Python's recursion limit lets it; orjson stops past MAX_DEPTH. A line is
+    # a record or not whichever parses it, so the same limit holds here.
+    if line.count("[") + line.count("{") > MAX_DEPTH and _deeper_than(record, MAX_DEPTH):
+        raise json.JSONDecodeError(f"nested deeper than {MAX_DEPTH:,} levels", line, 0)
+    return record
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if type(item) is dict else item
+        stack.extend((child, depth + 1) for child in children if type(child) in (dict, list))
+    return False
 
 
 def _no_constant(name: str) -> NoReturn:
     raise json.JSONDecodeError(f"{name} is not JSON", name, 0)  # as orjson says
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):  # as orjson says
+        raise json.JSONDecodeError("number is infinity when parsed as double", text, 0)
+    return number
+
+
+def _long_digit_run(text: str) -> bool:
+    """Whether ``text`` holds an integer beyond 64 bits, which orjson would read as a float.
+
+    A quick C-speed test for 19 digits in a row comes first; only then are the runs read, so that
+    19-digit numbers that fit (nanosecond timestamps) cost next to nothing. A run inside a string
+    may count too: such a line is merely read twice.
+    """
+    if text.isascii():
+        if _LONG_RUN not in text.translate(_DIGITS):
+            return False
+    elif _LONG_RUN_BYTES not in text.encode("utf-8", "surrogateescape").translate(_DIGIT_BYTES):
+        return False
+    return any(not _INT64_MIN <= int(run[0]) <= _UINT64_MAX for run in _DIGIT_RUN.finditer(text))
 
 
 def line_too_long(source: str, line: int, offset: int) -> CorruptCheckpointError:
@@ -279,3 +369,29 @@ def line_too_long(source: str, line: int, offset: int) -> CorruptCheckpointError
 
 def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogateescape"))
+
+
+def is_record_tail(tail: str) -> bool:
+    """Whether a last line without its newline is kept: it is blank or a JSON object, as replay judges
+    a last line. Anything else is a torn tail. Remote backends, whose uploads are whole, call this
+    before appending after another tool's last line: a kept one gets its newline, a torn one is set
+    aside."""
+    return not tail.strip() or bool(JournalDecoder("").feed(tail))
+
+
+async def without_torn_tail(blocks: AsyncGenerator[str, None], describe: str) -> AsyncGenerator[str, None]:
+    """Pass on the blocks of ``whole_lines(..., keep_tail=True)``, leaving out a last line without a
+    newline that is not a record, with a WARNING: for a remote journal that staged records follow,
+    where it would read as a corrupt line (the next upload sets it aside)."""
+    async with contextlib.aclosing(blocks):
+        async for block in blocks:
+            if block.endswith("\n") or is_record_tail(block):
+                yield block
+                continue
+            logger.warning(
+                "%s ends in %d bytes without a newline that are not a JSON object; staged records "
+                "follow them, so they are not part of the journal (the next upload sets them aside)",
+                describe,
+                _utf8_len(block),
+                extra={"yoink_torn_tail": _utf8_len(block)},
+            )
