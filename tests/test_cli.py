@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -228,7 +229,8 @@ def test_read_commands_leave_an_s3_journal_and_a_crashed_writers_stage_untouched
     bucket: str, moto: MotoServer, s3_uri: str, tmp_path: Path, layout: str
 ) -> None:
     uri = f"s3://{bucket}/job?layout={layout}"
-    written = yoink("copy", str(tmp_path / "none.jsonl"), uri)  # an empty journal to start from
+    (tmp_path / "empty.jsonl").touch()
+    written = yoink("copy", str(tmp_path / "empty.jsonl"), uri)  # an empty journal to start from
     assert written.returncode == 0, written.stderr
     stage = tmp_path / "cache" / "yoink" / "stage"  # the default stage, under XDG_CACHE_HOME
     child = subprocess.Popen(
@@ -287,3 +289,98 @@ def test_read_commands_leave_a_redis_journal_and_a_live_writers_lease_untouched(
         )
         assert now == before, f"yoink {command[0]} changed the Redis journal or its lease"
     client.close()
+
+
+@pytest.mark.parametrize("command", ["cat", "stats", "verify", "copy"])
+def test_a_journal_that_does_not_exist_is_an_error_on_every_backend(
+    command: str, tmp_path: Path, s3_uri: str, redis_url: str
+) -> None:
+    missing = [
+        str(tmp_path / "missing.jsonl"),
+        "memory://missing",
+        f"{redis_url}?key=missing-{uuid.uuid4().hex[:8]}",
+        s3_uri.replace("copied", "missing"),
+        f"fsspec+file://{tmp_path}/missing-too.jsonl",
+    ]
+    for uri in missing:
+        args = [command, uri] if command != "copy" else [command, uri, str(tmp_path / "out.jsonl")]
+        result = yoink(*args)
+        assert (result.returncode, result.stdout) == (1, ""), (uri, result.stderr)
+        assert result.stderr == f"yoink: error: no journal at {uri}\n"
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_empty_journal_that_exists_is_clean(tmp_path: Path) -> None:
+    (tmp_path / "empty.jsonl").touch()
+    result = yoink("verify", str(tmp_path / "empty.jsonl"))
+    assert (result.returncode, result.stdout) == (0, f"{tmp_path / 'empty.jsonl'}: clean, 0 records\n")
+
+
+def test_copy_refuses_one_local_journal_spelt_two_ways(journal: Path) -> None:
+    before = journal.read_text()
+    relative = os.path.relpath(journal)
+    for source, destination in ((f"./{relative}", str(journal)), (str(journal), f"file://{journal}")):
+        result = yoink("copy", "--append", source, destination)
+        assert result.returncode == 2, result.stderr
+        assert "name one journal, which is both the source and the destination" in result.stderr
+    assert journal.read_text() == before
+
+
+def test_copy_refuses_one_redis_key_spelt_two_ways(redis_url: str) -> None:
+    key = f"cli-same-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(redis_url)
+    client.xadd(key, {"w": "0" * 16, "b": 0, "d": jsonl(RECORDS[:5])})
+    port = redis_url.rpartition(":")[2].partition("/")[0]
+    result = yoink("copy", "--append", f"{redis_url}?key={key}", f"redis://localhost:{port}?db=0&key={key}")
+    assert result.returncode == 2, result.stderr
+    assert "name one journal, which is both the source and the destination" in result.stderr
+    assert client.xlen(key) == 1
+    client.close()
+
+
+def test_options_in_a_redis_uri_reach_the_storage_from_the_command_line(redis_url: str) -> None:
+    key = f"cli-options-{uuid.uuid4().hex[:8]}"
+    source = f"{redis_url}?key={key}&lease_ttl=5&page_size=3"
+    client = redis.Redis.from_url(redis_url)
+    client.xadd(key, {"w": "0" * 16, "b": 0, "d": jsonl(RECORDS[:5])})
+    client.close()
+    result = yoink("verify", source)
+    assert (result.returncode, result.stdout) == (0, f"{source}: clean, 5 records\n"), result.stderr
+    bad = yoink("verify", f"{redis_url}?key={key}&lease_ttl=abc")
+    assert bad.returncode == 2
+    assert "lease_ttl='abc' is not a number" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("file:relative.jsonl", "give the path itself, as in ./relative.jsonl"),
+        ("C:\\runs\\a.jsonl", "looks like a Windows path"),
+        ("gopher:x", "no storage backend for gopher:// URIs"),
+    ],
+)
+def test_what_is_neither_a_path_nor_a_known_uri_is_a_usage_error(uri: str, message: str) -> None:
+    result = yoink("verify", uri)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_a_bug_is_an_internal_error_with_a_traceback_hint_not_a_usage_error(
+    journal: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from yoink import cli
+
+    async def broken(storage: object, uri: str) -> None:
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(cli, "scan", broken)
+    yoink_logger = logging.getLogger("yoink")  # main() sets up the log for a process: undo it after
+    monkeypatch.setattr(yoink_logger, "handlers", list(yoink_logger.handlers))
+    monkeypatch.setattr(yoink_logger, "level", yoink_logger.level)
+    status = cli.main(["stats", str(journal)])
+    said = capsys.readouterr().err
+    assert status == 1
+    assert said.startswith("yoink: internal error: TypeError: unsupported operand type(s)")
+    assert "run the command again with --debug for the traceback" in said
+    with pytest.raises(TypeError):
+        cli.main(["--debug", "stats", str(journal)])

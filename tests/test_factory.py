@@ -13,7 +13,7 @@ import pytest
 
 from yoink import CheckpointManager, MissingDependencyError, StorageFactory, UnknownSchemeError
 from yoink.storage import LocalFileStorage, MemoryStorage
-from yoink.storage._factory import _BUILTIN, _Entry
+from yoink.storage._factory import _BUILTIN, _Entry, journal_identity
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +71,8 @@ def test_memory_uris_name_a_shared_journal() -> None:
     [
         ("", ValueError, "a checkpoint URI or path is needed"),
         ("file://otherhost/x.jsonl", ValueError, "a file URI names a local path"),
-        ("file:///x.jsonl?fsync=0", ValueError, "takes no query"),
+        ("file:///x.jsonl#top", ValueError, "takes no fragment"),
+        ("file:///x.jsonl?fsnyc=0", ValueError, "unknown option 'fsnyc' in file:///x.jsonl?fsnyc=0; "),
         ("memory://", ValueError, "a memory URI names a journal"),
         (
             "gopher://host/x",
@@ -289,3 +290,171 @@ def test_an_entry_point_plugs_in_a_scheme_but_never_takes_a_builtin_one(
     assert storage.name == "jobs"  # type: ignore[attr-defined]
     assert type(StorageFactory.from_uri("memory://jobs")) is MemoryStorage
     assert "ignoring entry point 'yoink_tiny:TinyPluginStorage' of yoink-tiny for memory://" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("file:///tmp/run.jsonl?fsync=false", {"_fsync": False}),
+        (
+            "redis://localhost/0?key=k&lease_ttl=5&wait_aof=yes&page_size=8",
+            {"_lease_ms": 5000, "_wait_aof": True, "_page_size": 8, "_url": "redis://localhost/0"},
+        ),
+        (
+            "s3://bucket/run?layout=segments&timeout=2.5&merge_after=3&retry_mode=adaptive",
+            {"_layout": "segments", "_merge_after": 3, "_key": "run"},
+        ),
+        ("fsspec+memory://bucket/run.jsonl?append=false", {"_append": False}),
+    ],
+)
+def test_a_storages_own_options_in_the_uri_query_reach_it_as_their_types(
+    uri: str, expected: dict[str, object], tmp_path: Path
+) -> None:
+    storage = StorageFactory.from_uri(uri)
+    assert {name: getattr(storage, name) for name in expected} == expected  # typed, not the query's text
+
+
+def test_an_s3_uri_converts_every_option_in_its_query(tmp_path: Path) -> None:
+    storage = StorageFactory.from_uri(f"s3://bucket/run.jsonl?part_size=8388608&stage_dir={tmp_path}")
+    assert storage._options == {"part_size": 8388608, "stage_dir": str(tmp_path)}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        (
+            "redis://:pw-secret@host/0?key=k&lease_ttl=abc",
+            "bad option in redis://:***@host/0?key=k&lease_ttl=abc: "
+            "lease_ttl='abc' is not a number, as in lease_ttl=30.0",
+        ),
+        ("redis://host/0?key=k&lease_ttl=nan&password=pw-secret", "lease_ttl='nan' is not a number"),
+        (
+            "redis://host/0?key=k&wait_aof=maybe",
+            "wait_aof='maybe' is not true or false, as in wait_aof=false",
+        ),
+        ("redis://host/0?key=k&page_size=1.5", "page_size='1.5' is not a whole number, as in page_size=64"),
+        ("redis://host/0?key=k&page_size=1&page_size=2", "page_size is given twice in redis://"),
+        ("s3://bucket/run?layout=segment", "layout='segment' is not one of 'object', 'segments'"),
+        ("fsspec+memory://b/r.jsonl?storage_options=x", "storage_options cannot be given in a URI"),
+    ],
+)
+def test_a_bad_option_in_a_uri_is_a_value_error_that_names_it_and_hides_the_password(
+    uri: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)) as caught:
+        StorageFactory.from_uri(uri)
+    assert "pw-secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("uri", "option"),
+    [
+        ("redis://host/0?key=k&lease_ttl=5", {"lease_ttl": 5}),
+        ("redis://host/0?key=k&lease_ttl=5", {"lease_ttl": 30.0}),  # even the default
+        ("s3://bucket/run?layout=object", {"layout": "object"}),
+        ("file:///tmp/run.jsonl?fsync=true", {"fsync": True}),
+        ("fsspec+memory://b/r.jsonl?append=true", {"append": True}),
+    ],
+)
+def test_an_option_given_both_in_the_uri_and_as_a_keyword_is_refused(
+    uri: str, option: dict[str, Any]
+) -> None:
+    with pytest.raises(
+        ValueError, match="given both in the URI .* and as a keyword option; give each option once"
+    ):
+        StorageFactory.from_uri(uri, **option)
+
+
+def test_a_redis_uri_passes_on_what_redis_py_takes_and_refuses_the_rest() -> None:
+    storage = StorageFactory.from_uri("redis://host/0?socket_timeout=3&key=k&client_name=job&lease_ttl=5")
+    assert storage._url == "redis://host/0?socket_timeout=3&client_name=job"  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="unknown option") as caught:
+        StorageFactory.from_uri("redis://:pw-secret@host/0?key=k&lease_tll=5")
+    message = str(caught.value)
+    assert message.startswith("unknown option 'lease_tll' in redis://:***@host/0?key=k&lease_tll=5; ")
+    assert "RedisStreamStorage takes lease_ttl, wait_replicas" in message
+    assert "redis-py's from_url takes " in message
+    assert "socket_timeout" in message
+    assert "pw-secret" not in message
+
+
+@pytest.mark.parametrize(
+    ("query", "key"),
+    [("key=c++", "c++"), ("key=a%2Bb", "a+b"), ("key=a%26b%3Dc", "a&b=c"), ("key=%7Brun%7D:j", "{run}:j")],
+)
+def test_a_redis_key_is_percent_decoded_and_never_form_decoded(query: str, key: str) -> None:
+    assert StorageFactory.from_uri(f"redis://host/0?{query}").key == key  # type: ignore[attr-defined]
+
+
+def test_a_password_given_as_a_redis_query_parameter_stays_out_of_reprs_and_errors() -> None:
+    manager = CheckpointManager.from_uri("redis://host/0?key=k&password=pw-secret", flush_interval=None)
+    assert repr(manager) == "CheckpointManager(RedisStreamStorage('redis://host/0?password=***', key='k'))"
+    assert "pw-secret" not in str(manager.storage._locked(1000))  # type: ignore[attr-defined]
+    assert manager.storage._url == "redis://host/0?password=pw-secret"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("uri", "error", "message"),
+    [
+        (
+            "file:relative.jsonl",
+            ValueError,
+            "for a relative path, give the path itself, as in ./relative.jsonl",
+        ),
+        ("FILE:/abs.jsonl", ValueError, "a file URI is written file:///abs/run.jsonl"),
+        ("C:\\runs\\a.jsonl", ValueError, "looks like a Windows path"),
+        ("c:/runs/a.jsonl", ValueError, "looks like a Windows path"),
+        ("gopher:x.jsonl", UnknownSchemeError, "no storage backend for gopher:// URIs"),
+        ("run:1.jsonl", UnknownSchemeError, "a file whose name holds a colon is written as a path, as in ./"),
+        ("memory:jobs", ValueError, "is not a URI: memory URIs are written memory://..."),
+        ("s3:bucket/key", ValueError, "is not a URI: s3 URIs are written s3://..."),
+    ],
+)
+def test_what_is_neither_a_path_nor_a_known_uri_is_refused(
+    uri: str, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        StorageFactory.from_uri(uri)
+
+
+def test_a_path_with_a_colon_after_its_first_part_or_a_question_mark_is_still_a_path() -> None:
+    for uri in ("./run:1.jsonl", "runs/a:b.jsonl", "./what?.jsonl", "2024-01-01T10:00.jsonl"):
+        assert isinstance(StorageFactory.from_uri(uri), LocalFileStorage)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("./same.jsonl", "{cwd}/same.jsonl"),
+        ("file://{cwd}/same.jsonl", "./sub/../same.jsonl"),
+        ("memory://jobs", "memory://jobs"),
+        ("redis://localhost/0?key=k", "redis://:pw@127.0.0.1:6379?key=k&lease_ttl=5"),
+        ("redis://host:6379/2?key=c%2B%2B", "redis://HOST/2?key=c++"),
+        ("unix:///tmp/redis.sock?key=k", "unix:///tmp/../tmp/redis.sock?db=0&key=k"),
+        ("s3://bucket/run.jsonl", "s3://bucket/run.jsonl?timeout=5"),
+        ("fsspec+memory://b/run.jsonl", "fsspec+memory://b/run.jsonl?append=true"),
+    ],
+)
+def test_one_journal_spelt_two_ways_has_one_identity(first: str, second: str) -> None:
+    def identity(uri: str) -> object:
+        return journal_identity(StorageFactory.from_uri(uri.format(cwd=Path.cwd())))
+
+    assert identity(first) == identity(second) is not None
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("./a.jsonl", "./b.jsonl"),
+        ("redis://localhost/0?key=k", "redis://localhost/1?key=k"),
+        ("redis://localhost/0?key=k", "redis://localhost:6380/0?key=k"),
+        ("redis://localhost/0?key=k", "redis://localhost/0?key=j"),
+        ("s3://bucket/run", "s3://bucket/run?layout=segments"),
+        ("s3://bucket/run", "s3://other/run"),
+        ("memory://a", "memory://b"),
+    ],
+)
+def test_two_journals_have_two_identities(first: str, second: str) -> None:
+    assert journal_identity(StorageFactory.from_uri(first)) != journal_identity(
+        StorageFactory.from_uri(second)
+    )

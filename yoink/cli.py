@@ -9,17 +9,20 @@ Every command reads its journals read-only (a copy's destination aside): it take
 and writes nothing, not even a crashed writer's staged records. URIs are those of
 :class:`~yoink.StorageFactory`; S3 and Redis settings come from the usual
 environment variables (``AWS_*``, ``AWS_ENDPOINT_URL``) and URI forms. Errors are one line on
-stderr (exit status 1, or 2 for a usage error); ``--debug`` shows the traceback.
+stderr (exit status 1, or 2 for a usage error); ``--debug`` shows the traceback. A journal that does
+not exist is an error (``no journal at URI``). URIs are shown with their secrets as ``***``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -27,16 +30,47 @@ import anyio
 import orjson
 
 from yoink import __version__
-from yoink._exceptions import CorruptCheckpointError, UnknownSchemeError, YoinkError
+from yoink._exceptions import CorruptCheckpointError, YoinkError
 from yoink._manager import CheckpointManager
 from yoink._records import JournalDecoder
 from yoink.storage import CheckpointStorage, StorageFactory
+from yoink.storage._factory import journal_identity, redact, secrets_in
 
 __all__ = ["main"]
 
 logger = logging.getLogger("yoink")
 
-USAGE_ERRORS = (UnknownSchemeError, ValueError, TypeError)  # a URI or option the user got wrong
+
+class UsageError(YoinkError):
+    """The command line asks for what cannot be (a bad URI, a copy onto its source): exit status 2."""
+
+
+class _Refused(YoinkError):
+    """The command would have done something the user did not ask for, or found nothing to do it on."""
+
+
+@contextlib.contextmanager
+def _parsing() -> Iterator[None]:
+    """Turn the errors of reading a URI and its options (and only those) into usage errors."""
+    try:
+        yield
+    except ValueError as exc:  # UnknownSchemeError too; raised before any I/O, by URI parsing
+        raise UsageError(str(exc)) from exc
+
+
+def _storage(uri: str) -> CheckpointStorage:
+    with _parsing():
+        return StorageFactory.from_uri(uri)
+
+
+def _manager(uri: str, **options: Any) -> CheckpointManager:
+    with _parsing():
+        return CheckpointManager.from_uri(uri, **options)
+
+
+async def _require(journal: CheckpointStorage | CheckpointManager, uri: str) -> None:
+    if not await journal.exists():
+        raise _Refused(f"no journal at {redact(uri)}")
 
 
 @dataclass
@@ -100,11 +134,12 @@ async def scan(storage: CheckpointStorage, uri: str) -> Scan:
 
 async def cat(uri: str, skip_corrupt: bool, out: BinaryIO) -> int:
     on_corrupt = "skip" if skip_corrupt else "raise"
-    async with CheckpointManager.from_uri(uri, read_only=True, on_corrupt=on_corrupt) as manager:
+    async with _manager(uri, read_only=True, on_corrupt=on_corrupt) as manager:
+        await _require(manager, uri)
         chunk: list[bytes] = []
         try:
             async for record in manager.replay():
-                chunk.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+                chunk.append(_jsonl(record))
                 if len(chunk) == 1024:
                     out.write(b"".join(chunk))
                     chunk.clear()
@@ -115,9 +150,10 @@ async def cat(uri: str, skip_corrupt: bool, out: BinaryIO) -> int:
 
 
 async def stats(uri: str) -> int:
-    async with StorageFactory.from_uri(uri) as storage:
-        result = await scan(storage, uri)
-    print(f"journal:  {uri}")
+    async with _storage(uri) as storage:
+        await _require(storage, uri)
+        result = await scan(storage, redact(uri))
+    print(f"journal:  {redact(uri)}")
     print(f"records:  {result.records:,}")
     print(f"bytes:    {result.bytes:,}")
     print(f"first:    {_show(result.first)}")
@@ -134,42 +170,49 @@ async def stats(uri: str) -> int:
 
 
 async def verify(uri: str) -> int:
-    async with StorageFactory.from_uri(uri) as storage:
-        result = await scan(storage, uri)
+    shown = redact(uri)
+    async with _storage(uri) as storage:
+        await _require(storage, uri)
+        result = await scan(storage, shown)
     for problem in result.problems:
-        print(f"{uri}: {problem}")
+        print(f"{shown}: {problem}")
     if result.problems:
         return 1
-    print(f"{uri}: clean, {result.records:,} records")
+    print(f"{shown}: clean, {result.records:,} records")
     return 0
 
 
 async def copy(source: str, destination: str, append: bool, progress: bool) -> int:
-    if source == destination:
-        raise ValueError(f"{source} is both the source and the destination")
-    async with CheckpointManager.from_uri(destination, flush_interval=None) as target:
+    origin = _manager(source, read_only=True)
+    target = _manager(destination, flush_interval=None)
+    identity = journal_identity(origin.storage)  # None for a backend that cannot say: the URIs, then
+    if (identity or source) == (journal_identity(target.storage) if identity else destination):
+        raise UsageError(
+            f"{redact(source)} and {redact(destination)} name one journal, which is both the source "
+            "and the destination"
+        )
+    copied = 0
+    async with target, origin:
+        await _require(origin, source)
         if await target.exists() and not append:
             count = sum([1 async for _ in target.replay()])
             if count:
-                raise _Refused(f"{destination} already holds {count:,} records; pass --append to add to them")
-        async with CheckpointManager.from_uri(source, read_only=True) as origin:
-            copied, started, shown = 0, time.monotonic(), 0.0
-            async for batch in _batches(origin.replay(), 4096):
-                await target.append_many(batch)
-                copied += len(batch)
-                now = time.monotonic()
-                if progress and now - shown > 0.2:
-                    rate = copied / max(now - started, 1e-9)
-                    print(f"\rcopied {copied:,} records ({rate:,.0f}/s)", end="", file=sys.stderr, flush=True)
-                    shown = now
-            await target.flush()
+                raise _Refused(
+                    f"{redact(destination)} already holds {count:,} records; pass --append to add to them"
+                )
+        started, shown = time.monotonic(), 0.0
+        async for batch in _batches(origin.replay(), 4096):
+            await target.append_many(batch)
+            copied += len(batch)
+            now = time.monotonic()
+            if progress and now - shown > 0.2:
+                rate = copied / max(now - started, 1e-9)
+                print(f"\rcopied {copied:,} records ({rate:,.0f}/s)", end="", file=sys.stderr, flush=True)
+                shown = now
+        await target.flush()
     if progress:
         print(f"\rcopied {copied:,} records" + " " * 20, file=sys.stderr)
     return 0
-
-
-class _Refused(YoinkError):
-    """The command would have done something the user did not ask for."""
 
 
 async def _batches(records: AsyncIterator[dict[str, Any]], size: int) -> AsyncIterator[list[dict[str, Any]]]:
@@ -183,10 +226,18 @@ async def _batches(records: AsyncIterator[dict[str, Any]], size: int) -> AsyncIt
         yield batch
 
 
+def _jsonl(record: dict[str, Any]) -> bytes:
+    """A record as one JSONL line; integers beyond 64 bits, which replay reads exactly, kept so."""
+    try:
+        return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:  # "Integer exceeds 64-bit range": json writes any int
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
 def _show(record: dict[str, Any] | None) -> str:
     if record is None:
         return "-"
-    text = orjson.dumps(record).decode()
+    text = _jsonl(record).decode().rstrip("\n")
     return text if len(text) <= 200 else text[:197] + "..."
 
 
@@ -236,16 +287,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        status = 2 if isinstance(exc, USAGE_ERRORS) else 1
-        message = _one_line(exc)
+        uris = [args.source, args.destination] if args.command == "copy" else [args.uri]
+        message = _one_line(exc, [secret for uri in uris for secret in secrets_in(uri)])
         if isinstance(exc, CorruptCheckpointError):
             message = message.replace("on_corrupt='skip'", "yoink cat --skip-corrupt")
+        if not isinstance(exc, (YoinkError, OSError)):  # not one of yoink's own errors: a bug
+            print(
+                f"yoink: internal error: {type(exc).__name__}: {message}\n"
+                "yoink: this is a bug in yoink; run the command again with --debug for the traceback, "
+                "and report it",
+                file=sys.stderr,
+            )
+            return 1
         print(f"yoink: error: {message}", file=sys.stderr)
-        return status
+        return 2 if isinstance(exc, UsageError) else 1
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+def _one_line(exc: BaseException, secrets: list[str]) -> str:
+    """The error's message on one line, without the secrets of the command's URIs."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    for secret in sorted(secrets, key=len, reverse=True):
+        message = message.replace(secret, "***")
+    return message
 
 
 if __name__ == "__main__":

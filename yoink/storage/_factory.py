@@ -14,21 +14,32 @@ import functools
 import importlib
 import inspect
 import logging
+import math
 import os
 import re
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
+from urllib.parse import unquote
 
 from yoink._exceptions import MissingDependencyError, UnknownSchemeError
 from yoink.storage._base import CheckpointStorage
 
-__all__ = ["StorageFactory"]
+__all__ = ["StorageFactory", "journal_identity", "redact", "take_uri_options"]
 
 logger = logging.getLogger("yoink")
 
 ENTRY_POINT_GROUP = "yoink.storage"
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+_PREFIX = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")  # a scheme without "//", or a Windows drive
+_COLON_HINT = "a file whose name holds a colon is written as a path, as in ./name:1.jsonl"
+# Query parameters whose values redact() hides.
+_SECRET_NAME = re.compile(
+    r"pass|pwd|secret|token|credential|auth|signature|^sig$|^sas|[_-]key$", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -56,15 +67,6 @@ _BUILTIN: dict[str, _Entry] = {
 }
 
 
-def scheme_of(uri: str) -> str:
-    """Return the lower-cased scheme of ``uri``; a plain path has the scheme ``file``."""
-    head, sep, _ = uri.partition("://")
-    scheme = head.lower()
-    if sep and _SCHEME.fullmatch(scheme):
-        return scheme
-    return "file"
-
-
 class StorageFactory:
     """Turns a URI into the storage backend registered for its scheme.
 
@@ -89,15 +91,28 @@ class StorageFactory:
     def from_uri(cls, uri: str | os.PathLike[str], **options: Any) -> CheckpointStorage:
         """Return a new storage for ``uri``; ``options`` go to the backend's constructor.
 
-        Raises :class:`~yoink.UnknownSchemeError` for a scheme nobody registered,
-        :class:`~yoink.MissingDependencyError` when the backend's extra is not installed, and
-        ``TypeError`` for an option the backend does not take.
+        The built-in backends also take their options in the URI's query
+        (``redis://host/0?key=k&lease_ttl=5``), converted to the constructor's types; an option
+        given both there and as a keyword is a ``ValueError``.
+
+        Raises :class:`~yoink.UnknownSchemeError` for a scheme nobody registered (``gopher://x``,
+        ``gopher:x``), ``ValueError`` for what is neither a path nor a URI (``file:run.jsonl``,
+        ``C:\\run.jsonl``) or for a bad option in the URI, :class:`~yoink.MissingDependencyError`
+        when the backend's extra is not installed, and ``TypeError`` for an option the backend does
+        not take.
         """
         uri = os.fspath(uri)
         if not isinstance(uri, str) or not uri:
             raise ValueError(f"a checkpoint URI or path is needed, got {uri!r}")
-        backend = cls.resolve(scheme_of(uri))
+        backend = cls.resolve(check_uri_scheme(uri))
         _check_options(backend, options)
+        if "://" in uri:
+            twice = sorted(options.keys() & {name for name, _, _ in query_pairs(uri.partition("?")[2])})
+            if twice:
+                raise ValueError(
+                    f"{', '.join(twice)} given both in the URI ({redact(uri)}) and as a keyword option; "
+                    "give each option once"
+                )
         return backend.from_uri(uri, **options)
 
     @classmethod
@@ -114,7 +129,8 @@ class StorageFactory:
             )
             raise UnknownSchemeError(
                 f"no storage backend for {scheme}:// URIs; known schemes: {known} "
-                "(a plain path is a local file; add one with StorageFactory.register)"
+                "(a plain path is a local file; add one with StorageFactory.register; "
+                f"{_COLON_HINT})"
             )
         if isinstance(entry.target, str):
             backend = _import_backend(scheme, entry)
@@ -235,3 +251,196 @@ def _check_options(backend: type[CheckpointStorage], options: dict[str, Any]) ->
             f"{backend.__name__} does not take the option(s) {', '.join(unknown)}; "
             f"it takes: {', '.join(accepted) or 'none'}"
         )
+
+
+# -- URIs: secrets, query options, identity ------------------------------------------------------
+
+
+def redact(uri: str) -> str:
+    """``uri`` with its secrets as ``***``: a userinfo password, and the values of query parameters
+    named like secrets (``password``, ``secret``, ``token``, ``sas_token``, ``account_key``, ...).
+
+    >>> redact("redis://:hunter2@host/0?key=k&password=hunter2")
+    'redis://:***@host/0?key=k&password=***'
+    """
+    head, sep, rest = uri.partition("://")
+    if sep:
+        end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+        user, at, host = rest[:end].rpartition("@")
+        if at and ":" in user:
+            rest = f"{user.partition(':')[0]}:***@{host}{rest[end:]}"
+        uri = head + sep + rest
+    base, question, query = uri.partition("?")
+    if not question:
+        return uri
+    query, hash_, fragment = query.partition("#")
+    pieces = []
+    for piece in query.split("&"):
+        name, equals, _ = piece.partition("=")
+        pieces.append(f"{name}=***" if equals and _SECRET_NAME.search(unquote(name)) else piece)
+    return f"{base}?{'&'.join(pieces)}{hash_}{fragment}"
+
+
+def secrets_in(uri: str) -> list[str]:
+    """The secrets :func:`redact` hides in ``uri``, as written and percent-decoded."""
+    found = []
+    _, sep, rest = uri.partition("://")
+    if sep:
+        end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+        user, at, _ = rest[:end].rpartition("@")
+        if at and ":" in user:
+            found.append(user.partition(":")[2])
+    for piece in uri.partition("?")[2].partition("#")[0].split("&"):
+        name, equals, value = piece.partition("=")
+        if equals and _SECRET_NAME.search(unquote(name)):
+            found.append(value)
+    return [text for secret in found if secret for text in {secret, unquote(secret)}]
+
+
+def query_pairs(query: str) -> list[tuple[str, str, str]]:
+    """``(name, value, as written)`` for each parameter of a query, percent-decoded, never
+    form-decoded: a ``+`` stays a ``+`` (``?key=c++`` names ``c++``)."""
+    pairs = []
+    for piece in query.split("&"):
+        if piece:
+            name, _, value = piece.partition("=")
+            pairs.append((unquote(name), unquote(value), piece))
+    return pairs
+
+
+def take_uri_options(
+    backend: type[CheckpointStorage],
+    uri: str,
+    *,
+    keep: Callable[[str], bool] = lambda name: False,
+    others: str = "",
+    shown: str | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Take ``backend``'s own options out of ``uri``'s query, converted to the constructor's types.
+
+    Returns ``uri`` without them (the rest of its query as written) and the options. A parameter
+    that is not an option of the backend stays in the URI if ``keep(name)``; otherwise it is a
+    ``ValueError`` that names the options the URI takes (``others`` names what ``keep`` accepts).
+    Errors show ``shown`` (by default ``uri``), redacted.
+    """
+    shown = shown or uri
+    base, question, rest = uri.partition("?")
+    if not question:
+        return uri, {}
+    query, hash_, fragment = rest.partition("#")
+    accepted = uri_option_types(backend)
+    options: dict[str, Any] = {}
+    left = []
+    for name, value, piece in query_pairs(query):
+        if name in accepted:
+            if name in options:
+                raise ValueError(f"{name} is given twice in {redact(shown)}; give it once")
+            options[name] = _convert(name, value, accepted[name], shown)
+        elif keep(name):
+            left.append(piece)
+        else:
+            known = ", ".join(accepted) or "none"
+            raise ValueError(
+                f"unknown option {name!r} in {redact(shown)}; {backend.__name__} takes {known}{others}"
+            )
+    if left:
+        return f"{base}?{'&'.join(left)}{hash_}{fragment}", options
+    return f"{base}{hash_}{fragment}", options
+
+
+@functools.cache
+def uri_option_types(backend: type[CheckpointStorage]) -> dict[str, tuple[Any, Any]]:
+    """The options a URI may give ``backend``: its constructor's keywords with defaults (after the
+    path or URI), as ``name: (type, default)``."""
+    parameters = list(inspect.signature(backend).parameters.values())[1:]
+    hints = typing.get_type_hints(backend.__init__)
+    return {
+        p.name: (hints.get(p.name, str), p.default)
+        for p in parameters
+        if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def _convert(name: str, text: str, typed: tuple[Any, Any], uri: str) -> Any:
+    hint, default = typed
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if type(None) in members and text.lower() == "none":
+        return None
+    kinds = []
+    for member in members:
+        if member is type(None):
+            kinds.append("none")
+            continue
+        kind, value = _parse_as(member, text)
+        kinds.append(kind)
+        if value is not _WRONG:
+            return value
+    if not any(kind for kind in kinds if kind != "none"):
+        raise ValueError(f"{name} cannot be given in a URI ({redact(uri)}); pass it as a keyword option")
+    example = f", as in {name}={str(default).lower() if isinstance(default, bool) else default}"
+    shown = "***" if _SECRET_NAME.search(name) else repr(text)
+    raise ValueError(
+        f"bad option in {redact(uri)}: {name}={shown} is not {' or '.join(k for k in kinds if k)}"
+        f"{example if default is not None else ''}"
+    )
+
+
+_WRONG = object()
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _parse_as(hint: Any, text: str) -> tuple[str, Any]:
+    """A description of ``hint`` for an error, and ``text`` as one (or ``_WRONG``); '' if no text can be."""
+    if typing.get_origin(hint) is typing.Literal:
+        values = typing.get_args(hint)
+        return "one of " + ", ".join(map(repr, values)), text if text in values else _WRONG
+    if hint is bool:
+        lowered = text.lower()
+        return "true or false", True if lowered in _TRUE else False if lowered in _FALSE else _WRONG
+    if hint is int:
+        try:
+            return "a whole number", int(text)
+        except ValueError:
+            return "a whole number", _WRONG
+    if hint is float:
+        try:
+            value = float(text)
+        except ValueError:
+            return "a number", _WRONG
+        return "a number", value if math.isfinite(value) else _WRONG
+    if hint is str or typing.get_origin(hint) is os.PathLike or hint is os.PathLike:
+        return "text", text
+    return "", _WRONG
+
+
+def check_uri_scheme(uri: str) -> str:
+    """The scheme of ``uri``; ``file`` for a path. Refuses what is neither a path nor a URI."""
+    head, sep, _ = uri.partition("://")
+    if sep and _SCHEME.fullmatch(head.lower()):
+        return head.lower()
+    prefix = _PREFIX.match(uri)
+    if prefix is None:
+        return "file"
+    scheme = prefix.group(1).lower()
+    if len(scheme) == 1:
+        raise ValueError(
+            f"{uri!r} looks like a Windows path; yoink's local journals are POSIX paths, such as "
+            f"./run.jsonl or /abs/run.jsonl ({_COLON_HINT})"
+        )
+    if scheme == "file":
+        return scheme  # LocalFileStorage.from_uri says how a file URI is written
+    StorageFactory.resolve(scheme)  # an unknown scheme: UnknownSchemeError
+    raise ValueError(f"{redact(uri)!r} is not a URI: {scheme} URIs are written {scheme}://...; {_COLON_HINT}")
+
+
+def journal_identity(storage: CheckpointStorage) -> tuple[Any, ...] | None:
+    """What tells two storages' journals apart, however their URIs were spelt; None if unknown."""
+    from yoink.storage._local import LocalFileStorage
+    from yoink.storage._memory import MemoryStorage
+
+    if isinstance(storage, LocalFileStorage):
+        return ("file", os.path.realpath(storage.path))
+    if isinstance(storage, MemoryStorage):
+        return ("memory", storage.name)
+    identity = getattr(storage, "_journal_id", None)  # set by the other built-in backends
+    return tuple(identity) if identity is not None else None

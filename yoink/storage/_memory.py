@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from yoink._exceptions import CheckpointLockedError, StorageClosedError
 from yoink.storage._base import CheckpointStorage
+from yoink.storage._factory import redact, take_uri_options
 
 if sys.version_info >= (3, 11):
     from typing import Self
@@ -46,10 +47,10 @@ class MemoryStorage(CheckpointStorage):
 
         >>> MemoryStorage.from_uri("memory://crawl-test")
         """
-        parts = urlsplit(uri)
+        parts = urlsplit(take_uri_options(cls, uri)[0])  # it takes no options: any is named
         name = parts.netloc + parts.path
-        if parts.scheme.lower() != "memory" or not name or parts.query or parts.fragment:
-            raise ValueError(f"a memory URI names a journal, as in memory://crawl-test; got {uri!r}")
+        if parts.scheme.lower() != "memory" or not name or parts.fragment:
+            raise ValueError(f"a memory URI names a journal, as in memory://crawl-test; got {redact(uri)!r}")
         return cls(name, **options)
 
     @property
