@@ -189,6 +189,7 @@ async def test_after_a_writer_is_killed_a_new_one_gets_in_once_its_lease_expires
     redis_url: str, key: str, killed_writer: float
 ) -> None:
     storage = RedisStreamStorage(redis_url, key)
+    assert await numbers(storage) == [0]  # a resume replays first
     with pytest.raises(
         CheckpointLockedError,
         match=r"its lease '\{journal-\w+\}:lease' expires in 1\.\d s if that writer has crashed",
@@ -330,6 +331,98 @@ async def test_an_early_send_refused_by_the_fence_undoes_that_write_alone(redis_
     with pytest.raises(ConcurrentWriterError):
         await storage.close()
     await monitor.aclose()
+
+
+async def test_a_lost_epoch_key_is_never_issued_again_and_the_paused_writer_is_refused(
+    redis_url: str, key: str
+) -> None:
+    paused = RedisStreamStorage(redis_url, key)
+    await paused.write(records(0, 1))
+    await paused.flush()
+    await paused.write(records(1, 1))  # pending while it is paused
+    monitor = redis.from_url(redis_url)
+    # a failover to a replica that lagged, a lost append-only file, an operator's cleanup
+    await monitor.delete(f"{{{key}}}:lease", f"{{{key}}}:epoch")
+    async with RedisStreamStorage(redis_url, key) as other:
+        await other.write(records(100, 1))
+    assert [fields[b"e"] for _, fields in await monitor.xrange(key)] == [b"1", b"2"]  # above the stream's
+    with pytest.raises(ConcurrentWriterError, match=r"epoch 2; this writer's lease was epoch 1"):
+        await paused.flush()
+    assert await monitor.xlen(key) == 2
+    assert await numbers(paused) == [0, 100, 1]  # its record is kept, still pending
+    with pytest.raises(ConcurrentWriterError):
+        await paused.close()
+    await monitor.aclose()
+
+
+async def test_a_writer_whose_epoch_key_is_gone_is_refused_and_the_next_writer_gets_a_newer_epoch(
+    redis_url: str, key: str
+) -> None:
+    first = RedisStreamStorage(redis_url, key)
+    await first.write(records(0, 1))
+    await first.flush()
+    monitor = redis.from_url(redis_url)
+    await monitor.delete(f"{{{key}}}:epoch")  # it cannot tell whether another writer took over since
+    await first.write(records(1, 1))
+    with pytest.raises(ConcurrentWriterError, match=r"'\{journal-\w+\}:epoch' is gone from Redis"):
+        await first.flush()
+    with pytest.raises(ConcurrentWriterError):
+        await first.close()
+    async with RedisStreamStorage(redis_url, key) as second:
+        await second.write(records(1, 1))
+    assert await monitor.get(f"{{{key}}}:epoch") == b"2"
+    async with RedisStreamStorage(redis_url, key) as reader:
+        assert await numbers(reader) == [0, 1]
+    await monitor.aclose()
+
+
+async def test_an_epoch_issued_twice_lets_only_the_first_of_its_writers_flush(
+    redis_url: str, key: str
+) -> None:
+    paused = RedisStreamStorage(redis_url, key)
+    await paused.write(records(0, 1))  # epoch 1, nothing in the stream carries it yet
+    monitor = redis.from_url(redis_url)
+    await monitor.delete(f"{{{key}}}:lease", f"{{{key}}}:epoch")
+    other = RedisStreamStorage(redis_url, key)
+    await other.write(records(100, 1))  # issued epoch 1 again: no entry told Redis otherwise
+    await other.flush()
+    await other.close()
+    with pytest.raises(ConcurrentWriterError, match="wrote with this writer's epoch 1"):
+        await paused.flush()
+    assert await monitor.xlen(key) == 1
+    with pytest.raises(ConcurrentWriterError):
+        await paused.close()
+    await monitor.aclose()
+
+
+async def test_a_writer_whose_journal_moved_on_since_its_first_read_is_refused_and_keeps_its_records(
+    redis_url: str, key: str
+) -> None:
+    uri = f"{redis_url}?key={key}"
+    async with CheckpointManager.from_uri(uri) as first:
+        await first.append({"n": 0})
+    stale = CheckpointManager.from_uri(uri, flush_interval=None)
+    assert [record["n"] async for record in stale.replay()] == [0]  # then it is paused
+    async with CheckpointManager.from_uri(uri) as other:  # takes over, writes and closes
+        assert [record["n"] async for record in other.replay()] == [0]
+        await other.append({"n": 1})
+    await stale.append({"n": 100})
+    with pytest.raises(ConcurrentWriterError, match="changed since this storage first read it") as caught:
+        await stale.flush()
+    assert type(caught.value) is ConcurrentWriterError
+    assert await stream_length(redis_url, key) == 2  # nothing of the stale writer's
+    monitor = redis.from_url(redis_url)
+    assert not await monitor.exists(f"{{{key}}}:lease")  # and it took no lease
+    await monitor.aclose()
+    with pytest.raises(ConcurrentWriterError):  # its replay hands its records over first: refused again
+        assert [record["n"] async for record in stale.replay()]
+    with pytest.raises(ConcurrentWriterError):
+        await stale.close()
+    async with CheckpointManager.from_uri(uri) as fresh:  # a writer that replays now gets in
+        assert [record["n"] async for record in fresh.replay()] == [0, 1]
+        await fresh.append({"n": 2})
+    async with CheckpointManager.from_uri(uri) as reader:
+        assert [record["n"] async for record in reader.replay()] == [0, 1, 2]
 
 
 async def test_entries_carry_the_writers_epoch_and_streams_without_epochs_still_replay(

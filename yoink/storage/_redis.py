@@ -13,17 +13,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import re
 import secrets
 import sys
+import typing
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import anyio
 import redis.asyncio as redis
+from redis.asyncio.connection import (
+    URL_QUERY_ARGUMENT_PARSERS,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+    parse_url,
+)
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
@@ -34,6 +43,7 @@ from yoink._exceptions import CheckpointLockedError, ConcurrentWriterError, Stor
 from yoink._fork import drop_in_forked_children, forked_note
 from yoink._tasks import asyncio_loop_of, uninterrupted
 from yoink.storage._base import CheckpointStorage
+from yoink.storage._factory import query_pairs, redact, take_uri_options
 
 if sys.version_info >= (3, 11):
     from typing import Self
@@ -44,11 +54,40 @@ __all__ = ["RedisStreamStorage"]
 
 logger = logging.getLogger("yoink")
 
+# The newest epoch the stream's last entry carries, or 0 (a Lua chunk shared by the scripts below).
+_LAST_EPOCH = """
+local function last_entry(stream)
+  local entry = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+  if not entry then
+    return '', 0, nil
+  end
+  local fields, epoch, writer = entry[2], 0, nil
+  for i = 1, #fields, 2 do
+    if fields[i] == 'e' then epoch = tonumber(fields[i + 1]) or 0 end
+    if fields[i] == 'w' then writer = fields[i + 1] end
+  end
+  return entry[1], epoch, writer
+end
+"""
 # KEYS: the stream, the lease, the epoch. ARGV: writer, lease ms, epoch, first block number, blocks...
-_APPEND = """
-local epoch = tonumber(redis.call('GET', KEYS[3]) or '0')
-if epoch ~= tonumber(ARGV[3]) then
-  return redis.error_reply('YOINKFENCED ' .. epoch)
+# Refused when the epoch key is gone, holds another epoch, or the stream's last entry was written with a
+# newer epoch or with this one by another writer (an epoch issued twice after the key was lost).
+_APPEND = (
+    _LAST_EPOCH
+    + """
+local current = redis.call('GET', KEYS[3])
+if not current then
+  return redis.error_reply('YOINKFENCED lost')
+end
+if tonumber(current) ~= tonumber(ARGV[3]) then
+  return redis.error_reply('YOINKFENCED ' .. current)
+end
+local _, written, by = last_entry(KEYS[1])
+if written > tonumber(ARGV[3]) then
+  return redis.error_reply('YOINKFENCED ' .. written)
+end
+if written == tonumber(ARGV[3]) and by ~= ARGV[1] then
+  return redis.error_reply('YOINKFENCED shared:' .. tostring(by))
 end
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[1] then
@@ -62,19 +101,37 @@ for i = 5, #ARGV do
 end
 return #ARGV - 4
 """
-# KEYS: the lease, the epoch. ARGV: writer, lease ms. Returns {holder, ms left, epoch (0 if refused)}.
-_ACQUIRE = """
+)
+# KEYS: the lease, the epoch, the stream. ARGV: writer, lease ms, and what the first read() saw: the
+# epoch and the last entry's id ('' and '' if it never read). Returns {holder, ms left, epoch}, epoch 0
+# if the lease is held by another; or {'', 0, -1, epoch now, last id now} if the journal moved on since
+# that read. The epoch issued is above the key's and above every entry's, should the key have been lost.
+_ACQUIRE = (
+    _LAST_EPOCH
+    + """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then
   return {holder, redis.call('PTTL', KEYS[1]), 0}
 end
-local epoch = redis.call('INCR', KEYS[2])
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+local last, written = last_entry(KEYS[3])
+if ARGV[3] ~= '' and (current > tonumber(ARGV[3]) or last ~= ARGV[4]) then
+  return {'', 0, -1, current, last}
+end
+local epoch = math.max(current, written) + 1
+redis.call('SET', KEYS[2], epoch)
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return {ARGV[1], tonumber(ARGV[2]), epoch}
 """
-# KEYS: the lease, the epoch. ARGV: writer, lease ms, epoch. 1 renewed, 0 held by another, -1 fenced.
+)
+# KEYS: the lease, the epoch. ARGV: writer, lease ms, epoch.
+# 1 renewed, 0 held by another, -1 a newer epoch exists, -2 the epoch key is gone.
 _RENEW = """
-if tonumber(redis.call('GET', KEYS[2]) or '0') ~= tonumber(ARGV[3]) then
+local current = redis.call('GET', KEYS[2])
+if not current then
+  return -2
+end
+if tonumber(current) ~= tonumber(ARGV[3]) then
   return -1
 end
 local holder = redis.call('GET', KEYS[1])
@@ -118,6 +175,14 @@ class RedisStreamStorage(CheckpointStorage):
       never takes the lease again; open a new writer, whose replay shows what the journal holds.
       Each entry carries its writer's epoch (field ``e``). Writers of yoink versions without
       fencing do not check it.
+    - The token outlives a lost epoch key (a failover to a replica that lagged, a lost append-only
+      file, an operator's cleanup): a lease's epoch is above the key's and above the stream's last
+      entry's; a writer whose epoch key is gone is refused, and so is one whose epoch another
+      writer has already written with.
+    - A writer that read before writing (a resume's replay) is refused its lease, with
+      :class:`~yoink.ConcurrentWriterError`, if since its first :meth:`read` another writer took a
+      lease or added an entry, as on S3: its state was computed from a journal that has moved on.
+      A storage that writes before it reads cannot tell, and is not checked.
     - :meth:`read` pages through the stream with ``XRANGE ... COUNT page_size``; memory is bounded
       by a page of blocks of at most ``entry_bytes`` each.
     - Redis Cluster: the stream, its lease and its epoch must share a slot. yoink names them
@@ -176,6 +241,7 @@ class RedisStreamStorage(CheckpointStorage):
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the client belongs to
         self._leased = False
         self._epoch = 0  # the fencing token this writer's lease came with
+        self._seen: tuple[int, str] | None = None  # the epoch and the last entry's id at the first read()
         self._fenced: str | None = None  # how this writer learnt that a newer epoch exists
         self._lease_lost: str | None = None
         self._renewer: asyncio.Task[None] | None = None
@@ -191,28 +257,55 @@ class RedisStreamStorage(CheckpointStorage):
         >>> RedisStreamStorage.from_uri("redis://localhost:6379/0?key=crawl-42")
         >>> RedisStreamStorage.from_uri("rediss://:secret@cache.example.com:6380/2?key=crawl-42")
         >>> RedisStreamStorage.from_uri("unix:///run/redis.sock?db=0&key=crawl-42")
+        >>> RedisStreamStorage.from_uri("redis://localhost/0?key=crawl-42&lease_ttl=10&wait_aof=true")
+
+        The key is percent-decoded (``?key=a%26b`` names ``a&b``; a ``+`` stays a ``+``). The
+        query may hold this class's options, converted to their types, and what redis-py's
+        ``from_url`` takes (``password``, ``socket_timeout``, ...); anything else is refused.
         """
         parts = urlsplit(uri)
-        if parts.scheme.lower() not in ("redis", "rediss", "unix"):
-            raise ValueError(f"a Redis URI starts with redis://, rediss:// or unix://; got {_redact(uri)!r}")
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        keys = [value for name, value in query if name == "key"]
+        scheme = parts.scheme.lower()
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"a Redis URI starts with redis://, rediss:// or unix://; got {redact(uri)!r}")
+        pairs = query_pairs(parts.query)
+        keys = [value for name, value, _ in pairs if name == "key"]
         if len(keys) != 1 or not keys[0]:
-            others = [(name, value) for name, value in query if name != "key"]
-            example = uri.partition("?")[0] + "?" + urlencode([*others, ("key", "crawl-42")])
+            others = [piece for name, _, piece in pairs if name != "key"]
+            example = uri.partition("?")[0] + "?" + "&".join([*others, "key=crawl-42"])
             raise ValueError(
-                f"a Redis URI names the stream in its query, once, as in {_redact(example)!r}; "
-                f"got {_redact(uri)!r}"
+                f"a Redis URI names the stream in its query, once, as in {redact(example)!r}; "
+                f"got {redact(uri)!r}"
             )
-        rest = urlencode([(name, value) for name, value in query if name != "key"])
-        return cls(urlunsplit(parts._replace(query=rest)), keys[0], **options)
+        rest = "&".join(piece for name, _, piece in pairs if name != "key")
+        without_key = uri.partition("?")[0] + (f"?{rest}" if rest else "")
+        understood = _redis_url_options(scheme)
+        url, given = take_uri_options(
+            cls,
+            without_key,
+            shown=uri,
+            keep=understood.__contains__,
+            others=f"; redis-py's from_url takes {', '.join(sorted(understood))}",
+        )
+        return cls(url, keys[0], **options, **given)
 
     @property
     def key(self) -> str:
         return self._key
 
+    @property
+    def _journal_id(self) -> tuple[Any, ...]:
+        """The server, the database and the key, however the URI spelt them."""
+        found = parse_url(self._url)
+        if "path" in found:
+            where: tuple[Any, ...] = ("unix", os.path.realpath(found["path"]))
+        else:
+            host = str(found.get("host", "localhost")).lower().strip("[]")
+            host = "localhost" if host in ("127.0.0.1", "::1") else host
+            where = (host, int(found.get("port", 6379)))
+        return ("redis", *where, int(found.get("db", 0)), self._key)
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({_redact(self._url)!r}, key={self._key!r})"
+        return f"{type(self).__name__}({redact(self._url)!r}, key={self._key!r})"
 
     def __getstate__(self) -> dict[str, Any]:
         return {"url": self._url, "key": self._key, "options": self._options}
@@ -276,6 +369,8 @@ class RedisStreamStorage(CheckpointStorage):
         async with self._lock:
             pending = list(self._pending)
         client = await self._connection()
+        if self._seen is None and not self._leased:
+            await self._note_what_the_first_read_sees(client)
         last: dict[bytes, int] = {}  # writer -> the last block number seen from it
         start = "-"
         while True:
@@ -327,11 +422,11 @@ class RedisStreamStorage(CheckpointStorage):
                     renewer.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await renewer
-                if self._leased and self._lease_lost is None:
+                if self._leased:
                     with contextlib.suppress(RedisError):
                         await client.eval(_RELEASE, 1, self._lease_key, self._writer)
                 await client.aclose()
-            elif client is not None and self._leased and self._lease_lost is None:
+            elif client is not None and self._leased:
                 await self._release_from_this_loop()
 
     async def _release_from_this_loop(self) -> None:
@@ -366,12 +461,39 @@ class RedisStreamStorage(CheckpointStorage):
 
     # -- the lease -----------------------------------------------------------------------------
 
+    async def _note_what_the_first_read_sees(self, client: redis.Redis) -> None:
+        """Remember the journal as the first read() finds it: a writer whose state was computed from
+        that read must not take the lease once another writer has taken it or written since."""
+        with self._translated("XREVRANGE"):
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.get(self._epoch_key)
+                pipe.xrevrange(self._key, count=1)
+                epoch, last = await pipe.execute()
+        if self._seen is None and not self._leased:
+            self._seen = (int(epoch or 0), last[0][0].decode() if last else "")
+
     async def _acquire(self) -> None:
         client = await self._connection()
+        seen_epoch, seen_last = ("", "") if self._seen is None else self._seen
         with self._translated("SET"):
-            holder, ttl, epoch = await client.eval(
-                _ACQUIRE, 2, self._lease_key, self._epoch_key, self._writer, self._lease_ms
+            holder, ttl, epoch, *now = await client.eval(
+                _ACQUIRE,
+                3,
+                self._lease_key,
+                self._epoch_key,
+                self._key,
+                self._writer,
+                self._lease_ms,
+                seen_epoch,
+                seen_last,
             )
+        if epoch < 0:
+            self._fenced = (
+                f"the journal changed since this storage first read it (epoch {seen_epoch}, last entry "
+                f"{seen_last or 'none'} then; epoch {now[0]}, last entry {now[1].decode() or 'none'} now): "
+                "another writer took it over or wrote, so what this one computed from that read is stale"
+            )
+            self._check_fence()
         if holder.decode() != self._writer:
             raise self._locked(ttl)
         self._leased = True
@@ -394,7 +516,7 @@ class RedisStreamStorage(CheckpointStorage):
                 )
                 continue
             if renewed < 0:
-                self._fence(newer=None)
+                self._fence(newer=None if renewed == -1 else "lost")
                 logger.error("%r stopped renewing its lease: %s", self, self._fenced)
                 return
             if renewed == 0:  # taken by a writer that does not fence (an older yoink)
@@ -402,12 +524,26 @@ class RedisStreamStorage(CheckpointStorage):
                 logger.error("%r: lost the writer's lease: %s", self, self._lease_lost)
                 return
 
-    def _fence(self, newer: int | None) -> None:
-        """Note that a newer epoch exists: this writer never writes again."""
+    def _fence(self, newer: str | None) -> None:
+        """Note that this writer may no longer be the newest (``newer``: the script's word for why):
+        it never writes again."""
         self._lease_lost = "a newer writer took the journal over"
         renewer = self._renewer
         if renewer is not None and renewer is not asyncio.current_task():
             renewer.cancel()
+        if newer == "lost":
+            self._fenced = (
+                f"the fencing epoch {self._epoch_key!r} is gone from Redis (a failover to a replica that "
+                "lagged, a lost append-only file, or a deleted key), so this writer (epoch "
+                f"{self._epoch}) cannot tell whether another took the journal over"
+            )
+            return
+        if newer is not None and newer.startswith("shared:"):
+            self._fenced = (
+                f"another writer ({newer.removeprefix('shared:')}) wrote with this writer's epoch "
+                f"{self._epoch}, which Redis issued twice after losing {self._epoch_key!r}"
+            )
+            return
         newest = f"epoch {newer}" if newer else "a newer epoch"
         self._fenced = (
             f"another writer took the journal over ({newest}; this writer's lease was epoch "
@@ -451,7 +587,7 @@ class RedisStreamStorage(CheckpointStorage):
                     results = await pipe.execute()
             except _Refused as exc:
                 if exc.fenced:
-                    self._fence(newer=int(exc.detail))
+                    self._fence(newer=exc.detail)
                     self._check_fence()
                 if self._renewer is not None:
                     self._renewer.cancel()
@@ -574,10 +710,19 @@ def _where(url: str) -> str:
     return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+@functools.cache
+def _redis_url_options(scheme: str) -> frozenset[str]:
+    """The query parameters redis-py's ``from_url`` takes for ``scheme``: those it parses itself,
+    and the connection's parameters that take text (``password``, ``client_name``, ...)."""
+    connection = {"unix": UnixDomainSocketConnection, "rediss": SSLConnection}.get(scheme, Connection)
+    names = set(URL_QUERY_ARGUMENT_PARSERS)
+    for cls in connection.__mro__:
+        init = vars(cls).get("__init__")
+        if init is None:
+            continue
+        for parameter in inspect.signature(init).parameters.values():
+            hint = parameter.annotation
+            texts = hint is str or str in typing.get_args(hint)
+            if texts and not parameter.name.startswith("orig_"):
+                names.add(parameter.name)
+    return frozenset(names - {"host", "port", "path"})  # the URI's own parts
