@@ -16,7 +16,7 @@ import fsspec.implementations.memory
 import pytest
 
 from tests.conftest import read_text
-from yoink import ConcurrentWriterError, MissingDependencyError, StorageFactory
+from yoink import ConcurrentWriterError, MissingDependencyError, StorageError, StorageFactory
 from yoink.storage import FsspecStorage
 from yoink.testing import StorageContract
 
@@ -251,3 +251,126 @@ async def test_a_writer_overtaken_between_its_check_and_its_append_is_refused_an
     assert await read_text(reader) == '{"n":0}\n{"theirs":1}\n{"n":1}\n'
     await reader.close()
     assert [p.name for p in (tmp_path / "stage").glob("*/*.jsonl")] == ["000000000003.jsonl"]  # {"n":2}
+
+
+FILESYSTEMS = ["memory, appending", "memory, rewriting", "local"]
+
+
+def _foreign_file(filesystem: str, tmp_path: Path, body: bytes) -> tuple[str, dict[str, Any]]:
+    """A journal written by another tool, holding ``body``; its URI and the storage's options."""
+    options: dict[str, Any] = {"stage_dir": tmp_path / "stage", "flush_interval": None}
+    if filesystem == "local":
+        (tmp_path / "j.jsonl").write_bytes(body)
+        return f"fsspec+file://{tmp_path}/j.jsonl", options
+    uri = f"fsspec+memory://{uuid.uuid4().hex}/j.jsonl"
+    fsspec.filesystem("memory").pipe_file(uri.removeprefix("fsspec+memory://"), body)
+    if filesystem == "memory, rewriting":
+        options["append"] = False
+    return uri, options
+
+
+@pytest.mark.parametrize("filesystem", FILESYSTEMS)
+@pytest.mark.parametrize(("last_line", "kept"), [(b'{"n":-1}', [-1]), (b'{"n":-1,"cut', [])])
+async def test_a_foreign_files_last_line_without_a_newline_is_ended_as_a_record_or_set_aside_before_appending(
+    tmp_path: Path, filesystem: str, last_line: bytes, kept: list[int]
+) -> None:
+    from yoink import CheckpointManager
+
+    body = b'{"n":0}\n{"n":1}\n' + last_line
+    uri, options = _foreign_file(filesystem, tmp_path, body)
+    expected = [0, 1, *kept, 2, 3]
+    async with CheckpointManager.from_uri(uri, **options) as manager:
+        assert [r["n"] async for r in manager.replay()] == [0, 1, *kept]
+        await manager.append_many([{"n": 2}, {"n": 3}])
+        assert [r["n"] async for r in manager.replay()] == expected  # the same before the upload...
+        await manager.flush()
+    options["stage_dir"] = tmp_path / "reader"
+    async with CheckpointManager.from_uri(uri, **options) as reader:
+        assert [r["n"] async for r in reader.replay()] == expected  # ...and after it
+    fs, path = fsspec.core.url_to_fs(uri.removeprefix("fsspec+"))
+    if not kept:
+        assert fs.cat_file(path + ".torn") == last_line + b"\n"
+
+
+@pytest.mark.parametrize("append", [True, False])
+def test_a_landed_upload_that_another_stage_appended_after_is_replayed_once_by_the_stage_that_made_it(
+    tmp_path: Path, append: bool
+) -> None:
+    uri = f"fsspec+file://{tmp_path}/journal.jsonl"
+    child = _run_child(_DYING_WRITER, uri, str(tmp_path / "machine-a"), str(append), "discard")
+    assert child.returncode == -9, child.stderr
+    theirs = '{"theirs":1}\n'
+
+    async def then() -> None:
+        async with FsspecStorage(uri, stage_dir=tmp_path / "machine-b") as other:
+            assert await read_text(other) == _RECORDS
+            await other.write(theirs)
+        reader = FsspecStorage(uri, stage_dir=tmp_path / "machine-a")  # reads only: never takes the stage
+        assert await read_text(reader) == _RECORDS + theirs
+        await reader.close()
+        async with FsspecStorage(uri, stage_dir=tmp_path / "machine-a") as writer:
+            assert await read_text(writer) == _RECORDS + theirs
+            await writer.write('{"n":3}\n')
+
+    anyio.run(then)
+    assert (tmp_path / "journal.jsonl").read_text() == _RECORDS + theirs + '{"n":3}\n'
+    assert not list((tmp_path / "machine-a").glob("*/*.jsonl"))
+
+
+async def _stage_holding(tmp_path: Path, records: str) -> tuple[str, Path]:
+    """A journal flushed from a stage that still holds ``records`` staged; its URI and stage directory."""
+    uri = f"fsspec+file://{tmp_path}/j.jsonl"
+    async with FsspecStorage(uri, stage_dir=tmp_path / "stage") as storage:
+        await storage.write('{"n":0}\n')
+        await storage.flush()
+        directory = Path(storage.stage_directory)
+    (directory / "000000000007.jsonl").write_text(records)  # a crashed writer's batch
+    return uri, directory
+
+
+async def test_a_directory_named_like_a_staged_batch_is_ignored_by_readers_and_named_to_writers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    uri, directory = await _stage_holding(tmp_path, '{"n":1}\n')
+    (directory / "000000000005.jsonl").mkdir()
+    reader = FsspecStorage(uri, stage_dir=tmp_path / "stage")
+    assert await reader.exists()
+    assert await read_text(reader) == '{"n":0}\n{"n":1}\n'
+    await reader.close()
+    assert "000000000005.jsonl" in caplog.text
+    assert "not a regular file" in caplog.text
+    writer = FsspecStorage(uri, stage_dir=tmp_path / "stage")
+    with pytest.raises(StorageError, match=r"000000000005\.jsonl.*remove it"):
+        await writer.write('{"n":2}\n')
+    await writer.close()
+    assert (tmp_path / "j.jsonl").read_text() == '{"n":0}\n'
+    assert (directory / "000000000007.jsonl").read_text() == '{"n":1}\n'  # kept
+
+
+@pytest.mark.parametrize(
+    "intent",
+    [
+        '{"writer": "%s", "first": 7, "through": 7, "before": 8, "after": Infinity}',
+        '{"writer": "%s", "first": 7, "through": 7, "before": 8, "after": 16.5}',
+        '{"writer": "%s", "first": 7, "through": 7, "before": 16, "after": 8}',
+        '["%s"]',
+        "{",
+    ],
+)
+async def test_an_upload_record_yoink_did_not_write_is_ignored_by_readers_and_named_to_writers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, intent: str
+) -> None:
+    uri, directory = await _stage_holding(tmp_path, '{"n":1}\n')
+    writer_id = json.loads((directory / "stage.json").read_text())["writer"]
+    (directory / "upload.json").write_text(intent.replace("%s", writer_id))
+    reader = FsspecStorage(uri, stage_dir=tmp_path / "stage")
+    assert await read_text(reader) == '{"n":0}\n{"n":1}\n'
+    await reader.close()
+    assert "upload.json" in caplog.text
+    writer = FsspecStorage(uri, stage_dir=tmp_path / "stage")
+    await writer.write('{"n":2}\n')
+    with pytest.raises(StorageError, match=r"is not one yoink wrote.*remove upload\.json"):
+        await writer.flush()
+    with pytest.raises(StorageError):
+        await writer.close()
+    assert (tmp_path / "j.jsonl").read_text() == '{"n":0}\n'

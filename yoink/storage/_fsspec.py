@@ -22,8 +22,9 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from yoink._exceptions import ConcurrentWriterError, MissingDependencyError, StorageError
-from yoink._records import whole_lines
+from yoink._exceptions import ConcurrentWriterError, MissingDependencyError, StorageError, YoinkError
+from yoink._records import MAX_LINE_BYTES, is_record_tail, whole_lines, without_torn_tail
+from yoink.storage._factory import redact, secrets_in, take_uri_options
 from yoink.storage._stage import Batch, Stage
 from yoink.storage._staged import StagedStorage
 
@@ -33,6 +34,7 @@ logger = logging.getLogger("yoink")
 
 READ_CHUNK = 1 << 20
 UPLOAD_BYTES = 64 << 20  # the most one upload sends (a larger batch goes alone): one intent, one write
+TORN_SUFFIX = ".torn"
 PREFIX = "fsspec+"  # fsspec+memory://..., for protocols whose plain scheme yoink uses itself
 T = TypeVar("T")
 
@@ -43,7 +45,9 @@ class FsspecStorage(StagedStorage):
     ``FsspecStorage("gs://bucket/crawl.jsonl")``; through the factory for ``gs://``, ``gcs://``,
     ``az://``, ``abfs://``, ``abfss://``, ``adl://``, ``hdfs://``, ``webhdfs://``, ``sftp://`` and
     ``ftp://`` URIs, and for any protocol as ``fsspec+<protocol>://...`` (``fsspec+memory://``).
-    ``storage_options`` go to the filesystem (credentials, project, account name).
+    ``storage_options`` go to the filesystem (credentials, project, account name); they, and a
+    password in the URI, never show in a repr, an error or a log line. The URI's query may give
+    ``stage_dir`` and ``append`` (``?append=false``); the rest of it is left to fsspec.
 
     What it promises, as S3Storage does:
 
@@ -64,6 +68,10 @@ class FsspecStorage(StagedStorage):
       storage last saw (at its first :meth:`read` or flush), or if the bytes after an interrupted
       upload are not this stage's, the flush raises :class:`~yoink.ConcurrentWriterError` and the
       staged data stays staged.
+
+    - A last line without a newline (another tool's, or a fragment of another stage's upload) is
+      judged as replay judges it, as S3Storage does: a JSON object is a record and gets its newline
+      before the next upload; anything else is moved to ``<path>.torn`` and cut off.
 
     What it cannot promise:
 
@@ -88,41 +96,63 @@ class FsspecStorage(StagedStorage):
         storage_options: dict[str, Any] | None = None,
         append: bool | None = None,
     ) -> None:
-        uri = uri.removeprefix(PREFIX)
+        uri, given = take_uri_options(type(self), uri.removeprefix(PREFIX), keep=lambda name: True)
+        options: dict[str, Any] = {
+            "stage_dir": stage_dir,
+            "storage_options": storage_options,
+            "append": append,
+        }
+        for name, value in given.items():
+            if options[name] is not None:
+                raise ValueError(f"{name} is given both in the URI and as an option; give it once")
+            options[name] = value
+        stage_dir, append = options["stage_dir"], options["append"]
+        shown = redact(uri)  # what reprs, errors and logs call the journal
         try:
             fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-        except ImportError as exc:  # the protocol's own package: gcsfs, adlfs, ...
-            raise MissingDependencyError(f"{uri} needs fsspec's driver for it: {exc}") from exc
-        except ValueError as exc:
-            raise StorageError(f"fsspec cannot open {uri}: {exc}") from exc
+        except (ImportError, ValueError) as exc:
+            said = _scrub(str(exc), [*secrets_in(uri), *_texts(storage_options)])
+            if isinstance(exc, ImportError):  # the protocol's own package: gcsfs, adlfs, ...
+                error: YoinkError = MissingDependencyError(f"{shown} needs fsspec's driver for it: {said}")
+            else:
+                error = StorageError(f"fsspec cannot open {shown}: {said}")
+            raise error from (exc if said == str(exc) else None)
         self._file = _File.on(fs, path)
         self._append = append  # None: try appending, and fall back to rewriting the file
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        options = {"stage_dir": stage_dir, "storage_options": storage_options, "append": append}
-        super().__init__(uri, options, stage_dir, identity=f"fsspec|{protocol}|{path}")
+        self._full_uri = uri  # for pickling: it may hold credentials, which are never shown
+        self._journal_id = ("fsspec", protocol, path)
+        super().__init__(shown, options, stage_dir, identity=f"fsspec|{protocol}|{path}")
         self._known_size: int | None = None  # the file's size as this writer last saw or left it
+        self._clean_end = False  # the file is known to end in a newline: this writer's upload made it
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._uri!r})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {"uri": self._full_uri, "options": self._options}
+
     async def _open_remote(self, writer: str | None, staged: bool) -> tuple[int, AsyncGenerator[str, None]]:
         size = await self._run(self._file.size)
         landed, end = 0, size
-        intent = _Intent.read(self._stage, writer) if staged else None
-        if intent is not None and size == intent.after != intent.before:
-            landed = intent.through
-        elif intent is not None and intent.before < size < intent.after:
-            end = intent.before  # a fragment of an interrupted upload: the staged batches follow instead
+        intent = _Intent.read(self._stage, writer, self._uri, writing=False) if staged else None
+        if intent is not None:
+            held = await self._uploaded(intent, size, self._stage.snapshot())
+            if held == intent.after - intent.before:
+                landed = intent.through
+            elif held:
+                end = intent.before  # a fragment of an interrupted upload: the staged batches follow instead
         if self._known_size is None and not self._closed:
             self._known_size = end  # this writer's view of the file starts here
-        return landed, whole_lines(self._chunks(end), describe=self._uri, keep_tail=True)
+        blocks = whole_lines(self._chunks(end), describe=self._uri, keep_tail=True)
+        return landed, without_torn_tail(blocks, self._uri) if staged else blocks
 
     async def _remote_exists(self) -> bool:
         return await self._run(self._file.exists)
 
     async def _upload(self, batches: list[Batch]) -> None:
         size = await self._run(self._file.size)
-        intent = _Intent.read(self._stage, self._stage.writer)
+        intent = _Intent.read(self._stage, self._stage.writer, self._uri, writing=True)
         if intent is not None:
             size, batches = await self._settle(intent, size, batches)
         for group in _groups(batches):
@@ -134,6 +164,8 @@ class FsspecStorage(StagedStorage):
             self._known_size = size
         elif size != self._known_size:
             raise self._changed(f"its size went from {self._known_size} to {size} bytes", staged)
+        if not self._clean_end and size:
+            size = self._known_size = await self._end_cleanly(size, staged)
         data = await self._run(_read_batches, group, sys.maxsize)
         after = size + len(data)
         intent = _Intent(self._stage.writer, group[0].seq, group[-1].seq, size, after)
@@ -159,6 +191,7 @@ class FsspecStorage(StagedStorage):
                 "yoink allows one writer at a time: stop the other one, and check the journal"
             ) from None
         self._known_size = after
+        self._clean_end = True
         await self._stage.discard(group[-1].seq)  # before the intent goes: a crash between them is harmless
         self._stage.clear_intent()
         return after
@@ -174,19 +207,14 @@ class FsspecStorage(StagedStorage):
         if size == intent.before:  # the upload did not begin
             self._stage.clear_intent()
             return size, batches
-        length = min(size, intent.after) - intent.before
-        if (
-            size < intent.before
-            or sum(batch.size for batch in covered) != intent.after - intent.before
-            or await self._run(self._file.cat, intent.before, intent.before + length)
-            != await self._run(_read_batches, covered, length)
-        ):
+        length = await self._uploaded(intent, size, covered)
+        if length is None:
             raise self._changed(
                 f"it is {size} bytes, and what follows byte {intent.before} is not the upload of this "
                 "stage that was interrupted there",
                 sum(batch.size for batch in batches),
             )
-        if size >= intent.after:
+        if length == intent.after - intent.before:
             logger.info(
                 "%s: staged batches up to %d are already uploaded; not uploading them again",
                 self._uri,
@@ -207,6 +235,60 @@ class FsspecStorage(StagedStorage):
         await self._run(self._file.cut, intent.before)
         self._stage.clear_intent()
         return intent.before, batches
+
+    async def _uploaded(self, intent: _Intent, size: int, batches: list[Batch]) -> int | None:
+        """How many bytes of the upload ``intent`` the file of ``size`` bytes holds, judged by the bytes.
+
+        The upload's whole length once it landed, however far the file grew after it; fewer for a
+        fragment of it, 0 if it did not begin, and None if what follows ``intent.before`` is not it.
+        ``batches`` are the stage's: the upload's own are found among them, and when they are gone
+        (they are deleted once uploaded) the upload landed. For replay and :meth:`_settle` alike.
+        """
+        whole = intent.after - intent.before
+        covered = [batch for batch in batches if intent.first <= batch.seq <= intent.through]
+        if not covered or covered[0].seq != intent.first:
+            return whole
+        if size < intent.before or sum(batch.size for batch in covered) != whole:
+            return None
+        length = min(size, intent.after) - intent.before
+        try:
+            staged = await self._run(_read_batches, covered, length)
+        except StorageError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError):
+                return whole  # deleted while this replay looked: this writer's upload just landed
+            raise
+        return (
+            length
+            if await self._run(self._file.cat, intent.before, intent.before + length) == staged
+            else None
+        )
+
+    async def _end_cleanly(self, size: int, staged: int) -> int:
+        """End the file's last line if it has no newline, as S3Storage does; return the new size.
+
+        Judged as replay judges it: blank or a JSON object, it is a record and gets its newline
+        (its own write); anything else is a torn tail, added to ``<path>.torn`` and cut off.
+        """
+        tail = await self._run(self._file.tail, size)
+        if not tail:
+            return size
+        if is_record_tail(tail.decode("utf-8", "surrogateescape")):
+            try:
+                await self._run(self._write_file, b"\n", size)
+            except _Moved as moved:
+                raise self._changed(f"its size went from {size} to {moved.size} bytes", staged) from None
+            return size + 1
+        await self._run(self._file.set_aside, tail)
+        await self._run(self._file.cut, size - len(tail))
+        logger.warning(
+            "%s ended in %d bytes without a newline that are not a JSON object: moved them to %s%s",
+            self._uri,
+            len(tail),
+            self._uri,
+            TORN_SUFFIX,
+            extra={"yoink_torn_tail": len(tail)},
+        )
+        return size - len(tail)
 
     def _changed(self, how: str, staged: int) -> ConcurrentWriterError:
         return ConcurrentWriterError(
@@ -258,21 +340,43 @@ class _Intent:
     after: int
 
     @classmethod
-    def read(cls, stage: Stage, writer: str | None) -> _Intent | None:
-        record = stage.read_intent()
-        if record is None or writer is None:
+    def read(cls, stage: Stage, writer: str | None, describe: str, *, writing: bool) -> _Intent | None:
+        """``writer``'s upload record in ``stage``, if it left one.
+
+        A record that yoink did not write is passed over with a warning by a reader, and refused to
+        a writer, which cannot tell what of its stage was uploaded without it.
+        """
+        if writer is None:
             return None
         try:
-            intent = cls(
-                str(record["writer"]),
-                int(record["first"]),
-                int(record["through"]),
-                int(record["before"]),
-                int(record["after"]),
-            )
-        except (KeyError, TypeError, ValueError):
+            record = stage.read_intent(strict=True)
+            if record is None:
+                return None
+            intent = cls._parse(record)
+        except ValueError as exc:
+            if writing:
+                raise StorageError(
+                    f"{describe}: the stage's upload record {stage.intent_path} is not one yoink wrote "
+                    f"({exc}). Nothing was uploaded, and the staged batches in {stage.directory} are kept. "
+                    "If the journal already ends with the first of them (an upload that landed before a "
+                    "crash), delete those batch files; then remove upload.json and flush again"
+                ) from None
+            stage.ignore_intent(f"not an upload record yoink wrote ({exc})")
             return None
         return intent if intent.writer == writer else None
+
+    @classmethod
+    def _parse(cls, record: dict[str, object]) -> _Intent:
+        writer, *numbers = (record.get(name) for name in ("writer", "first", "through", "before", "after"))
+        if not isinstance(writer, str):
+            raise ValueError("its writer is not a text")
+        ints = [number for number in numbers if isinstance(number, int) and not isinstance(number, bool)]
+        if len(ints) != 4:
+            raise ValueError("first, through, before and after are not all whole numbers")
+        intent = cls(writer, *ints)
+        if not 1 <= intent.first <= intent.through or not 0 <= intent.before <= intent.after:
+            raise ValueError("its numbers are out of order")
+        return intent
 
     def record(self) -> dict[str, int | str]:
         return {
@@ -294,6 +398,23 @@ class _Moved(Exception):  # internal: becomes a ConcurrentWriterError
 
 class _CannotAppend(Exception):
     """The store refused to open the file for appending (the cause says why)."""
+
+
+def _texts(options: Any) -> list[str]:
+    """Every text in ``storage_options``, nested ones included: any may be a credential."""
+    if isinstance(options, str):
+        return [options] if len(options) >= 4 else []
+    if isinstance(options, dict):
+        return [text for value in options.values() for text in _texts(value)]
+    if isinstance(options, (list, tuple)):
+        return [text for value in options for text in _texts(value)]
+    return []
+
+
+def _scrub(text: str, secrets: list[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 class _File:
@@ -326,6 +447,29 @@ class _File:
 
     def cat(self, start: int, end: int) -> bytes:
         return bytes(self.fs.cat_file(self.path, start=start, end=end))
+
+    def tail(self, size: int) -> bytes:
+        """The bytes after the last newline of the file's first ``size``, read from the end."""
+        want = 1
+        while True:
+            start = max(0, size - want)
+            block = self.cat(start, size)
+            cut = block.rfind(b"\n") + 1
+            if cut or start == 0:
+                return block[cut:]
+            if want > MAX_LINE_BYTES:
+                raise ValueError(
+                    f"it ends in a line longer than {MAX_LINE_BYTES:,} bytes without a newline, which "
+                    "yoink does not read; nothing was uploaded. Remove that line and flush again"
+                )
+            want = min(max(want, 1 << 12) * 16, MAX_LINE_BYTES + 1)
+
+    def set_aside(self, tail: bytes) -> None:
+        """Add ``tail`` to ``<path>.torn``, one fragment a line, as LocalFileStorage does."""
+        sidecar = self.path + TORN_SUFFIX
+        kept = bytes(self.fs.cat_file(sidecar)) if self.fs.exists(sidecar) else b""
+        if not kept.endswith(tail + b"\n"):  # else a crash came after it was set aside
+            self.fs.pipe_file(sidecar, kept + tail + b"\n")
 
     def append(self, data: bytes, size: int) -> None:
         """Append ``data`` if the file still holds ``size`` bytes; checked again afterwards."""

@@ -27,9 +27,10 @@ import logging
 import os
 import re
 import secrets
+import stat
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -85,6 +86,7 @@ class Stage:
         self._active_seq = 0
         self._active_size = 0
         self.recovered = 0  # bytes left by an earlier process, found by open()
+        self._ignored: set[str] = set()  # junk in the stage that a reader was already warned about
 
     @property
     def is_open(self) -> bool:
@@ -137,9 +139,22 @@ class Stage:
 
     def _take_over(self) -> list[Batch]:
         batches = []
-        for seq, path in _list_batches(self.directory):
-            with open(path, "rb+") as file:
-                size = _set_aside_torn_tail(path, file.fileno())
+        listed, junk = _list_batches(self.directory)
+        if junk:
+            raise StorageError(
+                f"{self._describe}: {junk[0]} is named like a staged batch but is not a regular file, so "
+                f"yoink did not write it; remove it and open the journal again. Nothing was written or "
+                f"uploaded, and the staged batches in {self.directory} are kept"
+            )
+        for seq, path in listed:
+            try:
+                with open(path, "rb+") as file:
+                    size = _set_aside_torn_tail(path, file.fileno())
+            except OSError as exc:
+                raise StorageError(
+                    f"{self._describe}: cannot open the staged batch {path} ({exc.strerror}); nothing was "
+                    f"written or uploaded, and the staged batches in {self.directory} are kept"
+                ) from exc
             if size:
                 batches.append(Batch(seq, path, size))
             else:
@@ -219,13 +234,22 @@ class Stage:
         if self._held_elsewhere():
             return []  # another live writer's staged records are its own until it flushes them
         # Left by a crashed writer: read what is there without taking the stage.
+        listed, junk = _list_batches(self.directory)
+        for path in junk:
+            self._ignore(path, "named like a staged batch, but not a regular file")
         batches = []
-        for seq, path in _list_batches(self.directory):
+        for seq, path in listed:
             try:
                 batches.append(Batch(seq, path, os.stat(path).st_size))
             except FileNotFoundError:
                 continue
         return batches
+
+    def _ignore(self, path: str, why: str) -> None:
+        """Warn, once per stage, that a reader passes over ``path`` in the stage."""
+        if path not in self._ignored:
+            self._ignored.add(path)
+            logger.warning("%s: ignoring %s in its stage: %s", self._describe, path, why)
 
     def _held_elsewhere(self) -> bool:
         try:
@@ -243,31 +267,61 @@ class Stage:
     def open_snapshot(self) -> list[tuple[Batch, BinaryIO]]:
         """Open the batches of :meth:`snapshot`: an open file stays readable after an upload deletes it."""
         opened: list[tuple[Batch, BinaryIO]] = []
-        for batch in self.snapshot():
-            try:
-                opened.append((batch, open(batch.path, "rb")))  # noqa: SIM115 (the caller closes them)
-            except FileNotFoundError:
-                continue
+        try:
+            for batch in self.snapshot():
+                try:
+                    opened.append((batch, open(batch.path, "rb")))  # noqa: SIM115 (the caller closes them)
+                except FileNotFoundError:
+                    continue
+        except OSError as exc:
+            for _, file in opened:
+                file.close()
+            raise StorageError(
+                f"{self._describe}: cannot read the staged batch {exc.filename} ({exc.strerror}); nothing "
+                "was changed"
+            ) from exc
         return opened
 
     def snapshot_writer(self) -> str | None:
         return self.writer or _read_writer(os.path.join(self.directory, "stage.json"))
 
+    @property
+    def intent_path(self) -> str:
+        return os.path.join(self.directory, "upload.json")
+
     def write_intent(self, intent: dict[str, int | str]) -> None:
         """Record, before an upload, what the upload will do: a later storage checks it."""
-        _write_atomically(os.path.join(self.directory, "upload.json"), json.dumps(intent))
-
-    def read_intent(self) -> dict[str, int | str] | None:
         try:
-            with open(os.path.join(self.directory, "upload.json"), encoding="utf-8") as file:
-                intent = json.load(file)
-        except (OSError, ValueError):
+            _write_atomically(self.intent_path, json.dumps(intent))
+        except OSError as exc:
+            raise StorageError(
+                f"{self._describe}: cannot record the upload in {self.intent_path} ({exc.strerror}); "
+                f"nothing was uploaded, and the staged batches in {self.directory} are kept"
+            ) from exc
+
+    def read_intent(self, *, strict: bool = False) -> dict[str, object] | None:
+        """The upload record, None if there is none. One that is not a JSON object of finite values
+        counts as none, or raises ValueError (saying why) if ``strict``."""
+        try:
+            with open(self.intent_path, encoding="utf-8") as file:
+                intent = json.load(file, parse_constant=_refuse_constant)
+            if not isinstance(intent, dict):
+                raise ValueError(f"a JSON {type(intent).__name__}, not an object")
+        except FileNotFoundError:
             return None
-        return intent if isinstance(intent, dict) else None
+        except (OSError, ValueError) as exc:
+            if strict:
+                raise ValueError(exc.strerror if isinstance(exc, OSError) else str(exc)) from exc
+            return None
+        return intent
+
+    def ignore_intent(self, why: str) -> None:
+        """Warn, once per stage, that a reader passes over the upload record."""
+        self._ignore(self.intent_path, why)
 
     def clear_intent(self) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.directory, "upload.json"))
+            os.unlink(self.intent_path)
 
     def _active_batch(self) -> Batch:
         return Batch(self._active_seq, self._batch_path(self._active_seq), self._active_size)
@@ -311,14 +365,30 @@ def _lock_exclusively(fd: int) -> bool:
     return False
 
 
-def _list_batches(directory: str) -> Iterator[tuple[int, str]]:
+def _list_batches(directory: str) -> tuple[list[tuple[int, str]], list[str]]:
+    """The staged batches in ``directory`` (number and path, oldest first), and the paths named like
+    batches that are not regular files (a directory, a device): junk, which yoink never reads."""
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
-        return
+        return [], []
+    batches, junk = [], []
     for name in sorted(names):
         if match := _BATCH.fullmatch(name):
-            yield int(match[1]), os.path.join(directory, name)
+            path = os.path.join(directory, name)
+            try:
+                regular = stat.S_ISREG(os.stat(path).st_mode)
+            except FileNotFoundError:
+                continue
+            if regular:
+                batches.append((int(match[1]), path))
+            else:
+                junk.append(path)
+    return batches, junk
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number yoink writes")
 
 
 def _read_writer(path: str) -> str | None:
