@@ -12,15 +12,15 @@ import logging
 import os
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal, NoReturn
-from urllib.parse import parse_qsl
 
 import anyio
 
 from yoink._exceptions import ConcurrentWriterError, StorageError
-from yoink._records import whole_lines
+from yoink._records import MAX_LINE_BYTES, is_record_tail, whole_lines, without_torn_tail
 from yoink._tasks import asyncio_loop_of
+from yoink.storage._factory import redact, take_uri_options
 from yoink.storage._s3_client import Conflict, Missing, S3Client
 from yoink.storage._stage import Batch
 from yoink.storage._staged import StagedStorage
@@ -36,7 +36,6 @@ MAX_PART_SIZE = 5 << 30
 READ_CHUNK = 1 << 20
 ATTEMPTS = 4  # conditional uploads per flush: after a lost reply, the first retry finds it landed
 REMEMBERED_WRITERS = 16  # the (writer, last batch) pairs an object's metadata keeps
-_QUERY_OPTIONS = ("layout", "endpoint_url", "region_name", "profile_name")
 _SEGMENT = re.compile(r"(\d{12})\.jsonl")  # under <prefix>/segments/
 _MERGED = re.compile(r"(\d{12})-(\d{12})\.jsonl")  # under <prefix>/merged/
 
@@ -48,6 +47,7 @@ class _Object:
     etag: str | None = None  # None: there is no object
     size: int = 0
     writers: dict[str, int] = field(default_factory=dict)  # writer id -> last batch; newest last
+    clean: bool = False  # known to end in a newline: this writer's upload made it
 
     @property
     def last_writer(self) -> str | None:
@@ -65,6 +65,14 @@ class _Segment:
     etag: str
     merged: bool = False  # an object of merged/, not a segment
     batch: int = 0  # for a segment this writer wrote: the last staged batch it holds
+    offset: int = 0  # bytes of the object before segment ``start`` (another merge holds them)
+
+    def byte_range(self, skip: int = 0, length: int | None = None) -> dict[str, str]:
+        """The ``Range`` of a GetObject for ``length`` bytes from ``skip`` bytes into this piece."""
+        length = self.size - skip if length is None else length
+        if not self.offset and not skip and length == self.size:
+            return {}
+        return {"Range": f"bytes={self.offset + skip}-{self.offset + skip + length - 1}"}
 
 
 @dataclass
@@ -106,8 +114,13 @@ class S3Storage(StagedStorage):
       ``<prefix>/segments/000000000042.jsonl``, with ``If-None-Match: *``. A flush costs the same
       however long the journal is. When more than ``merge_after`` small segments pile up, they are
       merged into one (``<prefix>/merged/000000000000-000000000063.jsonl``), then emptied: a merged
-      segment's key stays, as an empty object. Readers list ``merged/``, then the segments after
-      the last merged one; a crash at any point of a merge loses and repeats nothing.
+      segment's key stays, as an empty object that keeps its size. Readers list ``merged/``, then
+      the segments after the last merged one; a crash at any point of a merge loses and repeats
+      nothing. A reader whose listed segments are merged before it reads them lists again and goes
+      on in the merged object, from the byte after the segments it has yielded. Two merges that
+      overlap (a paused writer's and another's, or writers with different merge settings) are read
+      as one: the second is read from the end of the segments the first holds, and a later merge
+      takes it in.
     - Another writer (fencing): a writer that saw the journal (its first :meth:`read` or
       :meth:`flush`) and was then overtaken (paused, frozen, cut off) is refused by the condition
       of its own upload, so a pause between any check and the upload changes nothing. Objects:
@@ -117,16 +130,27 @@ class S3Storage(StagedStorage):
       :class:`~yoink.ConcurrentWriterError`; the staged data stays staged, and a new storage on that
       stage uploads it after the other writer's records. Only a writer that had seen nothing
       before the other wrote cannot tell: its records follow the other's.
+    - Another tool's last line (object layout): yoink's uploads always end in a newline, so a last
+      line without one was written whole by another tool. It is judged as replay judges a last line:
+      a JSON object (or blank) is a record, replayed, and ended with a newline before yoink appends
+      (in either upload path); anything else is a torn tail, left out of replay (with a WARNING)
+      and, before the next upload, moved to ``<key>.torn`` (one fragment a line) and cut off. The
+      object stays valid JSONL. A writer checks this once, reading the object's last byte, until
+      its own upload ends the object.
     - Exactly once: each upload records in S3 which writer made it and the last staged batch it
-      holds, so a batch is never uploaded twice, after a retry or after a crash.
+      holds, so a batch is never uploaded twice, after a retry or after a crash. With segments, the
+      stage also records, before each upload, the segment it writes: after a crash, the next
+      storage on that stage asks that one key (which keeps writer and batch once merged) whether
+      the batches landed, however many segments or merges came since.
     - Credentials come from the standard AWS chain (environment, profile, IAM role).
       ``endpoint_url`` (or ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``) reaches MinIO, R2 and
       other S3-compatible stores. Failed requests are retried by botocore (``retry_mode``,
       ``max_attempts``). The client is opened on first use and closed by :meth:`close`.
     - S3 is reached through aiobotocore, so this backend runs on asyncio (not trio).
 
-    ``layout``, ``endpoint_url``, ``region_name`` and ``profile_name`` may also be given in the
-    URI's query: ``s3://bucket/runs/42?layout=segments``.
+    Every option may also be given in the URI's query, as text converted to its type:
+    ``s3://bucket/runs/42?layout=segments&part_size=33554432``. The key is taken as written, as
+    the AWS CLI does (no percent-decoding).
     """
 
     # S3's multipart minimum. A store with a lower one (moto, in tests) may lower it.
@@ -151,10 +175,22 @@ class S3Storage(StagedStorage):
         options = {k: v for k, v in locals().items() if k not in ("self", "uri", "__class__")}
         self._bucket, self._key, query = _parse_uri(uri)
         for name, value in query.items():
-            if options[name] not in (_DEFAULTS[name], value):
+            if options[name] != _DEFAULTS[name]:
                 raise ValueError(f"{name} is given both in the URI and as an option; give it once")
             options[name] = value
-        layout = options["layout"]
+        layout, stage_dir, retry_mode, max_attempts, part_size, merge_after, merge_target, timeout = (
+            options[name]
+            for name in (
+                "layout",
+                "stage_dir",
+                "retry_mode",
+                "max_attempts",
+                "part_size",
+                "merge_after",
+                "merge_target",
+                "timeout",
+            )
+        )
         if layout not in ("object", "segments"):
             raise ValueError(f"layout must be 'object' or 'segments', got {layout!r}")
         if layout == "segments":
@@ -181,6 +217,7 @@ class S3Storage(StagedStorage):
             stage_dir,
             identity=f"s3|{self._endpoint or 'aws'}|{layout}|{self._bucket}|{self._key}",
         )
+        self._journal_id = ("s3", self._endpoint or "aws", layout, self._bucket, self._key)
         self._client = S3Client(
             self._bucket,
             journal=self._uri,
@@ -210,7 +247,11 @@ class S3Storage(StagedStorage):
         if self._object is None and not self._closed:
             self._object = known  # this writer's view of the object starts here
         landed = known.writers.get(writer, 0) if writer else 0
-        return landed, self._stream(response) if response is not None else _nothing()
+        if response is None:
+            return landed, _nothing()
+        if staged:  # a torn last line must not read as a corrupt one before the staged records
+            return landed, without_torn_tail(self._stream(response), self._uri)
+        return landed, self._stream(response)
 
     async def _remote_exists(self) -> bool:
         if self._layout == "segments":
@@ -271,17 +312,85 @@ class S3Storage(StagedStorage):
         staged = _staged_chunks(batches)
         if known.etag is None:
             etag = await self._put(self._key, staged, size, metadata, {"IfNoneMatch": "*"})
-            return _Object(etag, size, writers)
+            return _Object(etag, size, writers, clean=True)
         if known.size < self.min_part_size:
             old = await self._get_small(known.etag)
-            if old and not old.endswith(b"\n"):  # written by another tool: keep its last line whole
-                old += b"\n"
-            body = _prepend(old, staged)
-            etag = await self._put(self._key, body, len(old) + size, metadata, {"IfMatch": known.etag})
-            return _Object(etag, len(old) + size, writers)
-        copy = [_Segment(self._key, 0, 0, known.size, known.etag)]
-        etag = await self._put(self._key, staged, size, metadata, {"IfMatch": known.etag}, copy=copy)
-        return _Object(etag, known.size + size, writers)
+            keep, between = await self._clean_end(known, old)
+            head = old[:keep] + between
+            etag = await self._put(
+                self._key, _prepend(head, staged), len(head) + size, metadata, {"IfMatch": known.etag}
+            )
+            return _Object(etag, len(head) + size, writers, clean=True)
+        keep, between = await self._clean_end(known)
+        if keep < self.min_part_size:  # what stays is too small to copy as a part: send it again
+            head = (await self._get_range(known.etag, 0, keep))[:keep] + between
+            etag = await self._put(
+                self._key, _prepend(head, staged), len(head) + size, metadata, {"IfMatch": known.etag}
+            )
+            return _Object(etag, len(head) + size, writers, clean=True)
+        copy = [_Segment(self._key, 0, 0, keep, known.etag)]
+        body = _prepend(between, staged)
+        etag = await self._put(
+            self._key, body, len(between) + size, metadata, {"IfMatch": known.etag}, copy=copy
+        )
+        return _Object(etag, keep + len(between) + size, writers, clean=True)
+
+    async def _clean_end(self, known: _Object, old: bytes | None = None) -> tuple[int, bytes]:
+        """How many of the object's bytes to keep, and what goes between them and the new data.
+
+        yoink's uploads end in a newline, so a last line without one was written, whole, by another
+        tool. Judged as replay judges it: blank or a JSON object, it is kept and gets its newline;
+        anything else is a torn tail, set aside in ``<key>.torn`` and cut off, so the object stays
+        JSONL. ``old`` is the whole object, if it was read already.
+        """
+        if known.clean or not known.size:
+            return known.size, b""
+        tail = old[old.rfind(b"\n") + 1 :] if old is not None else await self._tail(known)
+        if not tail:
+            return known.size, b""
+        if is_record_tail(tail.decode("utf-8", "surrogateescape")):
+            return known.size, b"\n"
+        await self._set_aside(tail, known.size - len(tail))
+        return known.size - len(tail), b""
+
+    async def _tail(self, known: _Object) -> bytes:
+        """The bytes after the object's last newline, read from its end: one byte, then more."""
+        want = 1
+        while True:
+            start = max(0, known.size - want)
+            block = await self._get_range(known.etag, start, known.size)
+            cut = block.rfind(b"\n") + 1
+            if cut or start == 0:
+                return block[cut:]
+            if want > MAX_LINE_BYTES:
+                raise StorageError(
+                    f"{self._uri} ends in a line longer than {MAX_LINE_BYTES:,} bytes without a newline, "
+                    "which yoink never writes and does not read; nothing was uploaded, and the staged "
+                    "records stay staged. Remove that line (or move the object) and flush again"
+                )
+            want = min(max(want, 1 << 12) * 16, MAX_LINE_BYTES + 1)
+
+    async def _set_aside(self, tail: bytes, offset: int) -> None:
+        """Add ``tail`` to ``<key>.torn`` (one fragment a line), as LocalFileStorage does."""
+        key = self._key + ".torn"
+        try:
+            response = await self._client.call("get_object", Key=key)
+            kept = b"".join([chunk async for chunk in self._body_chunks(response)])
+        except Missing:
+            kept = b""
+        if not kept.endswith(tail + b"\n"):  # else an earlier attempt set it aside already
+            await self._client.call("put_object", Key=key, Body=kept + tail + b"\n")
+        logger.warning(
+            "%s ends in %d bytes without a newline that are not a JSON object (another tool wrote "
+            "them: yoink's uploads end in a newline); moved them to s3://%s/%s, and the journal goes "
+            "on from byte offset %d",
+            self._uri,
+            len(tail),
+            self._bucket,
+            key,
+            offset,
+            extra={"yoink_torn_tail": len(tail)},
+        )
 
     async def _flush_segments(self, batches: list[Batch]) -> None:
         writer = self._stage.writer
@@ -298,6 +407,10 @@ class S3Storage(StagedStorage):
             key = self._segment_key(number)
             metadata = {"yoink-writer": writer, "yoink-batch": str(batches[-1].seq)}
             size = sum(batch.size for batch in batches)
+            # After a crash between this upload and the discard, the next storage on this stage
+            # asks that one key whether the batches landed, however far the journal moved on.
+            intent: dict[str, int | str] = {"writer": writer, "s3_segment": number, "batch": batches[-1].seq}
+            await anyio.to_thread.run_sync(self._stage.write_intent, intent)
             try:
                 etag = await self._put(key, _staged_chunks(batches), size, metadata, {"IfNoneMatch": "*"})
             except Conflict:
@@ -380,7 +493,7 @@ class S3Storage(StagedStorage):
                     response = await self._client.call(
                         "upload_part_copy",
                         CopySource={"Bucket": self._bucket, "Key": source.key},
-                        CopySourceRange=f"bytes={first}-{last}",
+                        CopySourceRange=f"bytes={source.offset + first}-{source.offset + last}",
                         CopySourceIfMatch=source.etag,
                         PartNumber=len(parts) + 1,
                         **upload,
@@ -420,14 +533,38 @@ class S3Storage(StagedStorage):
             raise StorageError(
                 f"{self._uri}: another writer kept merging segments while they were listed; try again"
             )
-        for segment in reversed(state.live[-REMEMBERED_WRITERS:] if writer else []):
-            head = None if segment.merged else await self._head_metadata(segment.key)
-            if head and head[0].get("yoink-writer") == writer:
-                state.landed = int(head[0]["yoink-batch"])
-                break
+        if writer:
+            state.landed = await self._landed(writer, state)
         if self._segments is None and not self._closed:
             self._segments = state
         return state
+
+    async def _listing(self) -> _Segments:
+        """The live segments, listed again (a reader's, after a merge took what it was to read)."""
+        for _ in range(ATTEMPTS):
+            with contextlib.suppress(_ListingChanged):
+                return await self._try_listing(tidy=False)
+        raise StorageError(
+            f"{self._uri}: another writer kept merging segments while they were listed; read again"
+        )
+
+    async def _landed(self, writer: str, state: _Segments) -> int:
+        """The last of ``writer``'s batches in S3: the stage names the segment of its last upload,
+        and that key keeps its writer and batch even once a merge has emptied it."""
+        intent = self._stage.read_intent()
+        if intent is None:  # a stage of a yoink before these records: look in the last segments
+            for segment in reversed(state.live[-REMEMBERED_WRITERS:]):
+                head = None if segment.merged else await self._head_metadata(segment.key)
+                if head and head[0].get("yoink-writer") == writer:
+                    return int(head[0]["yoink-batch"])
+            return 0
+        number = intent.get("s3_segment")
+        if intent.get("writer") != writer or not isinstance(number, int):
+            return 0  # this writer has not uploaded yet
+        head = await self._head_metadata(self._segment_key(number))
+        if head is None or head[0].get("yoink-writer") != writer:
+            return 0  # the upload did not land
+        return int(head[0]["yoink-batch"])
 
     async def _try_listing(self, *, tidy: bool) -> _Segments:
         """One listing: merged objects first, then the segments after them (not the emptied ones
@@ -442,12 +579,8 @@ class S3Storage(StagedStorage):
             if segment.end < state.next:
                 state.hidden.append(segment)  # a bigger merge holds it; a crash kept it from deletion
                 continue
-            if segment.start < state.next:
-                raise StorageError(
-                    f"{self._uri}: the merged objects {state.live[-1].key} and {segment.key} overlap; "
-                    "two writers merged at once with different merge settings. Delete the one whose "
-                    "range the other holds, after checking it does, and read again"
-                )
+            if segment.start < state.next:  # two merges at once (a paused writer's, another's)
+                segment = await self._after_overlap(segment, state.live[-1])
             for number in range(state.next, segment.start):  # a segment big enough to stay unmerged
                 state.live.append(await self._segment(number))
             state.live.append(segment)
@@ -471,6 +604,46 @@ class S3Storage(StagedStorage):
             else:
                 state.live.append(segment)
         return state
+
+    async def _after_overlap(self, segment: _Segment, before: _Segment) -> _Segment:
+        """The part of merged ``segment`` after ``before``, the merged object that overlaps it.
+
+        Both hold the same bytes for the segments they share, so the overlap is skipped by size:
+        each segment's own (an emptied one keeps it in its metadata)."""
+        skip = await self._segments_size(segment.start, before.end, overlap=(before, segment))
+        return replace(segment, start=before.end + 1, offset=segment.offset + skip, size=segment.size - skip)
+
+    async def _segments_size(
+        self, first: int, last: int, *, overlap: tuple[_Segment, _Segment] | None = None
+    ) -> int:
+        """The bytes of segments ``first`` to ``last``, from each segment's key."""
+        total = 0
+        for number in range(first, last + 1):
+            key = self._segment_key(number)
+            head = await self._head_metadata(key)
+            if head is None:
+                raise StorageError(
+                    f"{self._uri}: segment {key} is missing; something other than yoink deleted it"
+                )
+            size = head[1] or head[0].get("yoink-size")
+            if (size is None or not str(size).isdigit()) and overlap is None:
+                raise StorageError(
+                    f"{self._uri}: segment {key} was merged while it was being read, and was emptied "
+                    "by an older yoink, which does not record a segment's size, so the reader cannot "
+                    "find where to go on in the merged object; nothing was changed. Read again"
+                )
+            if size is None or not str(size).isdigit():
+                assert overlap is not None
+                earlier, later = overlap
+                raise StorageError(
+                    f"{self._uri}: the merged objects {earlier.key} and {later.key} overlap (two writers "
+                    f"merged at once), and segment {key}, emptied by an older yoink, does not record its "
+                    "size, so the overlap cannot be skipped; nothing was changed. Replace "
+                    f"{later.key} with its bytes after those of segments {later.start}-{earlier.end} "
+                    f"(which {earlier.key} holds), and read again"
+                )
+            total += int(size)
+        return total
 
     async def _segment(self, number: int) -> _Segment:
         key = self._segment_key(number)
@@ -558,7 +731,8 @@ class S3Storage(StagedStorage):
 
     async def _bury(self, segments: Sequence[_Segment], into: str) -> None:
         """Empty merged segments, keeping their keys: a writer behind the times who asks for one of
-        their numbers must find it taken. Each keeps its writer and batch, for that writer's retries."""
+        their numbers must find it taken. Each keeps its writer and batch, for that writer's retries,
+        and its size."""
         for segment in segments:
             if segment.batch:
                 metadata = {"yoink-writer": self._stage.writer, "yoink-batch": str(segment.batch)}
@@ -566,6 +740,7 @@ class S3Storage(StagedStorage):
                 head = await self._head_metadata(segment.key)
                 kept = head[0] if head and head[1] else {}
                 metadata = {k: v for k, v in kept.items() if k in ("yoink-writer", "yoink-batch")}
+            metadata["yoink-size"] = str(segment.size)  # a reader skipping an overlap of merges needs it
             if into:
                 metadata["yoink-merged-into"] = into.rsplit("/", 1)[-1]
             with contextlib.suppress(Conflict, Missing):  # emptied already, by another merge
@@ -580,7 +755,9 @@ class S3Storage(StagedStorage):
 
     async def _objects_chunks(self, segments: Sequence[_Segment]) -> AsyncIterator[bytes]:
         for segment in segments:
-            response = await self._client.call("get_object", Key=segment.key, IfMatch=segment.etag)
+            response = await self._client.call(
+                "get_object", Key=segment.key, IfMatch=segment.etag, **segment.byte_range()
+            )
             async for chunk in self._body_chunks(response):
                 yield chunk
 
@@ -592,20 +769,56 @@ class S3Storage(StagedStorage):
         except Missing:
             return None
 
-    async def _read_segments(self, segments: list[_Segment]) -> AsyncGenerator[str, None]:
-        for segment in segments:
-            async for block in self._read_segment(segment):
-                yield block
+    async def _read_segments(self, listed: list[_Segment]) -> AsyncGenerator[str, None]:
+        """Read the segments of ``listed`` (pieces holding segments 0 to the last, in order).
 
-    async def _read_segment(self, segment: _Segment) -> AsyncGenerator[str, None]:
-        try:  # If-Match: a segment merged since the listing is empty now
-            response = await self._client.call("get_object", Key=segment.key, IfMatch=segment.etag)
-        except (Missing, Conflict):
-            raise StorageError(
-                f"{segment.key} was merged into a larger object while {self._uri} was being read; read again"
-            ) from None
-        async for block in self._stream(response):
-            yield block
+        A merge may empty or delete a piece before it is read (If-Match refuses it). The reader
+        then lists again and goes on from the first segment it has not yielded, in the object that
+        holds it now, skipping the bytes of the segments before it: nothing twice, nothing skipped,
+        and nothing after the last segment of ``listed``.
+        """
+        if not listed:
+            return
+        last = listed[-1].end
+        starts: dict[int, int] = {}  # segment number -> bytes of ``listed`` before it
+        ends: dict[int, int] = {}  # segment number -> bytes of ``listed`` through it
+        total = 0
+        for listed_piece in listed:
+            starts[listed_piece.start] = total
+            total += listed_piece.size
+            ends[listed_piece.end] = total
+
+        async def size_of(first: int, through: int) -> int:
+            if first > through:
+                return 0
+            if first in starts and through in ends:
+                return ends[through] - starts[first]
+            return await self._segments_size(first, through)
+
+        pieces, done, refused = listed, -1, 0
+        while done < last:
+            piece = next((p for p in pieces if p.start <= done + 1 <= p.end), None)
+            if piece is None:
+                raise StorageError(f"{self._uri}: no object holds segment {done + 1}; read again")
+            through = min(piece.end, last)
+            skip = await size_of(piece.start, done)
+            length = await size_of(done + 1, through)
+            try:
+                response = await self._client.call(
+                    "get_object", Key=piece.key, IfMatch=piece.etag, **piece.byte_range(skip, length)
+                )
+            except (Missing, Conflict):  # merged since it was listed
+                refused += 1
+                if refused > ATTEMPTS:
+                    raise StorageError(
+                        f"{self._uri}: another writer kept merging segments while they were read; read again"
+                    ) from None
+                pieces = (await self._listing()).live
+                continue
+            refused = 0
+            async for block in self._stream(response):
+                yield block
+            done = through
 
     async def _stream(self, response: dict[str, Any]) -> AsyncGenerator[str, None]:
         async for block in whole_lines(self._body_chunks(response), describe=self._uri, keep_tail=True):
@@ -645,6 +858,18 @@ class S3Storage(StagedStorage):
             raise Conflict from None
         return b"".join([chunk async for chunk in self._body_chunks(response)])
 
+    async def _get_range(self, etag: str | None, start: int, end: int) -> bytes:
+        """Bytes ``start`` to ``end`` (exclusive) of the object, if its ETag is still ``etag``."""
+        if start >= end:
+            return b""
+        try:
+            response = await self._client.call(
+                "get_object", Key=self._key, IfMatch=etag, Range=f"bytes={start}-{end - 1}"
+            )
+        except Missing:
+            raise Conflict from None
+        return b"".join([chunk async for chunk in self._body_chunks(response)])
+
 
 _DEFAULTS: dict[str, Any] = {
     "layout": "object",
@@ -661,20 +886,16 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
-def _parse_uri(uri: str) -> tuple[str, str, dict[str, str]]:
+def _parse_uri(uri: str) -> tuple[str, str, dict[str, Any]]:
+    """The bucket, the key and the options in the query (converted to their types)."""
     head, sep, rest = uri.partition("://")
     if head.lower() != "s3" or not sep:
-        raise ValueError(f"an S3 URI looks like s3://bucket/key.jsonl; got {uri!r}")
-    location, _, query = rest.partition("?")
+        raise ValueError(f"an S3 URI looks like s3://bucket/key.jsonl; got {redact(uri)!r}")
+    location, options = take_uri_options(S3Storage, rest, shown=uri)  # the key as written
     bucket, _, key = location.partition("/")
     if not bucket or not key.strip("/"):
-        raise ValueError(f"an S3 URI names a bucket and a key, as in s3://bucket/runs/a.jsonl; got {uri!r}")
-    options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
-    unknown = sorted(set(options) - set(_QUERY_OPTIONS))
-    if unknown:
         raise ValueError(
-            f"unknown S3 URI parameter(s) {', '.join(unknown)} in {uri!r}; "
-            f"the URI takes {', '.join(_QUERY_OPTIONS)}"
+            f"an S3 URI names a bucket and a key, as in s3://bucket/runs/a.jsonl; got {redact(uri)!r}"
         )
     return bucket, key, options
 
