@@ -116,11 +116,11 @@ async def yoink_replay(directory: str, n: int) -> float:
 
 def write_long_number_journal(path: str, n: int) -> None:
     with open(path, "wb") as f:
-        f.write(b"".join(orjson.dumps({**record(i), "id": 10**19 + i}) + b"\n" for i in range(n)))
+        f.write(b"".join(orjson.dumps({**record(i), "id": 10**20 + i}) + b"\n" for i in range(n)))
 
 
 async def yoink_replay_long_numbers(directory: str, n: int) -> float:
-    """As yoink_replay, each record holding a 20-digit integer: such lines are read again by json."""
+    """As yoink_replay, each record holding an integer beyond 64 bits: such lines are read again by json."""
     path = fresh_path(directory)
     write_long_number_journal(path, n)
     start = time.perf_counter()
@@ -294,7 +294,7 @@ def main() -> None:
             f"{replay / base_replay:.0f} x baseline",
         ),
         (
-            "replay of records each holding a 20-digit integer, records/s",
+            "replay of records each holding an integer beyond 64 bits, records/s",
             replay_long,
             "none: such a line is read again by the json module, for its exact integers",
             True,

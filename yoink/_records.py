@@ -56,9 +56,9 @@ _OBJECT_START = ord("{")
 MAX_DEPTH = 1024  # orjson's limit for nesting: a line nested deeper is not a record
 _NEWLINE = ord("\n")
 # orjson reads an integer beyond 64 bits (-9223372036854775809 has 19 digits) as a float.
-_LONG_RUN = "0" * 19
+_LONG_RUN = "0" * 20  # a positive integer of 19 digits always fits in 64 bits (unsigned)
+_NEGATIVE_RUN = "-" + "0" * 19  # a negative one of 19 digits may not
 _DIGITS = str.maketrans("123456789", "000000000")
-_LONG_RUN_BYTES = _LONG_RUN.encode()
 _DIGIT_BYTES = bytes.maketrans(b"123456789", b"000000000")
 _DIGIT_RUN = re.compile(r"-?[0-9]{19,}")
 _INT64_MIN, _UINT64_MAX = -(1 << 63), (1 << 64) - 1  # what orjson reads as an integer
@@ -344,15 +344,18 @@ def _finite_float(text: str) -> float:
 def _long_digit_run(text: str) -> bool:
     """Whether ``text`` holds an integer beyond 64 bits, which orjson would read as a float.
 
-    A quick C-speed test for 19 digits in a row comes first; only then are the runs read, so that
-    19-digit numbers that fit (nanosecond timestamps) cost next to nothing. A run inside a string
+    A quick C-speed test comes first (20 digits in a row, or a minus and 19): nanosecond
+    timestamps, of 19 digits, never go further. Only then are the runs read. A run inside a string
     may count too: such a line is merely read twice.
     """
     if text.isascii():
-        if _LONG_RUN not in text.translate(_DIGITS):
+        zeroed = text.translate(_DIGITS)
+        if _LONG_RUN not in zeroed and _NEGATIVE_RUN not in zeroed:
             return False
-    elif _LONG_RUN_BYTES not in text.encode("utf-8", "surrogateescape").translate(_DIGIT_BYTES):
-        return False
+    else:
+        zeroed_bytes = text.encode("utf-8", "surrogateescape").translate(_DIGIT_BYTES)
+        if _LONG_RUN.encode() not in zeroed_bytes and _NEGATIVE_RUN.encode() not in zeroed_bytes:
+            return False
     return any(not _INT64_MIN <= int(run[0]) <= _UINT64_MAX for run in _DIGIT_RUN.finditer(text))
 
 
