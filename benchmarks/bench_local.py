@@ -105,6 +105,10 @@ async def baseline_replay(directory: str, n: int) -> float:
 async def yoink_replay(directory: str, n: int) -> float:
     path = fresh_path(directory)
     write_journal(path, n)
+    return await replay_rate(path, n)
+
+
+async def replay_rate(path: str, n: int) -> float:
     start = time.perf_counter()
     count = 0
     async with CheckpointManager.from_uri(path) as manager:
@@ -116,20 +120,15 @@ async def yoink_replay(directory: str, n: int) -> float:
 
 def write_long_number_journal(path: str, n: int) -> None:
     with open(path, "wb") as f:
-        f.write(b"".join(orjson.dumps({**record(i), "id": 10**20 + i}) + b"\n" for i in range(n)))
+        # orjson cannot write such an integer: the line is put together by hand
+        f.write(b"".join(orjson.dumps(record(i))[:-1] + b',"id":%d}\n' % (10**20 + i) for i in range(n)))
 
 
 async def yoink_replay_long_numbers(directory: str, n: int) -> float:
     """As yoink_replay, each record holding an integer beyond 64 bits: such lines are read again by json."""
     path = fresh_path(directory)
     write_long_number_journal(path, n)
-    start = time.perf_counter()
-    count = 0
-    async with CheckpointManager.from_uri(path) as manager:
-        async for _ in manager.replay():
-            count += 1
-    assert count == n
-    return n / (time.perf_counter() - start)
+    return await replay_rate(path, n)
 
 
 async def concurrent_flushes(directory: str, seconds: int) -> float:
