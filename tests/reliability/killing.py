@@ -8,6 +8,7 @@ replayed: every acknowledged record must be there exactly once, and nothing corr
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -122,6 +123,9 @@ class Takeover:
     reordered: bool = False  # a record of A's after one of B's
 
 
+_machines = itertools.count()
+
+
 class _Lines:
     """A writer's stdout, read by a thread so that a paused writer does not block the test."""
 
@@ -169,8 +173,11 @@ def take_over_from_a_paused_writer(
     """Pause writer A for ``stopped`` seconds while B (with ``elsewhere`` options) writes ``records``."""
     import signal
 
+    options = journal.options
+    if "stage_dir" in options:  # a machine of its own: an earlier zombie's refused records stay staged
+        options = {**options, "stage_dir": f"{options['stage_dir']}-{next(_machines)}"}
     journal.before_start()
-    zombie = _writer(journal.uri, journal.options, rng.randrange(1 << 30), "A")
+    zombie = _writer(journal.uri, options, rng.randrange(1 << 30), "A")
     zombie_out = _Lines(zombie)
     try:
         zombie_out.wait_for("acked", 30)
