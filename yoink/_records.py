@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
@@ -40,6 +40,7 @@ __all__ = [
     "line_too_long",
     "not_a_record",
     "record_too_long",
+    "tail_reads",
     "whole_lines",
     "without_torn_tail",
 ]
@@ -372,6 +373,22 @@ def line_too_long(source: str, line: int, offset: int) -> CorruptCheckpointError
 
 def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogateescape"))
+
+
+def tail_reads(size: int) -> Iterator[int]:
+    """Where to start reading, back from the end of ``size`` bytes, to find the last newline.
+
+    One byte first (a journal yoink wrote ends in one), then 64 KiB, growing sixteenfold to just
+    past MAX_LINE_BYTES. The caller reads from each start to ``size`` and stops at a block that
+    holds a newline or starts at 0; if the starts run out first, the last line is too long to read.
+    """
+    want = 1
+    while True:
+        start = max(0, size - want)
+        yield start
+        if start == 0 or want > MAX_LINE_BYTES:
+            return
+        want = min(max(want, 1 << 12) * 16, MAX_LINE_BYTES + 1)
 
 
 def is_record_tail(tail: str) -> bool:

@@ -23,7 +23,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from yoink._exceptions import ConcurrentWriterError, MissingDependencyError, StorageError, YoinkError
-from yoink._records import MAX_LINE_BYTES, is_record_tail, whole_lines, without_torn_tail
+from yoink._records import MAX_LINE_BYTES, is_record_tail, tail_reads, whole_lines, without_torn_tail
 from yoink.storage._factory import redact, secrets_in, take_uri_options
 from yoink.storage._stage import Batch, Stage
 from yoink.storage._staged import StagedStorage
@@ -450,19 +450,15 @@ class _File:
 
     def tail(self, size: int) -> bytes:
         """The bytes after the last newline of the file's first ``size``, read from the end."""
-        want = 1
-        while True:
-            start = max(0, size - want)
+        for start in tail_reads(size):
             block = self.cat(start, size)
             cut = block.rfind(b"\n") + 1
             if cut or start == 0:
                 return block[cut:]
-            if want > MAX_LINE_BYTES:
-                raise ValueError(
-                    f"it ends in a line longer than {MAX_LINE_BYTES:,} bytes without a newline, which "
-                    "yoink does not read; nothing was uploaded. Remove that line and flush again"
-                )
-            want = min(max(want, 1 << 12) * 16, MAX_LINE_BYTES + 1)
+        raise ValueError(
+            f"it ends in a line longer than {MAX_LINE_BYTES:,} bytes without a newline, which "
+            "yoink does not read; nothing was uploaded. Remove that line and flush again"
+        )
 
     def set_aside(self, tail: bytes) -> None:
         """Add ``tail`` to ``<path>.torn``, one fragment a line, as LocalFileStorage does."""

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal, NoReturn
 import anyio
 
 from yoink._exceptions import ConcurrentWriterError, StorageError
-from yoink._records import MAX_LINE_BYTES, is_record_tail, whole_lines, without_torn_tail
+from yoink._records import MAX_LINE_BYTES, is_record_tail, tail_reads, whole_lines, without_torn_tail
 from yoink._tasks import asyncio_loop_of
 from yoink.storage._factory import redact, take_uri_options
 from yoink.storage._s3_client import Conflict, Missing, S3Client
@@ -355,20 +355,16 @@ class S3Storage(StagedStorage):
 
     async def _tail(self, known: _Object) -> bytes:
         """The bytes after the object's last newline, read from its end: one byte, then more."""
-        want = 1
-        while True:
-            start = max(0, known.size - want)
+        for start in tail_reads(known.size):
             block = await self._get_range(known.etag, start, known.size)
             cut = block.rfind(b"\n") + 1
             if cut or start == 0:
                 return block[cut:]
-            if want > MAX_LINE_BYTES:
-                raise StorageError(
-                    f"{self._uri} ends in a line longer than {MAX_LINE_BYTES:,} bytes without a newline, "
-                    "which yoink never writes and does not read; nothing was uploaded, and the staged "
-                    "records stay staged. Remove that line (or move the object) and flush again"
-                )
-            want = min(max(want, 1 << 12) * 16, MAX_LINE_BYTES + 1)
+        raise StorageError(
+            f"{self._uri} ends in a line longer than {MAX_LINE_BYTES:,} bytes without a newline, "
+            "which yoink never writes and does not read; nothing was uploaded, and the staged "
+            "records stay staged. Remove that line (or move the object) and flush again"
+        )
 
     async def _set_aside(self, tail: bytes, offset: int) -> None:
         """Add ``tail`` to ``<key>.torn`` (one fragment a line), as LocalFileStorage does."""
