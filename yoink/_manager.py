@@ -37,6 +37,8 @@ __all__ = ["CheckpointManager"]
 
 logger = logging.getLogger("yoink")
 
+_dumps = orjson.dumps  # a global, not an attribute: one lookup fewer per append()
+
 
 class CheckpointManager:
     """Appends records to a journal and replays them after a restart.
@@ -103,6 +105,8 @@ class CheckpointManager:
         self._flusher: anyio.CancelScope | None = None
         self._closed = False  # close() has begun
         self._writable = not read_only  # append() is refused once this is false
+        # append()'s one test: the buffer's size from which it leaves its fast path (0 once refused)
+        self._full_at = batch_bytes if self._writable else 0
         self._closing: anyio.Event | None = None  # set once close() has released the storage
         self._unknown: str | None = None  # why a storage call's outcome is unknown, if one is
         self.corrupt_lines_skipped = 0
@@ -156,10 +160,8 @@ class CheckpointManager:
         Waits while a full batch is handed to the storage, so memory stays bounded however slow
         the storage is.
         """
-        if not self._writable:  # self._check_writable(), inlined on the hot path
-            raise self._refusal()
         try:  # encode_record(), inlined
-            line = orjson.dumps(record, self._default)
+            line = _dumps(record, self._default)
         except TypeError as exc:
             raise not_a_record(record, exc) from exc
         if line[0] != 123 or 10 in line:  # a JSON object ("{"), on one line (a Fragment may hold "\n")
@@ -167,11 +169,8 @@ class CheckpointManager:
         buffer = self._buffer
         buffer += line
         buffer += b"\n"
-        if len(buffer) >= self._batch_bytes:  # and so a line over MAX_LINE_BYTES is caught here
-            if len(line) >= _records.MAX_LINE_BYTES:
-                del buffer[-len(line) - 1 :]
-                raise record_too_long(len(line) + 1)
-            await self._write_batch(if_full=True)
+        if len(buffer) >= self._full_at:  # a full batch, a line too long, or append refused (0)
+            await self._batch_full(len(line) + 1)
 
     async def append_many(self, records: Iterable[Any]) -> None:
         """Append records in order, all or none: if one cannot be encoded, none is appended."""
@@ -239,6 +238,7 @@ class CheckpointManager:
             return
         self._closed = True
         self._writable = False
+        self._full_at = 0
         self._closing = closing = anyio.Event()
         if self._flusher is not None:
             self._flusher.cancel()
@@ -279,6 +279,18 @@ class CheckpointManager:
         if self._closed:
             return StorageClosedError(f"{self!r} is closed")
         return ReadOnlyError(f"{self!r} is read-only (read_only=True): it neither appends nor flushes")
+
+    async def _batch_full(self, appended: int) -> None:
+        """append()'s way out of its fast path: write the full batch, or take back what it added.
+
+        The ``appended`` bytes are taken back when append() is refused or its line is too long.
+        """
+        if not self._writable or appended > _records.MAX_LINE_BYTES:
+            del self._buffer[len(self._buffer) - appended :]  # still at the end: append() did not wait
+            if not self._writable:
+                raise self._refusal()
+            raise record_too_long(appended)
+        await self._write_batch(if_full=True)
 
     async def _write_batch(self, *, if_full: bool = False) -> None:
         await uninterrupted(functools.partial(self._write_unit, if_full=if_full))
