@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import orjson
 import pytest
 
 from tests.conftest import OpenStorage
-from tests.helpers import RecordingStorage
+from tests.helpers import ClosingStorage, RecordingStorage
 from yoink import CheckpointManager, CorruptCheckpointError, ReadOnlyError, StorageClosedError, StorageError
 from yoink.storage import LocalFileStorage, MemoryStorage
 
@@ -75,7 +77,7 @@ async def test_an_unserializable_record_is_refused_with_the_reason(record: dict[
 
 async def test_append_many_is_all_or_nothing() -> None:
     async with CheckpointManager(RecordingStorage()) as manager:
-        with pytest.raises(TypeError):
+        with pytest.raises(TypeError, match="must encode as a JSON object .*not list; nothing was appended"):
             await manager.append_many([{"a": 1}, {"b": 2}, ["not", "an", "object"]])
         assert await replay_all(manager) == []
         assert not await manager.exists()
@@ -91,9 +93,15 @@ async def test_default_encodes_types_orjson_does_not_know() -> None:
             return value.cents
         raise TypeError
 
-    async with CheckpointManager(RecordingStorage(), default=default) as manager:
+    storage = RecordingStorage()
+    async with CheckpointManager(storage, default=default, flush_interval=None) as manager:
         await manager.append({"price": Money(250)})
-        assert await replay_all(manager) == [{"price": 250}]
+        await manager.append_many([{"price": Money(199)}, {"prices": [Money(1), Money(2)]}])
+        with pytest.raises(TypeError, match="cannot encode a dict record as JSON"):
+            await manager.append_many([{"n": 1}, {"price": object()}])  # default refuses it
+        assert await replay_all(manager) == [{"price": 250}, {"price": 199}, {"prices": [1, 2]}]
+        await manager.flush()
+    assert storage.durable == '{"price":250}\n{"price":199}\n{"prices":[1,2]}\n'
 
 
 async def test_records_reach_the_storage_in_batches_of_batch_bytes() -> None:
@@ -120,7 +128,24 @@ async def test_the_first_flush_reaches_the_storage_even_with_nothing_appended() 
         assert storage.flushes == 1
 
 
-async def test_flush_interval_hands_records_to_the_storage_without_a_flush_call() -> None:
+def flusher_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The delays that code in yoink._manager (its background flusher) passes to anyio.sleep."""
+    sleeps: list[float] = []
+    sleep = anyio.sleep
+
+    def recording_sleep(delay: float) -> Any:
+        if sys._getframe(1).f_globals.get("__name__") == "yoink._manager":
+            sleeps.append(delay)
+        return sleep(delay)
+
+    monkeypatch.setattr(anyio, "sleep", recording_sleep)
+    return sleeps
+
+
+async def test_flush_interval_hands_records_to_the_storage_without_a_flush_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sleeps = flusher_sleeps(monkeypatch)
     storage = RecordingStorage()
     async with CheckpointManager(storage, flush_interval=0.05) as manager:
         await manager.append({"a": 1})
@@ -128,14 +153,29 @@ async def test_flush_interval_hands_records_to_the_storage_without_a_flush_call(
             while storage.flushes == 0:
                 await anyio.sleep(0.01)
         assert storage.durable == '{"a":1}\n'
+    assert sleeps
+    assert set(sleeps) == {0.05}  # the interval given, not the default
 
 
-async def test_without_flush_interval_nothing_is_written_before_a_flush() -> None:
+async def test_the_default_flush_interval_is_one_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeps = flusher_sleeps(monkeypatch)
+    async with CheckpointManager(RecordingStorage()):
+        with anyio.fail_after(5):
+            while not sleeps:  # the background flusher has started its first wait
+                await anyio.sleep(0.01)
+    assert sleeps == [1.0]
+
+
+async def test_without_flush_interval_nothing_is_written_before_a_flush(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sleeps = flusher_sleeps(monkeypatch)
     storage = RecordingStorage()
     async with CheckpointManager(storage, flush_interval=None) as manager:
         await manager.append({"a": 1})
-        await anyio.sleep(0.2)
+        await anyio.sleep(0.2)  # a flusher, had one been started, would be waiting by now
         assert storage.writes == []
+        assert sleeps == []  # no background flusher, not even one on the default interval
     assert storage.durable == '{"a":1}\n'
 
 
@@ -159,11 +199,14 @@ async def test_a_flush_called_while_a_batch_is_being_written_waits_for_its_own_r
     # The batch under way is neither buffered nor written yet: a flush that did not count it
     # would return as soon as that batch was flushed, before its caller's own record was.
     storage = RecordingStorage(delay=0.05)
+    storage.write_began = anyio.Event()
     async with CheckpointManager(storage, flush_interval=None) as manager:
         await manager.append({"n": 1, "pad": "x" * 100})
         async with anyio.create_task_group() as tg:
             tg.start_soon(manager.flush)
-            await anyio.sleep(0.02)  # the first flush is writing its batch
+            with anyio.fail_after(5):
+                await storage.write_began.wait()
+            assert (storage.writing, storage.writes) == (1, [])  # the first flush is writing its batch
             await manager.append({"n": 2})
             await manager.flush()
             assert '{"n":2}' in storage.durable
@@ -190,18 +233,35 @@ async def test_a_slow_storage_makes_append_wait_so_memory_stays_bounded() -> Non
     record = {"pad": "x" * 1000}
     line_size = len(orjson.dumps(record)) + 1
     batch = 32 * 1024
+    bound = batch + 10 * line_size  # a full batch, and the line each of 10 producers added meanwhile
+    appended = 0  # bytes of the records whose append() was called: in the buffer at once
+    buffered: list[int] = []  # what the manager held, seen as each write ends and each append returns
+    waited = 0  # appends that returned only after a write had ended
+
+    def look() -> None:
+        buffered.append(appended - storage.handed)
+
+    storage.before_write_ends = look
     async with CheckpointManager(storage, batch_bytes=batch, flush_interval=None) as manager:
 
         async def producer() -> None:
+            nonlocal appended, waited
             for _ in range(200):
+                ended = len(storage.writes)
+                appended += line_size
                 await manager.append(record)
+                look()
+                waited += len(storage.writes) > ended
 
         async with anyio.create_task_group() as tg:
             for _ in range(10):
                 tg.start_soon(producer)
         # A batch holds at most what each of the 10 producers added while a write was under way.
-        assert max(len(data) for data in storage.writes) <= batch + 10 * line_size
+        assert max(len(data) for data in storage.writes) <= bound
     assert len(storage.durable.splitlines()) == 2000
+    assert waited > 0, "append never waited for a write"
+    assert min(buffered) >= 0
+    assert max(buffered) <= bound, "append went on while the buffer was full"
 
 
 async def test_thousands_of_tasks_appending_at_once_never_interleave_lose_or_duplicate(
@@ -221,6 +281,24 @@ async def test_thousands_of_tasks_appending_at_once_never_interleave_lose_or_dup
     assert sorted((r["task"], r["j"]) for r in records) == [(n, j) for n in range(5000) for j in range(5)]
     for n in range(0, 5000, 499):
         assert [r["j"] for r in records if r["task"] == n] == list(range(5))
+
+
+async def test_a_replay_abandoned_part_way_closes_the_storages_read() -> None:
+    storage = ClosingStorage(f"closing-{uuid.uuid4()}")
+    for n in range(5):
+        await storage.write(f'{{"n":{n}}}\n')
+    async with CheckpointManager(storage, flush_interval=None) as manager:
+        async with contextlib.aclosing(manager.replay()) as records:
+            async for record in records:
+                assert storage.reads_open == 1
+                if record["n"] == 1:
+                    break  # the consumer has what it wanted
+        assert (storage.reads_open, storage.reads_closed) == (0, 1)
+        with pytest.raises(ValueError, match="the consumer's own error"):
+            async with contextlib.aclosing(manager.replay()) as records:
+                async for _ in records:
+                    raise ValueError("the consumer's own error")
+        assert (storage.reads_open, storage.reads_closed) == (0, 2)
 
 
 async def test_replay_sees_records_that_were_not_flushed() -> None:
@@ -310,6 +388,34 @@ async def test_a_failed_write_keeps_the_records_for_the_next_flush() -> None:
         await manager.append({"n": 2})
         await manager.flush()
         assert storage.durable == '{"n":1}\n{"n":2}\n'
+
+
+async def test_records_appended_while_a_write_fails_follow_the_failed_batch_once_each() -> None:
+    # The failed batch goes back in front of what was appended meanwhile, so order is kept, and
+    # its bytes are counted as buffered again, so a flush waits for them and for its own records.
+    storage = RecordingStorage(delay=0.05)
+    storage.write_began = anyio.Event()
+    with anyio.fail_after(10):  # a flush that miscounts what it waits for never returns
+        async with CheckpointManager(storage, flush_interval=None) as manager:
+            await manager.append_many({"n": n} for n in range(3))
+            storage.fail_writes = 1
+
+            async def failing_flush() -> None:
+                with pytest.raises(StorageError, match="injected write failure"):
+                    await manager.flush()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(failing_flush)
+                await storage.write_began.wait()
+                assert (storage.writing, storage.writes) == (1, [])  # the failing write is under way
+                await manager.append({"n": 3})
+                await manager.append_many([{"n": 4}, {"n": 5}])
+                await manager.flush()  # a retry: it waits out the failed round, then writes again
+                assert storage.durable == "".join(f'{{"n":{n}}}\n' for n in range(6))
+            await manager.append({"n": 6})
+            await manager.flush()
+            assert storage.durable == "".join(f'{{"n":{n}}}\n' for n in range(7))
+            assert await replay_all(manager) == [{"n": n} for n in range(7)]
 
 
 async def test_a_failing_background_flush_is_logged_and_retried(caplog: pytest.LogCaptureFixture) -> None:
