@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import spy_on_fsync
 from yoink import CheckpointLockedError, CheckpointManager, StorageError
 from yoink.storage import LocalFileStorage
 
@@ -107,12 +108,25 @@ async def test_another_process_writing_the_same_file_is_refused(tmp_path: Path) 
 async def test_an_unwritable_path_gives_a_clear_error_and_keeps_the_records(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
-    manager = CheckpointManager.from_uri(blocker / "crawl.jsonl", flush_interval=None)
+    path = blocker / "crawl.jsonl"
+    manager = CheckpointManager.from_uri(path, flush_interval=None)
     await manager.append({"n": 1})
     with pytest.raises(StorageError, match="cannot open .*not-a-directory/crawl.jsonl for appending"):
         await manager.flush()
-    assert await manager.exists()  # the record is still held, for a retry
-    with pytest.raises(StorageError):
+    await manager.append({"n": 2})
+    blocker.unlink()  # the cause goes away: a retry writes what the failed flush kept, once
+    await manager.flush()
+    assert path.read_text() == '{"n":1}\n{"n":2}\n'
+    await manager.close()
+    assert path.read_text() == '{"n":1}\n{"n":2}\n'
+
+
+async def test_closing_on_an_unwritable_path_raises_why_it_could_not_write(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    manager = CheckpointManager.from_uri(blocker / "crawl.jsonl", flush_interval=None)
+    await manager.append({"n": 1})
+    with pytest.raises(StorageError, match="cannot open .*not-a-directory/crawl.jsonl for appending"):
         await manager.close()
 
 
@@ -163,7 +177,7 @@ async def test_two_storages_in_one_process_cannot_both_write(tmp_path: Path) -> 
     async with LocalFileStorage(path) as first:
         await first.write('{"n":1}\n')
         async with LocalFileStorage(path) as second:
-            with pytest.raises(CheckpointLockedError):
+            with pytest.raises(CheckpointLockedError, match="is open for writing elsewhere"):
                 await second.write('{"n":2}\n')
     assert path.read_text() == '{"n":1}\n'
 
@@ -178,3 +192,91 @@ async def test_read_stops_at_the_size_it_saw_when_it_started(tmp_path: Path) -> 
         rest = [item async for item in items]
     assert "late" not in first + "".join(rest)
     assert (first + "".join(rest)).count("\n") == 200_000
+
+
+# -- fsync: what flush() and close() promise against a crash of the machine ----------------------
+
+
+def line(n: int) -> str:
+    return f'{{"n":{n}}}\n'
+
+
+async def test_flush_fsyncs_the_journal_after_the_write_it_covers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "j.jsonl"
+    with spy_on_fsync(monkeypatch) as fsyncs:
+        async with CheckpointManager.from_uri(path, flush_interval=None) as manager:
+            await manager.append({"n": 1})
+            await manager.flush()
+            assert fsyncs.sizes(path) == [len(line(1))]  # one fsync, once the record was written
+            await manager.append({"n": 2})
+            await manager.append({"n": 3})
+            await manager.flush()
+            assert fsyncs.sizes(path) == [len(line(1)), len(line(1) + line(2) + line(3))]
+
+
+async def test_a_flush_fsyncs_only_after_a_write_and_always_after_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "j.jsonl"
+    with spy_on_fsync(monkeypatch) as fsyncs:
+        async with LocalFileStorage(path) as storage:
+            await storage.flush()  # nothing written: nothing to fsync
+            assert fsyncs.calls == []
+            await storage.write(line(1))
+            await storage.flush()
+            await storage.flush()  # nothing new since the last fsync
+            assert fsyncs.sizes(path) == [len(line(1))]
+            for n in range(2, 5):
+                await storage.write(line(n))
+                await storage.flush()
+            await storage.write("")  # an empty write is no write
+            await storage.flush()
+        sizes = [len("".join(line(k) for k in range(1, n + 1))) for n in range(1, 5)]
+        assert fsyncs.sizes(path) == sizes  # close() after a flush has nothing to fsync either
+
+
+async def test_close_fsyncs_what_was_written_since_the_last_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "j.jsonl"
+    with spy_on_fsync(monkeypatch) as fsyncs:
+        storage = LocalFileStorage(path)
+        await storage.write(line(1))
+        await storage.flush()
+        await storage.write(line(2))
+        assert fsyncs.sizes(path) == [len(line(1))]
+        await storage.close()
+        assert fsyncs.sizes(path) == [len(line(1)), len(line(1) + line(2))]
+
+
+async def test_fsync_false_never_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "new" / "j.jsonl"
+    with spy_on_fsync(monkeypatch) as fsyncs:
+        async with CheckpointManager.from_uri(path, fsync=False, flush_interval=None) as manager:
+            for n in range(3):
+                await manager.append({"n": n})
+                await manager.flush()
+            await manager.append({"n": 3})
+        assert fsyncs.calls == []
+    assert path.read_text() == "".join(line(n) for n in range(4))
+
+
+async def test_the_directory_is_fsynced_once_when_the_journal_is_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "runs" / "j.jsonl"
+    with spy_on_fsync(monkeypatch) as fsyncs:
+        async with LocalFileStorage(path) as storage:
+            await storage.write(line(1))
+            assert fsyncs.directories() == [str(path.parent.resolve())]  # before the write returned
+            assert fsyncs.sizes(path) == []
+            await storage.flush()
+            await storage.write(line(2))
+            await storage.flush()
+        async with LocalFileStorage(path) as again:  # the file exists: its entry is durable already
+            await again.write(line(3))
+            await again.flush()
+        assert fsyncs.directories() == [str(path.parent.resolve())]
+        assert fsyncs.sizes(path) == [len(line(1)), len(line(1) + line(2)), len(line(1) + line(2) + line(3))]
