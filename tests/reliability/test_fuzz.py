@@ -19,14 +19,16 @@ from pathlib import Path
 import anyio
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, note, seed, settings
 from hypothesis import strategies as st
 
+from tests.helpers import random_seed
 from tests.reliability.killing import LONG
 from yoink import CheckpointManager, CorruptCheckpointError, _records
 
 LIMIT = 4096  # the line-size limit, lowered so that generated lines cross it
 LARGE = 512  # the json module's threshold, lowered so that generated lines go either way
+SEED = random_seed()  # hypothesis's seed: $YOINK_TEST_SEED, or a new one
 
 
 def nested(depth: int) -> bytes:
@@ -59,16 +61,23 @@ journals = st.tuples(
 ).map(b"".join)
 
 
-def expected(data: bytes, on_corrupt: str) -> tuple[list[dict[str, object]], bool]:
-    """What replay must yield, and whether it must raise, by the rules in yoink/_records.py.
+Outcome = tuple[list[dict[str, object]], "tuple[int, int] | None"]
 
-    The local file leaves out what follows the last newline (a torn write); the rest are lines.
+
+def expected(data: bytes, on_corrupt: str) -> Outcome:
+    """What replay must yield, and where it must raise, by the rules in yoink/_records.py.
+
+    The error, if replay must raise, is the first bad line's number (from 1, blank lines
+    included) and the byte offset of its start. The local file leaves out what follows the last
+    newline (a torn write); the rest are lines.
     """
     lines = data.split(b"\n")[:-1]
     good: list[dict[str, object]] = []
+    offset = 0
     for index, line in enumerate(lines):
+        at, offset = offset, offset + len(line) + 1
         if len(line) > LIMIT:
-            return good, True  # a line over the limit stops replay, in either mode
+            return good, (index + 1, at)  # a line over the limit stops replay, in either mode
         if not line.decode("utf-8", "surrogateescape").strip():
             continue
         try:
@@ -78,25 +87,38 @@ def expected(data: bytes, on_corrupt: str) -> tuple[list[dict[str, object]], boo
         if isinstance(record, dict):
             good.append(json.loads(line.decode()))  # the same record, its integers beyond 64 bits exact
             continue
-        if not any(later.decode("utf-8", "surrogateescape").strip() for later in lines[index + 1 :]):
+        following = [
+            (number, later)
+            for number, later in enumerate(lines[index + 1 :], start=index + 2)
+            if later.decode("utf-8", "surrogateescape").strip()
+        ]
+        if not following:
             continue  # the last line that is not blank: a torn write, skipped
         if on_corrupt == "raise":
-            return good, True
-    return good, False
+            number, later = following[0]
+            if len(later) > LIMIT:  # a known bug: the line over the limit is reported instead
+                return good, (number, len(b"\n".join(lines[: number - 1])) + 1)
+            return good, (index + 1, at)
+    return good, None
 
 
-async def replay(path: Path, on_corrupt: str) -> tuple[list[dict[str, object]], bool]:
+async def replay(path: Path, on_corrupt: str) -> Outcome:
     got: list[dict[str, object]] = []
+    error: CorruptCheckpointError | None = None
     with anyio.fail_after(20):  # never hangs
         async with CheckpointManager.from_uri(path, on_corrupt=on_corrupt, batch_bytes=LIMIT) as manager:
             try:
                 async for record in manager.replay():
                     got.append(record)
             except CorruptCheckpointError as exc:
-                return got, exc.line > 0 and exc.offset >= 0
-    return got, False
+                error = exc
+    if error is None:
+        return got, None
+    assert f"line {error.line} (byte offset {error.offset})" in str(error)  # the message says it too
+    return got, (error.line, error.offset)
 
 
+@seed(SEED)
 @settings(
     max_examples=1000 if LONG else 150,
     deadline=None,
@@ -114,6 +136,7 @@ async def replay(path: Path, on_corrupt: str) -> tuple[list[dict[str, object]], 
 def test_replay_of_a_damaged_journal_does_what_the_rules_say(
     data: bytes, on_corrupt: str, large_line: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    note(f"random seed {SEED}: rerun with YOINK_TEST_SEED={SEED}")
     monkeypatch.setattr(_records, "MAX_LINE_BYTES", LIMIT)
     monkeypatch.setattr(_records, "LARGE_LINE", large_line)
     with tempfile.TemporaryDirectory() as directory:
@@ -195,3 +218,27 @@ async def test_skipping_corrupt_lines_keeps_nothing_per_line(tmp_path: Path) -> 
         tracemalloc.stop()
     assert (count, skipped) == (200_000, 199_999)  # the last bad line is a torn tail
     assert peak < 16 << 20, f"skipping 200,000 lines peaked at {peak >> 20} MiB"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="yoink reports the line over the limit, not the bad line just before it (the oracle above "
+    "models this; drop both once yoink/_records.py raises for the bad line first)",
+)
+@pytest.mark.parametrize("where", ["in-one-read", "across-reads"])
+async def test_a_bad_line_just_before_a_line_over_the_limit_is_the_one_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # Read in one piece, the decoder finds the long line; across the local reader's 1 MiB reads,
+    # the reader does. Either way the bad line comes first, and nothing but a blank line between.
+    limit, size = (LIMIT, 2 * LIMIT) if where == "in-one-read" else (1536 << 10, 3 << 20)
+    monkeypatch.setattr(_records, "MAX_LINE_BYTES", limit)
+    path = tmp_path / "j.jsonl"
+    path.write_bytes(b'{"n":0}\nnot json\n\n{"long":"' + b"x" * size + b'"}\n{"n":3}\n')
+    seen = []
+    async with CheckpointManager.from_uri(path, batch_bytes=4096) as manager:
+        with pytest.raises(CorruptCheckpointError) as caught:
+            async for record in manager.replay():
+                seen.append(record)
+    assert seen == [{"n": 0}]
+    assert (caught.value.line, caught.value.offset) == (2, 8)
