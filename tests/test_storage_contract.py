@@ -46,6 +46,7 @@ class TestRedisStreamStorage(StorageContract):
 
 
 BROKEN_BACKEND = '''
+import uuid
 import pytest
 from yoink.storage import MemoryStorage
 from yoink.testing import StorageContract
@@ -64,8 +65,8 @@ class TestForgetfulStorage(StorageContract):
     refuses_a_second_writer = False
 
     @pytest.fixture
-    def storage(self, request):
-        return ForgetfulStorage(request.node.name)
+    def storage(self):
+        return ForgetfulStorage(f"forgetful-{uuid.uuid4()}")  # a new journal, however often it runs
 '''
 
 
@@ -87,6 +88,7 @@ def test_a_backend_that_breaks_a_promise_is_told_which(pytester: pytest.Pytester
 
 HALF_WRITING_BACKEND = '''
 import asyncio
+import uuid
 import pytest
 from yoink.storage import MemoryStorage
 from yoink.testing import StorageContract
@@ -104,8 +106,8 @@ class HalfWritingStorage(MemoryStorage):
 
 class TestHalfWritingStorage(StorageContract):
     @pytest.fixture
-    def storage(self, request):
-        return HalfWritingStorage(request.node.name)
+    def storage(self):
+        return HalfWritingStorage(f"half-{uuid.uuid4()}")  # a new journal, however often it runs
 '''
 
 
