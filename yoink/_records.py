@@ -22,6 +22,8 @@ import json
 import logging
 import math
 import re
+import sys
+import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
@@ -62,6 +64,7 @@ _NEGATIVE_RUN = "-" + "0" * 19  # a negative one of 19 digits may not
 _DIGITS = str.maketrans("123456789", "000000000")
 _DIGIT_BYTES = bytes.maketrans(b"123456789", b"000000000")
 _DIGIT_RUN = re.compile(r"-?[0-9]{19,}")
+_recursion_lock = threading.Lock()  # the recursion limit is the interpreter's: raised by one call at a time
 _INT64_MIN, _UINT64_MAX = -(1 << 63), (1 << 64) - 1  # what orjson reads as an integer
 
 
@@ -304,19 +307,23 @@ def _loads(line: str) -> Any:
 
 
 def _json_loads(line: str) -> Any:
-    try:
-        record = json.loads(line, parse_constant=_no_constant, parse_float=_finite_float)
-    except RecursionError:
-        raise json.JSONDecodeError(
-            "nested too deeply for Python's json module, which reads lines over "
-            f"{LARGE_LINE >> 20} MiB and lines with integers beyond 64 bits",
-            line,
-            0,
-        ) from None
-    # json goes as deep as Python's recursion limit lets it; orjson stops past MAX_DEPTH. A line is
-    # a record or not whichever parses it, so the same limit holds here.
-    if line.count("[") + line.count("{") > MAX_DEPTH and _deeper_than(record, MAX_DEPTH):
-        raise json.JSONDecodeError(f"nested deeper than {MAX_DEPTH:,} levels", line, 0)
+    # json recurses once per level, within Python's recursion limit: raised for the call, so that a
+    # line nested as deep as orjson allows (MAX_DEPTH) parses here too, whatever the caller's depth.
+    with _recursion_lock:
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(limit + MAX_DEPTH + 64)
+        try:
+            record = json.loads(line, parse_constant=_no_constant, parse_float=_finite_float)
+        except RecursionError:
+            record = None  # deeper than the raised limit, so deeper than MAX_DEPTH
+            too_deep = True
+        else:
+            # orjson stops past MAX_DEPTH: a line is a record or not whichever parses it.
+            too_deep = line.count("[") + line.count("{") > MAX_DEPTH and _deeper_than(record, MAX_DEPTH)
+        finally:
+            sys.setrecursionlimit(limit)
+    if too_deep:
+        raise json.JSONDecodeError(f"nested too deeply: deeper than {MAX_DEPTH:,} levels", line, 0)
     return record
 
 

@@ -1,0 +1,186 @@
+"""How journal lines are read: one verdict whichever parser reads a line, errors that say where.
+
+A line is parsed by orjson, or by the json module when it is over 4 MiB or holds an integer beyond
+64 bits. Several of these tests were written against mutants of ``yoink/_records.py`` that no test
+noticed (``scripts/mutate``); one of them found that lines nested 1,000 to 1,024 levels deep,
+records for orjson, were corrupt for the json module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from yoink import CheckpointManager, CorruptCheckpointError
+from yoink._records import LARGE_LINE, MAX_DEPTH, MAX_LINE_BYTES, tail_reads
+from yoink.storage import MemoryStorage
+
+PAD = "x" * (LARGE_LINE + 1)
+
+
+def nested_objects(levels: int) -> str:
+    return '{"a":' * (levels - 1) + "{}" + "}" * (levels - 1)
+
+
+def nested_lists(levels: int) -> str:
+    """An object holding lists inside lists: ``levels`` in all, the object included."""
+    return '{"a":' + "[" * (levels - 2) + "[]" + "]" * (levels - 2) + "}"
+
+
+def as_is(line: str) -> str:
+    return line
+
+
+def long(line: str) -> str:
+    """The same object with a field that makes the line longer than LARGE_LINE."""
+    return f'{line[:-1]},"pad":"{PAD}"}}'
+
+
+def with_big_integer(line: str) -> str:
+    """The same object with an integer beyond 64 bits, which the json module reads exactly."""
+    return f'{line[:-1]},"id":100000000000000000000}}'
+
+
+PATHS: dict[str, Callable[[str], str]] = {"orjson": as_is, "long line": long, "big integer": with_big_integer}
+
+
+async def replay(*items: str, **options: Any) -> list[dict[str, Any]]:
+    storage = MemoryStorage()
+    for item in items:
+        await storage.write(item)
+    manager = CheckpointManager(storage, flush_interval=None, read_only=True, **options)
+    try:
+        return [record async for record in manager.replay()]
+    finally:
+        await manager.close()
+
+
+def depth(value: Any) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape", [nested_objects, nested_lists], ids=["objects", "lists"])
+@pytest.mark.parametrize("levels", [1000, MAX_DEPTH, MAX_DEPTH + 1, MAX_DEPTH + 60, 5000])
+async def test_a_deeply_nested_line_is_a_record_or_not_whichever_parser_reads_it(
+    levels: int, shape: Callable[[int], str], path: str
+) -> None:
+    line = shape(levels)
+    try:
+        orjson.loads(line)
+    except orjson.JSONDecodeError:
+        is_record = False
+    else:
+        is_record = True
+    assert is_record == (levels <= MAX_DEPTH), "orjson's own limit"
+    text = PATHS[path](line) + '\n{"n":2}\n'
+    if is_record:
+        records = await replay(text)
+        assert [depth(r) for r in records] == [levels, 1]
+        assert records[1] == {"n": 2}
+    else:
+        # orjson reads a short line first, and says so itself
+        ours = "nested too deeply: deeper than 1,024 levels"
+        reason = ours if path == "long line" else "depth limit exceeded"
+        with pytest.raises(CorruptCheckpointError, match=rf"line 1 \(byte offset 0\) .*{reason}") as caught:
+            await replay(text)
+        assert (caught.value.line, caught.value.offset) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("NaN", "NaN is not JSON: line 1 column 1 (char 0)"),
+        ("Infinity", "Infinity is not JSON: line 1 column 1 (char 0)"),
+        ("-Infinity", "-Infinity is not JSON: line 1 column 1 (char 0)"),
+        ("1e400", "number is infinity when parsed as double: line 1 column 1 (char 0)"),
+        ("-1e400", "number is infinity when parsed as double: line 1 column 1 (char 0)"),
+    ],
+)
+async def test_a_value_json_cannot_hold_is_corrupt_on_the_json_modules_path_as_for_orjson(
+    value: str, reason: str
+) -> None:
+    line = f'{{"v":{value}}}'
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(line)
+    text = '{"n":1}\n' + long(line) + '\n{"n":3}\n'
+    with pytest.raises(CorruptCheckpointError) as caught:
+        await replay(text)
+    assert (caught.value.line, caught.value.offset) == (2, 8)
+    assert f"line 2 (byte offset 8) is not a JSON object: {reason}" in str(caught.value)
+    assert await replay(text, on_corrupt="skip") == [{"n": 1}, {"n": 3}]
+
+
+async def test_a_bad_line_that_ends_one_item_is_corrupt_when_records_follow_in_the_next() -> None:
+    items = ['{"n":1}\nnot json\n', '{"n":2}\n']
+    with pytest.raises(CorruptCheckpointError, match=r"line 2 \(byte offset 8\)") as caught:
+        await replay(*items)
+    assert (caught.value.line, caught.value.offset) == (2, 8)
+    storage_skip = await replay(*items, on_corrupt="skip")
+    assert storage_skip == [{"n": 1}, {"n": 2}]
+
+
+@pytest.mark.parametrize("where", range(4))
+async def test_a_bad_line_is_named_by_its_line_and_byte_offset_in_any_item(where: int) -> None:
+    # Items of several lines, one without its final newline, some of them not ASCII.
+    items = ['{"n":1}\n{"é":2}\n', '{"n":3}', '{"n":4}\n{"ü":"ß"}\n{"n":6}\n', '{"n":7}\n{"n":8}\n']
+    lines = [line for item in items for line in item.rstrip("\n").split("\n")]
+    bad_index = [1, 2, 4, 6][where]  # a line of the first, second, third or fourth item
+    lines[bad_index] = "[broken"
+    offset = sum(len(line.encode()) + 1 for line in lines[:bad_index])
+    rebuilt, start = [], 0
+    for item in items:
+        count = len(item.rstrip("\n").split("\n"))
+        rebuilt.append("\n".join(lines[start : start + count]) + ("\n" if item.endswith("\n") else ""))
+        start += count
+    with pytest.raises(CorruptCheckpointError) as caught:
+        await replay(*rebuilt)
+    assert (caught.value.line, caught.value.offset) == (bad_index + 1, offset)
+    assert f"line {bad_index + 1} (byte offset {offset})" in str(caught.value)
+
+
+def test_the_end_of_an_object_is_read_back_one_byte_then_64_kib_growing_sixteenfold() -> None:
+    size = 200 << 20
+    assert list(tail_reads(size)) == [
+        size - 1,
+        size - (64 << 10),
+        size - (1 << 20),
+        size - (16 << 20),
+        size - MAX_LINE_BYTES - 1,  # just past the longest line yoink reads, then no further
+    ]
+    end = MAX_LINE_BYTES + 1
+    assert list(tail_reads(end)) == [end - 1, end - (64 << 10), end - (1 << 20), end - (16 << 20), 0]
+    assert list(tail_reads(100_000)) == [99_999, 100_000 - (64 << 10), 0]
+    assert list(tail_reads(1)) == [0]
+    assert list(tail_reads(0)) == [0]
+
+
+async def test_a_line_over_the_limit_in_an_item_is_named_after_the_records_before_it() -> None:
+    before = '{"n":1}\n{"é":2}\n'
+    at_limit = '{"pad":"' + "x" * (MAX_LINE_BYTES - 10) + '"}'  # MAX_LINE_BYTES bytes: a record
+    assert len(at_limit) == MAX_LINE_BYTES
+    records = await replay(before + at_limit + '\n{"n":4}\n')
+    assert [len(r) for r in records] == [1, 1, 1, 1]
+    del records
+    over = "{" + "x" * MAX_LINE_BYTES  # one byte over
+    text = before + '{"n":3}\n' + over + '\n{"n":5}\n'
+    storage = MemoryStorage("a-long-line")
+    await storage.write(text)
+    manager = CheckpointManager(storage, flush_interval=None, read_only=True)
+    seen = []
+    with pytest.raises(CorruptCheckpointError) as caught:
+        async for record in manager.replay():
+            seen.append(record)
+    assert seen == [{"n": 1}, {"é": 2}, {"n": 3}]
+    offset = len(before.encode()) + len('{"n":3}\n')
+    assert (caught.value.line, caught.value.offset) == (4, offset)
+    assert str(caught.value).startswith(f"{storage!r}: line 4 (byte offset {offset}) is longer than")
