@@ -1,0 +1,135 @@
+"""The local file under faults: torn tails named to the byte, and a failed write whose undo fails too.
+
+The faults are the operating system's own: RLIMIT_FSIZE cuts a write part-way, and an append-only
+file (``chattr +a``) refuses the ftruncate that would undo it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import orjson
+import pytest
+
+from yoink import CheckpointManager
+
+
+def lines(count: int, *, first: int = 0, pad: int = 0) -> bytes:
+    return b"".join(orjson.dumps({"n": n, "pad": "p" * pad}) + b"\n" for n in range(first, first + count))
+
+
+async def test_a_reader_names_a_torn_tail_by_its_size_and_offset_across_read_chunks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "j.jsonl"
+    whole = lines(30_000, pad=40)  # over 1 MiB: the tail comes in the second read chunk
+    torn = b'{"n":30000,"pad":"pp'
+    path.write_bytes(whole + torn)
+    with caplog.at_level(logging.WARNING, logger="yoink"):
+        async with CheckpointManager.from_uri(path, read_only=True) as reader:
+            records = [record async for record in reader.replay()]
+    assert len(records) == 30_000
+    assert (
+        f"{path} ends in {len(torn)} bytes without a newline (a torn write, or one still under way), "
+        f"from byte offset {len(whole)}; they are not part of the journal"
+    ) in caplog.text
+
+
+@pytest.mark.parametrize("torn_size", [20, 70_000, 200_000], ids=["short", "over-64KiB", "over-128KiB"])
+async def test_a_writer_sets_a_torn_tail_aside_and_names_its_size_and_offset(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, torn_size: int
+) -> None:
+    # A tail longer than the 64 KiB read back from the end at a time is found all the same.
+    path = tmp_path / "j.jsonl"
+    whole = lines(3_000, pad=40)
+    torn = b'{"n":3000,"pad":"' + b"p" * (torn_size - 17)
+    path.write_bytes(whole + torn)
+    with caplog.at_level(logging.WARNING, logger="yoink"):
+        async with CheckpointManager.from_uri(path, flush_interval=None) as writer:
+            await writer.append({"n": 3000})
+    assert (
+        f"{path} ended in a torn write: moved its last {len(torn)} bytes (from offset {len(whole)})"
+    ) in caplog.text
+    assert path.read_bytes() == whole + b'{"n":3000}\n'
+    assert Path(f"{path}.torn").read_bytes() == torn + b"\n"
+
+
+needs_append_only_files = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("chattr") is None,
+    reason="making a file append-only (chattr +a) needs root and chattr",
+)
+
+UNDO_FAILS = """
+    import asyncio, resource, signal, subprocess, sys
+    from yoink import CheckpointManager, StorageError
+    from yoink.storage import LocalFileStorage
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    path = sys.argv[1]
+    async def main():
+        manager = CheckpointManager.from_uri(path, flush_interval=None)
+        await manager.append_many({"n": n} for n in range(100))
+        await manager.flush()
+        with open(path, "rb") as f:
+            size = len(f.read())
+        subprocess.run(["chattr", "+a", path], check=True)  # ftruncate now fails (EPERM)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 1000, resource.RLIM_INFINITY))
+        await manager.append_many({"n": n, "pad": "x" * 100} for n in range(100, 200))
+        try:
+            await manager.flush()
+        except StorageError as exc:
+            print("error:", exc)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        try:
+            await manager.storage.write('{"n":-1}\\n')
+        except StorageError as exc:
+            print("then:", type(exc).__name__)
+        subprocess.run(["chattr", "-a", path], check=True)
+        second = LocalFileStorage(path)  # the lock was let go of with the descriptor
+        await second.write('{"n":-2}\\n')
+        print("a second storage could write")
+        await second.close()
+        try:
+            await manager.close()
+        except StorageError as exc:
+            print("close:", exc)
+    asyncio.run(main())
+"""
+
+
+@needs_append_only_files
+def test_a_write_cut_part_way_whose_undo_fails_closes_the_storage_and_keeps_every_flushed_record(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.jsonl"
+    code = textwrap.dedent(UNDO_FAILS)
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120, check=False
+        )
+    finally:
+        subprocess.run(["chattr", "-a", str(path)], check=False)
+    assert child.returncode == 0, child.stderr
+    assert (
+        f"error: appending to {path} failed (File too large) and the partial write could not be undone; "
+        "the storage is closed, and the next writer sets the torn tail aside"
+    ) in child.stdout
+    assert "then: StorageClosedError" in child.stdout
+    assert "a second storage could write" in child.stdout
+    assert "close: " in child.stdout, "the manager says its last records were not written"
+    # Every flushed record is there; then the complete lines of the cut write, the second storage's
+    # record, and nothing else.
+    journal = path.read_bytes()
+    flushed = b"".join(b'{"n":%d}\n' % n for n in range(100))
+    assert journal.startswith(flushed)
+    rest = journal[len(flushed) :]
+    assert len(rest) > 1000 - 200, "the cut write is still in the file: it could not be undone"
+    assert rest.endswith(b'{"n":-2}\n'), "the next writer started on a clean line"
+    cut = [orjson.loads(line) for line in rest.splitlines()[:-1]]
+    assert [record["n"] for record in cut] == list(range(100, 100 + len(cut)))
+    assert Path(f"{path}.torn").read_bytes().startswith(b'{"n":%d,' % (100 + len(cut)))
