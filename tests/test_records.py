@@ -173,8 +173,10 @@ async def test_a_line_over_the_limit_in_an_item_is_named_after_the_records_befor
     del records
     over = "{" + "x" * MAX_LINE_BYTES  # one byte over
     text = before + '{"n":3}\n' + over + '\n{"n":5}\n'
-    storage = MemoryStorage("a-long-line")
-    await storage.write(text)
+    writer = MemoryStorage()
+    await writer.write(text)
+    await writer.close()
+    storage = MemoryStorage(writer.name)
     manager = CheckpointManager(storage, flush_interval=None, read_only=True)
     seen = []
     with pytest.raises(CorruptCheckpointError) as caught:
