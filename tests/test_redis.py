@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 import subprocess
 import sys
 import time
@@ -158,11 +159,13 @@ async def test_an_unreachable_server_is_named_by_host_and_port(key: str) -> None
 # -- one writer at a time ----------------------------------------------------------------------
 
 
+LEASE_TTL = 3.0  # long enough that a stall of the loaded test machine does not outlast it
+
 WRITER = """
 import sys, anyio
 from yoink.storage import RedisStreamStorage
 async def main():
-    storage = RedisStreamStorage(sys.argv[1], sys.argv[2], lease_ttl=1.5)
+    storage = RedisStreamStorage(sys.argv[1], sys.argv[2], lease_ttl=float(sys.argv[3]))
     await storage.write('{"n":0}\\n')
     await storage.flush()
     print("leased", flush=True)
@@ -172,30 +175,42 @@ anyio.run(main)
 
 
 @pytest.fixture
-def killed_writer(redis_url: str, key: str) -> float:
-    """A writer with a 1.5 s lease, kill -9-ed once it flushed; yields when it died."""
+def killed_writer(redis_url: str, key: str) -> tuple[float, float]:
+    """A writer with a LEASE_TTL lease, kill -9-ed once it flushed; gives when it started and died.
+
+    Its lease was last taken or renewed between the two, so it expires LEASE_TTL after one of them.
+    """
+    started = time.monotonic()
     process = subprocess.Popen(
-        [sys.executable, "-c", WRITER, redis_url, key], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", WRITER, redis_url, key, str(LEASE_TTL)], stdout=subprocess.PIPE, text=True
     )
     assert process.stdout is not None
     assert process.stdout.readline() == "leased\n"
     process.kill()
     process.wait()
     process.stdout.close()
-    return time.monotonic()
+    return started, time.monotonic()
 
 
 async def test_after_a_writer_is_killed_a_new_one_gets_in_once_its_lease_expires(
-    redis_url: str, key: str, killed_writer: float
+    redis_url: str, key: str, killed_writer: tuple[float, float]
 ) -> None:
+    started, killed = killed_writer
     storage = RedisStreamStorage(redis_url, key)
     assert await numbers(storage) == [0]  # a resume replays first
+    before = time.monotonic()
     with pytest.raises(
         CheckpointLockedError,
-        match=r"its lease '\{journal-\w+\}:lease' expires in 1\.\d s if that writer has crashed",
-    ):
+        match=r"its lease '\{journal-\w+\}:lease' expires in \d+\.\d s if that writer has crashed",
+    ) as caught:
         await storage.write(records(1, 1))
-    await anyio.sleep(max(0.0, killed_writer + 1.6 - time.monotonic()))
+    after = time.monotonic()
+    shown = re.search(r"expires in (\d+\.\d) s", str(caught.value))
+    assert shown is not None
+    # What was left of the lease when Redis was asked, to the tenth of a second the message shows
+    latest = min(LEASE_TTL, killed + LEASE_TTL - before)
+    assert started + LEASE_TTL - after - 0.05 <= float(shown[1]) <= latest + 0.05
+    await anyio.sleep(max(0.0, killed + LEASE_TTL + 0.1 - time.monotonic()))
     await storage.write(records(1, 1))
     await storage.flush()
     assert await numbers(storage) == [0, 1]
@@ -205,11 +220,20 @@ async def test_after_a_writer_is_killed_a_new_one_gets_in_once_its_lease_expires
 async def test_the_lease_is_renewed_while_the_writer_is_open_and_released_by_close(
     redis_url: str, key: str
 ) -> None:
-    first = RedisStreamStorage(redis_url, key, lease_ttl=0.3)
+    first = RedisStreamStorage(redis_url, key, lease_ttl=LEASE_TTL)
     await first.write(records(0, 1))
-    await anyio.sleep(1.0)  # three lease lifetimes, with no flush
-    second = RedisStreamStorage(redis_url, key, lease_ttl=0.3)
-    with pytest.raises(CheckpointLockedError):
+    monitor = redis.from_url(redis_url)
+    renewals, left = 0, LEASE_TTL * 1000
+    with anyio.fail_after(10 * LEASE_TTL):  # renewed every third of its lifetime, with no flush
+        while renewals < 3:
+            await anyio.sleep(0.05)
+            now = await monitor.pttl(f"{{{key}}}:lease")
+            assert now > 0, "the lease expired while its writer was open"
+            renewals += now > left  # the time left went up: renewed
+            left = now
+    await monitor.aclose()
+    second = RedisStreamStorage(redis_url, key, lease_ttl=LEASE_TTL)
+    with pytest.raises(CheckpointLockedError, match="is held by another writer"):
         await second.write(records(1, 1))
     await first.close()
     await second.write(records(1, 1))
@@ -308,8 +332,9 @@ async def test_a_replaced_writer_stops_renewing_its_lease_and_its_next_write_is_
     await first.flush()
     monitor = redis.from_url(redis_url)
     await monitor.incr(f"{{{key}}}:epoch")  # a newer writer's epoch, issued while the lease was renewed
-    await anyio.sleep(0.7)  # the renewal sees it, stops, and the lease expires
-    assert not await monitor.exists(f"{{{key}}}:lease")
+    with anyio.fail_after(10):  # the renewal sees it, stops, and the lease expires
+        while await monitor.exists(f"{{{key}}}:lease"):
+            await anyio.sleep(0.05)
     with pytest.raises(ConcurrentWriterError, match=r"lease was epoch 1\) while"):
         await first.write(records(1, 1))
     assert not await monitor.exists(f"{{{key}}}:lease")
