@@ -19,12 +19,15 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from yoink import CheckpointManager
 
 HERE = Path(__file__).parent
+PROBE = "/missing/demo-probe"  # a request of the demo's own, to see that the site is answering
 
 
 def free_port() -> int:
@@ -36,7 +39,32 @@ def free_port() -> int:
 def served(log: Path) -> list[str]:
     """The paths the site answered for good (200 or 404), in order; a 503 is not an answer."""
     lines = log.read_text().splitlines() if log.exists() else []
-    return [line.split(" ", 1)[1] for line in lines if not line.startswith("503 ")]
+    paths = [line.split(" ", 1)[1] for line in lines if not line.startswith("503 ")]
+    return [path for path in paths if path != PROBE]
+
+
+def wait_for_answers(start: str, log: Path, delay: float, timeout: float = 30.0) -> None:
+    """Wait until the site has answered (and logged) the requests under way at the kill.
+
+    The site answers a request within 1.5 times ``delay``. Once it has answered a request of our
+    own, sent after the kill, it has read every request the crawler sent; its log then stops
+    growing once their answers are logged. Waited for: the log unchanged for ten times the
+    longest answer.
+    """
+    deadline = time.monotonic() + timeout
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # not through $http_proxy
+    try:
+        direct.open(start.rstrip("/") + PROBE, timeout=timeout).close()
+    except urllib.error.HTTPError as exc:  # the 404 it was asked for
+        exc.close()
+    quiet = 10 * 1.5 * delay
+    size, since = log.stat().st_size, time.monotonic()
+    while time.monotonic() - since < quiet:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the demo site still logs answers {timeout:.0f} s after the kill")
+        time.sleep(quiet / 10)
+        if log.stat().st_size != size:
+            size, since = log.stat().st_size, time.monotonic()
 
 
 async def recorded(checkpoint: Path) -> set[str]:
@@ -89,8 +117,8 @@ def main() -> int:
     directory.mkdir(parents=True)
     checkpoint, log = directory / "crawl.jsonl", directory / "served.log"
     total = 2 * args.pages + 1  # the home page, each page, and each page's one broken link
-    port = free_port()
-    site_options = ["--pages", str(args.pages), "--port", str(port), "--log", str(log), "--delay", "0.02"]
+    port, delay = free_port(), 0.02
+    site_options = ["--pages", str(args.pages), "--port", str(port), "--log", str(log), "--delay", str(delay)]
     site = subprocess.Popen([sys.executable, str(HERE / "crawler_site.py"), *site_options])
     try:
         deadline = time.monotonic() + 15
@@ -108,7 +136,7 @@ def main() -> int:
         print("1. crawling, to be killed with SIGKILL part-way through", flush=True)
         status, _ = crawl(start, checkpoint, total, kill_at=int(total * args.kill_at))
         print(f"    killed (exit status {status})\n", flush=True)
-        time.sleep(0.5)  # the site finishes answering the requests that were under way
+        wait_for_answers(start, log, delay)  # the site finishes answering the requests under way
         before = served(log)
         done_before = asyncio.run(recorded(checkpoint))
 
