@@ -214,7 +214,9 @@ class CheckpointManager:
                 if exc.line:
                     raise
                 # A storage met a line over MAX_LINE_BYTES and stopped; the decoder counted the lines.
-                raise line_too_long(decoder.source, decoder.lines + 1, exc.offset) from None
+                # A bad line just before it is not the last line: it is reported first.
+                earlier = decoder.followed()
+                raise earlier or line_too_long(decoder.source, decoder.lines + 1, exc.offset) from None
             decoder.finish()
         finally:
             self.corrupt_lines_skipped = decoder.skipped

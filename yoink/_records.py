@@ -192,8 +192,9 @@ class JournalDecoder:
         lines = item.split("\n")
         if not lines[-1]:
             lines.pop()
+        too_long = None
         if len(item) > MAX_LINE_BYTES // 4:  # a line may be too long (a character is 1 to 4 bytes)
-            lines = self._cut_at_a_long_line(lines)
+            lines, too_long = self._cut_at_a_long_line(lines)
         try:
             # A long line may be there, or an integer beyond 64 bits: leave them to _loads.
             if len(item) > LARGE_LINE or _long_digit_run(item):
@@ -206,18 +207,31 @@ class JournalDecoder:
                 records = self._decode_slowly(lines)
         self.lines += len(lines)
         self.offset += _utf8_len(item) + (not item.endswith("\n"))
+        if too_long is not None and self._error is None:
+            # Raised at the next call, after the records before it; a bad line just before it first.
+            self._error = self.followed() or too_long
         return records
 
-    def _cut_at_a_long_line(self, lines: list[str]) -> list[str]:
-        """Keep the lines before the first one over MAX_LINE_BYTES; raise for it at the next call."""
+    def followed(self) -> CorruptCheckpointError | None:
+        """Say that more follows the lines fed so far, although it cannot be fed (a line too long).
+
+        A bad line waiting to be judged a torn tail is then corrupt: returned as the error to raise
+        before the one for what follows it, or, with ``on_corrupt="skip"``, skipped.
+        """
+        if self._suspect is not None:
+            bad, self._suspect = self._suspect, None
+            self._is_corrupt(bad)
+        return self._error
+
+    def _cut_at_a_long_line(self, lines: list[str]) -> tuple[list[str], CorruptCheckpointError | None]:
+        """The lines before the first one over MAX_LINE_BYTES, and the error for that one, if any."""
         offset = self.offset
         for index, line in enumerate(lines):
             size = _utf8_len(line)
             if size > MAX_LINE_BYTES:
-                self._error = line_too_long(self.source, self.lines + index + 1, offset)
-                return lines[:index]
+                return lines[:index], line_too_long(self.source, self.lines + index + 1, offset)
             offset += size + 1
-        return lines
+        return lines, None
 
     def finish(self) -> None:
         """Call after the last item: a bad last line is a torn tail; raise corruption found earlier."""

@@ -95,10 +95,7 @@ def expected(data: bytes, on_corrupt: str) -> Outcome:
         if not following:
             continue  # the last line that is not blank: a torn write, skipped
         if on_corrupt == "raise":
-            number, later = following[0]
-            if len(later) > LIMIT:  # a known bug: the line over the limit is reported instead
-                return good, (number, len(b"\n".join(lines[: number - 1])) + 1)
-            return good, (index + 1, at)
+            return good, (index + 1, at)  # the bad line, even when a line over the limit follows it
     return good, None
 
 
@@ -220,11 +217,6 @@ async def test_skipping_corrupt_lines_keeps_nothing_per_line(tmp_path: Path) -> 
     assert peak < 16 << 20, f"skipping 200,000 lines peaked at {peak >> 20} MiB"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="yoink reports the line over the limit, not the bad line just before it (the oracle above "
-    "models this; drop both once yoink/_records.py raises for the bad line first)",
-)
 @pytest.mark.parametrize("where", ["in-one-read", "across-reads"])
 async def test_a_bad_line_just_before_a_line_over_the_limit_is_the_one_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
