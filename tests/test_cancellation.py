@@ -25,6 +25,7 @@ import anyio.lowlevel
 import pytest
 
 from tests.conftest import OpenStorage
+from tests.helpers import random_seed
 from yoink import CheckpointLockedError, CheckpointManager, StorageClosedError, StorageError
 from yoink.storage import LocalFileStorage, MemoryStorage, RedisStreamStorage, S3Storage
 
@@ -106,7 +107,7 @@ async def test_a_flush_cancelled_by_native_asyncio_writes_nothing_twice(
     open_storage: OpenStorage, mechanism: str
 ) -> None:
     cancel = NATIVE_CANCELLATIONS[mechanism]
-    rng = random.Random(11)
+    rng = random.Random(random_seed())
     manager = CheckpointManager(open_storage(), batch_bytes=1 << 14, flush_interval=None)
     total = 0
     for _ in range(30):
@@ -121,7 +122,7 @@ async def test_a_flush_cancelled_by_native_asyncio_writes_nothing_twice(
 async def test_an_append_cancelled_while_its_batch_is_written_has_appended_its_record_once(
     open_storage: OpenStorage,
 ) -> None:
-    rng = random.Random(12)
+    rng = random.Random(random_seed())
     manager = CheckpointManager(open_storage(), batch_bytes=1 << 12, flush_interval=None)
     for n in range(3000):
         await _wait_for(manager.append({"n": n, "pad": "p" * 30}), rng.uniform(0, 0.001))
@@ -567,7 +568,7 @@ async def test_replays_cancelled_at_random_leave_no_file_open(tmp_path: Path) ->
     path = tmp_path / "j.jsonl"
     async with CheckpointManager.from_uri(path, flush_interval=None) as manager:
         await manager.append_many({"n": n} for n in range(100))
-    rng = random.Random(14)
+    rng = random.Random(random_seed())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         async with CheckpointManager.from_uri(path, flush_interval=None) as manager:

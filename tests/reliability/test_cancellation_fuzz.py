@@ -44,6 +44,7 @@ import anyio
 import pytest
 
 from tests.conftest import OpenStorage
+from tests.helpers import random_seed
 from tests.reliability.killing import LONG
 from yoink import CheckpointManager, CorruptCheckpointError, StorageClosedError
 from yoink.storage import FsspecStorage
@@ -371,7 +372,7 @@ async def fuzz_round(open_storage: OpenStorage, ledger: Ledger, chosen: Setting,
 
 async def fuzz(open_storage: OpenStorage, backend: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="yoink")
-    seed = int(os.environ.get("YOINK_TEST_SEED", time.time_ns() % (1 << 32)))
+    seed = random_seed()
     ledger = Ledger(seed=seed, backend=backend)
     chosen = setting(backend)
     for number in range(chosen.rounds):

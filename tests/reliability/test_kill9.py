@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.helpers import random_seed
 from tests.reliability.killing import Journal, kill_loop, kills, replayed
 from yoink import CheckpointManager
 
@@ -46,7 +46,7 @@ def journal(
 
 
 def test_kill_9_never_loses_a_flushed_record_nor_replays_one_twice_or_corrupt(journal: Journal) -> None:
-    rng = random.Random(os.environ.get("YOINK_TEST_SEED", time.time_ns()))
+    rng = random.Random(random_seed())
     outcome = kill_loop(journal, kills(20 if journal.name == "local" else 10), rng)
     assert not outcome.failures, outcome.failures[:5]
     assert not outcome.lost, f"{len(outcome.lost)} flushed records lost, e.g. {sorted(outcome.lost)[:5]}"

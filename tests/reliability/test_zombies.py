@@ -8,7 +8,6 @@ writer flushed may be lost, replayed twice, or found out of order (none of A's r
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.helpers import random_seed
 from tests.reliability.killing import LONG, Journal, take_over_from_a_paused_writer
 
 ROUNDS = 10 if LONG else 1
@@ -60,7 +60,7 @@ def test_a_paused_writer_that_another_replaced_is_refused_and_nothing_is_lost(
     journals: tuple[Journal, dict[str, Any]],
 ) -> None:
     journal, elsewhere = journals
-    rng = random.Random(os.environ.get("YOINK_TEST_SEED", time.time_ns()))
+    rng = random.Random(random_seed())
     for round_ in range(ROUNDS):
         outcome = take_over_from_a_paused_writer(journal, elsewhere, rng, stopped=2.0, records=300)
         context = f"{journal.name}, round {round_}"
