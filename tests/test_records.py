@@ -8,13 +8,15 @@ records for orjson, were corrupt for the json module.
 
 from __future__ import annotations
 
+import inspect
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 import pytest
 
-from yoink import CheckpointManager, CorruptCheckpointError
+from yoink import CheckpointManager, CorruptCheckpointError, _records
 from yoink._records import LARGE_LINE, MAX_DEPTH, MAX_LINE_BYTES, tail_reads
 from yoink.storage import MemoryStorage
 
@@ -28,6 +30,11 @@ def nested_objects(levels: int) -> str:
 def nested_lists(levels: int) -> str:
     """An object holding lists inside lists: ``levels`` in all, the object included."""
     return '{"a":' + "[" * (levels - 2) + "[]" + "]" * (levels - 2) + "}"
+
+
+def nested_objects_beside_others(levels: int) -> str:
+    """As nested_objects, with more objects beside them: more brackets than levels."""
+    return nested_objects(levels)[:-1] + ',"b":{},"c":[{}]}'
 
 
 def as_is(line: str) -> str:
@@ -69,7 +76,9 @@ def depth(value: Any) -> int:
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("shape", [nested_objects, nested_lists], ids=["objects", "lists"])
+@pytest.mark.parametrize(
+    "shape", [nested_objects, nested_lists, nested_objects_beside_others], ids=["objects", "lists", "beside"]
+)
 @pytest.mark.parametrize("levels", [1000, MAX_DEPTH, MAX_DEPTH + 1, MAX_DEPTH + 60, 5000])
 async def test_a_deeply_nested_line_is_a_record_or_not_whichever_parser_reads_it(
     levels: int, shape: Callable[[int], str], path: str
@@ -89,7 +98,7 @@ async def test_a_deeply_nested_line_is_a_record_or_not_whichever_parser_reads_it
         assert records[1] == {"n": 2}
     else:
         # orjson reads a short line first, and says so itself
-        ours = "nested too deeply: deeper than 1,024 levels"
+        ours = r"nested too deeply: deeper than 1,024 levels: line 1 column 1 \(char 0\)"
         reason = ours if path == "long line" else "depth limit exceeded"
         with pytest.raises(CorruptCheckpointError, match=rf"line 1 \(byte offset 0\) .*{reason}") as caught:
             await replay(text)
@@ -146,6 +155,16 @@ async def test_a_bad_line_is_named_by_its_line_and_byte_offset_in_any_item(where
         await replay(*rebuilt)
     assert (caught.value.line, caught.value.offset) == (bad_index + 1, offset)
     assert f"line {bad_index + 1} (byte offset {offset})" in str(caught.value)
+
+
+def test_a_line_as_deep_as_orjson_allows_parses_on_the_json_path_however_deep_the_caller_is() -> None:
+    line = long(nested_objects(MAX_DEPTH))
+
+    def parse_at(frames: int) -> Any:
+        return parse_at(frames - 1) if frames else _records._loads(line)
+
+    room = sys.getrecursionlimit() - len(inspect.stack()) - 30  # all but a few frames of the limit
+    assert depth(parse_at(room)) == MAX_DEPTH
 
 
 def test_the_end_of_an_object_is_read_back_one_byte_then_64_kib_growing_sixteenfold() -> None:
