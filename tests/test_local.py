@@ -270,7 +270,8 @@ async def test_the_directory_is_fsynced_once_when_the_journal_is_created(
     with spy_on_fsync(monkeypatch) as fsyncs:
         async with LocalFileStorage(path) as storage:
             await storage.write(line(1))
-            assert fsyncs.directories() == [str(path.parent.resolve())]  # before the write returned
+            made = [str(path.parent.resolve()), str(tmp_path.resolve())]  # the file's entry, and runs/'
+            assert fsyncs.directories() == made  # before the write returned
             assert fsyncs.sizes(path) == []
             await storage.flush()
             await storage.write(line(2))
@@ -278,5 +279,32 @@ async def test_the_directory_is_fsynced_once_when_the_journal_is_created(
         async with LocalFileStorage(path) as again:  # the file exists: its entry is durable already
             await again.write(line(3))
             await again.flush()
-        assert fsyncs.directories() == [str(path.parent.resolve())]
+        assert fsyncs.directories() == made
         assert fsyncs.sizes(path) == [len(line(1)), len(line(1) + line(2)), len(line(1) + line(2) + line(3))]
+
+
+async def test_each_directory_made_for_a_new_journal_is_made_durable_in_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "runs" / "2026" / "j.jsonl"
+    with spy_on_fsync(monkeypatch) as fsyncs:
+        async with LocalFileStorage(path) as storage:
+            await storage.write(line(1))
+    resolved = path.resolve()
+    # The file's entry in 2026/, 2026's in runs/, runs' in the directory that was there.
+    expected = [resolved.parent, resolved.parent.parent, tmp_path.resolve()]
+    assert fsyncs.directories() == [str(directory) for directory in expected]
+
+
+async def test_fsync_false_makes_no_fsync_even_when_setting_a_torn_tail_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "j.jsonl"
+    path.write_bytes(line(1).encode() + b'{"n":2,"to')
+    with spy_on_fsync(monkeypatch) as fsyncs:
+        async with LocalFileStorage(path, fsync=False) as storage:
+            await storage.write(line(3))
+            await storage.flush()
+    assert fsyncs.calls == []
+    assert path.read_text() == line(1) + line(3)
+    assert (tmp_path / "j.jsonl.torn").read_bytes() == b'{"n":2,"to\n'

@@ -187,6 +187,7 @@ class LocalFileStorage(CheckpointStorage):
     def _open_and_lock(self) -> int:
         """Open the journal, take the writer's lock and set aside a torn tail."""
         created = not os.path.exists(self._path)
+        new_directories = _missing_directories(os.path.dirname(self._path))
         try:
             os.makedirs(os.path.dirname(self._path), exist_ok=True)
         except OSError as exc:
@@ -208,8 +209,10 @@ class LocalFileStorage(CheckpointStorage):
                 ) from None
             try:
                 if created and self._fsync:
-                    _fsync_directory(os.path.dirname(self._path))
-                _set_aside_torn_tail(self._path, fd)
+                    # The file's entry, and the entry of each directory made for it, in its parent.
+                    for directory in [self._path, *new_directories]:
+                        _fsync_directory(os.path.dirname(directory))
+                _set_aside_torn_tail(self._path, fd, fsync=self._fsync)
             except OSError as exc:
                 raise StorageError(f"cannot prepare {self._path} for appending: {exc}") from exc
         except BaseException:
@@ -273,7 +276,19 @@ def _fsync_directory(path: str) -> None:
         os.close(fd)
 
 
-def _set_aside_torn_tail(path: str, fd: int) -> int:
+def _missing_directories(directory: str) -> list[str]:
+    """``directory`` and those above it that do not exist yet, the deepest first."""
+    missing = []
+    while directory and not os.path.isdir(directory):
+        missing.append(directory)
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    return missing
+
+
+def _set_aside_torn_tail(path: str, fd: int, *, fsync: bool = True) -> int:
     """Move the bytes after the last newline to ``path + ".torn"``; return the clean size."""
     size = os.fstat(fd).st_size
     with open(path, "rb") as journal:
@@ -296,9 +311,11 @@ def _set_aside_torn_tail(path: str, fd: int) -> int:
                 side.write(block)
             side.write(b"\n")
             side.flush()
-            os.fsync(side.fileno())
+            if fsync:
+                os.fsync(side.fileno())
     os.ftruncate(fd, clean)
-    os.fsync(fd)
+    if fsync:
+        os.fsync(fd)
     logger.warning(
         "%s ended in a torn write: moved its last %d bytes (from offset %d) to %s",
         path,
