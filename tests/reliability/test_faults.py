@@ -47,10 +47,13 @@ async def write_through_faults(
     return appended, acknowledged, errors
 
 
+@pytest.mark.parametrize("attempts", [3, 1], ids=["retried", "not-retried"])
 @pytest.mark.parametrize("layout", ["object", "segments"])
 async def test_s3_errors_resets_and_stalls_lose_and_repeat_nothing(
-    bucket: str, moto: MotoServer, tmp_path: Path, layout: str
+    bucket: str, moto: MotoServer, tmp_path: Path, layout: str, attempts: int
 ) -> None:
+    # Retried, the client absorbs most faults; not retried, they reach the manager's flushes, whose
+    # records must then be kept and flushed once.
     seed = random_seed()
     proxy = Proxy(moto.port)
     uri = f"s3://{bucket}/faults?layout={layout}"
@@ -59,7 +62,12 @@ async def test_s3_errors_resets_and_stalls_lose_and_repeat_nothing(
     # one more fault, which the storage must survive as it survives the others. The last flush,
     # which must succeed, is therefore tried until it does (a failed flush keeps its records).
     storage = S3Storage(
-        uri, stage_dir=tmp_path / "stage", endpoint_url=proxy.url, timeout=1.0, max_attempts=3, merge_after=4
+        uri,
+        stage_dir=tmp_path / "stage",
+        endpoint_url=proxy.url,
+        timeout=1.0,
+        max_attempts=attempts,
+        merge_after=4,
     )
     try:
         proxy.chaos(0.2, random.Random(seed), stall=2.0)
@@ -76,6 +84,8 @@ async def test_s3_errors_resets_and_stalls_lose_and_repeat_nothing(
     finally:
         proxy.stop()
     assert sum(proxy.broken.values()) >= 5, f"seed {seed}: {proxy.broken}"  # the faults did happen
+    if attempts == 1:
+        assert errors, f"seed {seed}: no fault reached a flush: {proxy.broken}"
     async with S3Storage(uri, stage_dir=tmp_path / "reader", endpoint_url=moto.url) as reader:
         replayed = [int(line[5:-1]) for line in (await read_text(reader)).splitlines()]
     assert set(range(acknowledged)) <= set(replayed), f"seed {seed}: acknowledged records lost"
