@@ -264,6 +264,28 @@ async def test_a_slow_storage_makes_append_wait_so_memory_stays_bounded() -> Non
     assert max(buffered) <= bound, "append went on while the buffer was full"
 
 
+async def test_appenders_that_waited_for_a_full_batch_do_not_each_write_the_few_records_left() -> None:
+    # Ten producers find the buffer full while one batch is written. The first to get the storage
+    # writes the next batch; the others find it gone and write nothing: every write but the last
+    # (the flush at close) is a full batch, not a handful of records per producer.
+    storage = RecordingStorage(delay=0.005)
+    record = {"pad": "x" * 1000}
+    batch = 32 * 1024
+    async with CheckpointManager(storage, batch_bytes=batch, flush_interval=None) as manager:
+
+        async def producer() -> None:
+            for _ in range(200):
+                await manager.append(record)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(producer)
+        written_by_appends = list(storage.writes)
+    assert written_by_appends, "no batch filled up"
+    assert min(len(data) for data in written_by_appends) >= batch
+    assert len(storage.durable.splitlines()) == 2000
+
+
 async def test_thousands_of_tasks_appending_at_once_never_interleave_lose_or_duplicate(
     tmp_path: Path,
 ) -> None:
