@@ -40,6 +40,25 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     return True
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Under scripts/mutate, tell mutmut which functions this test's subprocesses ran.
+
+    They wrote them to $YOINK_MUTATION_HITS (scripts/mutation/sitecustomize.py); mutmut then runs
+    this test against those functions' mutants too. Elsewhere this does nothing.
+    """
+    yield
+    hits = os.environ.get("YOINK_MUTATION_HITS")
+    if not hits or os.environ.get("MUTANT_UNDER_TEST") != "stats":
+        return
+    from mutmut.stats import record_trampoline_hit
+
+    for path in Path(hits).glob("*"):
+        for name in set(path.read_text().split()):
+            record_trampoline_hit(name)
+        path.unlink()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Leave out trio runs on S3 and Redis: tests/test_cancellation.py checks that they refuse it."""
     keep, drop = [], []
