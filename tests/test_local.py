@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -308,3 +309,13 @@ async def test_fsync_false_makes_no_fsync_even_when_setting_a_torn_tail_aside(
     assert fsyncs.calls == []
     assert path.read_text() == line(1) + line(3)
     assert (tmp_path / "j.jsonl.torn").read_bytes() == b'{"n":2,"to\n'
+
+
+async def test_a_pickled_storage_keeps_fsync_false(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    copy = pickle.loads(pickle.dumps(LocalFileStorage(tmp_path / "j.jsonl", fsync=False)))
+    with spy_on_fsync(monkeypatch) as fsyncs:
+        async with copy:
+            await copy.write(line(1))
+            await copy.flush()
+    assert fsyncs.calls == []
+    assert (tmp_path / "j.jsonl").read_text() == line(1)

@@ -279,12 +279,9 @@ def _fsync_directory(path: str) -> None:
 def _missing_directories(directory: str) -> list[str]:
     """``directory`` and those above it that do not exist yet, the deepest first."""
     missing = []
-    while directory and not os.path.isdir(directory):
+    while directory and not os.path.isdir(directory):  # "/" is one, and "" ends a relative path
         missing.append(directory)
-        parent = os.path.dirname(directory)
-        if parent == directory:
-            break
-        directory = parent
+        directory = os.path.dirname(directory)
     return missing
 
 
