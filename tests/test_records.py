@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -18,7 +19,7 @@ import pytest
 
 from yoink import CheckpointManager, CorruptCheckpointError, _records
 from yoink._records import LARGE_LINE, MAX_DEPTH, MAX_LINE_BYTES, tail_reads
-from yoink.storage import MemoryStorage
+from yoink.storage import LocalFileStorage, MemoryStorage
 
 PAD = "x" * (LARGE_LINE + 1)
 
@@ -204,4 +205,22 @@ async def test_a_line_over_the_limit_in_an_item_is_named_after_the_records_befor
     assert seen == [{"n": 1}, {"é": 2}, {"n": 3}]
     offset = len(before.encode()) + len('{"n":3}\n')
     assert (caught.value.line, caught.value.offset) == (4, offset)
-    assert str(caught.value).startswith(f"{storage!r}: line 4 (byte offset {offset}) is longer than")
+    assert str(caught.value) == (
+        f"{storage!r}: line 4 (byte offset {offset}) is longer than {MAX_LINE_BYTES:,} bytes, yoink's limit "
+        "for a line; yoink never writes such a line, and does not read one (even with on_corrupt='skip')"
+    )
+
+
+async def test_a_storage_read_on_its_own_names_a_line_over_the_limit_by_its_byte_offset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Read without a manager, which counts lines, the error gives the offset alone.
+    monkeypatch.setattr(_records, "MAX_LINE_BYTES", 3 << 20)
+    path = tmp_path / "j.jsonl"
+    path.write_bytes(b'{"n":1}\n' + b'{"long":"' + b"x" * (4 << 20) + b'"}\n')
+    storage = LocalFileStorage(path)
+    with pytest.raises(CorruptCheckpointError) as caught:
+        async for _ in storage.read():
+            pass
+    assert str(caught.value).startswith(f"{path}: the line at byte offset 8 is longer than 3,145,728 bytes")
+    assert (caught.value.line, caught.value.offset) == (0, 8)
