@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import stat
 import subprocess
 import sys
 import textwrap
@@ -101,7 +103,10 @@ async def test_another_process_writing_the_same_file_is_refused(tmp_path: Path) 
             str(path),
         )
         assert child.returncode == 3, child.stderr
-        assert "is open for writing elsewhere" in child.stdout
+        assert (
+            f"{path} is open for writing elsewhere (another process or storage holds its lock); yoink "
+            "allows one writer at a time, and nothing was written"
+        ) in child.stdout
         await manager.append({"owner": "parent", "n": 2})
     assert await replay_all(path) == [{"owner": "parent"}, {"owner": "parent", "n": 2}]
 
@@ -319,3 +324,35 @@ async def test_a_pickled_storage_keeps_fsync_false(tmp_path: Path, monkeypatch: 
             await copy.flush()
     assert fsyncs.calls == []
     assert (tmp_path / "j.jsonl").read_text() == line(1)
+
+
+async def test_a_new_journal_gets_the_usual_permissions_of_a_new_file(tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    async with LocalFileStorage(tmp_path / "j.jsonl") as storage:
+        await storage.write(line(1))
+    assert stat.S_IMODE((tmp_path / "j.jsonl").stat().st_mode) == 0o666 & ~umask
+
+
+async def test_a_journal_path_that_is_a_directory_is_refused_with_the_reason(tmp_path: Path) -> None:
+    (tmp_path / "j.jsonl").mkdir()
+    async with LocalFileStorage(tmp_path / "j.jsonl") as storage:
+        with pytest.raises(StorageError, match=r"^cannot open .*j\.jsonl for appending: Is a directory$"):
+            await storage.write(line(1))
+
+
+async def test_setting_a_torn_tail_aside_is_fsynced_before_the_journal_is_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "j.jsonl"
+    path.write_bytes(line(1).encode() + b'{"n":2,"to')
+    with spy_on_fsync(monkeypatch) as fsyncs:
+        async with LocalFileStorage(path) as storage:
+            await storage.write(line(3))
+    torn = tmp_path / "j.jsonl.torn"
+    # the set-aside bytes are durable, then the cut journal, then (at close) the new record
+    assert [(call.path, call.size) for call in fsyncs.calls] == [
+        (str(torn.resolve()), len(b'{"n":2,"to\n')),
+        (str(path.resolve()), len(line(1))),
+        (str(path.resolve()), len(line(1) + line(3))),
+    ]

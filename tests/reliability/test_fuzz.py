@@ -175,7 +175,9 @@ async def test_a_record_over_the_limit_is_refused_and_nothing_is_appended(
         with pytest.raises(ValueError, match="longer than 1,000 bytes"):
             await manager.append_many([{"n": 1}, {"pad": "p" * 1000}])
         await manager.append({"n": 2})
-        assert [r async for r in manager.replay()] == [{"n": 0}, {"n": 2}]
+        at_limit = {"pad": "p" * 989}  # 999 bytes and a newline: a line of the limit's length
+        await manager.append(at_limit)
+        assert [r async for r in manager.replay()] == [{"n": 0}, {"n": 2}, at_limit]
 
 
 async def test_replay_memory_follows_the_longest_line_not_the_journal(tmp_path: Path) -> None:
