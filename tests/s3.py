@@ -161,6 +161,10 @@ class Proxy:
         with self._lock:
             self.faults.append(fault)
 
+    def clear_faults(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
     def reset_traffic(self) -> Traffic:
         with self._lock:
             traffic, self.traffic = self.traffic, Traffic()
