@@ -302,20 +302,6 @@ async def test_each_directory_made_for_a_new_journal_is_made_durable_in_its_pare
     assert fsyncs.directories() == [str(directory) for directory in expected]
 
 
-async def test_fsync_false_makes_no_fsync_even_when_setting_a_torn_tail_aside(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "j.jsonl"
-    path.write_bytes(line(1).encode() + b'{"n":2,"to')
-    with spy_on_fsync(monkeypatch) as fsyncs:
-        async with LocalFileStorage(path, fsync=False) as storage:
-            await storage.write(line(3))
-            await storage.flush()
-    assert fsyncs.calls == []
-    assert path.read_text() == line(1) + line(3)
-    assert (tmp_path / "j.jsonl.torn").read_bytes() == b'{"n":2,"to\n'
-
-
 async def test_a_pickled_storage_keeps_fsync_false(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     copy = pickle.loads(pickle.dumps(LocalFileStorage(tmp_path / "j.jsonl", fsync=False)))
     with spy_on_fsync(monkeypatch) as fsyncs:
@@ -341,18 +327,24 @@ async def test_a_journal_path_that_is_a_directory_is_refused_with_the_reason(tmp
             await storage.write(line(1))
 
 
+@pytest.mark.parametrize("fsync", [True, False])
 async def test_setting_a_torn_tail_aside_is_fsynced_before_the_journal_is_cut(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: bool
 ) -> None:
     path = tmp_path / "j.jsonl"
     path.write_bytes(line(1).encode() + b'{"n":2,"to')
     with spy_on_fsync(monkeypatch) as fsyncs:
-        async with LocalFileStorage(path) as storage:
+        async with LocalFileStorage(path, fsync=fsync) as storage:
             await storage.write(line(3))
+            await storage.flush()
     torn = tmp_path / "j.jsonl.torn"
-    # the set-aside bytes are durable, then the cut journal, then (at close) the new record
-    assert [(call.path, call.size) for call in fsyncs.calls] == [
+    assert path.read_text() == line(1) + line(3)
+    assert torn.read_bytes() == b'{"n":2,"to\n'
+    # The set-aside bytes are durable, then the cut journal, then the new record; with
+    # fsync=False, nothing is fsynced at all.
+    expected = [
         (str(torn.resolve()), len(b'{"n":2,"to\n')),
         (str(path.resolve()), len(line(1))),
         (str(path.resolve()), len(line(1) + line(3))),
     ]
+    assert [(call.path, call.size) for call in fsyncs.calls] == (expected if fsync else [])
