@@ -348,3 +348,37 @@ async def test_setting_a_torn_tail_aside_is_fsynced_before_the_journal_is_cut(
         (str(path.resolve()), len(line(1) + line(3))),
     ]
     assert [(call.path, call.size) for call in fsyncs.calls] == (expected if fsync else [])
+
+
+async def test_a_torn_tail_behind_a_newline_in_the_first_byte_is_found_across_a_whole_block(
+    tmp_path: Path,
+) -> None:
+    # The search for the last newline reads back 64 KiB at a time: here the only newline is the
+    # file's first byte, alone in the last block read.
+    path = tmp_path / "j.jsonl"
+    path.write_bytes(b"\n" + b"x" * 65536)
+    async with LocalFileStorage(path) as storage:
+        await storage.write(line(1))
+    assert path.read_bytes() == b"\n" + line(1).encode()
+    assert Path(f"{path}.torn").read_bytes() == b"x" * 65536 + b"\n"
+
+
+async def test_a_torn_staged_batch_taken_over_is_set_aside_durably(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A remote journal's stage (S3, fsspec) sets a crashed writer's torn batch aside with the local
+    # backend's code, and fsyncs it: its batches are the only copy of records not yet uploaded.
+    from yoink.storage._stage import Stage
+
+    stage = Stage(tmp_path / "stage", "s3://bucket/j.jsonl", describe="s3://bucket/j.jsonl")
+    os.makedirs(stage.directory)
+    batch = Path(stage.directory) / "000000000001.jsonl"
+    batch.write_bytes(line(1).encode() + b'{"n":2,"to')
+    with spy_on_fsync(monkeypatch) as fsyncs:
+        await stage.open()
+    try:
+        assert batch.read_bytes() == line(1).encode()
+        assert fsyncs.sizes(f"{batch}.torn") == [len(b'{"n":2,"to\n')]
+        assert fsyncs.sizes(batch) == [len(line(1))]
+    finally:
+        await stage.close()
