@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import stat
 import subprocess
 import sys
@@ -385,3 +386,23 @@ async def test_a_torn_staged_batch_taken_over_is_set_aside_durably(
         assert fsyncs.sizes(batch) == [len(line(1))]
     finally:
         await stage.close()
+
+
+async def test_a_torn_tail_that_cannot_be_set_aside_refuses_the_write_and_keeps_the_journal(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.jsonl"
+    path.write_bytes(line(1).encode() + b'{"n":2,"to')
+    (tmp_path / "j.jsonl.torn").mkdir()  # where the torn tail would go
+    async with LocalFileStorage(path) as storage:
+        with pytest.raises(
+            StorageError,
+            match=rf"^cannot prepare {re.escape(str(path))} for appending: \[Errno 21\] Is a directory: "
+            rf"'{re.escape(str(path))}\.torn'$",
+        ):
+            await storage.write(line(3))
+    assert path.read_bytes() == line(1).encode() + b'{"n":2,"to'
+    (tmp_path / "j.jsonl.torn").rmdir()
+    async with LocalFileStorage(path) as storage:  # the refused storage let go of the lock
+        await storage.write(line(3))
+    assert path.read_text() == line(1) + line(3)

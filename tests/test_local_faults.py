@@ -66,7 +66,7 @@ needs_append_only_files = pytest.mark.skipif(
 )
 
 UNDO_FAILS = """
-    import asyncio, resource, signal, subprocess, sys
+    import asyncio, os, resource, signal, subprocess, sys
     from yoink import CheckpointManager, StorageError
     from yoink.storage import LocalFileStorage
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -89,6 +89,9 @@ UNDO_FAILS = """
             await manager.storage.write('{"n":-1}\\n')
         except StorageError as exc:
             print("then:", type(exc).__name__)
+        if (pid := os.fork()) == 0:  # a child of a closed storage has nothing of it to let go of
+            os._exit(0)
+        os.waitpid(pid, 0)
         subprocess.run(["chattr", "-a", path], check=True)
         second = LocalFileStorage(path)  # the lock was let go of with the descriptor
         await second.write('{"n":-2}\\n')
@@ -120,6 +123,7 @@ def test_a_write_cut_part_way_whose_undo_fails_closes_the_storage_and_keeps_ever
         "the storage is closed, and the next writer sets the torn tail aside"
     ) in child.stdout
     assert "then: StorageClosedError" in child.stdout
+    assert "could not let go" not in child.stderr, "a forked child found a descriptor to close"
     assert "a second storage could write" in child.stdout
     assert "close: " in child.stdout, "the manager says its last records were not written"
     # Every flushed record is there; then the complete lines of the cut write, the second storage's
