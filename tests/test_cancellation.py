@@ -334,8 +334,13 @@ async def test_a_forked_worker_can_write_once_the_parent_has_closed(
 def test_a_forked_child_cannot_use_its_parents_open_storage(tmp_path: Path) -> None:
     child = run_script(FORKED_CHILD, str(tmp_path / "j.jsonl"))
     assert child.returncode == 0, child.stderr
-    assert "child: StorageClosedError" in child.stdout
-    assert "this process is a fork of it" in child.stdout
+    parent = child.stdout.split("parent:", 1)[1].split()[0]
+    assert (
+        f"child: StorageClosedError LocalFileStorage('{tmp_path / 'j.jsonl'}') is closed: it was opened by "
+        f"process {parent}, and this process is a fork of it; open a new storage or manager here "
+        "(a pickled one opens anew)\n"
+    ) in child.stdout
+    assert "child closed its copy" in child.stdout, "closing a storage dropped in a fork works"
     assert "parent appended after the fork" in child.stdout
 
 
@@ -346,6 +351,7 @@ FORKED_CHILD = """
         manager = CheckpointManager.from_uri(sys.argv[1], flush_interval=None)
         await manager.append({"n": 1})
         await manager.flush()
+        print("parent:", os.getpid(), flush=True)
         pid = os.fork()
         if pid == 0:
             async def child():
@@ -353,6 +359,8 @@ FORKED_CHILD = """
                     await manager.storage.write('{"n":"child"}\\n')
                 except Exception as exc:
                     print("child:", type(exc).__name__, exc, flush=True)
+                await manager.storage.close()
+                print("child closed its copy", flush=True)
             asyncio.run(child())
             os._exit(0)
         os.waitpid(pid, 0)
@@ -605,7 +613,7 @@ def test_an_abandoned_replay_closes_what_it_opened_at_once(
 
 
 async def test_a_write_that_could_not_be_sent_early_is_kept_and_flushed_once(tmp_path: Path) -> None:
-    from tests.redis_server import RedisServer
+    from tests.servers.redis import RedisServer
 
     server = RedisServer(tmp_path / "redis", appendonly=True)
     try:
