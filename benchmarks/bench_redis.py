@@ -26,8 +26,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.redis_server import RedisServer
 from tests.reference_sketch import RedisStreamStorage as Sketch
+from tests.servers.redis import RedisServer
 from yoink import CheckpointManager
 
 

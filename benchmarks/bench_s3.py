@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_s3.py --quick   # smaller ones, for a smoke run
 
 moto runs in its own process (``python -m moto.server``), so the server does not share the client's
-interpreter. Bytes on the wire are counted by a proxy between the client and moto (tests/s3.py).
+interpreter. Bytes on the wire are counted by a proxy between the client and moto (tests/servers/proxy.py).
 The reference design is the reference page's S3Storage taken literally: on every flush, download
 the whole object, append the buffer, upload it again with PutObject.
 """
@@ -32,7 +32,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.s3 import Proxy, free_port
+from tests.servers import free_port
+from tests.servers.proxy import Proxy
 from yoink import CheckpointManager
 from yoink.storage import S3Storage
 

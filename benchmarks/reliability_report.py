@@ -34,9 +34,9 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.redis_server import RedisServer
 from tests.reliability.killing import Journal, Outcome, Takeover, kill_loop, take_over_from_a_paused_writer
-from tests.s3 import MotoServer
+from tests.servers.redis import RedisServer
+from tests.servers.s3 import MotoServer
 
 
 def main() -> int:

@@ -10,8 +10,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.redis_server import RedisServer, redis_server_binary
-from tests.s3 import MotoServer, Proxy
+from tests.servers.proxy import Proxy
+from tests.servers.redis import RedisServer, redis_server_binary
+from tests.servers.s3 import MotoServer
 from yoink.storage import CheckpointStorage, LocalFileStorage, MemoryStorage, RedisStreamStorage, S3Storage
 
 pytest_plugins = ["pytester"]

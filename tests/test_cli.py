@@ -14,7 +14,7 @@ import orjson
 import pytest
 import redis
 
-from tests.s3 import MotoServer
+from tests.servers.s3 import MotoServer
 
 YOINK = str(Path(sys.executable).with_name("yoink"))
 RECORDS = [{"n": n, "url": f"https://example.com/{n}", "t": "✓"} for n in range(1000)]

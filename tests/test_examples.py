@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.s3 import free_port
+from tests.servers import free_port
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 

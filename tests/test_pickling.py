@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.s3 import MotoServer
+from tests.servers.s3 import MotoServer
 from yoink import CheckpointManager
 from yoink.storage import StorageFactory
 

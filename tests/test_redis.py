@@ -20,7 +20,8 @@ import pytest
 import redis.asyncio as redis
 
 from tests.conftest import read_text
-from tests.redis_server import DroppingProxy, RedisServer
+from tests.servers.proxy import DroppingProxy
+from tests.servers.redis import RedisServer
 from yoink import (
     CheckpointLockedError,
     CheckpointManager,

@@ -19,7 +19,8 @@ import boto3
 import pytest
 
 from tests.conftest import read_text
-from tests.s3 import Fault, MotoServer, Proxy
+from tests.servers.proxy import Fault, Proxy
+from tests.servers.s3 import MotoServer
 from yoink import CheckpointLockedError, CheckpointManager, ConcurrentWriterError, StorageError
 from yoink.storage import S3Storage
 

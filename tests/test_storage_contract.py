@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.s3 import MotoServer
+from tests.servers.s3 import MotoServer
 from yoink.storage import LocalFileStorage, MemoryStorage, RedisStreamStorage, S3Storage
 from yoink.testing import StorageContract
 

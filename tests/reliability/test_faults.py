@@ -14,9 +14,10 @@ import pytest
 
 from tests.conftest import read_text
 from tests.helpers import random_seed
-from tests.redis_server import RedisServer
 from tests.reliability.killing import LONG
-from tests.s3 import Fault, MotoServer, Proxy
+from tests.servers.proxy import Fault, Proxy
+from tests.servers.redis import RedisServer
+from tests.servers.s3 import MotoServer
 from yoink import CheckpointManager, StorageError
 from yoink.storage import RedisStreamStorage, S3Storage
 

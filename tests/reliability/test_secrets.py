@@ -12,8 +12,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.redis_server import RedisServer
-from tests.s3 import MotoServer
+from tests.servers.redis import RedisServer
+from tests.servers.s3 import MotoServer
 from yoink import CheckpointManager, StorageError, YoinkError
 
 PASSWORD = "pw-" + uuid.uuid4().hex  # nowhere else in the process, so any sighting is a leak

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.s3 import MotoServer
+from tests.servers.s3 import MotoServer
 from yoink import CheckpointManager, ConcurrentWriterError
 
 SECOND_WRITER = textwrap.dedent(

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
-from tests.s3 import free_port
+from tests.servers import free_port
 
 
 def redis_server_binary() -> str | None:
@@ -63,42 +61,3 @@ class RedisServer:
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()
             self._process.wait()
-
-
-class DroppingProxy:
-    """A TCP proxy to Redis that, on demand, lets a request through and drops the connection
-    instead of passing the reply back: the client cannot tell whether its command ran."""
-
-    def __init__(self, port: int) -> None:
-        self._upstream = port
-        self.drop_next_reply = False
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"redis://127.0.0.1:{self._server.getsockname()[1]}/0"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self._upstream))
-            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
-
-    def _pipe(self, source: socket.socket, target: socket.socket, replies: bool) -> None:
-        try:
-            while data := source.recv(1 << 16):
-                if replies and self.drop_next_reply:
-                    self.drop_next_reply = False
-                    break
-                target.sendall(data)
-        except OSError:
-            pass
-        for sock in (source, target):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def stop(self) -> None:
-        self._server.close()

@@ -1,7 +1,8 @@
-"""S3 for tests: moto's real HTTP server, and a proxy in front of it that counts and breaks things.
+"""Proxies between a client and a test server, to count what passes and to break it on purpose.
 
-``mock_aws`` patches botocore in-process and does not work with aiobotocore, so every S3 test talks
-HTTP to ``moto.server.ThreadedMotoServer``.
+- ``Proxy``: HTTP, in front of moto's S3; counts requests and bytes, injects S3 errors, resets and
+  stalls (``Fault``, ``chaos()``).
+- ``DroppingProxy``: TCP, in front of Redis; lets a command through and drops its reply.
 """
 
 from __future__ import annotations
@@ -16,27 +17,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class MotoServer:
-    """moto's S3 on a free port of 127.0.0.1."""
-
-    def __init__(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        self.port = free_port()
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self._server.stop()
 
 
 @dataclass
@@ -201,3 +181,42 @@ class Proxy:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class DroppingProxy:
+    """A TCP proxy to Redis that, on demand, lets a request through and drops the connection
+    instead of passing the reply back: the client cannot tell whether its command ran."""
+
+    def __init__(self, port: int) -> None:
+        self._upstream = port
+        self.drop_next_reply = False
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self._server.getsockname()[1]}/0"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._upstream))
+            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, target: socket.socket, replies: bool) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                if replies and self.drop_next_reply:
+                    self.drop_next_reply = False
+                    break
+                target.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, target):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def stop(self) -> None:
+        self._server.close()
