@@ -91,12 +91,6 @@ def open_storage(request: pytest.FixtureRequest, tmp_path: Path) -> OpenStorage:
     return lambda: MemoryStorage(name)
 
 
-async def read_text(storage: CheckpointStorage) -> str:
-    """The journal's text, with each item's missing final newline restored."""
-    items = [item async for item in storage.read()]
-    return "".join(item if item.endswith("\n") else item + "\n" for item in items)
-
-
 @pytest.fixture(scope="session")
 def moto() -> Iterator[MotoServer]:
     """moto's S3 server, shared by the session; each test gets its own bucket."""

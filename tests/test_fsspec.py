@@ -15,10 +15,10 @@ import fsspec
 import fsspec.implementations.memory
 import pytest
 
-from tests.conftest import read_text
 from yoink import ConcurrentWriterError, MissingDependencyError, StorageError, StorageFactory
 from yoink.storage import FsspecStorage
 from yoink.testing import StorageContract
+from yoink.testing._contract import _text as read_text
 
 
 @pytest.mark.usefixtures("async_backend")

@@ -18,11 +18,11 @@ from typing import Any
 import boto3
 import pytest
 
-from tests.conftest import read_text
 from tests.servers.proxy import Fault, Proxy
 from tests.servers.s3 import MotoServer
 from yoink import CheckpointLockedError, CheckpointManager, ConcurrentWriterError, StorageError
 from yoink.storage import S3Storage
+from yoink.testing._contract import _text as read_text
 
 CHILD = Path(__file__).with_name("s3_child.py")
 LAYOUTS = ["object", "segments"]

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_text
 from tests.helpers import random_seed
 from tests.reliability.killing import LONG
 from tests.servers.proxy import Fault, Proxy
@@ -20,6 +19,7 @@ from tests.servers.redis import RedisServer
 from tests.servers.s3 import MotoServer
 from yoink import CheckpointManager, StorageError
 from yoink.storage import RedisStreamStorage, S3Storage
+from yoink.testing._contract import _text as read_text
 
 ROUNDS = 300 if LONG else 40
 
