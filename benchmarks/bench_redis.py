@@ -26,7 +26,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.reference_sketch import RedisStreamStorage as Sketch
+from tests.reference_sketch import RedisListSketch as Sketch
 from tests.servers.redis import RedisServer
 from yoink import CheckpointManager
 

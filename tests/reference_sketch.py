@@ -1,7 +1,9 @@
 """The Redis backend sketched on the reference page, method for method, with a real redis client.
 
 It keeps a Redis list: one RPUSH per write(), one LRANGE 0 -1 to read everything. The tests plug
-it in unchanged; benchmarks/bench_redis.py measures yoink's RedisStreamStorage beside it.
+it in unchanged; benchmarks/bench_redis.py measures yoink's RedisStreamStorage beside it. The page
+calls it ``RedisStreamStorage``; here it is ``RedisListSketch``, so that only yoink's own backend has
+that name.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import redis.asyncio as redis
 from yoink.storage import CheckpointStorage
 
 
-class RedisStreamStorage(CheckpointStorage):
+class RedisListSketch(CheckpointStorage):
     def __init__(self, url: str, key: str):
         self.client = redis.from_url(url)
         self.key = key
