@@ -1,6 +1,7 @@
 """The mutation score of each module after ``scripts/mutate``, and the survivors nobody explained.
 
     .venv/bin/python scripts/mutation_report.py yoink/_records.py ...   # after scripts/mutate
+    .venv/bin/python scripts/mutation_report.py --survivors yoink/_records.py   # their names only
 
 A survivor is explained when ``scripts/mutants-equivalent.txt`` holds its function and its change,
 with the reason it cannot be told apart from the original. Entries are keyed by what the mutant
@@ -50,10 +51,25 @@ def explained() -> dict[str, str]:
     return reasons
 
 
+def survivors(paths: list[str]) -> list[str]:
+    """The names of the mutants that survived, for mutmut to run again."""
+    names = []
+    for path in paths:
+        data = SourceFileMutationData(path=path)
+        data.load()
+        codes = data.exit_code_by_key.items()
+        names += [name for name, code in codes if status_by_exit_code[code] == "survived"]
+    return sorted(names)
+
+
 def main() -> int:
+    paths = [arg for arg in sys.argv[1:] if arg != "--survivors"]
+    if "--survivors" in sys.argv[1:]:
+        print("\n".join(survivors(paths)))
+        return 0
     reasons = explained()
     left = 0
-    for path in sys.argv[1:] or ["yoink/_manager.py", "yoink/_records.py", "yoink/storage/_local.py"]:
+    for path in paths or ["yoink/_manager.py", "yoink/_records.py", "yoink/storage/_local.py"]:
         data = SourceFileMutationData(path=path)
         data.load()
         if not data.exit_code_by_key:
