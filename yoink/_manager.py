@@ -15,12 +15,13 @@ import anyio
 import orjson
 
 from yoink import _records
-from yoink._exceptions import CorruptCheckpointError, ReadOnlyError, StorageClosedError, StorageError
+from yoink._exceptions import ReadOnlyError, StorageClosedError, StorageError
 from yoink._records import (
+    NEWLINE,
+    OBJECT_START,
     JournalDecoder,
     OnCorrupt,
     encode_record,
-    line_too_long,
     not_a_record,
     record_too_long,
     refused,
@@ -164,7 +165,7 @@ class CheckpointManager:
             line = _dumps(record, self._default)
         except TypeError as exc:
             raise not_a_record(record, exc) from exc
-        if line[0] != 123 or 10 in line:  # a JSON object ("{"), on one line (a Fragment may hold "\n")
+        if line[0] != OBJECT_START or NEWLINE in line:  # an object, on one line (a Fragment may hold "\n")
             raise refused(record, line)
         buffer = self._buffer
         buffer += line
@@ -204,25 +205,14 @@ class CheckpointManager:
         if not self._read_only:
             await self._write_batch()
         decoder = JournalDecoder(repr(self._storage), on_corrupt=self._on_corrupt)
-        items = self._storage.read()
+        batches = decoder.batches(self._storage.read())
         try:
-            try:
-                async for item in items:
-                    for record in decoder.feed(item):
-                        yield record
-            except CorruptCheckpointError as exc:
-                if exc.line:
-                    raise
-                # A storage met a line over MAX_LINE_BYTES and stopped; the decoder counted the lines.
-                # A bad line just before it is not the last line: it is reported first.
-                earlier = decoder.followed()
-                raise earlier or line_too_long(decoder.source, decoder.lines + 1, exc.offset) from None
-            decoder.finish()
+            async for records in batches:
+                for record in records:
+                    yield record
         finally:
             self.corrupt_lines_skipped = decoder.skipped
-            aclose = getattr(items, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await batches.aclose()
 
     async def exists(self) -> bool:
         """Whether the journal has any record, here or in the storage."""

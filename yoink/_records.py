@@ -18,6 +18,7 @@ Encoding is orjson's; decoding is here and nowhere else, with the rules for a da
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import math
@@ -34,9 +35,13 @@ from yoink._exceptions import CorruptCheckpointError
 
 __all__ = [
     "MAX_LINE_BYTES",
+    "NEWLINE",
+    "OBJECT_START",
     "BadLine",
     "JournalDecoder",
     "OnCorrupt",
+    "Problem",
+    "TornTail",
     "encode_record",
     "is_record_tail",
     "line_too_long",
@@ -55,9 +60,9 @@ LARGE_LINE = 4 << 20  # a line longer than this is parsed by _loads with the jso
 MAX_LINE_BYTES = 64 << 20
 """The longest line yoink writes or reads. ``append`` refuses a longer record; replay stops at a
 longer line with :class:`~yoink.CorruptCheckpointError`, so memory never grows past it."""
-_OBJECT_START = ord("{")
+OBJECT_START = ord("{")  # the first byte of every line: a JSON object
 MAX_DEPTH = 1024  # orjson's limit for nesting: a line nested deeper is not a record
-_NEWLINE = ord("\n")
+NEWLINE = ord("\n")  # the last byte of every line, and in no other place
 # orjson reads an integer beyond 64 bits (-9223372036854775809 has 19 digits) as a float.
 _LONG_RUN = "0" * 20  # a positive integer of 19 digits always fits in 64 bits (unsigned)
 _NEGATIVE_RUN = "-" + "0" * 19  # a negative one of 19 digits may not
@@ -80,7 +85,7 @@ def encode_record(record: Any, default: Callable[[Any], Any] | None = None) -> b
         line = orjson.dumps(record, default)
     except TypeError as exc:
         raise not_a_record(record, exc) from exc
-    if line[0] != _OBJECT_START or _NEWLINE in line:
+    if line[0] != OBJECT_START or NEWLINE in line:
         raise refused(record, line)
     if len(line) >= MAX_LINE_BYTES:
         raise record_too_long(len(line) + 1)
@@ -89,7 +94,7 @@ def encode_record(record: Any, default: Callable[[Any], Any] | None = None) -> b
 
 def refused(record: Any, line: bytes) -> TypeError:
     """The error for a record that orjson encoded, but not as one line holding a JSON object."""
-    if line[0] != _OBJECT_START:
+    if line[0] != OBJECT_START:
         return not_a_record(record)
     return TypeError(
         f"a {type(record).__name__} record encodes as more than one line (an orjson.Fragment in it "
@@ -132,7 +137,7 @@ async def whole_lines(
                 parts.append(chunk)
                 waiting += len(chunk)
                 if waiting > MAX_LINE_BYTES:
-                    raise line_too_long(describe, 0, whole)
+                    raise _LineTooLongToRead(describe, whole)
                 continue
             block = b"".join([*parts, chunk[:cut]]) if parts else chunk[:cut]
             parts, waiting = ([chunk[cut:]], len(chunk) - cut) if cut < len(chunk) else ([], 0)
@@ -152,36 +157,116 @@ async def whole_lines(
             describe,
             len(carry),
             whole,
-            extra={"yoink_torn_tail": len(carry)},
         )
+        _left_out_by_storage(len(carry))
 
 
 @dataclass(frozen=True)
 class BadLine:
-    """A line that is not a record: ``line`` is 1-based, ``offset`` the byte offset of its start."""
+    """A line that is not a record, before the last line: corruption.
+
+    ``line`` is 1-based, ``offset`` the byte offset of its start.
+    """
 
     line: int
     offset: int
     reason: str
 
+    def __str__(self) -> str:
+        return f"line {self.line} (byte offset {self.offset}): a corrupt line: {self.reason}"
+
+
+@dataclass(frozen=True)
+class TornTail:
+    """The end of a journal that is not a record: a write torn by a crash, or one under way.
+
+    Either the last line, which is not a JSON object, or bytes without a newline after it, which
+    the storage left out of what it read (``left_out`` counts them; they are not in the
+    decoder's ``offset``).
+    """
+
+    line: int
+    offset: int
+    reason: str
+    left_out: int = 0
+
+    def __str__(self) -> str:
+        return f"line {self.line} (byte offset {self.offset}): a torn last line: {self.reason}"
+
+
+Problem = BadLine | TornTail
+"""What a decoder reports besides records, in journal order (``on_problem``)."""
+
+
+class _LineTooLongToRead(CorruptCheckpointError):
+    """A storage met a line over MAX_LINE_BYTES and stopped; the decoder, which counts lines, says
+    which line it was."""
+
+    def __init__(self, source: str, offset: int) -> None:
+        super().__init__(_too_long(source, f"the line at byte offset {offset}"), line=0, offset=offset)
+
+
+# The decoder reading a storage, told of the bytes it leaves out of what it yields (a torn tail).
+_reading: contextvars.ContextVar[JournalDecoder | None] = contextvars.ContextVar("_reading", default=None)
+
+
+def _left_out_by_storage(size: int) -> None:
+    """A storage's read() left ``size`` bytes without a newline out: tell the decoder reading it."""
+    decoder = _reading.get()
+    if decoder is not None:
+        decoder._storage_left_out(size)
+
 
 class JournalDecoder:
     """Turns the text items that ``CheckpointStorage.read()`` yields into records.
 
-    Call :meth:`feed` with each item in order and :meth:`finish` at the end. Items hold one or more
-    whole lines; the newline that ends an item is optional.
+    :meth:`batches` reads a storage whole: the manager's replay and the ``yoink`` command both
+    do. Or call :meth:`feed` with each item in order and :meth:`finish` at the end. Items hold one
+    or more whole lines; the newline that ends an item is optional.
+
+    Each line skipped, and each torn tail, is logged, and passed to ``on_problem`` if given.
     """
 
-    def __init__(self, source: str, *, on_corrupt: OnCorrupt = "raise", keep_problems: bool = False) -> None:
+    def __init__(
+        self,
+        source: str,
+        *,
+        on_corrupt: OnCorrupt = "raise",
+        on_problem: Callable[[Problem], None] | None = None,
+    ) -> None:
         self.source = source
         self.on_corrupt = on_corrupt
         self.lines = 0
         self.offset = 0
         self.skipped = 0
-        # ("corrupt" or "torn", the line) for each line skipped, if asked for: replay does not keep them.
-        self.problems: list[tuple[str, BadLine]] | None = [] if keep_problems else None
+        self._on_problem = on_problem
         self._suspect: BadLine | None = None  # a bad line that is torn if nothing follows it
         self._error: CorruptCheckpointError | None = None
+        self._left_out: list[int] = []  # sizes of torn tails the storage did not yield
+
+    async def batches(self, items: AsyncIterator[str]) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """The records of a storage's ``read()``, a list for each item, then :meth:`finish`.
+
+        Closes ``items`` when it ends or is closed. A line too long for the storage to read is
+        reported at its line number, after the records before it (and a bad line before it).
+        """
+        try:
+            while True:
+                reading = _reading.set(self)
+                try:
+                    item = await items.__anext__()
+                except StopAsyncIteration:
+                    break
+                except _LineTooLongToRead as exc:
+                    raise self.followed() or line_too_long(self.source, self.lines + 1, exc.offset) from None
+                finally:
+                    _reading.reset(reading)
+                yield self.feed(item)
+        finally:  # an abandoned replay closes the reader underneath at once, not at garbage collection
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        self.finish()
 
     def feed(self, item: str) -> list[dict[str, Any]]:
         """Decode one item; raise the corruption found in an earlier item, if any."""
@@ -195,16 +280,13 @@ class JournalDecoder:
         too_long = None
         if len(item) > MAX_LINE_BYTES // 4:  # a line may be too long (a character is 1 to 4 bytes)
             lines, too_long = self._cut_at_a_long_line(lines)
-        try:
-            # A long line may be there, or an integer beyond 64 bits: leave them to _loads.
-            if len(item) > LARGE_LINE or _long_digit_run(item):
-                raise orjson.JSONDecodeError("", "", 0)
-            records = [orjson.loads(line) for line in lines]
-        except orjson.JSONDecodeError:
+        # A long line may be there, or an integer beyond 64 bits: leave them to _loads, line by line.
+        records = None
+        if len(item) <= LARGE_LINE and self._suspect is None and not _long_digit_run(item):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                records = [orjson.loads(line) for line in lines]
+        if records is None or set(map(type, records)) != {dict}:
             records = self._decode_slowly(lines)
-        else:
-            if self._suspect is not None or set(map(type, records)) != {dict}:
-                records = self._decode_slowly(lines)
         self.lines += len(lines)
         self.offset += _utf8_len(item) + (not item.endswith("\n"))
         if too_long is not None and self._error is None:
@@ -238,15 +320,17 @@ class JournalDecoder:
         if self._error is not None:
             raise self._error
         if self._suspect is not None:
-            if self.problems is not None:
-                self.problems.append(("torn", self._suspect))
+            torn = TornTail(self._suspect.line, self._suspect.offset, self._suspect.reason)
             logger.warning(
                 "%s: skipped line %d (byte offset %d), the last line, as a torn write: %s",
                 self.source,
-                self._suspect.line,
-                self._suspect.offset,
-                self._suspect.reason,
+                torn.line,
+                torn.offset,
+                torn.reason,
             )
+            self._report(torn)
+        for size in self._left_out:  # logged by the storage
+            self._report(TornTail(self.lines + 1, self.offset, f"{size} bytes without a newline", size))
         if self.skipped > WARNED_LINES:
             logger.warning(
                 "%s: skipped %d corrupt lines in all (a warning was logged for the first %d)",
@@ -293,11 +377,17 @@ class JournalDecoder:
             )
             return True
         self.skipped += 1
-        if self.problems is not None:
-            self.problems.append(("corrupt", bad))
         if self.skipped <= WARNED_LINES:
             logger.warning("%s; skipped", message)
+        self._report(bad)
         return False
+
+    def _report(self, problem: Problem) -> None:
+        if self._on_problem is not None:
+            self._on_problem(problem)
+
+    def _storage_left_out(self, size: int) -> None:
+        self._left_out.append(size)  # reported by finish(), after the lines fed before it
 
 
 def _loads(line: str) -> Any:
@@ -382,13 +472,16 @@ def _long_digit_run(text: str) -> bool:
 
 
 def line_too_long(source: str, line: int, offset: int) -> CorruptCheckpointError:
-    """The error for a line over MAX_LINE_BYTES; ``line`` 0 when the caller cannot count lines."""
-    where = f"line {line} (byte offset {offset})" if line else f"the line at byte offset {offset}"
+    """The error for line number ``line`` (1-based), over MAX_LINE_BYTES, at byte ``offset``."""
     return CorruptCheckpointError(
+        _too_long(source, f"line {line} (byte offset {offset})"), line=line, offset=offset
+    )
+
+
+def _too_long(source: str, where: str) -> str:
+    return (
         f"{source}: {where} is longer than {MAX_LINE_BYTES:,} bytes, yoink's limit for a line; "
-        "yoink never writes such a line, and does not read one (even with on_corrupt='skip')",
-        line=line,
-        offset=offset,
+        "yoink never writes such a line, and does not read one (even with on_corrupt='skip')"
     )
 
 
@@ -434,5 +527,5 @@ async def without_torn_tail(blocks: AsyncGenerator[str, None], describe: str) ->
                 "follow them, so they are not part of the journal (the next upload sets them aside)",
                 describe,
                 _utf8_len(block),
-                extra={"yoink_torn_tail": _utf8_len(block)},
             )
+            _left_out_by_storage(_utf8_len(block))

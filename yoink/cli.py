@@ -32,7 +32,7 @@ import orjson
 from yoink import __version__
 from yoink._exceptions import CorruptCheckpointError, YoinkError
 from yoink._manager import CheckpointManager
-from yoink._records import JournalDecoder
+from yoink._records import BadLine, JournalDecoder, Problem, TornTail
 from yoink.storage import CheckpointStorage, StorageFactory
 from yoink.storage._factory import journal_identity, redact, secrets_in
 
@@ -74,18 +74,6 @@ async def _require(journal: CheckpointStorage | CheckpointManager, uri: str) -> 
 
 
 @dataclass
-class Problem:
-    kind: str  # "corrupt" or "torn"
-    line: int
-    offset: int
-    reason: str
-
-    def __str__(self) -> str:
-        what = "a torn last line" if self.kind == "torn" else "a corrupt line"
-        return f"line {self.line} (byte offset {self.offset}): {what}: {self.reason}"
-
-
-@dataclass
 class Scan:
     records: int = 0
     bytes: int = 0
@@ -94,41 +82,17 @@ class Scan:
     problems: list[Problem] = field(default_factory=list)
 
 
-class _TornTails(logging.Handler):
-    """Collects the torn tails a storage leaves out of read() itself (it logs them)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.sizes: list[int] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        size = getattr(record, "yoink_torn_tail", None)
-        if size is not None:
-            self.sizes.append(size)
-
-
 async def scan(storage: CheckpointStorage, uri: str) -> Scan:
     """Read the whole journal once, skipping and noting every problem."""
     result = Scan()
-    decoder = JournalDecoder(uri, on_corrupt="skip", keep_problems=True)
-    torn = _TornTails()
-    logger.addHandler(torn)
-    try:
-        async for item in storage.read():
-            for record in decoder.feed(item):
-                result.first = result.first or record
-                result.last = record
-                result.records += 1
-        decoder.finish()
-    finally:
-        logger.removeHandler(torn)
-    result.bytes = decoder.offset + sum(torn.sizes)
-    result.problems = [
-        Problem(kind, bad.line, bad.offset, bad.reason) for kind, bad in decoder.problems or []
-    ]
-    for size in torn.sizes:
-        reason = f"{size} bytes without a newline"
-        result.problems.append(Problem("torn", decoder.lines + 1, decoder.offset, reason))
+    decoder = JournalDecoder(uri, on_corrupt="skip", on_problem=result.problems.append)
+    async for records in decoder.batches(storage.read()):
+        if records:
+            result.first = result.first or records[0]
+            result.last = records[-1]
+            result.records += len(records)
+    left_out = sum(problem.left_out for problem in result.problems if isinstance(problem, TornTail))
+    result.bytes = decoder.offset + left_out
     return result
 
 
@@ -158,8 +122,8 @@ async def stats(uri: str) -> int:
     print(f"bytes:    {result.bytes:,}")
     print(f"first:    {_show(result.first)}")
     print(f"last:     {_show(result.last)}")
-    torn = [p for p in result.problems if p.kind == "torn"]
-    corrupt = [p for p in result.problems if p.kind == "corrupt"]
+    torn = [problem for problem in result.problems if isinstance(problem, TornTail)]
+    corrupt = [problem for problem in result.problems if isinstance(problem, BadLine)]
     print(f"torn tail: {torn[0] if torn else 'none'}")
     print(f"corrupt lines: {len(corrupt)}")
     for problem in corrupt[:10]:
