@@ -36,7 +36,7 @@ else:
 
 __all__ = ["CheckpointManager"]
 
-logger = logging.getLogger("yoink")
+logger = logging.getLogger(__name__)
 
 _dumps = orjson.dumps  # a global, not an attribute: one lookup fewer per append()
 

@@ -52,7 +52,7 @@ __all__ = [
     "without_torn_tail",
 ]
 
-logger = logging.getLogger("yoink")
+logger = logging.getLogger(__name__)
 
 OnCorrupt = Literal["raise", "skip"]
 WARNED_LINES = 10  # corrupt lines skipped with a warning each; finish() logs the total of the rest

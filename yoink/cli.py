@@ -38,7 +38,7 @@ from yoink.storage._factory import journal_identity, redact, secrets_in
 
 __all__ = ["main"]
 
-logger = logging.getLogger("yoink")
+package_logger = logging.getLogger("yoink")  # every logger of yoink is under it; main() shows them
 
 
 class UsageError(YoinkError):
@@ -232,8 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("yoink: %(levelname)s: %(message)s"))
     handler.setLevel(logging.DEBUG if args.debug else logging.ERROR)  # stats and verify report the rest
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.DEBUG if args.debug else logging.WARNING)
     try:
         if args.command == "cat":
             return anyio.run(cat, args.uri, args.skip_corrupt, sys.stdout.buffer)
