@@ -19,7 +19,6 @@ import orjson
 import pytest
 import redis.asyncio as redis
 
-from tests.conftest import read_text
 from tests.servers.proxy import DroppingProxy
 from tests.servers.redis import RedisServer
 from yoink import (
@@ -30,6 +29,7 @@ from yoink import (
     StorageFactory,
 )
 from yoink.storage import RedisStreamStorage
+from yoink.testing._contract import _text as read_text
 
 
 @pytest.fixture
