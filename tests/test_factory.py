@@ -137,7 +137,7 @@ def test_a_backend_without_its_extra_says_what_to_install(
     monkeypatch.setitem(StorageFactory._registry, scheme, _BUILTIN[scheme])
     with pytest.raises(
         MissingDependencyError,
-        match=rf"{scheme}:// URIs need the '{extra}' extra: pip install 'yoink\[{extra}\]' "
+        match=rf"{scheme}:// URIs need the '{extra}' extra: pip install 'yoink-checkpoint\[{extra}\]' "
         rf"\(module '{package}' is missing\)",
     ):
         StorageFactory.from_uri(uri)

@@ -890,3 +890,17 @@ def test_the_endpoint_comes_from_the_standard_variables(
         != S3Storage("s3://b/k.jsonl", endpoint_url="http://r2:1").stage_directory
     )
     assert os.environ["AWS_ENDPOINT_URL"] not in repr(S3Storage("s3://b/k.jsonl"))
+
+
+def test_an_unreachable_endpoint_is_named_without_its_password() -> None:
+    from botocore.exceptions import EndpointConnectionError
+
+    from yoink.storage._s3_client import S3Client
+
+    endpoint = "http://me:hunter2@s3.example:9000"
+    client = S3Client(
+        "b", journal="s3://b/k.jsonl", endpoint=endpoint, region=None, profile=None, retries={}, timeout=1
+    )
+    with pytest.raises(StorageError) as caught, client.translated("get_object"):
+        raise EndpointConnectionError(endpoint_url=endpoint)
+    assert str(caught.value) == "cannot reach S3 at http://me:***@s3.example:9000 for s3://b/k.jsonl"

@@ -7,16 +7,12 @@ writing one; ``yoink.testing`` will check them for you.
 
 from __future__ import annotations
 
-import sys
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    from typing import Self
-else:
-    from typing_extensions import Self
+from yoink._compat import Self
 
 __all__ = ["CheckpointStorage"]
 

@@ -14,32 +14,34 @@ import functools
 import importlib
 import inspect
 import logging
-import math
 import os
 import re
-import types
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
-from urllib.parse import unquote
 
 from yoink._exceptions import MissingDependencyError, UnknownSchemeError
 from yoink.storage._base import CheckpointStorage
+from yoink.storage._uri import query_pairs, redact, secrets_in, take_uri_options
 
-__all__ = ["StorageFactory", "journal_identity", "redact", "take_uri_options"]
+# redact, secrets_in and take_uri_options are also here for the CLI and LocalFileStorage, until they
+# import them from yoink.storage._uri.
+__all__ = [
+    "StorageFactory",
+    "check_uri_scheme",
+    "journal_identity",
+    "load_backend",
+    "redact",
+    "secrets_in",
+    "take_uri_options",
+]
 
-logger = logging.getLogger("yoink")
+logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "yoink.storage"
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
 _PREFIX = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")  # a scheme without "//", or a Windows drive
 _COLON_HINT = "a file whose name holds a colon is written as a path, as in ./name:1.jsonl"
-# Query parameters whose values redact() hides.
-_SECRET_NAME = re.compile(
-    r"pass|pwd|secret|token|credential|auth|signature|^sig$|^sas|[_-]key$", re.IGNORECASE
-)
 
 
 @dataclass(frozen=True)
@@ -48,22 +50,25 @@ class _Entry:
     install_hint: str | None = None
 
 
-_S3 = _Entry("yoink.storage._s3:S3Storage", "the 's3' extra: pip install 'yoink[s3]'")
-_REDIS = _Entry("yoink.storage._redis:RedisStreamStorage", "the 'redis' extra: pip install 'yoink[redis]'")
+def _extra(name: str) -> str:
+    return f"the {name!r} extra: pip install 'yoink-checkpoint[{name}]'"
 
-_FSSPEC = _Entry("yoink.storage._fsspec:FsspecStorage", "the 'fsspec' extra: pip install 'yoink[fsspec]'")
+
+S3 = _Entry("yoink.storage._s3:S3Storage", _extra("s3"))
+REDIS = _Entry("yoink.storage._redis:RedisStreamStorage", _extra("redis"))
+FSSPEC = _Entry("yoink.storage._fsspec:FsspecStorage", _extra("fsspec"))
 FSSPEC_PREFIX = "fsspec+"  # fsspec+<protocol>://... reaches any fsspec protocol
 _FSSPEC_SCHEMES = ("abfs", "abfss", "adl", "az", "ftp", "gcs", "gs", "hdfs", "sftp", "webhdfs")
 
 _BUILTIN: dict[str, _Entry] = {
-    **dict.fromkeys(_FSSPEC_SCHEMES, _FSSPEC),
-    FSSPEC_PREFIX: _FSSPEC,
+    **dict.fromkeys(_FSSPEC_SCHEMES, FSSPEC),
+    FSSPEC_PREFIX: FSSPEC,
     "file": _Entry("yoink.storage._local:LocalFileStorage"),
     "memory": _Entry("yoink.storage._memory:MemoryStorage"),
-    "redis": _REDIS,
-    "rediss": _REDIS,
-    "s3": _S3,
-    "unix": _REDIS,
+    "redis": REDIS,
+    "rediss": REDIS,
+    "s3": S3,
+    "unix": REDIS,
 }
 
 
@@ -133,7 +138,7 @@ class StorageFactory:
                 f"{_COLON_HINT})"
             )
         if isinstance(entry.target, str):
-            backend = _import_backend(scheme, entry)
+            backend = load_backend(entry, needs=f"{scheme}:// URIs need", name=f"the backend for {scheme}://")
             cls._registry[scheme] = _Entry(backend, entry.install_hint)
             return backend
         return entry.target
@@ -208,7 +213,9 @@ def _describe(entry: _Entry) -> str:
     return target if isinstance(target, str) else f"{target.__module__}:{target.__qualname__}"
 
 
-def _import_backend(scheme: str, entry: _Entry) -> type[CheckpointStorage]:
+def load_backend(entry: _Entry, *, needs: str, name: str) -> type[CheckpointStorage]:
+    """Import the backend ``entry`` names. Errors say what ``needs`` it (``"s3:// URIs need"``) and
+    call it ``name`` (``"the backend for s3://"``)."""
     path = str(entry.target)
     module_name, _, attribute = path.partition(":") if ":" in path else path.rpartition(".")
     try:
@@ -218,20 +225,17 @@ def _import_backend(scheme: str, entry: _Entry) -> type[CheckpointStorage]:
             raise
         if exc.name == module_name:  # the backend itself, not a package it needs
             raise MissingDependencyError(
-                f"{scheme}:// URIs need a yoink with that backend ({module_name} is missing from this "
-                f"install); it comes with {entry.install_hint.replace('pip install', 'pip install -U')}"
+                f"{needs} a yoink with that backend ({module_name} is missing from this install); "
+                f"it comes with {entry.install_hint.replace('pip install', 'pip install -U')}"
             ) from exc
-        raise MissingDependencyError(
-            f"{scheme}:// URIs need {entry.install_hint} (module {exc.name!r} is missing)"
-        ) from exc
+        missing = f"module {exc.name!r} is missing"
+        raise MissingDependencyError(f"{needs} {entry.install_hint} ({missing})") from exc
     try:
         backend = functools.reduce(getattr, attribute.split("."), module)
     except AttributeError:
-        raise ImportError(
-            f"the backend for {scheme}:// is registered as {path!r}, which does not exist"
-        ) from None
+        raise ImportError(f"{name} is registered as {path!r}, which does not exist") from None
     if not (isinstance(backend, type) and issubclass(backend, CheckpointStorage)):
-        raise TypeError(f"the backend for {scheme}:// ({path!r}) is not a CheckpointStorage subclass")
+        raise TypeError(f"{name} ({path!r}) is not a CheckpointStorage subclass")
     return backend
 
 
@@ -251,166 +255,6 @@ def _check_options(backend: type[CheckpointStorage], options: dict[str, Any]) ->
             f"{backend.__name__} does not take the option(s) {', '.join(unknown)}; "
             f"it takes: {', '.join(accepted) or 'none'}"
         )
-
-
-# -- URIs: secrets, query options, identity ------------------------------------------------------
-
-
-def redact(uri: str) -> str:
-    """``uri`` with its secrets as ``***``: a userinfo password, and the values of query parameters
-    named like secrets (``password``, ``secret``, ``token``, ``sas_token``, ``account_key``, ...).
-
-    >>> redact("redis://:hunter2@host/0?key=k&password=hunter2")
-    'redis://:***@host/0?key=k&password=***'
-    """
-    head, sep, rest = uri.partition("://")
-    if sep:
-        end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-        user, at, host = rest[:end].rpartition("@")
-        if at and ":" in user:
-            rest = f"{user.partition(':')[0]}:***@{host}{rest[end:]}"
-        uri = head + sep + rest
-    base, question, query = uri.partition("?")
-    if not question:
-        return uri
-    query, hash_, fragment = query.partition("#")
-    pieces = []
-    for piece in query.split("&"):
-        name, equals, _ = piece.partition("=")
-        pieces.append(f"{name}=***" if equals and _SECRET_NAME.search(unquote(name)) else piece)
-    return f"{base}?{'&'.join(pieces)}{hash_}{fragment}"
-
-
-def secrets_in(uri: str) -> list[str]:
-    """The secrets :func:`redact` hides in ``uri``, as written and percent-decoded."""
-    found = []
-    _, sep, rest = uri.partition("://")
-    if sep:
-        end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-        user, at, _ = rest[:end].rpartition("@")
-        if at and ":" in user:
-            found.append(user.partition(":")[2])
-    for piece in uri.partition("?")[2].partition("#")[0].split("&"):
-        name, equals, value = piece.partition("=")
-        if equals and _SECRET_NAME.search(unquote(name)):
-            found.append(value)
-    return [text for secret in found if secret for text in {secret, unquote(secret)}]
-
-
-def query_pairs(query: str) -> list[tuple[str, str, str]]:
-    """``(name, value, as written)`` for each parameter of a query, percent-decoded, never
-    form-decoded: a ``+`` stays a ``+`` (``?key=c++`` names ``c++``)."""
-    pairs = []
-    for piece in query.split("&"):
-        if piece:
-            name, _, value = piece.partition("=")
-            pairs.append((unquote(name), unquote(value), piece))
-    return pairs
-
-
-def take_uri_options(
-    backend: type[CheckpointStorage],
-    uri: str,
-    *,
-    keep: Callable[[str], bool] = lambda name: False,
-    others: str = "",
-    shown: str | None = None,
-) -> tuple[str, dict[str, Any]]:
-    """Take ``backend``'s own options out of ``uri``'s query, converted to the constructor's types.
-
-    Returns ``uri`` without them (the rest of its query as written) and the options. A parameter
-    that is not an option of the backend stays in the URI if ``keep(name)``; otherwise it is a
-    ``ValueError`` that names the options the URI takes (``others`` names what ``keep`` accepts).
-    Errors show ``shown`` (by default ``uri``), redacted.
-    """
-    shown = shown or uri
-    base, question, rest = uri.partition("?")
-    if not question:
-        return uri, {}
-    query, hash_, fragment = rest.partition("#")
-    accepted = uri_option_types(backend)
-    options: dict[str, Any] = {}
-    left = []
-    for name, value, piece in query_pairs(query):
-        if name in accepted:
-            if name in options:
-                raise ValueError(f"{name} is given twice in {redact(shown)}; give it once")
-            options[name] = _convert(name, value, accepted[name], shown)
-        elif keep(name):
-            left.append(piece)
-        else:
-            known = ", ".join(accepted) or "none"
-            raise ValueError(
-                f"unknown option {name!r} in {redact(shown)}; {backend.__name__} takes {known}{others}"
-            )
-    if left:
-        return f"{base}?{'&'.join(left)}{hash_}{fragment}", options
-    return f"{base}{hash_}{fragment}", options
-
-
-@functools.cache
-def uri_option_types(backend: type[CheckpointStorage]) -> dict[str, tuple[Any, Any]]:
-    """The options a URI may give ``backend``: its constructor's keywords with defaults (after the
-    path or URI), as ``name: (type, default)``."""
-    parameters = list(inspect.signature(backend).parameters.values())[1:]
-    hints = typing.get_type_hints(backend.__init__)
-    return {
-        p.name: (hints.get(p.name, str), p.default)
-        for p in parameters
-        if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
-
-
-def _convert(name: str, text: str, typed: tuple[Any, Any], uri: str) -> Any:
-    hint, default = typed
-    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    if type(None) in members and text.lower() == "none":
-        return None
-    kinds = []
-    for member in members:
-        if member is type(None):
-            kinds.append("none")
-            continue
-        kind, value = _parse_as(member, text)
-        kinds.append(kind)
-        if value is not _WRONG:
-            return value
-    if not any(kind for kind in kinds if kind != "none"):
-        raise ValueError(f"{name} cannot be given in a URI ({redact(uri)}); pass it as a keyword option")
-    example = f", as in {name}={str(default).lower() if isinstance(default, bool) else default}"
-    shown = "***" if _SECRET_NAME.search(name) else repr(text)
-    raise ValueError(
-        f"bad option in {redact(uri)}: {name}={shown} is not {' or '.join(k for k in kinds if k)}"
-        f"{example if default is not None else ''}"
-    )
-
-
-_WRONG = object()
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-def _parse_as(hint: Any, text: str) -> tuple[str, Any]:
-    """A description of ``hint`` for an error, and ``text`` as one (or ``_WRONG``); '' if no text can be."""
-    if typing.get_origin(hint) is typing.Literal:
-        values = typing.get_args(hint)
-        return "one of " + ", ".join(map(repr, values)), text if text in values else _WRONG
-    if hint is bool:
-        lowered = text.lower()
-        return "true or false", True if lowered in _TRUE else False if lowered in _FALSE else _WRONG
-    if hint is int:
-        try:
-            return "a whole number", int(text)
-        except ValueError:
-            return "a whole number", _WRONG
-    if hint is float:
-        try:
-            value = float(text)
-        except ValueError:
-            return "a number", _WRONG
-        return "a number", value if math.isfinite(value) else _WRONG
-    if hint is str or typing.get_origin(hint) is os.PathLike or hint is os.PathLike:
-        return "text", text
-    return "", _WRONG
 
 
 def check_uri_scheme(uri: str) -> str:

@@ -24,18 +24,18 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from yoink._exceptions import ConcurrentWriterError, MissingDependencyError, StorageError, YoinkError
 from yoink._records import MAX_LINE_BYTES, is_record_tail, tail_reads, whole_lines, without_torn_tail
-from yoink.storage._factory import redact, secrets_in, take_uri_options
+from yoink.storage._factory import FSSPEC_PREFIX
+from yoink.storage._files import READ_CHUNK
 from yoink.storage._stage import Batch, Stage
 from yoink.storage._staged import StagedStorage
+from yoink.storage._uri import redact, secrets_in, take_uri_options
 
 __all__ = ["FsspecStorage"]
 
-logger = logging.getLogger("yoink")
+logger = logging.getLogger(__name__)
 
-READ_CHUNK = 1 << 20
 UPLOAD_BYTES = 64 << 20  # the most one upload sends (a larger batch goes alone): one intent, one write
 TORN_SUFFIX = ".torn"
-PREFIX = "fsspec+"  # fsspec+memory://..., for protocols whose plain scheme yoink uses itself
 T = TypeVar("T")
 
 
@@ -96,7 +96,7 @@ class FsspecStorage(StagedStorage):
         storage_options: dict[str, Any] | None = None,
         append: bool | None = None,
     ) -> None:
-        uri, given = take_uri_options(type(self), uri.removeprefix(PREFIX), keep=lambda name: True)
+        uri, given = take_uri_options(type(self), uri.removeprefix(FSSPEC_PREFIX), keep=lambda name: True)
         options: dict[str, Any] = {
             "stage_dir": stage_dir,
             "storage_options": storage_options,

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import itertools
-import sys
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
+from yoink._compat import Self
 from yoink._exceptions import CheckpointLockedError, StorageClosedError
 from yoink.storage._base import CheckpointStorage
-from yoink.storage._factory import redact, take_uri_options
-
-if sys.version_info >= (3, 11):
-    from typing import Self
-else:
-    from typing_extensions import Self
+from yoink.storage._uri import redact, take_uri_options
 
 __all__ = ["MemoryStorage"]
 

@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import secrets
-import sys
 import typing
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -39,20 +38,16 @@ from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from yoink._compat import Self
 from yoink._exceptions import CheckpointLockedError, ConcurrentWriterError, StorageClosedError, StorageError
 from yoink._fork import drop_in_forked_children, forked_note
 from yoink._tasks import asyncio_loop_of, uninterrupted
 from yoink.storage._base import CheckpointStorage
-from yoink.storage._factory import query_pairs, redact, take_uri_options
-
-if sys.version_info >= (3, 11):
-    from typing import Self
-else:
-    from typing_extensions import Self
+from yoink.storage._uri import query_pairs, redact, take_uri_options
 
 __all__ = ["RedisStreamStorage"]
 
-logger = logging.getLogger("yoink")
+logger = logging.getLogger(__name__)
 
 # The newest epoch the stream's last entry carries, or 0 (a Lua chunk shared by the scripts below).
 _LAST_EPOCH = """

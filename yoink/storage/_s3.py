@@ -20,20 +20,20 @@ import anyio
 from yoink._exceptions import ConcurrentWriterError, StorageError
 from yoink._records import MAX_LINE_BYTES, is_record_tail, tail_reads, whole_lines, without_torn_tail
 from yoink._tasks import asyncio_loop_of
-from yoink.storage._factory import redact, take_uri_options
+from yoink.storage._files import READ_CHUNK, path_chunks
 from yoink.storage._s3_client import Conflict, Missing, S3Client
 from yoink.storage._stage import Batch
 from yoink.storage._staged import StagedStorage
+from yoink.storage._uri import redact, take_uri_options
 
 __all__ = ["S3Storage"]
 
-logger = logging.getLogger("yoink")
+logger = logging.getLogger(__name__)
 
 Layout = Literal["object", "segments"]
 
 MIN_PART_SIZE = 5 << 20  # S3's smallest part, but for the last one
 MAX_PART_SIZE = 5 << 30
-READ_CHUNK = 1 << 20
 ATTEMPTS = 4  # conditional uploads per flush: after a lost reply, the first retry finds it landed
 REMEMBERED_WRITERS = 16  # the (writer, last batch) pairs an object's metadata keeps
 _SEGMENT = re.compile(r"(\d{12})\.jsonl")  # under <prefix>/segments/
@@ -920,9 +920,8 @@ async def _nothing() -> AsyncGenerator[str, None]:
 
 async def _staged_chunks(batches: Sequence[Batch]) -> AsyncIterator[bytes]:
     for batch in batches:
-        async with await anyio.open_file(batch.path, "rb") as file:
-            while chunk := await file.read(READ_CHUNK):
-                yield chunk
+        async for chunk in path_chunks(batch.path, batch.size):
+            yield chunk
 
 
 async def _prepend(head: bytes, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

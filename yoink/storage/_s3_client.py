@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aioboto3
 import anyio
@@ -20,6 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 
 from yoink._exceptions import StorageError
 from yoink._tasks import asyncio_loop_of
+from yoink.storage._uri import redact
 
 __all__ = ["IAM_ACTIONS", "Conflict", "Missing", "S3Client"]
 
@@ -157,13 +157,7 @@ class S3Client:
                 "'aws configure', or attach an IAM role"
             ) from exc
         except EndpointConnectionError as exc:
-            raise StorageError(f"cannot reach S3 at {_redact(self.endpoint) or 'AWS'} for {journal}") from exc
+            where = redact(self.endpoint) if self.endpoint else "AWS"
+            raise StorageError(f"cannot reach S3 at {where} for {journal}") from exc
         except BotoCoreError as exc:
             raise StorageError(f"S3 {operation} on {journal} failed: {type(exc).__name__}") from exc
-
-
-def _redact(url: str | None) -> str | None:
-    if not url or "@" not in url:
-        return url
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))

@@ -30,7 +30,7 @@ import secrets
 import stat
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -40,11 +40,12 @@ import anyio.to_thread
 from yoink._exceptions import CheckpointLockedError, StorageError
 from yoink._fork import close_locked, drop_in_forked_children, forks_wait
 from yoink._records import whole_lines
-from yoink.storage._local import READ_CHUNK, _set_aside_torn_tail
+from yoink.storage._files import file_chunks
+from yoink.storage._local import _set_aside_torn_tail
 
 __all__ = ["Batch", "Stage", "default_stage_root", "read_batches"]
 
-logger = logging.getLogger("yoink")
+logger = logging.getLogger(__name__)
 
 _BATCH = re.compile(r"(\d{12})\.jsonl")
 
@@ -334,19 +335,10 @@ async def read_batches(batches: list[tuple[Batch, BinaryIO]], describe: str) -> 
     """Yield the text of batches opened by :meth:`Stage.open_snapshot`, in whole lines."""
     for batch, file in batches:
         async with contextlib.aclosing(
-            whole_lines(_file_chunks(file, batch.size), describe=describe)
+            whole_lines(file_chunks(file, batch.size, describe=batch.path), describe=describe)
         ) as blocks:
             async for block in blocks:
                 yield block
-
-
-async def _file_chunks(file: BinaryIO, size: int) -> AsyncIterator[bytes]:
-    while size > 0:
-        chunk = await anyio.to_thread.run_sync(file.read, min(READ_CHUNK, size))
-        if not chunk:
-            return
-        size -= len(chunk)
-        yield chunk
 
 
 def _lock_exclusively(fd: int) -> bool:
