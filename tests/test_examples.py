@@ -31,6 +31,7 @@ def test_the_demo_kills_a_job_and_the_resume_neither_loses_nor_duplicates(tmp_pa
     assert 0 < before < 800
 
 
+@pytest.mark.needs("aiohttp")
 def test_the_crawl_demo_kills_a_crawl_and_the_resume_fetches_no_recorded_page_again(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "crawl_demo.py"), "--pages", "400", "--dir", str(tmp_path)],
@@ -50,6 +51,7 @@ def test_the_crawl_demo_kills_a_crawl_and_the_resume_fetches_no_recorded_page_ag
     assert twice == in_flight <= 16  # only pages under way at the kill, at most one per worker
 
 
+@pytest.mark.needs("aiohttp")
 @pytest.mark.parametrize("backend", ["s3", "redis"])
 def test_the_crawler_runs_on_s3_and_redis_checkpoints(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
