@@ -63,6 +63,7 @@ def test_all_names_the_public_api_and_nothing_else() -> None:
     ]
     assert yoink.storage.__all__ == [
         "CheckpointStorage",
+        "ClosableStorage",
         "FsspecStorage",
         "LocalFileStorage",
         "MemoryStorage",

@@ -1,7 +1,8 @@
 """Storage backends: where a :class:`~yoink.CheckpointManager` keeps its journal.
 
-:class:`CheckpointStorage` is the contract; :class:`StorageFactory` turns a URI into a backend;
-:func:`uninterrupted` keeps a backend's calls whole when their callers are cancelled.
+:class:`CheckpointStorage` is the contract, and :class:`ClosableStorage` the lifecycle a backend may
+inherit; :class:`StorageFactory` turns a URI into a backend; :func:`uninterrupted` keeps a
+backend's calls whole when their callers are cancelled.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from yoink._tasks import uninterrupted
 from yoink.storage._base import CheckpointStorage
 from yoink.storage._factory import StorageFactory
+from yoink.storage._lifecycle import ClosableStorage
 from yoink.storage._local import LocalFileStorage
 from yoink.storage._memory import MemoryStorage
 
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CheckpointStorage",
+    "ClosableStorage",
     "FsspecStorage",
     "LocalFileStorage",
     "MemoryStorage",

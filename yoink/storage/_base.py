@@ -2,7 +2,8 @@
 
 A backend is a subclass of :class:`CheckpointStorage` with five async methods. Everything yoink
 promises its users rests on the promises written in their docstrings, so read them all before
-writing one; ``yoink.testing`` will check them for you.
+writing one; ``yoink.testing`` will check them for you. Subclass
+:class:`~yoink.storage.ClosableStorage` instead to have closing and pickling done for you.
 """
 
 from __future__ import annotations

@@ -122,15 +122,16 @@ class FsspecStorage(StagedStorage):
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         self._full_uri = uri  # for pickling: it may hold credentials, which are never shown
         self._journal_id = ("fsspec", protocol, path)
-        super().__init__(shown, options, stage_dir, identity=f"fsspec|{protocol}|{path}")
+        super().__init__(shown, stage_dir, identity=f"fsspec|{protocol}|{path}")
+        self._options = options  # what pickling keeps, with the URI
         self._known_size: int | None = None  # the file's size as this writer last saw or left it
         self._clean_end = False  # the file is known to end in a newline: this writer's upload made it
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._uri!r})"
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"uri": self._full_uri, "options": self._options}
+    def _constructor_arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self._full_uri,), dict(self._options)
 
     async def _open_remote(self, writer: str | None, staged: bool) -> tuple[int, AsyncGenerator[str, None]]:
         size = await self._run(self._file.size)

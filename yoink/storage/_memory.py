@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from yoink._compat import Self
-from yoink._exceptions import CheckpointLockedError, StorageClosedError
-from yoink.storage._base import CheckpointStorage
+from yoink._exceptions import CheckpointLockedError
+from yoink.storage._lifecycle import ClosableStorage
 from yoink.storage._uri import redact, take_uri_options
 
 __all__ = ["MemoryStorage"]
@@ -17,7 +17,7 @@ __all__ = ["MemoryStorage"]
 _anonymous = itertools.count(1)
 
 
-class MemoryStorage(CheckpointStorage):
+class MemoryStorage(ClosableStorage):
     """A journal held in memory, shared by every ``MemoryStorage`` of the same name in a process.
 
     ``MemoryStorage("jobs")`` and ``StorageFactory.from_uri("memory://jobs")`` reach the same
@@ -34,7 +34,6 @@ class MemoryStorage(CheckpointStorage):
     def __init__(self, name: str | None = None) -> None:
         self._name = name if name else f"anonymous-{next(_anonymous)}"
         self._writing = False
-        self._closed = False
 
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> Self:
@@ -56,11 +55,8 @@ class MemoryStorage(CheckpointStorage):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._name!r})"
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"name": self._name}  # the journal stays in this process: a copy elsewhere is empty
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["name"])  # type: ignore[misc]
+    def _constructor_arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self._name,), {}  # the journal stays in this process: a copy elsewhere is empty
 
     async def write(self, data: str) -> None:
         self._check_open()
@@ -87,12 +83,7 @@ class MemoryStorage(CheckpointStorage):
     async def flush(self) -> None:
         self._check_open()
 
-    async def close(self) -> None:
+    async def _close(self) -> None:
         if self._writing:
             self._writers.discard(self._name)
             self._writing = False
-        self._closed = True
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StorageClosedError(f"{self!r} is closed")

@@ -39,10 +39,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from yoink._compat import Self
-from yoink._exceptions import CheckpointLockedError, ConcurrentWriterError, StorageClosedError, StorageError
-from yoink._fork import drop_in_forked_children, forked_note
+from yoink._exceptions import CheckpointLockedError, ConcurrentWriterError, StorageError
+from yoink._fork import drop_in_forked_children
 from yoink._tasks import asyncio_loop_of, uninterrupted
-from yoink.storage._base import CheckpointStorage
+from yoink.storage._lifecycle import ClosableStorage
 from yoink.storage._uri import query_pairs, redact, take_uri_options
 
 __all__ = ["RedisStreamStorage"]
@@ -144,7 +144,7 @@ return 0
 """
 
 
-class RedisStreamStorage(CheckpointStorage):
+class RedisStreamStorage(ClosableStorage):
     """A journal in a Redis Stream, written by one lease-holding writer at a time.
 
     ``RedisStreamStorage("redis://localhost:6379/0", "crawl-42")``, or through the factory:
@@ -242,8 +242,6 @@ class RedisStreamStorage(CheckpointStorage):
         self._renewer: asyncio.Task[None] | None = None
         self._lock = anyio.Lock()
         self._connect_lock = anyio.Lock()
-        self._closed = False
-        self._closed_note = ""
 
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> Self:
@@ -302,11 +300,8 @@ class RedisStreamStorage(CheckpointStorage):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({redact(self._url)!r}, key={self._key!r})"
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"url": self._url, "key": self._key, "options": self._options}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["url"], state["key"], **state["options"])  # type: ignore[misc]
+    def _constructor_arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self._url, self._key), dict(self._options)
 
     # -- the contract ------------------------------------------------------------------------
 
@@ -318,10 +313,6 @@ class RedisStreamStorage(CheckpointStorage):
     async def flush(self) -> None:
         self._check_open()
         await uninterrupted(self._flush)
-
-    async def close(self) -> None:
-        if not self._closed:
-            await uninterrupted(self._close, finish_first=True)
 
     async def _write(self, data: str) -> None:
         async with self._lock:
@@ -400,9 +391,6 @@ class RedisStreamStorage(CheckpointStorage):
             return bool(await client.exists(self._key))
 
     async def _close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
         try:
             async with self._lock:
                 if self._pending:
@@ -433,10 +421,6 @@ class RedisStreamStorage(CheckpointStorage):
         finally:
             await client.aclose()
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StorageClosedError(f"{self!r} is closed{self._closed_note}")
-
     def _check_fence(self) -> None:
         if self._fenced is not None:
             raise ConcurrentWriterError(
@@ -449,8 +433,7 @@ class RedisStreamStorage(CheckpointStorage):
         if self._client is None:
             return
         self._client = self._renewer = None  # the parent's connections and lease stay the parent's
-        self._closed = True
-        self._closed_note = f": {forked_note(os.getppid())}"
+        self._closed_by_fork()
         self._lock = anyio.Lock()
         self._connect_lock = anyio.Lock()
 

@@ -213,10 +213,10 @@ class S3Storage(StagedStorage):
         self._merge_target = merge_target
         super().__init__(
             f"s3://{self._bucket}/{self._key}",
-            {k: v for k, v in options.items() if v != _DEFAULTS[k]},
             stage_dir,
             identity=f"s3|{self._endpoint or 'aws'}|{layout}|{self._bucket}|{self._key}",
         )
+        self._options = {k: v for k, v in options.items() if v != _DEFAULTS[k]}  # what pickling keeps
         self._journal_id = ("s3", self._endpoint or "aws", layout, self._bucket, self._key)
         self._client = S3Client(
             self._bucket,
@@ -233,6 +233,9 @@ class S3Storage(StagedStorage):
     def __repr__(self) -> str:
         layout = f", layout={self._layout!r}" if self._layout != "object" else ""
         return f"{type(self).__name__}({self._uri!r}{layout})"
+
+    def _constructor_arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self._uri,), dict(self._options)
 
     # -- what StagedStorage asks of a backend ------------------------------------------------
 

@@ -12,33 +12,26 @@ import functools
 import os
 from abc import abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
 
 import anyio
 
-from yoink._exceptions import StorageClosedError
-from yoink._fork import drop_in_forked_children, forked_note
+from yoink._fork import drop_in_forked_children
 from yoink._tasks import uninterrupted
-from yoink.storage._base import CheckpointStorage
+from yoink.storage._lifecycle import ClosableStorage
 from yoink.storage._stage import Batch, Stage, default_stage_root, read_batches
 
 __all__ = ["StagedStorage"]
 
 
-class StagedStorage(CheckpointStorage):
+class StagedStorage(ClosableStorage):
     """A backend whose writes wait in a crash-surviving :class:`Stage` until a flush uploads them."""
 
-    def __init__(
-        self, uri: str, options: dict[str, Any], stage_dir: str | os.PathLike[str] | None, identity: str
-    ):
+    def __init__(self, uri: str, stage_dir: str | os.PathLike[str] | None, identity: str):
         self._uri = uri
-        self._options = options  # what pickling keeps, with the URI
         root = stage_dir if stage_dir is not None else default_stage_root()
         self._stage = Stage(root, identity, describe=uri)
         self._write_lock = anyio.Lock()  # the stage's files
         self._flush_lock = anyio.Lock()  # one upload at a time
-        self._closed = False
-        self._closed_note = ""
 
     @property
     def uri(self) -> str:
@@ -48,12 +41,6 @@ class StagedStorage(CheckpointStorage):
     def stage_directory(self) -> str:
         """Where this journal's writes wait for upload."""
         return self._stage.directory
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"uri": self._uri, "options": self._options}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["uri"], **state["options"])  # type: ignore[misc]
 
     async def write(self, data: str) -> None:
         self._check_open()
@@ -83,14 +70,6 @@ class StagedStorage(CheckpointStorage):
     async def exists(self) -> bool:
         return bool(self._stage.snapshot()) or await self._remote_exists()
 
-    async def close(self) -> None:
-        if not self._closed:
-            await uninterrupted(self._close, finish_first=True)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StorageClosedError(f"{self!r} is closed{self._closed_note}")
-
     async def _write(self, payload: bytes) -> None:
         async with self._write_lock:
             self._check_open()
@@ -104,9 +83,6 @@ class StagedStorage(CheckpointStorage):
             await self._upload_staged()
 
     async def _close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
         try:
             if self._stage.is_open:  # this storage wrote; a stage it never took is not its to upload
                 async with self._flush_lock:
@@ -123,8 +99,7 @@ class StagedStorage(CheckpointStorage):
     def _drop_after_fork(self) -> None:  # the stage lets go of its own files (Stage._drop_after_fork)
         if self._closed:
             return
-        self._closed = True
-        self._closed_note = f": {forked_note(os.getppid())}"
+        self._closed_by_fork()
         self._write_lock = anyio.Lock()
         self._flush_lock = anyio.Lock()
         self._drop_clients_after_fork()
