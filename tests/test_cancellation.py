@@ -16,6 +16,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -376,7 +377,7 @@ FORKED_CHILD = """
 
 @pytest.mark.parametrize("backend", ["local", "memory"])
 def test_one_manager_works_across_two_asyncio_runs(backend: str, tmp_path: Path) -> None:
-    uri = str(tmp_path / "j.jsonl") if backend == "local" else f"memory://loops-{tmp_path.name}"
+    uri = str(tmp_path / "j.jsonl") if backend == "local" else f"memory://loops-{uuid.uuid4().hex}"
     manager = CheckpointManager.from_uri(uri, flush_interval=None)
 
     async def first() -> None:
@@ -448,7 +449,7 @@ async def _trio_round_trip(uri: str) -> list[dict[str, Any]]:
 def test_the_manager_runs_under_trio(backend: str, tmp_path: Path) -> None:
     uri = {
         "local": str(tmp_path / "j.jsonl"),
-        "memory": f"memory://trio-{tmp_path.name}",
+        "memory": f"memory://trio-{uuid.uuid4().hex}",
         "fsspec": f"fsspec+file://{tmp_path}/f.jsonl",
     }[backend]
     records = anyio.run(_trio_round_trip, uri, backend="trio")
