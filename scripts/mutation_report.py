@@ -69,7 +69,7 @@ def main() -> int:
         return 0
     reasons = explained()
     left = 0
-    for path in paths or ["yoink/_manager.py", "yoink/_records.py", "yoink/storage/_local.py"]:
+    for path in paths or ["yoink/_manager.py", "yoink/_records.py", "yoink/storage/_local.py", "yoink/storage/_files.py"]:
         data = SourceFileMutationData(path=path)
         data.load()
         if not data.exit_code_by_key:

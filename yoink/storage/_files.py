@@ -6,6 +6,8 @@ at a time, so that a replay's memory is bounded by a chunk, not by the journal.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import AsyncIterator
 from typing import BinaryIO
 
@@ -14,9 +16,12 @@ import anyio.to_thread
 
 from yoink._exceptions import StorageError
 
-__all__ = ["READ_CHUNK", "file_chunks", "path_chunks"]
+__all__ = ["READ_CHUNK", "TORN_SUFFIX", "file_chunks", "path_chunks", "set_aside_torn_tail"]
+
+logger = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
+TORN_SUFFIX = ".torn"  # a torn tail set aside goes to the journal's name with this suffix
 
 
 async def file_chunks(file: BinaryIO, size: int, *, describe: str) -> AsyncIterator[bytes]:
@@ -46,3 +51,46 @@ async def path_chunks(path: str, size: int) -> AsyncIterator[bytes]:
             yield chunk
     finally:
         file.close()
+
+
+def set_aside_torn_tail(path: str, fd: int, *, fsync: bool = True) -> int:
+    """Move the bytes after the last newline of the file open as ``fd`` to ``path + ".torn"``.
+
+    Return the size of what is left: whole lines. The moved bytes are appended to the sidecar
+    with a newline, fsynced with ``fsync``, before the file is cut; the WARNING names the offset.
+    For a local journal before its writer appends, and for a staged batch a crash left.
+    """
+    size = os.fstat(fd).st_size
+    with open(path, "rb") as journal:
+        end = size
+        clean = 0
+        while end > 0:
+            start = max(0, end - 65536)
+            journal.seek(start)
+            newline = journal.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                clean = start + newline + 1
+                break
+            end = start
+        if clean == size:
+            return size
+        sidecar = path + TORN_SUFFIX
+        journal.seek(clean)
+        with open(sidecar, "ab") as side:
+            while block := journal.read(READ_CHUNK):
+                side.write(block)
+            side.write(b"\n")
+            side.flush()
+            if fsync:
+                os.fsync(side.fileno())
+    os.ftruncate(fd, clean)
+    if fsync:
+        os.fsync(fd)
+    logger.warning(
+        "%s ended in a torn write: moved its last %d bytes (from offset %d) to %s",
+        path,
+        size - clean,
+        clean,
+        sidecar,
+    )
+    return clean

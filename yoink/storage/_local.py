@@ -5,34 +5,24 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import logging
 import os
-import sys
 from collections.abc import AsyncIterator
-from typing import Any, BinaryIO, NoReturn
+from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
 import anyio
 import anyio.to_thread
 
+from yoink._compat import Self
 from yoink._exceptions import CheckpointLockedError, StorageClosedError, StorageError
 from yoink._fork import close_locked, drop_in_forked_children, forked_note, forks_wait
 from yoink._records import whole_lines
 from yoink._tasks import uninterrupted
 from yoink.storage._base import CheckpointStorage
 from yoink.storage._factory import take_uri_options
-
-if sys.version_info >= (3, 11):
-    from typing import Self
-else:
-    from typing_extensions import Self
+from yoink.storage._files import file_chunks, set_aside_torn_tail
 
 __all__ = ["LocalFileStorage"]
-
-logger = logging.getLogger("yoink")
-
-READ_CHUNK = 1 << 20
-TORN_SUFFIX = ".torn"
 
 
 class LocalFileStorage(CheckpointStorage):
@@ -125,23 +115,12 @@ class LocalFileStorage(CheckpointStorage):
             # Read up to the size at the start: a batch appended meanwhile is not half-seen.
             size = os.fstat(file.fileno()).st_size
             async with contextlib.aclosing(
-                whole_lines(self._chunks(file, size), describe=self._path)
+                whole_lines(file_chunks(file, size, describe=self._path), describe=self._path)
             ) as blocks:
                 async for block in blocks:
                     yield block
         finally:
             file.close()
-
-    async def _chunks(self, file: BinaryIO, size: int) -> AsyncIterator[bytes]:
-        while size > 0:
-            try:
-                chunk = await anyio.to_thread.run_sync(file.read, min(READ_CHUNK, size))
-            except OSError as exc:
-                raise StorageError(f"cannot read {self._path}: {exc.strerror}") from exc
-            if not chunk:
-                return
-            size -= len(chunk)
-            yield chunk
 
     async def exists(self) -> bool:
         return await anyio.to_thread.run_sync(os.path.exists, self._path)
@@ -212,7 +191,7 @@ class LocalFileStorage(CheckpointStorage):
                     # The file's entry, and the entry of each directory made for it, in its parent.
                     for directory in [self._path, *new_directories]:
                         _fsync_directory(os.path.dirname(directory))
-                _set_aside_torn_tail(self._path, fd, fsync=self._fsync)
+                set_aside_torn_tail(self._path, fd, fsync=self._fsync)
             except OSError as exc:
                 raise StorageError(f"cannot prepare {self._path} for appending: {exc}") from exc
         except BaseException:
@@ -283,41 +262,3 @@ def _missing_directories(directory: str) -> list[str]:
         missing.append(directory)
         directory = os.path.dirname(directory)
     return missing
-
-
-def _set_aside_torn_tail(path: str, fd: int, *, fsync: bool = True) -> int:
-    """Move the bytes after the last newline to ``path + ".torn"``; return the clean size."""
-    size = os.fstat(fd).st_size
-    with open(path, "rb") as journal:
-        end = size
-        clean = 0
-        while end > 0:
-            start = max(0, end - 65536)
-            journal.seek(start)
-            newline = journal.read(end - start).rfind(b"\n")
-            if newline >= 0:
-                clean = start + newline + 1
-                break
-            end = start
-        if clean == size:
-            return size
-        sidecar = path + TORN_SUFFIX
-        journal.seek(clean)
-        with open(sidecar, "ab") as side:
-            while block := journal.read(READ_CHUNK):
-                side.write(block)
-            side.write(b"\n")
-            side.flush()
-            if fsync:
-                os.fsync(side.fileno())
-    os.ftruncate(fd, clean)
-    if fsync:
-        os.fsync(fd)
-    logger.warning(
-        "%s ended in a torn write: moved its last %d bytes (from offset %d) to %s",
-        path,
-        size - clean,
-        clean,
-        sidecar,
-    )
-    return clean

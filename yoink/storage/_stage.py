@@ -40,8 +40,7 @@ import anyio.to_thread
 from yoink._exceptions import CheckpointLockedError, StorageError
 from yoink._fork import close_locked, drop_in_forked_children, forks_wait
 from yoink._records import whole_lines
-from yoink.storage._files import file_chunks
-from yoink.storage._local import _set_aside_torn_tail
+from yoink.storage._files import file_chunks, set_aside_torn_tail
 
 __all__ = ["Batch", "Stage", "default_stage_root", "read_batches"]
 
@@ -150,7 +149,7 @@ class Stage:
         for seq, path in listed:
             try:
                 with open(path, "rb+") as file:
-                    size = _set_aside_torn_tail(path, file.fileno())
+                    size = set_aside_torn_tail(path, file.fileno())
             except OSError as exc:
                 raise StorageError(
                     f"{self._describe}: cannot open the staged batch {path} ({exc.strerror}); nothing was "
