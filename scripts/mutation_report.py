@@ -23,6 +23,7 @@ from mutmut.mutation.diff_apply import get_diff_for_mutant
 from mutmut.stats import status_by_exit_code
 
 EQUIVALENT = Path(__file__).with_name("mutants-equivalent.txt")
+CORE = ["yoink/_manager.py", "yoink/_records.py", "yoink/storage/_local.py", "yoink/storage/_files.py"]
 CAUGHT = {"killed", "timeout", "segfault", "caught by type check"}
 
 
@@ -69,7 +70,7 @@ def main() -> int:
         return 0
     reasons = explained()
     left = 0
-    for path in paths or ["yoink/_manager.py", "yoink/_records.py", "yoink/storage/_local.py", "yoink/storage/_files.py"]:
+    for path in paths or CORE:
         data = SourceFileMutationData(path=path)
         data.load()
         if not data.exit_code_by_key:
