@@ -19,6 +19,7 @@ import sys
 import anyio
 
 from yoink.storage import S3Storage
+from yoink.storage._s3_layout import Layout
 from yoink.storage._stage import Stage
 
 
@@ -39,9 +40,9 @@ async def main(mode: str, uri: str, stage_dir: str, endpoint: str, count: int) -
         Stage.discard = die  # type: ignore[assignment,method-assign]
         await storage.flush()
     elif mode in ("die-after-merge-upload", "die-in-merge-upload"):
-        upload = S3Storage._put
+        upload = Layout._put
 
-        async def upload_then_maybe_die(self: S3Storage, key: str, *args: object, **kwargs: object) -> str:
+        async def upload_then_maybe_die(self: Layout, key: str, *args: object, **kwargs: object) -> str:
             merging = "-" in key.rsplit("/", 1)[-1]
             if merging and mode == "die-in-merge-upload":
                 await self._client.call("create_multipart_upload", Key=key)
@@ -51,7 +52,7 @@ async def main(mode: str, uri: str, stage_dir: str, endpoint: str, count: int) -
                 die()
             return etag
 
-        S3Storage._put = upload_then_maybe_die  # type: ignore[assignment,method-assign]
+        Layout._put = upload_then_maybe_die  # type: ignore[assignment,method-assign]
         for n in range(count):
             await storage.write(f'{{"n":{n}}}\n')
             await storage.flush()

@@ -868,7 +868,7 @@ async def test_a_pickled_storage_keeps_its_uri_and_options_not_its_client_or_sta
     copy = pickle.loads(pickle.dumps(storage))
     assert repr(copy) == repr(storage)
     assert copy.stage_directory == storage.stage_directory
-    assert copy._part_size == 32 << 20
+    assert copy._options.part_size == 32 << 20
     assert copy._client._handle is None
     assert b'n\\":2' not in pickle.dumps(storage)
     await storage.close()

@@ -1,0 +1,222 @@
+"""What an S3 layout is to S3Storage, and what the two layouts share.
+
+:class:`S3Storage` keeps the options, the client and the stage; a layout (``_s3_object.py``,
+``_s3_segments.py``) decides where the journal's bytes go in the bucket. It answers the three
+questions of :class:`~yoink.storage._staged.StagedStorage` (:meth:`Layout.open_remote`,
+:meth:`Layout.exists`, :meth:`Layout.upload`) and keeps this writer's view of the journal between
+them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import anyio
+
+from yoink._exceptions import ConcurrentWriterError, StorageError
+from yoink._records import whole_lines
+from yoink.storage._files import READ_CHUNK, path_chunks
+from yoink.storage._s3_client import Missing, S3Client
+from yoink.storage._stage import Batch, Stage
+
+if TYPE_CHECKING:
+    from yoink.storage._s3 import S3Options
+
+__all__ = ["ATTEMPTS", "MAX_PART_SIZE", "REMEMBERED_WRITERS", "Layout", "Segment", "prepend", "staged_chunks"]
+
+logger = logging.getLogger(__name__)
+
+MAX_PART_SIZE = 5 << 30
+ATTEMPTS = 4  # conditional uploads per flush: after a lost reply, the first retry finds it landed
+REMEMBERED_WRITERS = 16  # the (writer, last batch) pairs an object's metadata keeps
+
+
+@dataclass(frozen=True)
+class Segment:
+    """An object, or the part of one from ``offset``: segment ``start``, a merge of ``start``..``end``,
+    or (to copy it inside S3) the bytes of the journal object to keep."""
+
+    key: str
+    start: int
+    end: int
+    size: int
+    etag: str
+    merged: bool = False  # an object of merged/, not a segment
+    batch: int = 0  # for a segment this writer wrote: the last staged batch it holds
+    offset: int = 0  # bytes of the object before segment ``start`` (another merge holds them)
+
+    def byte_range(self, skip: int = 0, length: int | None = None) -> dict[str, str]:
+        """The ``Range`` of a GetObject for ``length`` bytes from ``skip`` bytes into this piece."""
+        length = self.size - skip if length is None else length
+        if not self.offset and not skip and length == self.size:
+            return {}
+        return {"Range": f"bytes={self.offset + skip}-{self.offset + skip + length - 1}"}
+
+
+class Layout(ABC):
+    """Where one S3Storage's journal lives in its bucket, and this writer's view of it."""
+
+    def __init__(
+        self, client: S3Client, stage: Stage, *, uri: str, key: str, options: S3Options, min_part_size: int
+    ) -> None:
+        self._client = client
+        self._stage = stage
+        self._uri = uri
+        self._key = key  # the object's, or the prefix of the segments'
+        self._part_size = options.part_size
+        self._min_part_size = min_part_size  # S3's multipart minimum (a test store's may be lower)
+
+    @abstractmethod
+    async def open_remote(
+        self, writer: str | None, staged: bool, *, remember: bool
+    ) -> tuple[int, AsyncGenerator[str, None]]:
+        """Start reading the journal: return the last of ``writer``'s batches that it holds (0 if
+        none, or if ``staged`` is false and it need not be looked up), and its text. With
+        ``remember``, a writer that has not looked yet takes what it finds as its view."""
+
+    @abstractmethod
+    async def exists(self) -> bool: ...
+
+    @abstractmethod
+    async def upload(self, batches: list[Batch]) -> None:
+        """Upload the sealed ``batches`` (oldest first), then discard them from the stage."""
+
+    # -- what both layouts do ---------------------------------------------------------------------
+
+    async def _put(
+        self,
+        key: str,
+        body: AsyncIterator[bytes],
+        size: int,
+        metadata: dict[str, str],
+        condition: dict[str, str],
+        *,
+        copy: Sequence[Segment] = (),
+    ) -> str:
+        """Write ``copy`` (objects copied inside S3) then ``body`` to ``key``; return the ETag."""
+        if not copy and size <= self._part_size:
+            data = b"".join([chunk async for chunk in body])
+            response = await self._client.call(
+                "put_object", Key=key, Body=data, Metadata=metadata, **condition
+            )
+            return str(response["ETag"])
+        created = await self._client.call("create_multipart_upload", Key=key, Metadata=metadata)
+        upload = {"Key": key, "UploadId": created["UploadId"]}
+        try:
+            parts: list[dict[str, Any]] = []
+            for source in copy:
+                for first, last in _copy_ranges(source.size):
+                    response = await self._client.call(
+                        "upload_part_copy",
+                        CopySource={"Bucket": self._client.bucket, "Key": source.key},
+                        CopySourceRange=f"bytes={source.offset + first}-{source.offset + last}",
+                        CopySourceIfMatch=source.etag,
+                        PartNumber=len(parts) + 1,
+                        **upload,
+                    )
+                    parts.append({"PartNumber": len(parts) + 1, "ETag": response["CopyPartResult"]["ETag"]})
+            async for part in _regroup(body, self._part_size):
+                response = await self._client.call(
+                    "upload_part", Body=part, PartNumber=len(parts) + 1, **upload
+                )
+                parts.append({"PartNumber": len(parts) + 1, "ETag": response["ETag"]})
+            response = await self._client.call(
+                "complete_multipart_upload", MultipartUpload={"Parts": parts}, **upload, **condition
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self._client.call("abort_multipart_upload", **upload)
+            raise
+        return str(response["ETag"])
+
+    async def _stream(self, response: dict[str, Any]) -> AsyncGenerator[str, None]:
+        async for block in whole_lines(self._body_chunks(response), describe=self._uri, keep_tail=True):
+            yield block
+
+    async def _body_chunks(self, response: dict[str, Any]) -> AsyncIterator[bytes]:
+        """Stream a GetObject response's body, a chunk at a time, and release its connection."""
+        body = response["Body"]
+        try:
+            while True:
+                with self._client.translated("get_object"):
+                    chunk = await body.read(READ_CHUNK)
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            body.close()
+
+    async def _body(self, response: dict[str, Any]) -> bytes:
+        return b"".join([chunk async for chunk in self._body_chunks(response)])
+
+    async def _head_metadata(self, key: str) -> tuple[dict[str, str], int, str] | None:
+        try:
+            response = await self._client.call("head_object", Key=key)
+        except Missing:
+            return None
+        return response.get("Metadata", {}), response["ContentLength"], response["ETag"]
+
+    async def _drop_landed(self, batches: list[Batch], landed: int) -> list[Batch]:
+        if batches and batches[0].seq <= landed:
+            already = [batch for batch in batches if batch.seq <= landed]
+            logger.info(
+                "%s: %d staged batches (%d bytes) are already in S3, from an upload whose reply was "
+                "lost; they are not uploaded again",
+                self._uri,
+                len(already),
+                sum(batch.size for batch in already),
+            )
+            await self._stage.discard(landed)
+        return [batch for batch in batches if batch.seq > landed]
+
+    def _give_up(self, batches: list[Batch]) -> NoReturn:
+        raise StorageError(
+            f"{self._uri}: S3 kept refusing conditional uploads ({ATTEMPTS} attempts); the "
+            f"{sum(b.size for b in batches)} bytes not uploaded stay staged for the next flush"
+        )
+
+    def _raise_conflict(self, what: str, batches: list[Batch]) -> NoReturn:
+        raise ConcurrentWriterError(
+            f"{self._uri} was changed by another writer ({what}); yoink allows one writer at a time. "
+            f"Nothing was lost: the {sum(b.size for b in batches)} bytes not uploaded stay staged in "
+            f"{self._stage.directory}, and a new storage for this URI uploads them once the other "
+            "writer has stopped"
+        )
+
+
+async def staged_chunks(batches: Sequence[Batch]) -> AsyncIterator[bytes]:
+    for batch in batches:
+        async for chunk in path_chunks(batch.path, batch.size):
+            yield chunk
+
+
+async def prepend(head: bytes, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if head:
+        yield head
+    async for chunk in chunks:
+        yield chunk
+
+
+async def _regroup(chunks: AsyncIterator[bytes], size: int) -> AsyncIterator[bytes]:
+    """Yield ``size``-byte parts (the last one shorter) from ``chunks``."""
+    buffer = bytearray()
+    async for chunk in chunks:
+        buffer += chunk
+        while len(buffer) >= size:
+            yield bytes(buffer[:size])
+            del buffer[:size]
+    if buffer:
+        yield bytes(buffer)
+
+
+def _copy_ranges(size: int) -> Iterator[tuple[int, int]]:
+    """Split ``size`` bytes into near-equal inclusive ranges of at most 5 GiB each."""
+    count = -(-size // MAX_PART_SIZE)
+    step = -(-size // count)
+    for first in range(0, size, step):
+        yield first, min(first + step, size) - 1

@@ -1,0 +1,206 @@
+"""The segments of layout="segments", as a listing finds them: through merges, overlaps and crashes.
+
+A reader lists ``merged/``, then the segments after the last merged one; a writer also finds what
+an interrupted merge left to clear, and the last of its own batches in S3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from yoink._exceptions import StorageError
+from yoink.storage._s3_client import S3Client
+from yoink.storage._s3_layout import ATTEMPTS, REMEMBERED_WRITERS, Layout, Segment
+from yoink.storage._stage import Stage
+
+if TYPE_CHECKING:
+    from yoink.storage._s3 import S3Options
+
+__all__ = ["ListingChanged", "SegmentListing", "Segments"]
+
+_SEGMENT = re.compile(r"(\d{12})\.jsonl")  # under <prefix>/segments/
+_MERGED = re.compile(r"(\d{12})-(\d{12})\.jsonl")  # under <prefix>/merged/
+
+
+@dataclass
+class Segments:
+    """What this writer knows of the segments."""
+
+    live: list[Segment]
+    hidden: list[Segment] = field(default_factory=list)  # merged objects a bigger one covers
+    unburied: list[Segment] = field(default_factory=list)  # merged segments a crash left holding data
+    landed: int = 0  # the last of this writer's batches that a segment holds
+
+    @property
+    def next(self) -> int:
+        return self.live[-1].end + 1 if self.live else 0
+
+
+class ListingChanged(Exception):
+    """A merge ran while the segments were being listed: list them again."""
+
+
+class SegmentListing(Layout):
+    """A layout of segments, up to what it finds in a listing; :class:`SegmentsLayout` goes on."""
+
+    def __init__(
+        self, client: S3Client, stage: Stage, *, uri: str, key: str, options: S3Options, min_part_size: int
+    ) -> None:
+        super().__init__(client, stage, uri=uri, key=key, options=options, min_part_size=min_part_size)
+        self._view: Segments | None = None  # this writer's view of the segments, from its first look
+
+    def _segment_key(self, number: int) -> str:
+        return f"{self._key}/segments/{number:012d}.jsonl"
+
+    def _merged_key(self, start: int, end: int) -> str:
+        return f"{self._key}/merged/{start:012d}-{end:012d}.jsonl"
+
+    async def _list_segments(self, writer: str | None, *, remember: bool = True) -> Segments:
+        """List the live segments, and find the last batch of ``writer`` that they hold."""
+        for _ in range(ATTEMPTS):
+            try:
+                state = await self._try_listing(tidy=writer is not None)
+                break
+            except ListingChanged:
+                continue
+        else:
+            raise StorageError(
+                f"{self._uri}: another writer kept merging segments while they were listed; try again"
+            )
+        if writer:
+            state.landed = await self._landed(writer, state)
+        if self._view is None and remember:
+            self._view = state
+        return state
+
+    async def _listing(self) -> Segments:
+        """The live segments, listed again (a reader's, after a merge took what it was to read)."""
+        for _ in range(ATTEMPTS):
+            with contextlib.suppress(ListingChanged):
+                return await self._try_listing(tidy=False)
+        raise StorageError(
+            f"{self._uri}: another writer kept merging segments while they were listed; read again"
+        )
+
+    async def _landed(self, writer: str, state: Segments) -> int:
+        """The last of ``writer``'s batches in S3: the stage names the segment of its last upload,
+        and that key keeps its writer and batch even once a merge has emptied it."""
+        intent = self._stage.read_intent()
+        if intent is None:  # a stage of a yoink before these records: look in the last segments
+            for segment in reversed(state.live[-REMEMBERED_WRITERS:]):
+                head = None if segment.merged else await self._head_metadata(segment.key)
+                if head and head[0].get("yoink-writer") == writer:
+                    return int(head[0]["yoink-batch"])
+            return 0
+        number = intent.get("s3_segment")
+        if intent.get("writer") != writer or not isinstance(number, int):
+            return 0  # this writer has not uploaded yet
+        head = await self._head_metadata(self._segment_key(number))
+        if head is None or head[0].get("yoink-writer") != writer:
+            return 0  # the upload did not land
+        return int(head[0]["yoink-batch"])
+
+    async def _try_listing(self, *, tidy: bool) -> Segments:
+        """One listing: merged objects first, then the segments after them (not the emptied ones
+        before). With ``tidy``, also find what an interrupted merge left for the next to clear."""
+        state = Segments([])
+        merged = []
+        for name, size, etag in await self._list(f"{self._key}/merged/"):
+            if match := _MERGED.fullmatch(name):
+                key = f"{self._key}/merged/{name}"
+                merged.append(Segment(key, int(match[1]), int(match[2]), size, etag, merged=True))
+        for segment in sorted(merged, key=lambda s: (s.start, -s.end)):
+            if segment.end < state.next:
+                state.hidden.append(segment)  # a bigger merge holds it; a crash kept it from deletion
+                continue
+            if segment.start < state.next:  # two merges at once (a paused writer's, another's)
+                segment = await self._after_overlap(segment, state.live[-1])
+            for number in range(state.next, segment.start):  # a segment big enough to stay unmerged
+                state.live.append(await self._segment(number))
+            state.live.append(segment)
+        covered = state.next - 1
+        after = covered
+        if tidy and state.live and state.live[-1].merged:
+            head = await self._head_metadata(state.live[-1].key)
+            first = int(head[0].get("yoink-from", after + 1)) if head else after + 1
+            after = min(after, first - 1)  # the newest merge's segments: emptied, unless it was cut short
+        start_after = {"StartAfter": self._segment_key(after)} if after >= 0 else {}
+        for name, size, etag in await self._list(f"{self._key}/segments/", **start_after):
+            if not (match := _SEGMENT.fullmatch(name)):
+                continue
+            number = int(match[1])
+            segment = Segment(f"{self._key}/segments/{name}", number, number, size, etag)
+            if number <= covered:
+                if size:
+                    state.unburied.append(segment)
+            elif not size:
+                raise ListingChanged  # emptied by a merge that the merged listing did not show
+            else:
+                state.live.append(segment)
+        return state
+
+    async def _after_overlap(self, segment: Segment, before: Segment) -> Segment:
+        """The part of merged ``segment`` after ``before``, the merged object that overlaps it.
+
+        Both hold the same bytes for the segments they share, so the overlap is skipped by size:
+        each segment's own (an emptied one keeps it in its metadata)."""
+        skip = await self._segments_size(segment.start, before.end, overlap=(before, segment))
+        return replace(segment, start=before.end + 1, offset=segment.offset + skip, size=segment.size - skip)
+
+    async def _segments_size(
+        self, first: int, last: int, *, overlap: tuple[Segment, Segment] | None = None
+    ) -> int:
+        """The bytes of segments ``first`` to ``last``, from each segment's key."""
+        total = 0
+        for number in range(first, last + 1):
+            key = self._segment_key(number)
+            head = await self._head_metadata(key)
+            if head is None:
+                raise StorageError(
+                    f"{self._uri}: segment {key} is missing; something other than yoink deleted it"
+                )
+            size = head[1] or head[0].get("yoink-size")
+            if (size is None or not str(size).isdigit()) and overlap is None:
+                raise StorageError(
+                    f"{self._uri}: segment {key} was merged while it was being read, and was emptied "
+                    "by an older yoink, which does not record a segment's size, so the reader cannot "
+                    "find where to go on in the merged object; nothing was changed. Read again"
+                )
+            if size is None or not str(size).isdigit():
+                assert overlap is not None
+                earlier, later = overlap
+                raise StorageError(
+                    f"{self._uri}: the merged objects {earlier.key} and {later.key} overlap (two writers "
+                    f"merged at once), and segment {key}, emptied by an older yoink, does not record its "
+                    "size, so the overlap cannot be skipped; nothing was changed. Replace "
+                    f"{later.key} with its bytes after those of segments {later.start}-{earlier.end} "
+                    f"(which {earlier.key} holds), and read again"
+                )
+            total += int(size)
+        return total
+
+    async def _segment(self, number: int) -> Segment:
+        key = self._segment_key(number)
+        head = await self._head_metadata(key)
+        if head is None:
+            raise StorageError(
+                f"{self._uri}: segment {key} is missing; something other than yoink deleted it"
+            )
+        if not head[1]:
+            raise ListingChanged
+        return Segment(key, number, number, head[1], head[2])
+
+    async def _list(self, prefix: str, **params: Any) -> list[tuple[str, int, str]]:
+        """The names (after ``prefix``), sizes and ETags of the objects under ``prefix``."""
+        found = []
+        params["Prefix"] = prefix
+        while True:
+            response = await self._client.call("list_objects_v2", **params)
+            for item in response.get("Contents", []):
+                found.append((item["Key"][len(prefix) :], item["Size"], item["ETag"]))
+            if not response.get("IsTruncated"):
+                return found
+            params["ContinuationToken"] = response["NextContinuationToken"]

@@ -1,0 +1,246 @@
+"""layout="segments": the journal is a prefix, and each flush writes one new object under it.
+
+::
+
+    <prefix>/segments/000000000042.jsonl            one flush's batches; If-None-Match: *
+    <prefix>/merged/000000000000-000000000063.jsonl  segments 0-63, merged once they piled up
+
+A merged segment is emptied, never deleted, so a writer behind the times that asks for its number
+finds it taken. Readers list ``merged/``, then the segments after the last merged one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.to_thread
+
+from yoink._exceptions import StorageError
+from yoink.storage._s3_client import Conflict, Missing, S3Client
+from yoink.storage._s3_layout import ATTEMPTS, Segment, staged_chunks
+from yoink.storage._s3_listing import SegmentListing, Segments
+from yoink.storage._stage import Batch, Stage
+
+if TYPE_CHECKING:
+    from yoink.storage._s3 import S3Options
+
+__all__ = ["SegmentsLayout"]
+
+logger = logging.getLogger(__name__)
+
+
+class SegmentsLayout(SegmentListing):
+    """The journal as segments under the prefix its URI names, merged as they pile up."""
+
+    def __init__(
+        self, client: S3Client, stage: Stage, *, uri: str, key: str, options: S3Options, min_part_size: int
+    ) -> None:
+        super().__init__(client, stage, uri=uri, key=key, options=options, min_part_size=min_part_size)
+        self._merge_after = options.merge_after
+        self._merge_target = options.merge_target
+
+    async def open_remote(
+        self, writer: str | None, staged: bool, *, remember: bool
+    ) -> tuple[int, AsyncGenerator[str, None]]:
+        state = await self._list_segments(writer if staged else None, remember=remember)
+        return state.landed, self._read_segments(state.live)
+
+    async def exists(self) -> bool:
+        response = await self._client.call("list_objects_v2", Prefix=self._key + "/", MaxKeys=1)
+        return bool(response.get("KeyCount"))
+
+    async def upload(self, batches: list[Batch]) -> None:
+        writer = self._stage.writer
+        for _ in range(ATTEMPTS):
+            state = self._view or await self._list_segments(writer)
+            self._view = state
+            batches = await self._drop_landed(batches, state.landed)
+            if not batches:
+                return
+            # The fence is this PutObject's condition. A segment key, once written, exists for
+            # good (a merge empties it, never deletes it), so a writer whose view is stale, by a
+            # moment or a day, asks for a number that is taken, and S3 refuses it.
+            number = state.next
+            key = self._segment_key(number)
+            metadata = {"yoink-writer": writer, "yoink-batch": str(batches[-1].seq)}
+            size = sum(batch.size for batch in batches)
+            # After a crash between this upload and the discard, the next storage on this stage
+            # asks that one key whether the batches landed, however far the journal moved on.
+            intent: dict[str, int | str] = {"writer": writer, "s3_segment": number, "batch": batches[-1].seq}
+            await anyio.to_thread.run_sync(self._stage.write_intent, intent)
+            try:
+                etag = await self._put(key, staged_chunks(batches), size, metadata, {"IfNoneMatch": "*"})
+            except Conflict:
+                batch, size, etag = await self._taken_segment(number, batches)
+                state.live.append(Segment(key, number, number, size, etag, batch=batch))
+                state.landed = batch  # an earlier attempt of ours went through
+                continue
+            state.live.append(Segment(key, number, number, size, etag, batch=batches[-1].seq))
+            state.landed = batches[-1].seq
+            await self._stage.discard(state.landed)
+            await self._merge_if_due(state)
+            return
+        self._give_up(batches)
+
+    async def _taken_segment(self, number: int, batches: list[Batch]) -> tuple[int, int, str]:
+        """Segment ``number`` exists: return its batch, size and ETag if an earlier attempt of this
+        writer wrote it, else raise :class:`ConcurrentWriterError`."""
+        head = await self._head_metadata(self._segment_key(number))
+        if head is None or head[0].get("yoink-writer") != self._stage.writer:
+            self._raise_conflict(
+                f"segment {number}, the next one it would write, is another writer's", batches
+            )
+        metadata, size, etag = head
+        batch = int(metadata["yoink-batch"])
+        if not size:  # ours, and merged since by a writer that went on after it
+            batches = await self._drop_landed(batches, batch)
+            self._raise_conflict(f"it merged segment {number} and wrote after it", batches)
+        return batch, size, etag
+
+    async def _merge_if_due(self, state: Segments) -> None:
+        await self._tidy(state)
+        # A run of small segments, after the last big one. Only its first may be over S3's part
+        # minimum: that one is copied inside S3, the rest (each under it) are downloaded and
+        # uploaded again, so a merge moves a bounded amount however long the journal.
+        start = 0
+        for index, segment in enumerate(state.live[:-1]):
+            if segment.size >= self._merge_target:
+                start = index + 1
+            elif segment.size >= self._min_part_size:
+                start = index
+        run = state.live[start:-1]  # the newest segment stays
+        if len(run) < self._merge_after:
+            return
+        key = self._merged_key(run[0].start, run[-1].end)
+        copy = run[:1] if run[0].size >= self._min_part_size else []
+        rest = run[len(copy) :]
+        after_merged = [segment for segment in run if segment.merged][-1:]
+        first = after_merged[0].end + 1 if after_merged else run[0].start
+        try:
+            size = sum(segment.size for segment in rest)
+            body = self._objects_chunks(rest)
+            metadata = {"yoink-from": str(first)}  # the segments it empties: where to look after a crash
+            etag = await self._put(key, body, size, metadata, {"IfNoneMatch": "*"}, copy=copy)
+        except (StorageError, Conflict, Missing) as exc:
+            # This writer's view stays as it was: its next segment number does not depend on merges.
+            logger.warning(
+                "%s: merging %d segments into %s failed; a later flush tries again: %s",
+                self._uri,
+                len(run),
+                key,
+                exc,
+            )
+            return
+        state.live[start:-1] = [Segment(key, run[0].start, run[-1].end, sum(s.size for s in run), etag, True)]
+        try:
+            await self._bury([segment for segment in run if not segment.merged], key)
+            await self._delete([segment for segment in run if segment.merged])
+        except StorageError as exc:
+            logger.warning(
+                "%s: could not clear what %s holds; the next writer clears it: %s", self._uri, key, exc
+            )
+
+    async def _tidy(self, state: Segments) -> None:
+        """Clear what an interrupted merge left: merged objects a bigger one holds, and segments a
+        merged object holds that still hold their data."""
+        hidden, unburied = state.hidden, state.unburied
+        state.hidden, state.unburied = [], []
+        if not hidden and not unburied:
+            return
+        logger.info(
+            "%s: clearing %d objects left by an interrupted merge", self._uri, len(hidden) + len(unburied)
+        )
+        try:
+            await self._bury(unburied, "")
+            await self._delete(hidden)
+        except StorageError as exc:
+            logger.warning("%s: could not clear what an interrupted merge left: %s", self._uri, exc)
+
+    async def _bury(self, segments: Sequence[Segment], into: str) -> None:
+        """Empty merged segments, keeping their keys: a writer behind the times who asks for one of
+        their numbers must find it taken. Each keeps its writer and batch, for that writer's retries,
+        and its size."""
+        for segment in segments:
+            if segment.batch:
+                metadata = {"yoink-writer": self._stage.writer, "yoink-batch": str(segment.batch)}
+            else:
+                head = await self._head_metadata(segment.key)
+                kept = head[0] if head and head[1] else {}
+                metadata = {k: v for k, v in kept.items() if k in ("yoink-writer", "yoink-batch")}
+            metadata["yoink-size"] = str(segment.size)  # a reader skipping an overlap of merges needs it
+            if into:
+                metadata["yoink-merged-into"] = into.rsplit("/", 1)[-1]
+            with contextlib.suppress(Conflict, Missing):  # emptied already, by another merge
+                await self._client.call(
+                    "put_object", Key=segment.key, Body=b"", Metadata=metadata, IfMatch=segment.etag
+                )
+
+    async def _delete(self, segments: Sequence[Segment]) -> None:
+        for first in range(0, len(segments), 1000):
+            objects = [{"Key": segment.key} for segment in segments[first : first + 1000]]
+            await self._client.call("delete_objects", Delete={"Objects": objects, "Quiet": True})
+
+    async def _objects_chunks(self, segments: Sequence[Segment]) -> AsyncIterator[bytes]:
+        for segment in segments:
+            response = await self._client.call(
+                "get_object", Key=segment.key, IfMatch=segment.etag, **segment.byte_range()
+            )
+            async for chunk in self._body_chunks(response):
+                yield chunk
+
+    # -- reading --------------------------------------------------------------------------------
+
+    async def _read_segments(self, listed: list[Segment]) -> AsyncGenerator[str, None]:
+        """Read the segments of ``listed`` (pieces holding segments 0 to the last, in order).
+
+        A merge may empty or delete a piece before it is read (If-Match refuses it). The reader
+        then lists again and goes on from the first segment it has not yielded, in the object that
+        holds it now, skipping the bytes of the segments before it: nothing twice, nothing skipped,
+        and nothing after the last segment of ``listed``.
+        """
+        if not listed:
+            return
+        last = listed[-1].end
+        starts: dict[int, int] = {}  # segment number -> bytes of ``listed`` before it
+        ends: dict[int, int] = {}  # segment number -> bytes of ``listed`` through it
+        total = 0
+        for listed_piece in listed:
+            starts[listed_piece.start] = total
+            total += listed_piece.size
+            ends[listed_piece.end] = total
+
+        async def size_of(first: int, through: int) -> int:
+            if first > through:
+                return 0
+            if first in starts and through in ends:
+                return ends[through] - starts[first]
+            return await self._segments_size(first, through)
+
+        pieces, done, refused = listed, -1, 0
+        while done < last:
+            piece = next((p for p in pieces if p.start <= done + 1 <= p.end), None)
+            if piece is None:
+                raise StorageError(f"{self._uri}: no object holds segment {done + 1}; read again")
+            through = min(piece.end, last)
+            skip = await size_of(piece.start, done)
+            length = await size_of(done + 1, through)
+            try:
+                response = await self._client.call(
+                    "get_object", Key=piece.key, IfMatch=piece.etag, **piece.byte_range(skip, length)
+                )
+            except (Missing, Conflict):  # merged since it was listed
+                refused += 1
+                if refused > ATTEMPTS:
+                    raise StorageError(
+                        f"{self._uri}: another writer kept merging segments while they were read; read again"
+                    ) from None
+                pieces = (await self._listing()).live
+                continue
+            refused = 0
+            async for block in self._stream(response):
+                yield block
+            done = through
