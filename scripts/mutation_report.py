@@ -23,7 +23,13 @@ from mutmut.mutation.diff_apply import get_diff_for_mutant
 from mutmut.stats import status_by_exit_code
 
 EQUIVALENT = Path(__file__).with_name("mutants-equivalent.txt")
-CORE = ["yoink/_manager.py", "yoink/_records.py", "yoink/storage/_local.py", "yoink/storage/_files.py"]
+CORE = [
+    "yoink/_manager.py",
+    "yoink/_records.py",
+    "yoink/_json.py",
+    "yoink/storage/_local.py",
+    "yoink/storage/_files.py",
+]
 CAUGHT = {"killed", "timeout", "segfault", "caught by type check"}
 
 

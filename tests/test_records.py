@@ -17,8 +17,9 @@ from typing import Any
 import orjson
 import pytest
 
-from yoink import CheckpointManager, CorruptCheckpointError, _records
-from yoink._records import LARGE_LINE, MAX_DEPTH, MAX_LINE_BYTES, tail_reads
+from yoink import CheckpointManager, CorruptCheckpointError, _json, _records
+from yoink._json import LARGE_LINE, MAX_DEPTH
+from yoink._records import MAX_LINE_BYTES, tail_reads
 from yoink.storage import LocalFileStorage, MemoryStorage
 
 PAD = "x" * (LARGE_LINE + 1)
@@ -162,7 +163,7 @@ def test_a_line_as_deep_as_orjson_allows_parses_on_the_json_path_however_deep_th
     line = long(nested_objects(MAX_DEPTH))
 
     def parse_at(frames: int) -> Any:
-        return parse_at(frames - 1) if frames else _records._loads(line)
+        return parse_at(frames - 1) if frames else _json.loads(line)
 
     room = sys.getrecursionlimit() - len(inspect.stack()) - 30  # all but a few frames of the limit
     assert depth(parse_at(room)) == MAX_DEPTH

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from tests.helpers import random_seed
 from tests.reliability.killing import LONG
-from yoink import CheckpointManager, CorruptCheckpointError, _records
+from yoink import CheckpointManager, CorruptCheckpointError, _json, _records
 
 LIMIT = 4096  # the line-size limit, lowered so that generated lines cross it
 LARGE = 512  # the json module's threshold, lowered so that generated lines go either way
@@ -128,14 +128,14 @@ async def replay(path: Path, on_corrupt: str) -> Outcome:
 @given(
     data=journals,
     on_corrupt=st.sampled_from(["raise", "skip"]),
-    large_line=st.sampled_from([LARGE, _records.LARGE_LINE]),
+    large_line=st.sampled_from([LARGE, _json.LARGE_LINE]),
 )
 def test_replay_of_a_damaged_journal_does_what_the_rules_say(
     data: bytes, on_corrupt: str, large_line: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     note(f"random seed {SEED}: rerun with YOINK_TEST_SEED={SEED}")
     monkeypatch.setattr(_records, "MAX_LINE_BYTES", LIMIT)
-    monkeypatch.setattr(_records, "LARGE_LINE", large_line)
+    monkeypatch.setattr(_json, "LARGE_LINE", large_line)
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "fuzz.jsonl"
         path.write_bytes(data)
