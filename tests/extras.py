@@ -47,13 +47,18 @@ def missing(reason: str) -> NoReturn:
 
 
 def lacking(error: BaseException | None) -> str | None:
-    """What is missing, when ``error`` was raised for want of an optional package; else None."""
-    if isinstance(error, MissingDependencyError):
-        return str(error)
-    if isinstance(error, ModuleNotFoundError) and error.name:
-        hint = EXTRAS.get(error.name.partition(".")[0])
-        return None if hint is None else f"{error.name} is not installed ({hint})"
-    return None
+    """What is missing, when ``error`` was raised because an optional package is not installed.
+
+    None for any other error, and for one that names a package which is installed: that is a bug to
+    see, not a missing extra.
+    """
+    cause = error.__cause__ if isinstance(error, MissingDependencyError) else error
+    if not isinstance(cause, ModuleNotFoundError) or not cause.name:
+        return None
+    package = cause.name.partition(".")[0]
+    if package not in EXTRAS or importlib.util.find_spec(package) is not None:
+        return None
+    return str(error) if error is not cause else f"{package} is not installed ({EXTRAS[package]})"
 
 
 def pytest_configure(config: pytest.Config) -> None:
