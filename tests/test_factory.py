@@ -149,7 +149,8 @@ def test_redis_uris_reach_redisstreamstorage_with_their_options() -> None:
 
     storage = StorageFactory.from_uri("redis://localhost:6379/3?key=crawl-42", lease_ttl=5)
     assert isinstance(storage, RedisStreamStorage)
-    assert (storage.key, storage._url, storage._lease_ms) == ("crawl-42", "redis://localhost:6379/3", 5000)
+    assert (storage.key, storage._url) == ("crawl-42", "redis://localhost:6379/3")
+    assert storage._options.lease_ttl == 5
 
 
 def test_s3_uris_reach_s3storage_with_their_options(tmp_path: Path) -> None:
@@ -299,7 +300,12 @@ def test_an_entry_point_plugs_in_a_scheme_but_never_takes_a_builtin_one(
         ("file:///tmp/run.jsonl?fsync=false", {"_fsync": False}),
         (
             "redis://localhost/0?key=k&lease_ttl=5&wait_aof=yes&page_size=8",
-            {"_lease_ms": 5000, "_wait_aof": True, "_page_size": 8, "_url": "redis://localhost/0"},
+            {
+                "_lease.ms": 5000,
+                "_options.wait_aof": True,
+                "_options.page_size": 8,
+                "_url": "redis://localhost/0",
+            },
         ),
         (
             "s3://bucket/run?layout=segments&timeout=2.5&merge_after=3&retry_mode=adaptive",
@@ -397,7 +403,7 @@ def test_a_redis_key_is_percent_decoded_and_never_form_decoded(query: str, key: 
 def test_a_password_given_as_a_redis_query_parameter_stays_out_of_reprs_and_errors() -> None:
     manager = CheckpointManager.from_uri("redis://host/0?key=k&password=pw-secret", flush_interval=None)
     assert repr(manager) == "CheckpointManager(RedisStreamStorage('redis://host/0?password=***', key='k'))"
-    assert "pw-secret" not in str(manager.storage._locked(1000))  # type: ignore[attr-defined]
+    assert "pw-secret" not in str(manager.storage._lease.locked(1000))  # type: ignore[attr-defined]
     assert manager.storage._url == "redis://host/0?password=pw-secret"  # type: ignore[attr-defined]
 
 

@@ -595,9 +595,10 @@ async def test_waitaof_on_a_server_without_it_is_refused_at_open(redis_url: str,
 
 def test_the_lease_and_the_epoch_share_the_streams_cluster_slot() -> None:
     tagged = RedisStreamStorage("redis://h/0", "{run-42}:journal")
-    assert (tagged._lease_key, tagged._epoch_key) == ("{run-42}:journal:lease", "{run-42}:journal:epoch")
+    lease = tagged._lease
+    assert (lease.key, lease.epoch_key) == ("{run-42}:journal:lease", "{run-42}:journal:epoch")
     plain = RedisStreamStorage("redis://h/0", "journal")
-    assert (plain._lease_key, plain._epoch_key) == ("{journal}:lease", "{journal}:epoch")
+    assert (plain._lease.key, plain._lease.epoch_key) == ("{journal}:lease", "{journal}:epoch")
 
 
 async def test_a_pickled_storage_keeps_url_key_and_options_not_its_connection(
@@ -607,7 +608,7 @@ async def test_a_pickled_storage_keeps_url_key_and_options_not_its_connection(
     await storage.write(records(0, 1))
     await storage.flush()
     copy = pickle.loads(pickle.dumps(storage))
-    assert (copy._url, copy.key, copy._lease_ms, copy._client) == (redis_url, key, 7000, None)
+    assert (copy._url, copy.key, copy._lease.ms, copy._client) == (redis_url, key, 7000, None)
     await storage.close()
     async with copy:
         assert await numbers(copy) == [0]

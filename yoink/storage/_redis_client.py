@@ -1,0 +1,135 @@
+"""RedisStreamStorage's connection to Redis, and the edge where redis-py's errors end.
+
+Every command runs inside :func:`translated`, which turns redis-py's exceptions into yoink's (or into
+:class:`Refused`, the append script's refusal, which the storage acts on). Messages name the server
+as host and port, never with a password.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import os
+import re
+import typing
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis.asyncio as redis
+from redis.asyncio.connection import (
+    URL_QUERY_ARGUMENT_PARSERS,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+    parse_url,
+)
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from yoink._exceptions import StorageError
+
+__all__ = ["Refused", "connect", "server_identity", "server_of", "translated", "url_options"]
+
+_REFUSAL = re.compile(r"\bYOINK(LEASE|FENCED) ([^\s'\",)]+)")
+
+
+class Refused(Exception):
+    """The append script refused: a newer epoch exists (``fenced``), or another holds the lease."""
+
+    def __init__(self, fenced: bool, detail: str) -> None:
+        super().__init__(detail)
+        self.fenced = fenced
+        self.detail = detail
+
+
+async def connect(url: str, *, wait_aof: bool) -> redis.Redis:
+    """A client for ``url`` that has answered a PING (and, with ``wait_aof``, knows WAITAOF)."""
+    client = redis.from_url(
+        url,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        socket_connect_timeout=5,
+    )
+    where = server_of(url)
+    try:
+        with translated(where, "PING"):
+            await client.ping()
+            if wait_aof:
+                await _check_waitaof(client, where)
+    except BaseException:
+        await client.aclose()
+        raise
+    return client
+
+
+async def _check_waitaof(client: redis.Redis, where: str) -> None:
+    version = (await client.info("server"))["redis_version"]
+    if tuple(int(part) for part in str(version).split(".")[:2]) < (7, 2):
+        raise StorageError(f"wait_aof=True needs WAITAOF, from Redis 7.2; the server at {where} is {version}")
+
+
+@contextlib.contextmanager
+def translated(where: str, command: str) -> Iterator[None]:
+    """Turn redis-py's exceptions inside the block into yoink's; ``where`` is :func:`server_of`'s."""
+    try:
+        yield
+    except AuthenticationError as exc:
+        raise StorageError(f"Redis at {where} refused the credentials (AUTH)") from exc
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise StorageError(
+            f"cannot reach Redis at {where} ({type(exc).__name__}); what was not flushed is kept"
+        ) from exc
+    except ResponseError as exc:
+        message = str(exc)
+        # The script's refusal, wherever redis-py put it: a pipeline's error quotes the command
+        # (the script's source, where the marker is followed by a quote) before the reply.
+        refusals = _REFUSAL.findall(message)
+        if refusals:
+            kind, detail = refusals[-1]
+            raise Refused(kind == "FENCED", detail) from None
+        raise StorageError(f"Redis at {where} refused {command}: {message}") from exc
+    except RedisError as exc:
+        raise StorageError(f"Redis {command} at {where} failed: {type(exc).__name__}") from exc
+
+
+def server_of(url: str) -> str:
+    """The server, as messages name it: ``host:port``, or a socket's path."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() == "unix":
+        return parts.path
+    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+
+
+def server_identity(url: str) -> tuple[Any, ...]:
+    """The server and the database, however the URL spelt them."""
+    found = parse_url(url)
+    if "path" in found:
+        where: tuple[Any, ...] = ("unix", os.path.realpath(found["path"]))
+    else:
+        host = str(found.get("host", "localhost")).lower().strip("[]")
+        host = "localhost" if host in ("127.0.0.1", "::1") else host
+        where = (host, int(found.get("port", 6379)))
+    return (*where, int(found.get("db", 0)))
+
+
+@functools.cache
+def url_options(scheme: str) -> frozenset[str]:
+    """The query parameters redis-py's ``from_url`` takes for ``scheme``: those it parses itself,
+    and the connection's parameters that take text (``password``, ``client_name``, ...)."""
+    connection = {"unix": UnixDomainSocketConnection, "rediss": SSLConnection}.get(scheme, Connection)
+    names = set(URL_QUERY_ARGUMENT_PARSERS)
+    for cls in connection.__mro__:
+        init = vars(cls).get("__init__")
+        if init is None:
+            continue
+        for parameter in inspect.signature(init).parameters.values():
+            hint = parameter.annotation
+            texts = hint is str or str in typing.get_args(hint)
+            if texts and not parameter.name.startswith("orig_"):
+                names.add(parameter.name)
+    return frozenset(names - {"host", "port", "path"})  # the URI's own parts
