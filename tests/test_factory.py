@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
+import inspect
 import re
 import subprocess
 import sys
@@ -326,6 +329,23 @@ def test_a_storages_own_options_in_the_uri_query_reach_it_as_their_types(
     storage = StorageFactory.from_uri(uri)
     found = {name: functools.reduce(getattr, name.split("."), storage) for name in expected}
     assert found == expected  # typed, not the query's text
+
+
+@pytest.mark.parametrize(
+    ("module", "backend", "options"),
+    [
+        ("yoink.storage._s3", "S3Storage", "S3Options"),
+        ("yoink.storage._redis", "RedisStreamStorage", "RedisOptions"),
+        ("yoink.storage._fsspec", "FsspecStorage", "FsspecOptions"),
+    ],
+)
+def test_a_backends_options_have_the_names_and_defaults_of_its_keywords(
+    module: str, backend: str, options: str
+) -> None:
+    found = importlib.import_module(module)
+    keywords = inspect.signature(getattr(found, backend)).parameters.values()
+    expected = {p.name: p.default for p in keywords if p.kind is p.KEYWORD_ONLY}
+    assert {f.name: f.default for f in dataclasses.fields(getattr(found, options))} == expected
 
 
 def test_an_s3_uri_converts_every_option_in_its_query(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ what that can and cannot do.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -19,24 +18,31 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
-from fsspec.implementations.memory import MemoryFileSystem
 
 from yoink._exceptions import ConcurrentWriterError, MissingDependencyError, StorageError, YoinkError
-from yoink._records import MAX_LINE_BYTES, is_record_tail, tail_reads, whole_lines, without_torn_tail
+from yoink._records import is_record_tail, whole_lines, without_torn_tail
 from yoink.storage._factory import FSSPEC_PREFIX
-from yoink.storage._files import READ_CHUNK
-from yoink.storage._stage import Batch, Stage
+from yoink.storage._files import READ_CHUNK, TORN_SUFFIX
+from yoink.storage._fsspec_file import CannotAppend, JournalFile, Moved
+from yoink.storage._fsspec_upload import Intent, read_staged, upload_groups
+from yoink.storage._stage import Batch
 from yoink.storage._staged import StagedStorage
-from yoink.storage._uri import redact, secrets_in, take_uri_options
+from yoink.storage._uri import Options, redact, secrets_in, take_uri_options
 
-__all__ = ["FsspecStorage"]
+__all__ = ["FsspecOptions", "FsspecStorage"]
 
 logger = logging.getLogger(__name__)
 
-UPLOAD_BYTES = 64 << 20  # the most one upload sends (a larger batch goes alone): one intent, one write
-TORN_SUFFIX = ".torn"
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class FsspecOptions(Options):
+    """The options of an :class:`FsspecStorage`, as given (keywords, then the URI's query)."""
+
+    stage_dir: str | os.PathLike[str] | None = None
+    storage_options: dict[str, Any] | None = None
+    append: bool | None = None
 
 
 class FsspecStorage(StagedStorage):
@@ -96,34 +102,17 @@ class FsspecStorage(StagedStorage):
         storage_options: dict[str, Any] | None = None,
         append: bool | None = None,
     ) -> None:
-        uri, given = take_uri_options(type(self), uri.removeprefix(FSSPEC_PREFIX), keep=lambda name: True)
-        options: dict[str, Any] = {
-            "stage_dir": stage_dir,
-            "storage_options": storage_options,
-            "append": append,
-        }
-        for name, value in given.items():
-            if options[name] is not None:
-                raise ValueError(f"{name} is given both in the URI and as an option; give it once")
-            options[name] = value
-        stage_dir, append = options["stage_dir"], options["append"]
+        given = FsspecOptions(stage_dir=stage_dir, storage_options=storage_options, append=append)
+        uri, from_uri = take_uri_options(type(self), uri.removeprefix(FSSPEC_PREFIX), keep=lambda name: True)
+        self._options = options = given.merge(from_uri)
         shown = redact(uri)  # what reprs, errors and logs call the journal
-        try:
-            fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-        except (ImportError, ValueError) as exc:
-            said = _scrub(str(exc), [*secrets_in(uri), *_texts(storage_options)])
-            if isinstance(exc, ImportError):  # the protocol's own package: gcsfs, adlfs, ...
-                error: YoinkError = MissingDependencyError(f"{shown} needs fsspec's driver for it: {said}")
-            else:
-                error = StorageError(f"fsspec cannot open {shown}: {said}")
-            raise error from (exc if said == str(exc) else None)
-        self._file = _File.on(fs, path)
-        self._append = append  # None: try appending, and fall back to rewriting the file
+        fs, path = _open_filesystem(uri, options.storage_options, shown)
+        self._file = JournalFile.on(fs, path)
+        self._append = options.append  # None: try appending, and fall back to rewriting the file
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         self._full_uri = uri  # for pickling: it may hold credentials, which are never shown
         self._journal_id = ("fsspec", protocol, path)
-        super().__init__(shown, stage_dir, identity=f"fsspec|{protocol}|{path}")
-        self._options = options  # what pickling keeps, with the URI
+        super().__init__(shown, options.stage_dir, identity=f"fsspec|{protocol}|{path}")
         self._known_size: int | None = None  # the file's size as this writer last saw or left it
         self._clean_end = False  # the file is known to end in a newline: this writer's upload made it
 
@@ -131,12 +120,12 @@ class FsspecStorage(StagedStorage):
         return f"{type(self).__name__}({self._uri!r})"
 
     def _constructor_arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return (self._full_uri,), dict(self._options)
+        return (self._full_uri,), self._options.changed()
 
     async def _open_remote(self, writer: str | None, staged: bool) -> tuple[int, AsyncGenerator[str, None]]:
         size = await self._run(self._file.size)
         landed, end = 0, size
-        intent = _Intent.read(self._stage, writer, self._uri, writing=False) if staged else None
+        intent = Intent.read(self._stage, writer, self._uri, writing=False) if staged else None
         if intent is not None:
             held = await self._uploaded(intent, size, self._stage.snapshot())
             if held == intent.after - intent.before:
@@ -153,10 +142,10 @@ class FsspecStorage(StagedStorage):
 
     async def _upload(self, batches: list[Batch]) -> None:
         size = await self._run(self._file.size)
-        intent = _Intent.read(self._stage, self._stage.writer, self._uri, writing=True)
+        intent = Intent.read(self._stage, self._stage.writer, self._uri, writing=True)
         if intent is not None:
             size, batches = await self._settle(intent, size, batches)
-        for group in _groups(batches):
+        for group in upload_groups(batches):
             size = await self._upload_group(group, size, sum(batch.size for batch in batches))
             batches = batches[len(group) :]
 
@@ -167,9 +156,9 @@ class FsspecStorage(StagedStorage):
             raise self._changed(f"its size went from {self._known_size} to {size} bytes", staged)
         if not self._clean_end and size:
             size = self._known_size = await self._end_cleanly(size, staged)
-        data = await self._run(_read_batches, group, sys.maxsize)
+        data = await self._run(read_staged, group, sys.maxsize)
         after = size + len(data)
-        intent = _Intent(self._stage.writer, group[0].seq, group[-1].seq, size, after)
+        intent = Intent(self._stage.writer, group[0].seq, group[-1].seq, size, after)
         self._stage.write_intent(intent.record())
         try:
             await self._run(self._write_file, data, size)
@@ -179,7 +168,7 @@ class FsspecStorage(StagedStorage):
                 f"lost: they stay staged in {self._stage.directory}, and the next flush uploads them once "
                 "(cutting off any part of them that reached the file)"
             ) from exc
-        except _Moved as moved:
+        except Moved as moved:
             if not moved.written:
                 self._stage.clear_intent()
                 raise self._changed(f"its size went from {size} to {moved.size} bytes", staged) from None
@@ -197,7 +186,7 @@ class FsspecStorage(StagedStorage):
         self._stage.clear_intent()
         return after
 
-    async def _settle(self, intent: _Intent, size: int, batches: list[Batch]) -> tuple[int, list[Batch]]:
+    async def _settle(self, intent: Intent, size: int, batches: list[Batch]) -> tuple[int, list[Batch]]:
         """Finish an upload that was interrupted: recognise it in the file, or cut its fragment off."""
         covered = [batch for batch in batches if batch.seq <= intent.through]
         rest = batches[len(covered) :]
@@ -237,7 +226,7 @@ class FsspecStorage(StagedStorage):
         self._stage.clear_intent()
         return intent.before, batches
 
-    async def _uploaded(self, intent: _Intent, size: int, batches: list[Batch]) -> int | None:
+    async def _uploaded(self, intent: Intent, size: int, batches: list[Batch]) -> int | None:
         """How many bytes of the upload ``intent`` the file of ``size`` bytes holds, judged by the bytes.
 
         The upload's whole length once it landed, however far the file grew after it; fewer for a
@@ -253,7 +242,7 @@ class FsspecStorage(StagedStorage):
             return None
         length = min(size, intent.after) - intent.before
         try:
-            staged = await self._run(_read_batches, covered, length)
+            staged = await self._run(read_staged, covered, length)
         except StorageError as exc:
             if isinstance(exc.__cause__, FileNotFoundError):
                 return whole  # deleted while this replay looked: this writer's upload just landed
@@ -276,7 +265,7 @@ class FsspecStorage(StagedStorage):
         if is_record_tail(tail.decode("utf-8", "surrogateescape")):
             try:
                 await self._run(self._write_file, b"\n", size)
-            except _Moved as moved:
+            except Moved as moved:
                 raise self._changed(f"its size went from {size} to {moved.size} bytes", staged) from None
             return size + 1
         await self._run(self._file.set_aside, tail)
@@ -304,7 +293,7 @@ class FsspecStorage(StagedStorage):
                 self._file.append(data, size)
                 self._append = True
                 return
-            except _CannotAppend as exc:
+            except CannotAppend as exc:
                 if self._append:
                     raise StorageError(f"appending to {self._uri} failed: {exc.__cause__}") from exc
                 logger.info(
@@ -330,75 +319,18 @@ class FsspecStorage(StagedStorage):
             raise StorageError(f"{self._uri}: {type(exc).__name__}: {exc}") from exc
 
 
-@dataclass(frozen=True)
-class _Intent:
-    """What an upload was about to do, recorded in the stage before it began."""
-
-    writer: str  # the stage's writer id: an intent left by an earlier stage's writer is not this one's
-    first: int  # the batches it uploads
-    through: int
-    before: int  # the file's size before it, and after it
-    after: int
-
-    @classmethod
-    def read(cls, stage: Stage, writer: str | None, describe: str, *, writing: bool) -> _Intent | None:
-        """``writer``'s upload record in ``stage``, if it left one.
-
-        A record that yoink did not write is passed over with a warning by a reader, and refused to
-        a writer, which cannot tell what of its stage was uploaded without it.
-        """
-        if writer is None:
-            return None
-        try:
-            record = stage.read_intent(strict=True)
-            if record is None:
-                return None
-            intent = cls._parse(record)
-        except ValueError as exc:
-            if writing:
-                raise StorageError(
-                    f"{describe}: the stage's upload record {stage.intent_path} is not one yoink wrote "
-                    f"({exc}). Nothing was uploaded, and the staged batches in {stage.directory} are kept. "
-                    "If the journal already ends with the first of them (an upload that landed before a "
-                    "crash), delete those batch files; then remove upload.json and flush again"
-                ) from None
-            stage.ignore_intent(f"not an upload record yoink wrote ({exc})")
-            return None
-        return intent if intent.writer == writer else None
-
-    @classmethod
-    def _parse(cls, record: dict[str, object]) -> _Intent:
-        writer, *numbers = (record.get(name) for name in ("writer", "first", "through", "before", "after"))
-        if not isinstance(writer, str):
-            raise ValueError("its writer is not a text")
-        ints = [number for number in numbers if isinstance(number, int) and not isinstance(number, bool)]
-        if len(ints) != 4:
-            raise ValueError("first, through, before and after are not all whole numbers")
-        intent = cls(writer, *ints)
-        if not 1 <= intent.first <= intent.through or not 0 <= intent.before <= intent.after:
-            raise ValueError("its numbers are out of order")
-        return intent
-
-    def record(self) -> dict[str, int | str]:
-        return {
-            "writer": self.writer,
-            "first": self.first,
-            "through": self.through,
-            "before": self.before,
-            "after": self.after,
-        }
-
-
-class _Moved(Exception):  # internal: becomes a ConcurrentWriterError
-    """The file was not the size the writer expected; ``written``: the data went in all the same."""
-
-    def __init__(self, size: int, written: bool) -> None:
-        self.size = size
-        self.written = written
-
-
-class _CannotAppend(Exception):
-    """The store refused to open the file for appending (the cause says why)."""
+def _open_filesystem(uri: str, storage_options: dict[str, Any] | None, shown: str) -> tuple[Any, str]:
+    """fsspec's filesystem for ``uri`` and the path in it; its errors say nothing secret."""
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    except (ImportError, ValueError) as exc:
+        said = _scrub(str(exc), [*secrets_in(uri), *_texts(storage_options)])
+        if isinstance(exc, ImportError):  # the protocol's own package: gcsfs, adlfs, ...
+            error: YoinkError = MissingDependencyError(f"{shown} needs fsspec's driver for it: {said}")
+        else:
+            error = StorageError(f"fsspec cannot open {shown}: {said}")
+        raise error from (exc if said == str(exc) else None)
+    return fs, str(path)
 
 
 def _texts(options: Any) -> list[str]:
@@ -416,180 +348,3 @@ def _scrub(text: str, secrets: list[str]) -> str:
     for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
-
-
-class _File:
-    """The journal's file on any fsspec filesystem. Its methods block: they run in a worker thread."""
-
-    read_size = READ_CHUNK  # bytes a replay asks for at once
-
-    def __init__(self, fs: Any, path: str) -> None:
-        self.fs = fs
-        self.path = path
-
-    @staticmethod
-    def on(fs: Any, path: str) -> _File:
-        """The class for ``fs``: local files and fsspec's memory need their own ways."""
-        if isinstance(fs, LocalFileSystem):
-            return _LocalFile(fs, path)
-        if isinstance(fs, MemoryFileSystem):
-            return _MemoryFile(fs, path)
-        return _File(fs, path)
-
-    def exists(self) -> bool:
-        return bool(self.fs.exists(self.path))
-
-    def size(self) -> int:
-        try:
-            info = self.fs.info(self.path)
-        except FileNotFoundError:
-            return 0
-        return int(info.get("size") or 0)
-
-    def cat(self, start: int, end: int) -> bytes:
-        return bytes(self.fs.cat_file(self.path, start=start, end=end))
-
-    def tail(self, size: int) -> bytes:
-        """The bytes after the last newline of the file's first ``size``, read from the end."""
-        for start in tail_reads(size):
-            block = self.cat(start, size)
-            cut = block.rfind(b"\n") + 1
-            if cut or start == 0:
-                return block[cut:]
-        raise ValueError(
-            f"it ends in a line longer than {MAX_LINE_BYTES:,} bytes without a newline, which "
-            "yoink does not read; nothing was uploaded. Remove that line and flush again"
-        )
-
-    def set_aside(self, tail: bytes) -> None:
-        """Add ``tail`` to ``<path>.torn``, one fragment a line, as LocalFileStorage does."""
-        sidecar = self.path + TORN_SUFFIX
-        kept = bytes(self.fs.cat_file(sidecar)) if self.fs.exists(sidecar) else b""
-        if not kept.endswith(tail + b"\n"):  # else a crash came after it was set aside
-            self.fs.pipe_file(sidecar, kept + tail + b"\n")
-
-    def append(self, data: bytes, size: int) -> None:
-        """Append ``data`` if the file still holds ``size`` bytes; checked again afterwards."""
-        self._expect(size)
-        try:
-            file = self.fs.open(self.path, "ab")
-        except (NotImplementedError, ValueError, OSError) as exc:
-            raise _CannotAppend from exc
-        with file:
-            file.write(data)
-        if (now := self.size()) != size + len(data):
-            raise _Moved(now - len(data), written=True)
-
-    def rewrite(self, data: bytes, size: int) -> None:
-        """Write the file's first ``size`` bytes and ``data`` in its place, if it still holds ``size``."""
-        self._expect(size)
-        old = self.cat(0, size) if size else b""
-        self._expect(size)  # the other writer's records that a rewrite would lose: as few as can be
-        self.replace(old + data)
-
-    def replace(self, data: bytes) -> None:
-        self.fs.pipe_file(self.path, data)
-
-    def cut(self, size: int) -> None:
-        """Cut the file back to its first ``size`` bytes."""
-        self.replace(self.cat(0, size))
-
-    def _expect(self, size: int) -> None:
-        if (now := self.size()) != size:
-            raise _Moved(now, written=False)
-
-
-class _LocalFile(_File):
-    """A local file: appended to with one ``write`` after one ``fstat``, fsynced, truncated in place."""
-
-    def size(self) -> int:
-        try:
-            return os.stat(self.path).st_size
-        except FileNotFoundError:
-            return 0
-
-    def append(self, data: bytes, size: int) -> None:
-        if self.fs.auto_mkdir:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        try:
-            if (now := os.fstat(fd).st_size) != size:
-                raise _Moved(now, written=False)
-            view = memoryview(data)
-            while view:  # one write: a process stopped (SIGSTOP) mid-write stops after it
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-            end = os.lseek(fd, 0, os.SEEK_CUR)  # O_APPEND: where this write ended
-        finally:
-            os.close(fd)
-        if end != size + len(data):
-            raise _Moved(end - len(data), written=True)
-
-    def replace(self, data: bytes) -> None:
-        temporary = f"{self.path}.{os.getpid()}.yoink-tmp"
-        try:
-            with open(temporary, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, self.path)  # whole or not at all, whenever the process dies
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
-
-    def cut(self, size: int) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.ftruncate(fd, size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-class _MemoryFile(_File):
-    """fsspec's memory filesystem hands every opener the same BytesIO: read copies of it, never a handle."""
-
-    read_size = sys.maxsize  # one copy per replay: it is in memory already
-
-    def _bytes(self) -> bytes | None:
-        file = self.fs.store.get(self.path)
-        return None if file is None else bytes(file.getvalue())
-
-    def exists(self) -> bool:
-        return self.path in self.fs.store
-
-    def size(self) -> int:
-        file = self.fs.store.get(self.path)
-        return 0 if file is None else int(file.seek(0, os.SEEK_END))  # where every append starts anyway
-
-    def cat(self, start: int, end: int) -> bytes:
-        data = self._bytes()
-        if data is None:
-            raise FileNotFoundError(self.path)
-        return data[start:end]
-
-
-def _groups(batches: list[Batch]) -> list[list[Batch]]:
-    """The batches in uploads of at most UPLOAD_BYTES each (a larger batch alone)."""
-    groups: list[list[Batch]] = []
-    total = UPLOAD_BYTES
-    for batch in batches:
-        if total + batch.size > UPLOAD_BYTES:
-            groups.append([])
-            total = 0
-        groups[-1].append(batch)
-        total += batch.size
-    return groups
-
-
-def _read_batches(batches: list[Batch], limit: int) -> bytes:
-    """The first ``limit`` bytes of the staged batches, in order."""
-    parts: list[bytes] = []
-    for batch in batches:
-        if limit <= 0:
-            break
-        with open(batch.path, "rb") as staged:
-            parts.append(staged.read(min(batch.size, limit)))
-        limit -= len(parts[-1])
-    return b"".join(parts)
