@@ -9,8 +9,9 @@ records for orjson, were corrupt for the json module.
 from __future__ import annotations
 
 import inspect
+import logging
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -225,3 +226,46 @@ async def test_a_storage_read_on_its_own_names_a_line_over_the_limit_by_its_byte
             pass
     assert str(caught.value).startswith(f"{path}: the line at byte offset 8 is longer than 3,145,728 bytes")
     assert (caught.value.line, caught.value.offset) == (0, 8)
+
+
+async def blocks(*items: str) -> AsyncGenerator[str, None]:
+    for item in items:
+        yield item
+
+
+async def test_a_remote_journals_torn_tail_before_staged_records_is_left_out_and_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # S3 and fsspec read another tool's object with its unterminated last line, then their staged
+    # batches: a tail that is not a record is left out, and the decoder reading them is told.
+    problems: list[_records.Problem] = []
+    decoder = _records.JournalDecoder("s3://b/j.jsonl", on_corrupt="skip", on_problem=problems.append)
+    read = _records.without_torn_tail(blocks('{"n":1}\n[1]\n', '{"n":2'), "s3://b/j.jsonl")
+    with caplog.at_level(logging.WARNING, logger="yoink"):
+        records = [record async for batch in decoder.batches(read) for record in batch]
+    assert records == [{"n": 1}]  # a whole line that is not a record is passed on: the decoder judges it
+    assert caplog.messages[0] == (
+        "s3://b/j.jsonl ends in 6 bytes without a newline that are not a JSON object; staged records "
+        "follow them, so they are not part of the journal (the next upload sets them aside)"
+    )
+    assert problems == [
+        _records.TornTail(2, 8, "a JSON list, not an object"),
+        _records.TornTail(3, 12, "6 bytes without a newline", left_out=6),
+    ]
+
+
+async def test_a_corrupt_line_is_named_whole_when_raised_and_when_skipped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    items = ('{"n":1}\n[1]\n{"n":2}\n',)
+    with pytest.raises(CorruptCheckpointError) as raised:
+        await replay(*items)
+    assert str(raised.value).endswith(
+        ": line 2 (byte offset 8) is not a JSON object: a JSON list, not an object; it is not the "
+        "last line, so it is not a torn write (on_corrupt='skip' skips such lines)"
+    )
+    with caplog.at_level(logging.WARNING, logger="yoink"):
+        assert await replay(*items, on_corrupt="skip") == [{"n": 1}, {"n": 2}]
+    assert [message.split(": line", 1)[1] for message in caplog.messages] == [
+        " 2 (byte offset 8) is not a JSON object: a JSON list, not an object; skipped"
+    ]
