@@ -197,6 +197,7 @@ def main() -> None:
     )
     s3_sizes = [1, 8] if args.quick else [1, 4, 16, 64]
     machine = f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
+    load_before = os.getloadavg()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as directory:
         replay = replay_figures(replay_sizes, args.repeat, directory)
@@ -208,6 +209,7 @@ def main() -> None:
         "command": "benchmarks/figures.py" + (" --quick" if args.quick else ""),
         "date": datetime.date.today().isoformat(),
         "machine": machine,
+        "load_average_before": [round(load, 2) for load in load_before],  # other work on the machine
         "seconds": round(time.perf_counter() - start, 1),
         "replay": replay,
         "s3_flush": s3,
