@@ -14,18 +14,18 @@ import anyio
 import anyio.to_thread
 
 from yoink._compat import Self
-from yoink._exceptions import CheckpointLockedError, StorageClosedError, StorageError
-from yoink._fork import close_locked, drop_in_forked_children, forked_note, forks_wait
+from yoink._exceptions import CheckpointLockedError, StorageError
+from yoink._fork import close_locked, drop_in_forked_children, forks_wait
 from yoink._records import whole_lines
 from yoink._tasks import uninterrupted
-from yoink.storage._base import CheckpointStorage
 from yoink.storage._factory import take_uri_options
 from yoink.storage._files import file_chunks, set_aside_torn_tail
+from yoink.storage._lifecycle import ClosableStorage
 
 __all__ = ["LocalFileStorage"]
 
 
-class LocalFileStorage(CheckpointStorage):
+class LocalFileStorage(ClosableStorage):
     """A journal in a local file, appended through anyio's worker threads (asyncio or trio).
 
     - The file is opened in append mode on the first :meth:`write`, creating missing parent
@@ -55,8 +55,6 @@ class LocalFileStorage(CheckpointStorage):
         self._fsync = fsync
         self._fd: int | None = None
         self._dirty = False
-        self._closed = False
-        self._closed_note = ""
         self._lock = anyio.Lock()
 
     @classmethod
@@ -93,11 +91,8 @@ class LocalFileStorage(CheckpointStorage):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._path!r})"
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": self._path, "fsync": self._fsync}  # never the open file or its lock
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], fsync=state["fsync"])  # type: ignore[misc]
+    def _constructor_arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self._path,), {"fsync": self._fsync}  # never the open file or its lock
 
     async def write(self, data: str) -> None:
         self._check_open()
@@ -129,13 +124,6 @@ class LocalFileStorage(CheckpointStorage):
         self._check_open()
         await uninterrupted(self._flush)
 
-    async def close(self) -> None:
-        await uninterrupted(self._close, finish_first=True)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StorageClosedError(f"{self!r} is closed{self._closed_note}")
-
     async def _write(self, payload: bytes) -> None:
         async with self._lock:
             self._check_open()
@@ -148,10 +136,7 @@ class LocalFileStorage(CheckpointStorage):
             await self._sync()
 
     async def _close(self) -> None:
-        async with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+        async with self._lock:  # after the write under way: those waiting for the lock are refused
             fd, self._fd = self._fd, None
             if fd is None:
                 return
@@ -242,8 +227,7 @@ class LocalFileStorage(CheckpointStorage):
         if fd is None:
             return
         os.close(fd)  # the child's copy only: the parent keeps its lock
-        self._closed = True
-        self._closed_note = f": {forked_note(os.getppid())}"
+        self._closed_by_fork()
         self._lock = anyio.Lock()
 
 
