@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 import yoink
@@ -76,7 +79,7 @@ def test_all_names_the_public_api_and_nothing_else() -> None:
     assert all(error is getattr(yoink._exceptions, name) for name, error in exceptions.items())
 
 
-def test_the_optional_backends_are_imported_on_first_use_and_are_the_registered_ones() -> None:
+def test_the_optional_backends_are_imported_on_first_use_from_their_own_modules() -> None:
     from yoink.storage import FsspecStorage, RedisStreamStorage, S3Storage
     from yoink.storage._fsspec import FsspecStorage as FsspecDirect
     from yoink.storage._redis import RedisStreamStorage as RedisDirect
@@ -98,3 +101,72 @@ def test_the_exception_tree() -> None:
     assert issubclass(UnknownSchemeError, YoinkError)
     assert issubclass(UnknownSchemeError, ValueError)
     assert issubclass(MissingDependencyError, ImportError)
+
+
+@pytest.fixture
+def fresh_lazy_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forget the backends yoink.storage has already imported, and restore the registry afterwards."""
+    for name in ("FsspecStorage", "RedisStreamStorage", "S3Storage"):
+        monkeypatch.delitem(vars(yoink.storage), name, raising=False)
+    monkeypatch.setattr(yoink.StorageFactory, "_registry", dict(yoink.StorageFactory._registry))
+
+
+@pytest.mark.usefixtures("fresh_lazy_names")
+def test_replacing_a_scheme_in_the_registry_does_not_change_the_backend_names() -> None:
+    class Mine(yoink.storage.MemoryStorage):
+        pass
+
+    from yoink.storage._s3 import S3Storage as S3Direct
+
+    yoink.StorageFactory.register("s3", Mine, replace=True)
+    yoink.StorageFactory.register("redis", Mine, replace=True)
+    assert yoink.StorageFactory.resolve("s3") is Mine
+    assert yoink.storage.S3Storage is S3Direct
+    from yoink.storage import RedisStreamStorage
+
+    assert RedisStreamStorage.__module__ == "yoink.storage._redis"
+
+
+@pytest.mark.usefixtures("fresh_lazy_names")
+def test_unregistering_a_scheme_does_not_break_importing_its_backend() -> None:
+    for scheme in ("s3", "redis", "fsspec+"):
+        yoink.StorageFactory.unregister(scheme)
+    from yoink.storage import FsspecStorage, RedisStreamStorage, S3Storage
+
+    assert [S3Storage.__name__, RedisStreamStorage.__name__, FsspecStorage.__name__] == [
+        "S3Storage",
+        "RedisStreamStorage",
+        "FsspecStorage",
+    ]
+
+
+def test_a_backend_without_its_extra_raises_an_import_error_that_names_the_extra() -> None:
+    # hasattr() only passes over AttributeError, so it raises this ImportError too: what an
+    # ``from yoink.storage import RedisStreamStorage`` must say matters more (an AttributeError
+    # would reach that import as a bare "cannot import name").
+    code = (
+        "import sys\n"
+        "class WithoutRedis:  # what an install without the extra has\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] == 'redis':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, WithoutRedis())\n"
+        "import yoink.storage\n"
+        "from yoink import MissingDependencyError\n"
+        "try:\n"
+        "    from yoink.storage import RedisStreamStorage\n"
+        "except MissingDependencyError as exc:\n"
+        "    print('import:', exc)\n"
+        "try:\n"
+        "    hasattr(yoink.storage, 'RedisStreamStorage')\n"
+        "except ImportError as exc:\n"
+        "    print('hasattr:', type(exc).__name__)\n"
+        "print('others:', yoink.storage.MemoryStorage.__name__, yoink.storage.StorageFactory.__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines() == [
+        "import: yoink.storage.RedisStreamStorage needs the 'redis' extra: "
+        "pip install 'yoink-checkpoint[redis]' (module 'redis' is missing)",
+        "hasattr: MissingDependencyError",
+        "others: MemoryStorage StorageFactory",
+    ]
