@@ -27,6 +27,7 @@ CORE = [
     "yoink/_manager.py",
     "yoink/_records.py",
     "yoink/_json.py",
+    "yoink/_lines.py",
     "yoink/storage/_local.py",
     "yoink/storage/_files.py",
 ]

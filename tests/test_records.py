@@ -20,7 +20,8 @@ import pytest
 
 from yoink import CheckpointManager, CorruptCheckpointError, _json, _records
 from yoink._json import LARGE_LINE, MAX_DEPTH
-from yoink._records import MAX_LINE_BYTES, tail_reads
+from yoink._lines import tail_reads, without_torn_tail
+from yoink._records import MAX_LINE_BYTES
 from yoink.storage import LocalFileStorage, MemoryStorage
 
 PAD = "x" * (LARGE_LINE + 1)
@@ -240,7 +241,7 @@ async def test_a_remote_journals_torn_tail_before_staged_records_is_left_out_and
     # batches: a tail that is not a record is left out, and the decoder reading them is told.
     problems: list[_records.Problem] = []
     decoder = _records.JournalDecoder("s3://b/j.jsonl", on_corrupt="skip", on_problem=problems.append)
-    read = _records.without_torn_tail(blocks('{"n":1}\n[1]\n', '{"n":2'), "s3://b/j.jsonl")
+    read = without_torn_tail(blocks('{"n":1}\n[1]\n', '{"n":2'), "s3://b/j.jsonl")
     with caplog.at_level(logging.WARNING, logger="yoink"):
         records = [record async for batch in decoder.batches(read) for record in batch]
     assert records == [{"n": 1}]  # a whole line that is not a record is passed on: the decoder judges it

@@ -22,7 +22,7 @@ import contextlib
 import contextvars
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -37,17 +37,17 @@ __all__ = [
     "OBJECT_START",
     "BadLine",
     "JournalDecoder",
+    "LineTooLongToRead",
     "OnCorrupt",
     "Problem",
     "TornTail",
     "encode_record",
-    "is_record_tail",
+    "left_out_by_storage",
     "line_too_long",
     "not_a_record",
     "record_too_long",
-    "tail_reads",
-    "whole_lines",
-    "without_torn_tail",
+    "refused",
+    "utf8_len",
 ]
 
 logger = logging.getLogger(__name__)
@@ -107,48 +107,6 @@ def not_a_record(record: Any, cause: TypeError | None = None) -> TypeError:
     return TypeError(f"cannot encode a {kind} record as JSON: {cause}; nothing was appended")
 
 
-async def whole_lines(
-    chunks: AsyncIterator[bytes], *, describe: str, keep_tail: bool = False
-) -> AsyncGenerator[str, None]:
-    """Regroup byte chunks into blocks of whole lines, decoded as UTF-8 (surrogateescape).
-
-    What follows the last newline is yielded last if ``keep_tail`` (the manager then judges it),
-    else left out as a torn write, with a WARNING that names ``describe``.
-    """
-    parts: list[bytes] = []  # the start of a line that continues in the next chunk
-    waiting = 0  # their size
-    whole = 0  # bytes of whole lines so far
-    try:
-        async for chunk in chunks:
-            cut = chunk.rfind(b"\n") + 1
-            if cut == 0:
-                parts.append(chunk)
-                waiting += len(chunk)
-                if waiting > MAX_LINE_BYTES:
-                    raise _LineTooLongToRead(describe, whole)
-                continue
-            block = b"".join([*parts, chunk[:cut]]) if parts else chunk[:cut]
-            parts, waiting = ([chunk[cut:]], len(chunk) - cut) if cut < len(chunk) else ([], 0)
-            whole += len(block)
-            yield block.decode("utf-8", "surrogateescape")
-    finally:  # an abandoned replay closes the reader underneath at once, not at garbage collection
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
-    carry = b"".join(parts)
-    if carry and keep_tail:
-        yield carry.decode("utf-8", "surrogateescape")
-    elif carry:
-        logger.warning(
-            "%s ends in %d bytes without a newline (a torn write, or one still under way), from "
-            "byte offset %d; they are not part of the journal",
-            describe,
-            len(carry),
-            whole,
-        )
-        _left_out_by_storage(len(carry))
-
-
 @dataclass(frozen=True)
 class BadLine:
     """A line that is not a record, before the last line: corruption.
@@ -186,7 +144,7 @@ Problem = BadLine | TornTail
 """What a decoder reports besides records, in journal order (``on_problem``)."""
 
 
-class _LineTooLongToRead(CorruptCheckpointError):
+class LineTooLongToRead(CorruptCheckpointError):
     """A storage met a line over MAX_LINE_BYTES and stopped; the decoder, which counts lines, says
     which line it was."""
 
@@ -198,7 +156,7 @@ class _LineTooLongToRead(CorruptCheckpointError):
 _reading: contextvars.ContextVar[JournalDecoder | None] = contextvars.ContextVar("_reading", default=None)
 
 
-def _left_out_by_storage(size: int) -> None:
+def left_out_by_storage(size: int) -> None:
     """A storage's read() left ``size`` bytes without a newline out: tell the decoder reading it."""
     decoder = _reading.get()
     if decoder is not None:
@@ -245,7 +203,7 @@ class JournalDecoder:
                     item = await items.__anext__()
                 except StopAsyncIteration:
                     break
-                except _LineTooLongToRead as exc:
+                except LineTooLongToRead as exc:
                     raise self.followed() or line_too_long(self.source, self.lines + 1, exc.offset) from None
                 finally:
                     _reading.reset(reading)
@@ -276,7 +234,7 @@ class JournalDecoder:
         if records is None or set(map(type, records)) != {dict}:
             records = self._decode_slowly(lines)
         self.lines += len(lines)
-        self.offset += _utf8_len(item) + (not item.endswith("\n"))
+        self.offset += utf8_len(item) + (not item.endswith("\n"))
         if too_long is not None and self._error is None:
             # Raised at the next call, after the records before it; a bad line just before it first.
             self._error = self.followed() or too_long
@@ -297,7 +255,7 @@ class JournalDecoder:
         """The lines before the first one over MAX_LINE_BYTES, and the error for that one, if any."""
         offset = self.offset
         for index, line in enumerate(lines):
-            size = _utf8_len(line)
+            size = utf8_len(line)
             if size > MAX_LINE_BYTES:
                 return lines[:index], line_too_long(self.source, self.lines + index + 1, offset)
             offset += size + 1
@@ -332,7 +290,7 @@ class JournalDecoder:
         records: list[dict[str, Any]] = []
         offset = self.offset
         for index, line in enumerate(lines):
-            start, offset = offset, offset + _utf8_len(line) + 1
+            start, offset = offset, offset + utf8_len(line) + 1
             if not line.strip():
                 continue
             if self._suspect is not None:
@@ -392,47 +350,5 @@ def _too_long(source: str, where: str) -> str:
     )
 
 
-def _utf8_len(text: str) -> int:
+def utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogateescape"))
-
-
-def tail_reads(size: int) -> Iterator[int]:
-    """Where to start reading, back from the end of ``size`` bytes, to find the last newline.
-
-    One byte first (a journal yoink wrote ends in one), then 64 KiB, growing sixteenfold to just
-    past MAX_LINE_BYTES. The caller reads from each start to ``size`` and stops at a block that
-    holds a newline or starts at 0; if the starts run out first, the last line is too long to read.
-    """
-    want = 1
-    while True:
-        start = max(0, size - want)
-        yield start
-        if start == 0 or want > MAX_LINE_BYTES:
-            return
-        want = min(max(want, 1 << 12) * 16, MAX_LINE_BYTES + 1)
-
-
-def is_record_tail(tail: str) -> bool:
-    """Whether a last line without its newline is kept: it is blank or a JSON object, as replay judges
-    a last line. Anything else is a torn tail. Remote backends, whose uploads are whole, call this
-    before appending after another tool's last line: a kept one gets its newline, a torn one is set
-    aside."""
-    return not tail.strip() or bool(JournalDecoder("").feed(tail))
-
-
-async def without_torn_tail(blocks: AsyncGenerator[str, None], describe: str) -> AsyncGenerator[str, None]:
-    """Pass on the blocks of ``whole_lines(..., keep_tail=True)``, leaving out a last line without a
-    newline that is not a record, with a WARNING: for a remote journal that staged records follow,
-    where it would read as a corrupt line (the next upload sets it aside)."""
-    async with contextlib.aclosing(blocks):
-        async for block in blocks:
-            if block.endswith("\n") or is_record_tail(block):
-                yield block
-                continue
-            logger.warning(
-                "%s ends in %d bytes without a newline that are not a JSON object; staged records "
-                "follow them, so they are not part of the journal (the next upload sets them aside)",
-                describe,
-                _utf8_len(block),
-            )
-            _left_out_by_storage(_utf8_len(block))

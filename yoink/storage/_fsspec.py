@@ -20,7 +20,7 @@ import anyio.to_thread
 import fsspec
 
 from yoink._exceptions import ConcurrentWriterError, MissingDependencyError, StorageError, YoinkError
-from yoink._records import is_record_tail, whole_lines, without_torn_tail
+from yoink._lines import is_record_tail, whole_lines, without_torn_tail
 from yoink.storage._factory import FSSPEC_PREFIX
 from yoink.storage._files import READ_CHUNK, TORN_SUFFIX
 from yoink.storage._fsspec_file import CannotAppend, JournalFile, Moved

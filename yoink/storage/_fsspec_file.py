@@ -15,7 +15,8 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from yoink._records import MAX_LINE_BYTES, tail_reads
+from yoink._lines import tail_reads
+from yoink._records import MAX_LINE_BYTES
 from yoink.storage._files import READ_CHUNK, TORN_SUFFIX
 
 __all__ = ["CannotAppend", "JournalFile", "Moved"]

@@ -16,7 +16,7 @@ import anyio.to_thread
 from yoink._compat import Self
 from yoink._exceptions import CheckpointLockedError, StorageError
 from yoink._fork import close_locked, drop_in_forked_children, forks_wait
-from yoink._records import whole_lines
+from yoink._lines import whole_lines
 from yoink._tasks import uninterrupted
 from yoink.storage._factory import take_uri_options
 from yoink.storage._files import file_chunks, set_aside_torn_tail

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import anyio
 
 from yoink._exceptions import ConcurrentWriterError, StorageError
-from yoink._records import whole_lines
+from yoink._lines import whole_lines
 from yoink.storage._files import READ_CHUNK, path_chunks
 from yoink.storage._s3_client import Missing, S3Client
 from yoink.storage._stage import Batch, Stage

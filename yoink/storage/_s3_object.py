@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from yoink._exceptions import StorageError
-from yoink._records import MAX_LINE_BYTES, is_record_tail, tail_reads, without_torn_tail
+from yoink._lines import is_record_tail, tail_reads, without_torn_tail
+from yoink._records import MAX_LINE_BYTES
 from yoink.storage._s3_client import Conflict, Missing
 from yoink.storage._s3_layout import ATTEMPTS, REMEMBERED_WRITERS, Layout, Segment, prepend, staged_chunks
 from yoink.storage._stage import Batch

@@ -39,7 +39,7 @@ import anyio.to_thread
 
 from yoink._exceptions import CheckpointLockedError, StorageError
 from yoink._fork import close_locked, drop_in_forked_children, forks_wait
-from yoink._records import whole_lines
+from yoink._lines import whole_lines
 from yoink.storage._files import file_chunks, set_aside_torn_tail
 
 __all__ = ["Batch", "Stage", "default_stage_root", "read_batches"]

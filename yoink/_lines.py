@@ -1,0 +1,104 @@
+"""A storage's bytes as whole lines: the framing of the journal's format, for backends.
+
+A backend's :meth:`~yoink.storage.CheckpointStorage.read` yields text in whole lines; these turn
+the chunks a file or an object is read in into such blocks, and find an object's last line
+without reading it all. What the lines hold is :mod:`yoink._records`' business: a torn tail a
+backend leaves out is logged here and reported to the decoder reading the backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+
+from yoink import _records
+from yoink._records import JournalDecoder, LineTooLongToRead, left_out_by_storage, utf8_len
+
+__all__ = ["is_record_tail", "tail_reads", "whole_lines", "without_torn_tail"]
+
+logger = logging.getLogger(__name__)
+
+
+async def whole_lines(
+    chunks: AsyncIterator[bytes], *, describe: str, keep_tail: bool = False
+) -> AsyncGenerator[str, None]:
+    """Regroup byte chunks into blocks of whole lines, decoded as UTF-8 (surrogateescape).
+
+    What follows the last newline is yielded last if ``keep_tail`` (the manager then judges it),
+    else left out as a torn write, with a WARNING that names ``describe``.
+    """
+    parts: list[bytes] = []  # the start of a line that continues in the next chunk
+    waiting = 0  # their size
+    whole = 0  # bytes of whole lines so far
+    try:
+        async for chunk in chunks:
+            cut = chunk.rfind(b"\n") + 1
+            if cut == 0:
+                parts.append(chunk)
+                waiting += len(chunk)
+                if waiting > _records.MAX_LINE_BYTES:
+                    raise LineTooLongToRead(describe, whole)
+                continue
+            block = b"".join([*parts, chunk[:cut]]) if parts else chunk[:cut]
+            parts, waiting = ([chunk[cut:]], len(chunk) - cut) if cut < len(chunk) else ([], 0)
+            whole += len(block)
+            yield block.decode("utf-8", "surrogateescape")
+    finally:  # an abandoned replay closes the reader underneath at once, not at garbage collection
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    carry = b"".join(parts)
+    if carry and keep_tail:
+        yield carry.decode("utf-8", "surrogateescape")
+    elif carry:
+        logger.warning(
+            "%s ends in %d bytes without a newline (a torn write, or one still under way), from "
+            "byte offset %d; they are not part of the journal",
+            describe,
+            len(carry),
+            whole,
+        )
+        left_out_by_storage(len(carry))
+
+
+def tail_reads(size: int) -> Iterator[int]:
+    """Where to start reading, back from the end of ``size`` bytes, to find the last newline.
+
+    One byte first (a journal yoink wrote ends in one), then 64 KiB, growing sixteenfold to just
+    past MAX_LINE_BYTES. The caller reads from each start to ``size`` and stops at a block that
+    holds a newline or starts at 0; if the starts run out first, the last line is too long to read.
+    """
+    want = 1
+    while True:
+        start = max(0, size - want)
+        yield start
+        if start == 0 or want > _records.MAX_LINE_BYTES:
+            return
+        want = min(max(want, 1 << 12) * 16, _records.MAX_LINE_BYTES + 1)
+
+
+def is_record_tail(tail: str) -> bool:
+    """Whether a last line without its newline is kept: it is blank or a JSON object, as replay judges
+    a last line. Anything else is a torn tail. Remote backends, whose uploads are whole, call this
+    before appending after another tool's last line: a kept one gets its newline, a torn one is set
+    aside."""
+    return not tail.strip() or bool(JournalDecoder("").feed(tail))
+
+
+async def without_torn_tail(blocks: AsyncGenerator[str, None], describe: str) -> AsyncGenerator[str, None]:
+    """Pass on the blocks of ``whole_lines(..., keep_tail=True)``, leaving out a last line without a
+    newline that is not a record, with a WARNING: for a remote journal that staged records follow,
+    where it would read as a corrupt line (the next upload sets it aside)."""
+    async with contextlib.aclosing(blocks):
+        async for block in blocks:
+            if block.endswith("\n") or is_record_tail(block):
+                yield block
+                continue
+            logger.warning(
+                "%s ends in %d bytes without a newline that are not a JSON object; staged records "
+                "follow them, so they are not part of the journal (the next upload sets them aside)",
+                describe,
+                utf8_len(block),
+            )
+            left_out_by_storage(utf8_len(block))
