@@ -6,7 +6,6 @@ import functools
 import inspect
 import logging
 import os
-import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any
@@ -15,6 +14,7 @@ import anyio
 import orjson
 
 from yoink import _records
+from yoink._compat import Self
 from yoink._exceptions import ReadOnlyError, StorageClosedError, StorageError
 from yoink._records import (
     NEWLINE,
@@ -28,11 +28,6 @@ from yoink._records import (
 )
 from yoink._tasks import start_background, uninterrupted
 from yoink.storage import CheckpointStorage, StorageFactory
-
-if sys.version_info >= (3, 11):
-    from typing import Self
-else:
-    from typing_extensions import Self
 
 __all__ = ["CheckpointManager"]
 

@@ -34,7 +34,8 @@ from yoink._exceptions import CorruptCheckpointError, YoinkError
 from yoink._manager import CheckpointManager
 from yoink._records import BadLine, JournalDecoder, Problem, TornTail
 from yoink.storage import CheckpointStorage, StorageFactory
-from yoink.storage._factory import journal_identity, redact, secrets_in
+from yoink.storage._factory import journal_identity
+from yoink.storage._uri import redact, secrets_in
 
 __all__ = ["main"]
 

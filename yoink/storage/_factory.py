@@ -22,19 +22,9 @@ from typing import Any, ClassVar
 
 from yoink._exceptions import MissingDependencyError, UnknownSchemeError
 from yoink.storage._base import CheckpointStorage
-from yoink.storage._uri import query_pairs, redact, secrets_in, take_uri_options
+from yoink.storage._uri import query_pairs, redact
 
-# redact, secrets_in and take_uri_options are also here for the CLI and LocalFileStorage, until they
-# import them from yoink.storage._uri.
-__all__ = [
-    "StorageFactory",
-    "check_uri_scheme",
-    "journal_identity",
-    "load_backend",
-    "redact",
-    "secrets_in",
-    "take_uri_options",
-]
+__all__ = ["StorageFactory", "check_uri_scheme", "journal_identity", "load_backend"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +68,9 @@ class StorageFactory:
     >>> StorageFactory.from_uri("./crawl.jsonl")              # LocalFileStorage
     >>> StorageFactory.from_uri("file:///var/lib/run.jsonl")  # LocalFileStorage
     >>> StorageFactory.from_uri("memory://test-run")          # MemoryStorage
-    >>> StorageFactory.from_uri("s3://bucket/key.jsonl")      # S3Storage, with yoink[s3]
-    >>> StorageFactory.from_uri("redis://localhost/0?key=k")  # RedisStreamStorage, with yoink[redis]
-    >>> StorageFactory.from_uri("gs://bucket/key.jsonl")      # FsspecStorage, with yoink[fsspec]
+    >>> StorageFactory.from_uri("s3://bucket/key.jsonl")      # S3Storage (the s3 extra)
+    >>> StorageFactory.from_uri("redis://localhost/0?key=k")  # RedisStreamStorage (redis extra)
+    >>> StorageFactory.from_uri("gs://bucket/key.jsonl")      # FsspecStorage (fsspec extra)
 
     The registry is shared by the process and changed only through :meth:`register` and
     :meth:`unregister`.

@@ -18,9 +18,9 @@ from yoink._exceptions import CheckpointLockedError, StorageError
 from yoink._fork import close_locked, drop_in_forked_children, forks_wait
 from yoink._lines import whole_lines
 from yoink._tasks import uninterrupted
-from yoink.storage._factory import take_uri_options
 from yoink.storage._files import file_chunks, set_aside_torn_tail
 from yoink.storage._lifecycle import ClosableStorage
+from yoink.storage._uri import take_uri_options
 
 __all__ = ["LocalFileStorage"]
 
