@@ -141,7 +141,7 @@ def draw_s3(rows: list[dict[str, float]], machine: str) -> None:
         size, [row["reference_bytes"] / MiB for row in rows], "s-", label="download, append, upload again"
     )
     wire.plot(size, [row["new_bytes"] / MiB for row in rows], ":", color="grey", label="the new records")
-    wire.axvline(5, color="lightgrey", label="5 MiB: above it, S3 copies the object itself")
+    wire.axvline(5, color="lightgrey", label="5 MiB: S3 copies larger objects")
     wire.set(
         xscale="log",
         yscale="log",
@@ -149,7 +149,7 @@ def draw_s3(rows: list[dict[str, float]], machine: str) -> None:
         ylabel="MiB on the wire",
         title="Bytes sent and received by one flush",
     )
-    wire.legend(fontsize=8)
+    wire.legend(fontsize=7, loc="upper left")
     seconds.plot(size, [row["yoink_seconds"] * 1000 for row in rows], "o-", label="yoink, layout=object")
     seconds.plot(
         size,
