@@ -5,7 +5,8 @@
 SQLite comes with Python, so this runs anywhere. Every blocking call goes through one thread
 (``anyio.to_thread`` with a limiter of one), so calls never overlap, and through
 ``yoink.storage.uninterrupted``, so a caller's cancellation never cuts one short. Each ``write()``
-is one row; ``flush()`` commits. tests/test_custom_backend.py runs
+is one row; ``flush()`` commits. ``ClosableStorage`` keeps the closed state, closes once and
+pickles the storage as its arguments. tests/test_custom_backend.py runs
 ``yoink.testing.StorageContract`` against it.
 """
 
@@ -21,13 +22,13 @@ from urllib.parse import unquote, urlsplit
 import anyio
 import anyio.to_thread
 
-from yoink import CheckpointLockedError, CheckpointManager, StorageClosedError, StorageError
-from yoink.storage import CheckpointStorage, StorageFactory, uninterrupted
+from yoink import CheckpointLockedError, CheckpointManager, StorageError
+from yoink.storage import ClosableStorage, StorageFactory, uninterrupted
 
 T = TypeVar("T")
 
 
-class SQLiteStorage(CheckpointStorage):
+class SQLiteStorage(ClosableStorage):
     """``sqlite:///path/to/jobs.db?table=journal``: one row of whole lines per write."""
 
     def __init__(self, path: str, *, table: str = "journal") -> None:
@@ -36,7 +37,6 @@ class SQLiteStorage(CheckpointStorage):
         self.path, self.table = path, table
         self._db: sqlite3.Connection | None = None
         self._thread = anyio.CapacityLimiter(1)  # one thread, one call at a time
-        self._closed = False
 
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> SQLiteStorage:
@@ -44,11 +44,8 @@ class SQLiteStorage(CheckpointStorage):
         query = dict(pair.split("=", 1) for pair in parts.query.split("&") if pair)
         return cls(unquote(parts.path), **{**query, **options})
 
-    def __getstate__(self) -> dict[str, str]:
-        return {"path": self.path, "table": self.table}
-
-    def __setstate__(self, state: dict[str, str]) -> None:
-        self.__init__(state["path"], table=state["table"])  # type: ignore[misc]
+    def _constructor_arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self.path,), {"table": self.table}  # what a pickled storage is built from
 
     async def _run(self, call: Callable[..., T], *args: Any) -> T:
         try:
@@ -79,8 +76,7 @@ class SQLiteStorage(CheckpointStorage):
         db.execute("RELEASE w")
 
     async def write(self, data: str) -> None:
-        if self._closed:
-            raise StorageClosedError(f"{self.path} is closed")
+        self._check_open()
         if data:
             await self._run(self._insert, data)
 
@@ -111,15 +107,11 @@ class SQLiteStorage(CheckpointStorage):
         return bool(await self._run(self._page, 0))
 
     async def flush(self) -> None:
-        if self._closed:
-            raise StorageClosedError(f"{self.path} is closed")
+        self._check_open()
         if self._db is not None:
             await self._run(self._commit, self._db)
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    async def _close(self) -> None:  # called once, by ClosableStorage.close()
         if self._db is not None:
             await self._run(self._commit, self._db, False)
 
