@@ -12,41 +12,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from yoink._tasks import asyncio_loop_of
 from yoink.storage._s3_client import S3Client
-from yoink.storage._s3_layout import MAX_PART_SIZE
+from yoink.storage._s3_layout import MAX_PART_SIZE, LayoutName, RetryMode, S3Options
 from yoink.storage._s3_object import ObjectLayout
 from yoink.storage._s3_segments import SegmentsLayout
 from yoink.storage._stage import Batch
 from yoink.storage._staged import StagedStorage
-from yoink.storage._uri import Options, redact, take_uri_options
+from yoink.storage._uri import redact, take_uri_options
 
 __all__ = ["S3Options", "S3Storage"]
 
-LayoutName = Literal["object", "segments"]
-RetryMode = Literal["standard", "adaptive", "legacy"]
-
 MIN_PART_SIZE = 5 << 20  # S3's smallest part, but for the last one
-
-
-@dataclass(frozen=True)
-class S3Options(Options):
-    """The options of an :class:`S3Storage`, as given (keywords, then the URI's query)."""
-
-    layout: LayoutName = "object"
-    stage_dir: str | os.PathLike[str] | None = None
-    endpoint_url: str | None = None
-    region_name: str | None = None
-    profile_name: str | None = None
-    retry_mode: RetryMode = "standard"
-    max_attempts: int = 5
-    part_size: int = 16 << 20
-    merge_after: int = 64
-    merge_target: int = 64 << 20
-    timeout: float = 60.0
 
 
 class S3Storage(StagedStorage):

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import anyio
 
@@ -23,13 +24,43 @@ from yoink._lines import whole_lines
 from yoink.storage._files import READ_CHUNK, path_chunks
 from yoink.storage._s3_client import Missing, S3Client
 from yoink.storage._stage import Batch, Stage
+from yoink.storage._uri import Options
 
-if TYPE_CHECKING:
-    from yoink.storage._s3 import S3Options
-
-__all__ = ["ATTEMPTS", "MAX_PART_SIZE", "REMEMBERED_WRITERS", "Layout", "Segment", "prepend", "staged_chunks"]
+__all__ = [
+    "ATTEMPTS",
+    "MAX_PART_SIZE",
+    "REMEMBERED_WRITERS",
+    "Layout",
+    "LayoutName",
+    "RetryMode",
+    "S3Options",
+    "Segment",
+    "prepend",
+    "staged_chunks",
+]
 
 logger = logging.getLogger(__name__)
+
+LayoutName = Literal["object", "segments"]
+RetryMode = Literal["standard", "adaptive", "legacy"]
+
+
+@dataclass(frozen=True)
+class S3Options(Options):
+    """The options of an :class:`S3Storage`, as given (keywords, then the URI's query)."""
+
+    layout: LayoutName = "object"
+    stage_dir: str | os.PathLike[str] | None = None
+    endpoint_url: str | None = None
+    region_name: str | None = None
+    profile_name: str | None = None
+    retry_mode: RetryMode = "standard"
+    max_attempts: int = 5
+    part_size: int = 16 << 20
+    merge_after: int = 64
+    merge_target: int = 64 << 20
+    timeout: float = 60.0
+
 
 MAX_PART_SIZE = 5 << 30
 ATTEMPTS = 4  # conditional uploads per flush: after a lost reply, the first retry finds it landed

@@ -17,7 +17,7 @@ from yoink.storage._s3_layout import ATTEMPTS, REMEMBERED_WRITERS, Layout, Segme
 from yoink.storage._stage import Stage
 
 if TYPE_CHECKING:
-    from yoink.storage._s3 import S3Options
+    from yoink.storage._s3_layout import S3Options
 
 __all__ = ["ListingChanged", "SegmentListing", "Segments"]
 

@@ -26,7 +26,7 @@ from yoink.storage._s3_listing import SegmentListing, Segments
 from yoink.storage._stage import Batch, Stage
 
 if TYPE_CHECKING:
-    from yoink.storage._s3 import S3Options
+    from yoink.storage._s3_layout import S3Options
 
 __all__ = ["SegmentsLayout"]
 
