@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import importlib.abc
 import inspect
 import re
 import subprocess
@@ -123,6 +124,18 @@ def test_a_backend_missing_from_this_install_says_to_upgrade(monkeypatch: pytest
         StorageFactory.from_uri("gs://bucket/key.jsonl")
 
 
+class Absent(importlib.abc.MetaPathFinder):
+    """Finds nothing of ``package``, as on a machine where it is not installed."""
+
+    def __init__(self, package: str) -> None:
+        self.package = package
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name == self.package or name.startswith(f"{self.package}."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
 @pytest.mark.parametrize(
     ("uri", "package", "extra", "module"),
     [
@@ -134,8 +147,10 @@ def test_a_backend_missing_from_this_install_says_to_upgrade(monkeypatch: pytest
 def test_a_backend_without_its_extra_says_what_to_install(
     monkeypatch: pytest.MonkeyPatch, uri: str, package: str, extra: str, module: str
 ) -> None:
-    monkeypatch.setitem(sys.modules, package, None)  # what an install without the extra has
-    for name in [name for name in sys.modules if name.startswith(module)]:  # _s3 and _s3_client
+    # What an install without the extra has: the package is nowhere to be found.
+    monkeypatch.setattr(sys, "meta_path", [Absent(package), *sys.meta_path])
+    imported = [name for name in sys.modules if name.startswith((module, package))]
+    for name in imported:  # yoink.storage._s3 and _s3_client, aioboto3 and its modules
         monkeypatch.delitem(sys.modules, name)
     scheme = uri.partition("://")[0]
     monkeypatch.setitem(StorageFactory._registry, scheme, _BUILTIN[scheme])
