@@ -16,6 +16,7 @@ from typing import Any
 from yoink._exceptions import StorageError
 from yoink._lines import is_record_tail, tail_reads, without_torn_tail
 from yoink._records import MAX_LINE_BYTES
+from yoink.storage._files import TORN_SUFFIX
 from yoink.storage._s3_client import Conflict, Missing
 from yoink.storage._s3_layout import ATTEMPTS, REMEMBERED_WRITERS, Layout, Segment, prepend, staged_chunks
 from yoink.storage._stage import Batch
@@ -154,7 +155,7 @@ class ObjectLayout(Layout):
 
     async def _set_aside(self, tail: bytes, offset: int) -> None:
         """Add ``tail`` to ``<key>.torn`` (one fragment a line), as LocalFileStorage does."""
-        key = self._key + ".torn"
+        key = self._key + TORN_SUFFIX
         try:
             kept = await self._body(await self._client.call("get_object", Key=key))
         except Missing:
