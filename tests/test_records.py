@@ -270,3 +270,10 @@ async def test_a_corrupt_line_is_named_whole_when_raised_and_when_skipped(
     assert [message.split(": line", 1)[1] for message in caplog.messages] == [
         " 2 (byte offset 8) is not a JSON object: a JSON list, not an object; skipped"
     ]
+
+
+def test_append_checks_the_bytes_the_format_names() -> None:
+    # CheckpointManager.append inlines encode_record's checks with the bytes as literals (a global
+    # lookup is a measurable part of its cost): they must be the format's own.
+    source = inspect.getsource(CheckpointManager.append)
+    assert f"line[0] != {_records.OBJECT_START} or {_records.NEWLINE} in line" in source

@@ -17,8 +17,6 @@ from yoink import _records
 from yoink._compat import Self
 from yoink._exceptions import ReadOnlyError, StorageClosedError, StorageError
 from yoink._records import (
-    NEWLINE,
-    OBJECT_START,
     JournalDecoder,
     OnCorrupt,
     encode_record,
@@ -160,7 +158,8 @@ class CheckpointManager:
             line = _dumps(record, self._default)
         except TypeError as exc:
             raise not_a_record(record, exc) from exc
-        if line[0] != OBJECT_START or NEWLINE in line:  # an object, on one line (a Fragment may hold "\n")
+        # _records.OBJECT_START and NEWLINE, as literals: two global lookups cost append 2.4%
+        if line[0] != 123 or 10 in line:  # an object, on one line (a Fragment may hold "\n")
             raise refused(record, line)
         buffer = self._buffer
         buffer += line
