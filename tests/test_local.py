@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import pickle
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import spy_on_fsync
-from yoink import CheckpointLockedError, CheckpointManager, StorageError
+from yoink import CheckpointLockedError, CheckpointManager, StorageClosedError, StorageError
 from yoink.storage import LocalFileStorage
 
 TORN = '{"url":"https://example.com/3","sta'
@@ -406,3 +407,19 @@ async def test_a_torn_tail_that_cannot_be_set_aside_refuses_the_write_and_keeps_
     async with LocalFileStorage(path) as storage:  # the refused storage let go of the lock
         await storage.write(line(3))
     assert path.read_text() == line(1) + line(3)
+
+
+async def test_close_finishes_the_write_under_way_and_refuses_those_waiting_for_the_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.jsonl"
+    storage = LocalFileStorage(path)
+    first = asyncio.create_task(storage.write(line(1)))
+    await asyncio.sleep(0)  # the first write holds the file's lock, in its worker thread
+    second = asyncio.create_task(storage.write(line(2)))
+    await asyncio.sleep(0)  # the second waits for the lock
+    await storage.close()
+    await first
+    with pytest.raises(StorageClosedError, match=r"is closed$"):
+        await second
+    assert path.read_text() == line(1)
