@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -423,3 +424,25 @@ async def test_close_finishes_the_write_under_way_and_refuses_those_waiting_for_
     with pytest.raises(StorageClosedError, match=r"is closed$"):
         await second
     assert path.read_text() == line(1)
+
+
+async def test_a_second_close_returns_once_the_first_has_let_go_of_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "j.jsonl"
+    fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.3)  # the first close() is still flushing when the second is called
+        fsync(fd)
+
+    storage = LocalFileStorage(path)
+    await storage.write(line(1))
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    first = asyncio.create_task(storage.close())
+    await asyncio.sleep(0.05)
+    await storage.close()
+    assert first.done(), "the second close() returned while the first was still closing"
+    async with LocalFileStorage(path) as after:  # the lock was let go of
+        await after.write(line(2))
+    assert path.read_text() == line(1) + line(2)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import anyio
+
 from yoink._exceptions import StorageClosedError
 from yoink._fork import forked_note
 from yoink._tasks import uninterrupted
@@ -30,7 +32,8 @@ class ClosableStorage(CheckpointStorage):
       holds (files, locks, clients, leases). :meth:`close` marks the storage closed first, so no
       write starts after it, and then awaits ``_close()`` once: to its end even if the caller is
       cancelled (the caller's cancellation goes on afterwards), so a cancelled ``close()`` still
-      releases what a new writer would be refused by. A second ``close()`` does nothing;
+      releases what a new writer would be refused by. A second ``close()`` returns once the
+      first has released everything;
     - returns from ``_constructor_arguments()`` the positional and keyword arguments that build an
       equal storage (a URI and its options, never a client, a file or a secret the URI did not
       hold). A pickled storage is those arguments, and unpickling calls the constructor with them:
@@ -60,16 +63,24 @@ class ClosableStorage(CheckpointStorage):
 
     _closed: bool = False
     _closed_note: str = ""  # why, when it was not closed by close(): a fork
+    _closing: anyio.Event | None = None  # set once close() has released everything
 
     async def close(self) -> None:
-        if not self._closed:
+        if self._closing is None and self._closed:
+            return  # closed without close(): by a fork, or by a failure that let go of everything
+        if self._closing is None or not self._closing.is_set():
             await uninterrupted(self._close_once, finish_first=True)
 
     async def _close_once(self) -> None:
-        if self._closed:  # two close() calls at once
+        if self._closing is not None:  # another close() is under way: return when it has released
+            await self._closing.wait()
             return
+        self._closing = anyio.Event()
         self._closed = True
-        await self._close()
+        try:
+            await self._close()
+        finally:
+            self._closing.set()
 
     async def _close(self) -> None:
         """Flush what is pending, then release what the storage holds; called once, by :meth:`close`."""
@@ -83,6 +94,7 @@ class ClosableStorage(CheckpointStorage):
         """Refuse further use in a forked child: what the storage holds is its parent's."""
         self._closed = True
         self._closed_note = f": {forked_note(os.getppid())}"
+        self._closing = None  # a close() of the parent's, under way at the fork, is not the child's
 
     def _constructor_arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The arguments that build an equal storage: what a pickled storage keeps."""
