@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import io
 import logging
 import os
 import pickle
@@ -19,6 +21,7 @@ import pytest
 from tests.helpers import spy_on_fsync
 from yoink import CheckpointLockedError, CheckpointManager, StorageClosedError, StorageError
 from yoink.storage import LocalFileStorage
+from yoink.storage._files import READ_CHUNK, file_chunks
 
 TORN = '{"url":"https://example.com/3","sta'
 
@@ -446,3 +449,61 @@ async def test_a_second_close_returns_once_the_first_has_let_go_of_the_file(
     async with LocalFileStorage(path) as after:  # the lock was let go of
         await after.write(line(2))
     assert path.read_text() == line(1) + line(2)
+
+
+@pytest.mark.parametrize(
+    ("uri", "hint"),
+    [("file:/run.jsonl", "./run.jsonl"), ("file:runs/a.jsonl/", "./runs/a.jsonl/"), ("file:", "./run.jsonl")],
+)
+def test_a_file_uri_without_its_slashes_is_refused_with_the_path_to_write(uri: str, hint: str) -> None:
+    with pytest.raises(ValueError, match=r"^a file URI is written") as refused:
+        LocalFileStorage.from_uri(uri)
+    assert str(refused.value) == (
+        "a file URI is written file:///abs/run.jsonl; for a relative path, give the path itself, "
+        f"as in {hint}; got {uri!r}"
+    )
+
+
+async def test_a_record_that_ends_one_byte_into_the_second_read_chunk_is_replayed(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    pad = READ_CHUNK - len('{"n":1,"pad":""}')  # the record's newline is the chunk's byte READ_CHUNK + 1
+    path.write_text('{"n":1,"pad":"' + "x" * pad + '"}\n')
+    assert path.stat().st_size == READ_CHUNK + 1
+    async with CheckpointManager.from_uri(path, read_only=True) as manager:
+        assert [record["n"] async for record in manager.replay()] == [1]
+
+
+async def test_a_journal_that_cannot_be_read_says_why(tmp_path: Path) -> None:
+    (tmp_path / "j.jsonl").mkdir()
+    storage = LocalFileStorage(tmp_path / "j.jsonl")
+    with pytest.raises(StorageError) as failed:
+        async for _ in storage.read():
+            pass
+    assert str(failed.value) == f"cannot read {tmp_path / 'j.jsonl'}: Is a directory"
+
+
+async def test_a_read_that_fails_part_way_says_what_and_why() -> None:
+    class Failing(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(StorageError) as failed:
+        async for _ in file_chunks(Failing(b"{}\n"), 3, describe="/data/j.jsonl"):
+            pass
+    assert str(failed.value) == "cannot read /data/j.jsonl: Input/output error"
+
+
+async def test_a_failed_fsync_is_a_storage_error_that_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    storage = LocalFileStorage(tmp_path / "j.jsonl")
+    await storage.write(line(1))
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(StorageError) as failed:
+        await storage.flush()
+    assert str(failed.value) == f"fsync of {tmp_path / 'j.jsonl'} failed: Input/output error"
+    monkeypatch.undo()
+    await storage.close()
