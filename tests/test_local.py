@@ -507,3 +507,9 @@ async def test_a_failed_fsync_is_a_storage_error_that_says_why(
     assert str(failed.value) == f"fsync of {tmp_path / 'j.jsonl'} failed: Input/output error"
     monkeypatch.undo()
     await storage.close()
+
+
+def test_an_empty_path_is_refused_with_the_reason() -> None:
+    with pytest.raises(ValueError, match=r"^LocalFileStorage needs") as refused:
+        LocalFileStorage("")
+    assert str(refused.value) == "LocalFileStorage needs a file path, got an empty string"

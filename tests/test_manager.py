@@ -450,7 +450,12 @@ async def test_a_failing_background_flush_is_logged_and_retried(caplog: pytest.L
                 while not storage.durable:
                     await anyio.sleep(0.01)
     assert storage.durable == '{"n":1}\n'
-    assert "periodic flush of CheckpointManager(RecordingStorage(" in caplog.text
+    failed = [record for record in caplog.records if record.getMessage().startswith("periodic flush of ")]
+    assert failed, caplog.text
+    assert failed[0].getMessage() == (
+        f"periodic flush of {manager!r} failed; the records stay buffered for the next flush"
+    )
+    assert failed[0].exc_info is not None, "the log says why the flush failed"
 
 
 async def test_from_uri_gives_the_manager_its_options_and_the_storage_the_rest(tmp_path: Path) -> None:

@@ -277,3 +277,22 @@ def test_append_checks_the_bytes_the_format_names() -> None:
     # lookup is a measurable part of its cost): they must be the format's own.
     source = inspect.getsource(CheckpointManager.append)
     assert f"line[0] != {_records.OBJECT_START} or {_records.NEWLINE} in line" in source
+
+
+async def test_a_negative_integer_beyond_64_bits_in_a_line_with_non_ascii_text_is_read_exactly() -> None:
+    # The quick test for long digit runs takes the line's bytes when it is not ASCII.
+    assert await replay('{"t":"✓","n":-9223372036854775809}\n') == [{"t": "✓", "n": -9223372036854775809}]
+
+
+async def test_a_record_over_the_limit_is_refused_naming_its_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    manager = CheckpointManager(MemoryStorage(), flush_interval=None, batch_bytes=64)
+    monkeypatch.setattr(_records, "MAX_LINE_BYTES", 100)
+    record = {"pad": "x" * 100}  # 110 bytes of JSON, 111 with its newline
+    message = "a record of 111 bytes is longer than 100 bytes, yoink's limit for a line; nothing was appended"
+    with pytest.raises(ValueError, match=r"^a record of") as refused:
+        await manager.append_many([record])
+    assert str(refused.value) == message
+    with pytest.raises(ValueError, match=r"^a record of") as refused:
+        await manager.append(record)
+    assert str(refused.value) == message
+    await manager.close()
