@@ -296,3 +296,13 @@ async def test_a_record_over_the_limit_is_refused_naming_its_size(monkeypatch: p
         await manager.append(record)
     assert str(refused.value) == message
     await manager.close()
+
+
+async def test_a_long_line_that_is_not_utf8_is_corrupt_and_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    path.write_bytes(b'{"pad":"' + b"x" * (LARGE_LINE + 1) + b'\xff"}\n{"n":2}\n')
+    async with CheckpointManager.from_uri(path, read_only=True) as manager:
+        with pytest.raises(CorruptCheckpointError) as raised:
+            _ = [record async for record in manager.replay()]
+    reason = f"not valid UTF-8: invalid start byte: line 1 column {LARGE_LINE + 10} (char {LARGE_LINE + 9})"
+    assert f"line 1 (byte offset 0) is not a JSON object: {reason};" in str(raised.value)
