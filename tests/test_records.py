@@ -304,5 +304,6 @@ async def test_a_long_line_that_is_not_utf8_is_corrupt_and_says_so(tmp_path: Pat
     async with CheckpointManager.from_uri(path, read_only=True) as manager:
         with pytest.raises(CorruptCheckpointError) as raised:
             _ = [record async for record in manager.replay()]
-    reason = f"not valid UTF-8: invalid start byte: line 1 column {LARGE_LINE + 10} (char {LARGE_LINE + 9})"
+    where = f"line 1 column {LARGE_LINE + 10} (char {LARGE_LINE + 9})"
+    reason = f"not valid UTF-8: surrogates not allowed: {where}"
     assert f"line 1 (byte offset 0) is not a JSON object: {reason};" in str(raised.value)
