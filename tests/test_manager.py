@@ -591,3 +591,18 @@ async def test_a_long_line_is_corrupt_where_a_short_one_would_be(line: str) -> N
     async with CheckpointManager(journal(f'{{"n":0}}\n{line}\n{{"n":2}}\n'), on_corrupt="skip") as manager:
         assert await replay_all(manager) == [{"n": 0}, {"n": 2}]
         assert manager.corrupt_lines_skipped == 1
+
+
+@pytest.mark.parametrize("how", ["append", "append_many"])
+async def test_a_batch_is_written_as_soon_as_it_is_exactly_full(how: str) -> None:
+    line = '{"n":1}\n'
+    storage = RecordingStorage()
+    async with CheckpointManager(storage, flush_interval=None, batch_bytes=3 * len(line)) as manager:
+        for _ in range(2):
+            await manager.append({"n": 1})
+        assert storage.writes == []
+        if how == "append":
+            await manager.append({"n": 1})
+        else:
+            await manager.append_many([{"n": 1}])
+        assert storage.writes == [3 * line], "the batch reached batch_bytes exactly: it is written"
