@@ -307,3 +307,20 @@ async def test_a_long_line_that_is_not_utf8_is_corrupt_and_says_so(tmp_path: Pat
     where = f"line 1 column {LARGE_LINE + 10} (char {LARGE_LINE + 9})"
     reason = f"not valid UTF-8: surrogates not allowed: {where}"
     assert f"line 1 (byte offset 0) is not a JSON object: {reason};" in str(raised.value)
+
+
+@pytest.mark.parametrize("bad", [10, 11])
+async def test_corrupt_lines_past_the_tenth_are_summed_up_in_one_warning(
+    bad: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    items = "".join(["[1]\n" for _ in range(bad)]) + '{"n":1}\n'
+    with caplog.at_level(logging.WARNING, logger="yoink"):
+        assert await replay(items, on_corrupt="skip") == [{"n": 1}]
+    summary = [message for message in caplog.messages if "corrupt lines in all" in message]
+    assert len(caplog.messages) == min(bad, 10) + len(summary)
+    if bad == 10:
+        assert summary == []
+    else:
+        assert summary[0].endswith(
+            ": skipped 11 corrupt lines in all (a warning was logged for the first 10)"
+        ), summary
