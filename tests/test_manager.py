@@ -606,3 +606,22 @@ async def test_a_batch_is_written_as_soon_as_it_is_exactly_full(how: str) -> Non
         else:
             await manager.append_many([{"n": 1}])
         assert storage.writes == [3 * line], "the batch reached batch_bytes exactly: it is written"
+
+
+async def test_an_appender_that_waited_for_a_write_writes_its_batch_if_it_is_exactly_full() -> None:
+    line = '{"n":1}\n'
+    storage = RecordingStorage(delay=0.05)
+    storage.write_began = anyio.Event()
+    async with CheckpointManager(storage, flush_interval=None, batch_bytes=3 * len(line)) as manager:
+
+        async def fill_a_batch() -> None:
+            for _ in range(3):
+                await manager.append({"n": 1})
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fill_a_batch)
+                await storage.write_began.wait()  # the first batch is being written
+                for _ in range(3):  # a second batch, exactly full, while the first is written
+                    await manager.append({"n": 1})
+        assert storage.writes == [3 * line, 3 * line]
