@@ -276,7 +276,6 @@ class FsspecStorage(StagedStorage):
             len(tail),
             self._uri,
             TORN_SUFFIX,
-            extra={"yoink_torn_tail": len(tail)},
         )
         return size - len(tail)
 

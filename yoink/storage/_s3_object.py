@@ -171,7 +171,6 @@ class ObjectLayout(Layout):
             self._client.bucket,
             key,
             offset,
-            extra={"yoink_torn_tail": len(tail)},
         )
 
     async def _get_object(self) -> dict[str, Any] | None:
