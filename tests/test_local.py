@@ -21,6 +21,7 @@ import pytest
 from tests.helpers import spy_on_fsync
 from yoink import CheckpointLockedError, CheckpointManager, StorageClosedError, StorageError
 from yoink.storage import LocalFileStorage
+from yoink.storage import _local as local_module
 from yoink.storage._files import READ_CHUNK, file_chunks
 
 TORN = '{"url":"https://example.com/3","sta'
@@ -491,6 +492,34 @@ async def test_a_read_that_fails_part_way_says_what_and_why() -> None:
         async for _ in file_chunks(Failing(b"{}\n"), 3, describe="/data/j.jsonl"):
             pass
     assert str(failed.value) == "cannot read /data/j.jsonl: Input/output error"
+
+
+async def test_a_local_journal_whose_read_fails_part_way_names_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "j.jsonl"
+    path.write_text('{"n":1}\n')
+
+    class FailingRead:
+        """The journal's file, whose read() meets a disk error."""
+
+        def __init__(self, file: io.BufferedReader) -> None:
+            self.file = file
+
+        def fileno(self) -> int:
+            return self.file.fileno()
+
+        def read(self, size: int = -1) -> bytes:
+            raise OSError(errno.EIO, "Input/output error")
+
+        def close(self) -> None:
+            self.file.close()
+
+    monkeypatch.setattr(local_module, "open", lambda *args: FailingRead(open(*args)), raising=False)  # noqa: SIM115
+    with pytest.raises(StorageError) as failed:
+        async for _ in LocalFileStorage(path).read():
+            pass
+    assert str(failed.value) == f"cannot read {path}: Input/output error"
 
 
 async def test_a_failed_fsync_is_a_storage_error_that_says_why(

@@ -234,14 +234,20 @@ async def blocks(*items: str) -> AsyncGenerator[str, None]:
         yield item
 
 
+@pytest.mark.parametrize(
+    "items",
+    [('{"n":1}\n[1]\n', '{"n":2'), ('{"n":1}\n', "[1]\n", '{"n":2')],
+    ids=["bad-line-after-a-record", "bad-line-alone-in-its-block"],
+)
 async def test_a_remote_journals_torn_tail_before_staged_records_is_left_out_and_reported(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, items: tuple[str, ...]
 ) -> None:
     # S3 and fsspec read another tool's object with its unterminated last line, then their staged
-    # batches: a tail that is not a record is left out, and the decoder reading them is told.
+    # batches: a tail that is not a record is left out, and the decoder reading them is told. A
+    # block of whole lines is passed on as it is, even one that holds no record.
     problems: list[_records.Problem] = []
     decoder = _records.JournalDecoder("s3://b/j.jsonl", on_corrupt="skip", on_problem=problems.append)
-    read = without_torn_tail(blocks('{"n":1}\n[1]\n', '{"n":2'), "s3://b/j.jsonl")
+    read = without_torn_tail(blocks(*items), "s3://b/j.jsonl")
     with caplog.at_level(logging.WARNING, logger="yoink"):
         records = [record async for batch in decoder.batches(read) for record in batch]
     assert records == [{"n": 1}]  # a whole line that is not a record is passed on: the decoder judges it
