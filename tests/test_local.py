@@ -454,7 +454,12 @@ async def test_a_second_close_returns_once_the_first_has_let_go_of_the_file(
 
 @pytest.mark.parametrize(
     ("uri", "hint"),
-    [("file:/run.jsonl", "./run.jsonl"), ("file:runs/a.jsonl/", "./runs/a.jsonl/"), ("file:", "./run.jsonl")],
+    [
+        ("file:/run.jsonl", "./run.jsonl"),
+        ("file:runs/a.jsonl/", "./runs/a.jsonl/"),
+        ("file:", "./run.jsonl"),
+        ("file:/XMAS.jsonl", "./XMAS.jsonl"),  # only the slashes are taken off
+    ],
 )
 def test_a_file_uri_without_its_slashes_is_refused_with_the_path_to_write(uri: str, hint: str) -> None:
     with pytest.raises(ValueError, match=r"^a file URI is written") as refused:
