@@ -22,7 +22,7 @@ from tests.helpers import spy_on_fsync
 from yoink import CheckpointLockedError, CheckpointManager, StorageClosedError, StorageError
 from yoink.storage import LocalFileStorage
 from yoink.storage import _local as local_module
-from yoink.storage._files import READ_CHUNK, file_chunks
+from yoink.storage._files import READ_CHUNK, file_chunks, path_chunks
 
 TORN = '{"url":"https://example.com/3","sta'
 
@@ -486,6 +486,13 @@ async def test_a_journal_that_cannot_be_read_says_why(tmp_path: Path) -> None:
         async for _ in storage.read():
             pass
     assert str(failed.value) == f"cannot read {tmp_path / 'j.jsonl'}: Is a directory"
+
+
+async def test_a_staged_file_that_cannot_be_opened_says_which_and_why(tmp_path: Path) -> None:
+    with pytest.raises(StorageError) as failed:
+        async for _ in path_chunks(str(tmp_path / "gone.batch"), 10):
+            pass
+    assert str(failed.value) == f"cannot read {tmp_path / 'gone.batch'}: No such file or directory"
 
 
 async def test_a_read_that_fails_part_way_says_what_and_why() -> None:

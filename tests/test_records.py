@@ -301,6 +301,12 @@ async def test_a_record_over_the_limit_is_refused_naming_its_size(monkeypatch: p
     with pytest.raises(ValueError, match=r"^a record of") as refused:
         await manager.append(record)
     assert str(refused.value) == message
+    # At the limit: 100 bytes of JSON make a line of 101, one too many; 99 make a line of 100.
+    for append in (manager.append, lambda record: manager.append_many([record])):
+        with pytest.raises(ValueError, match=r"^a record of 101 bytes is longer than 100 bytes"):
+            await append({"pad": "x" * 90})
+        await append({"pad": "x" * 89})
+    assert [record async for record in manager.replay()] == [{"pad": "x" * 89}] * 2
     await manager.close()
 
 
