@@ -21,6 +21,7 @@ import pytest
 from tests.helpers import spy_on_fsync
 from yoink import CheckpointLockedError, CheckpointManager, StorageClosedError, StorageError
 from yoink.storage import LocalFileStorage
+from yoink.storage import _files as files_module
 from yoink.storage import _local as local_module
 from yoink.storage._files import READ_CHUNK, file_chunks, path_chunks
 
@@ -506,30 +507,35 @@ async def test_a_read_that_fails_part_way_says_what_and_why() -> None:
     assert str(failed.value) == "cannot read /data/j.jsonl: Input/output error"
 
 
+class FailingRead:
+    """A file whose read() meets a disk error."""
+
+    def __init__(self, file: io.BufferedReader) -> None:
+        self.file = file
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def read(self, size: int = -1) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
+
+    def close(self) -> None:
+        self.file.close()
+
+
 async def test_a_local_journal_whose_read_fails_part_way_names_itself(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "j.jsonl"
     path.write_text('{"n":1}\n')
-
-    class FailingRead:
-        """The journal's file, whose read() meets a disk error."""
-
-        def __init__(self, file: io.BufferedReader) -> None:
-            self.file = file
-
-        def fileno(self) -> int:
-            return self.file.fileno()
-
-        def read(self, size: int = -1) -> bytes:
-            raise OSError(errno.EIO, "Input/output error")
-
-        def close(self) -> None:
-            self.file.close()
-
     monkeypatch.setattr(local_module, "open", lambda *args: FailingRead(open(*args)), raising=False)  # noqa: SIM115
     with pytest.raises(StorageError) as failed:
         async for _ in LocalFileStorage(path).read():
+            pass
+    assert str(failed.value) == f"cannot read {path}: Input/output error"
+    monkeypatch.setattr(files_module, "open", lambda *args: FailingRead(open(*args)), raising=False)  # noqa: SIM115
+    with pytest.raises(StorageError) as failed:
+        async for _ in path_chunks(str(path), 8):  # a staged batch is read so
             pass
     assert str(failed.value) == f"cannot read {path}: Input/output error"
 
