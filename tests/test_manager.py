@@ -335,7 +335,10 @@ async def test_a_torn_last_line_is_skipped_with_a_warning(caplog: pytest.LogCapt
     async with CheckpointManager(journal('{"a":1}\n{"b":2}\n{"c":')) as manager:
         with caplog.at_level(logging.WARNING, logger="yoink"):
             assert await replay_all(manager) == [{"a": 1}, {"b": 2}]
-    assert "skipped line 3 (byte offset 16), the last line, as a torn write" in caplog.text
+    [warning] = caplog.messages
+    source, reason = warning.split(": skipped line 3 (byte offset 16), the last line, as a torn write: ")
+    assert source == repr(manager.storage)
+    assert reason.startswith("unexpected end of data"), reason  # why it is not a record
 
 
 async def test_a_corrupt_line_names_its_line_and_byte_offset_after_the_records_before_it() -> None:

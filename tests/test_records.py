@@ -227,6 +227,13 @@ async def test_a_storage_read_on_its_own_names_a_line_over_the_limit_by_its_byte
             pass
     assert str(caught.value).startswith(f"{path}: the line at byte offset 8 is longer than 3,145,728 bytes")
     assert (caught.value.line, caught.value.offset) == (0, 8)
+    # Through a decoder, which counts lines, the error names the line and the journal.
+    async with CheckpointManager(storage, read_only=True) as reader:
+        with pytest.raises(CorruptCheckpointError) as caught:
+            async for _ in reader.replay():
+                pass
+    assert str(caught.value).startswith(f"{storage!r}: line 2 (byte offset 8) is longer than 3,145,728 bytes")
+    assert (caught.value.line, caught.value.offset) == (2, 8)
 
 
 async def blocks(*items: str) -> AsyncGenerator[str, None]:
@@ -333,6 +340,44 @@ async def test_corrupt_lines_past_the_tenth_are_summed_up_in_one_warning(
     if bad == 10:
         assert summary == []
     else:
+        assert summary[0].startswith("MemoryStorage('anonymous-")  # the journal it names
         assert summary[0].endswith(
-            ": skipped 11 corrupt lines in all (a warning was logged for the first 10)"
+            "'): skipped 11 corrupt lines in all (a warning was logged for the first 10)"
         ), summary
+
+
+async def test_items_of_whole_records_are_decoded_in_one_pass_not_line_by_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The line-by-line parser is for items with a bad line, a long one or a long digit run: an
+    # item of plain records, up to LARGE_LINE characters, is decoded in one orjson pass.
+    parsed: list[int] = []
+    loads = _json.loads
+    monkeypatch.setattr(_json, "loads", lambda line: parsed.append(len(line)) or loads(line))
+    small = '{"n":1}\n' * 1000
+    pad = LARGE_LINE - len('{"n":2}\n{"pad":""}\n')
+    largest = '{"n":2}\n{"pad":"' + "p" * pad + '"}\n'
+    assert len(largest) == LARGE_LINE
+    records = await replay(small, largest)
+    assert len(records) == 1002
+    assert parsed == [], "an item of plain records was parsed line by line"
+    await replay(largest + '{"n":3}\n')  # one character more: line by line, as the rule says
+    assert parsed
+
+
+async def test_a_decoder_reads_an_async_iterator_that_has_no_aclose() -> None:
+    class Items:
+        def __init__(self) -> None:
+            self.items = iter(['{"n":1}\n', '{"n":2}\n'])
+
+        def __aiter__(self) -> Items:
+            return self
+
+        async def __anext__(self) -> str:
+            try:
+                return next(self.items)
+            except StopIteration:
+                raise StopAsyncIteration from None
+
+    decoder = _records.JournalDecoder("items")
+    assert [record async for batch in decoder.batches(Items()) for record in batch] == [{"n": 1}, {"n": 2}]
