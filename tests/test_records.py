@@ -20,7 +20,7 @@ import pytest
 
 from yoink import CheckpointManager, CorruptCheckpointError, _json, _records
 from yoink._json import LARGE_LINE, MAX_DEPTH
-from yoink._lines import tail_reads, without_torn_tail
+from yoink._lines import tail_reads, whole_lines, without_torn_tail
 from yoink._records import MAX_LINE_BYTES
 from yoink.storage import LocalFileStorage, MemoryStorage
 
@@ -381,3 +381,24 @@ async def test_a_decoder_reads_an_async_iterator_that_has_no_aclose() -> None:
 
     decoder = _records.JournalDecoder("items")
     assert [record async for batch in decoder.batches(Items()) for record in batch] == [{"n": 1}, {"n": 2}]
+
+
+async def test_a_decoder_raises_on_a_corrupt_line_unless_told_to_skip() -> None:
+    decoder = _records.JournalDecoder("journal")  # on_corrupt="raise" unless told otherwise
+    decoder.feed('{"n":1}\n[1]\n')
+    decoder.feed('{"n":3}\n')  # the bad line is followed: corruption, raised after the records before it
+    with pytest.raises(CorruptCheckpointError, match="line 2"):
+        decoder.finish()
+
+
+async def test_a_first_line_of_exactly_the_limit_split_across_chunks_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_records, "MAX_LINE_BYTES", 100)
+    line = b'{"pad":"' + b"x" * 90 + b'"}'  # 100 bytes: the longest line there may be
+
+    async def chunks() -> AsyncGenerator[bytes, None]:
+        yield line  # no newline yet: the line waits, at the limit and not past it
+        yield b"\n"
+
+    assert [block async for block in whole_lines(chunks(), describe="j")] == [line.decode() + "\n"]
