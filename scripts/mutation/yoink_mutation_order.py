@@ -3,8 +3,9 @@
 mutmut runs the tests that call a mutated function, with ``-x``, in no particular order. Sorted
 by the time each took in mutmut's clean run, a killed mutant costs about its quickest failing
 test rather than whichever came first (a kill -9 loop, a fuzzer). With ``YOINK_MUTATION_QUICK``
-set to a number of seconds, the tests slower than that are left out: ``scripts/mutate`` runs such
-a quick pass first, then gives the mutants that survived it every test.
+set to a number of seconds, the tests slower than that are left out, and the mutant is given three
+times the time of the tests it runs (mutmut's own time-out counts them all): ``scripts/mutate``
+runs such a quick pass first, then gives the mutants that survived it every test.
 
 It acts only while mutmut runs a mutant (``MUTANT_UNDER_TEST`` names one): the clean run that
 times the tests and learns which test calls what is left whole.
@@ -14,6 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import signal
+import time
 
 import pytest
 
@@ -35,3 +39,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if left_out:
         config.hook.pytest_deselected(items=left_out)
         items[:] = keep
+    _give_up_after(3 * sum(durations.get(item.nodeid, 0.0) for item in keep) + 10)
+
+
+def _give_up_after(seconds: float) -> None:
+    """End a mutant's quick tests after ``seconds`` (CPU or wall clock), as mutmut's time-out does.
+
+    mutmut sets its time-out from every test of the mutated function, kill -9 loops included, so a
+    mutant that makes a quick test hang (a flush that waits for ever) would hold its worker for
+    tens of minutes. The quick pass gives it three times its quick tests' time instead, and ends
+    it with SIGXCPU, which mutmut counts as a time-out (caught), as it does its own.
+    """
+    limit = int(time.process_time() + seconds) + 1
+    soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    if soft == resource.RLIM_INFINITY or limit < soft:
+        resource.setrlimit(resource.RLIMIT_CPU, (limit, hard))
+    signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGXCPU))  # a hang that sleeps
+    signal.alarm(int(seconds) + 1)
