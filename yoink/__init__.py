@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from yoink._exceptions import (
     CheckpointLockedError,
+    CompactionNotSupportedError,
     ConcurrentWriterError,
     CorruptCheckpointError,
     MissingDependencyError,
@@ -26,6 +27,7 @@ __all__ = [
     "CheckpointLockedError",
     "CheckpointManager",
     "CheckpointStorage",
+    "CompactionNotSupportedError",
     "ConcurrentWriterError",
     "CorruptCheckpointError",
     "MissingDependencyError",
