@@ -6,14 +6,16 @@ import functools
 import inspect
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import orjson
 
 from yoink import _records
+from yoink._compaction import Compaction, CompactionPolicy, KeyFold, now, snapshot_text
 from yoink._compat import Self
 from yoink._exceptions import ReadOnlyError, StorageClosedError, StorageError
 from yoink._records import (
@@ -72,6 +74,7 @@ class CheckpointManager:
         on_corrupt: OnCorrupt = "raise",
         default: Callable[[Any], Any] | None = None,
         read_only: bool = False,
+        compact: CompactionPolicy | None = None,
     ) -> None:
         if not isinstance(storage, CheckpointStorage):
             raise TypeError(f"storage must be a CheckpointStorage, got {type(storage).__name__}")
@@ -83,6 +86,8 @@ class CheckpointManager:
             raise ValueError(f"flush_interval must be positive seconds or None, got {flush_interval!r}")
         if on_corrupt not in ("raise", "skip"):
             raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
+        if compact is not None and not isinstance(compact, CompactionPolicy):
+            raise TypeError(f"compact must be a CompactionPolicy or None, got {type(compact).__name__}")
         self._storage = storage
         self._batch_bytes = batch_bytes
         self._flush_interval = flush_interval
@@ -103,6 +108,14 @@ class CheckpointManager:
         self._full_at = batch_bytes if self._writable else 0
         self._closing: anyio.Event | None = None  # set once close() has released the storage
         self._unknown: str | None = None  # why a storage call's outcome is unknown, if one is
+        self._policy = compact
+        self._compaction_lock = anyio.Lock()
+        # While a compaction is under way, the bytes appended before it (handed included): nothing
+        # after them is written until it ends, and appends wait in memory.
+        self._cut: int | None = None
+        self._compactor: anyio.CancelScope | None = None  # the policy's compaction in the background
+        self._grown = 0  # bytes written since the last compaction
+        self._base: int | None = None  # the journal's bytes after its last compaction, or at replay
         self.corrupt_lines_skipped = 0
         """Lines the last :meth:`replay` skipped as corrupt (with ``on_corrupt="skip"``)."""
 
@@ -139,6 +152,7 @@ class CheckpointManager:
             "on_corrupt": self._on_corrupt,
             "default": self._default,
             "read_only": self._read_only,
+            "compact": self._policy,
         }
         return {"storage": self._storage, "options": options}
 
@@ -175,8 +189,8 @@ class CheckpointManager:
             encoded += encode_record(record, self._default)
         buffer = self._buffer
         buffer += encoded
-        if len(buffer) >= self._batch_bytes:
-            await self._write_batch(if_full=True)
+        if len(buffer) >= self._full_at:
+            await self._batch_full(0)
 
     async def flush(self) -> None:
         """Return when every record appended before the call is durable in the storage.
@@ -207,6 +221,78 @@ class CheckpointManager:
         finally:
             self.corrupt_lines_skipped = decoder.skipped
             await batches.aclose()
+        if self._base is None:  # the journal's size, for the compaction policy
+            self._base = decoder.offset
+
+    async def compact(
+        self, records: Iterable[Any] | AsyncIterable[Any] | None = None, *, key: str | None = None
+    ) -> Compaction:
+        """Replace the journal, atomically, with a snapshot: ``records``, or the last record per ``key``.
+
+        ``compact(records)`` takes the job's state as records (an iterable or async iterable,
+        encoded and streamed to the storage as it comes, never all in memory). ``compact(key="url")``
+        keeps, of the journal's records, the last one for each value of the field ``key`` (and
+        every record without it), in journal order, as Kafka compacts a log; it holds one record
+        per distinct value in memory while it reads the journal.
+
+        Every record appended before the call is written and flushed first (and, with ``records``,
+        replaced by the snapshot); records appended while it runs follow the snapshot. A crash at
+        any moment leaves the old journal whole, or the snapshot whole and what was flushed after
+        it. While it runs, :meth:`append` goes on (records wait in memory) and :meth:`flush`
+        waits for it. It returns what it did (:class:`~yoink.Compaction`), and the journal's
+        first line, a header that replay skips, says the same (``yoink stats`` shows it).
+
+        A storage that cannot swap its journal raises :class:`~yoink.CompactionNotSupportedError`;
+        a record that cannot be encoded raises ``TypeError``; a corrupt journal raises
+        :class:`~yoink.CorruptCheckpointError` (with ``on_corrupt="skip"``, its bad lines are left
+        out of the snapshot). In each case the journal is unchanged. A cancelled ``compact()``
+        stops waiting; the compaction goes on to its end.
+        """
+        self._check_writable()
+        if (records is None) == (key is None):
+            raise TypeError(
+                "compact() takes the snapshot's records, or key=FIELD to keep the last record for each "
+                "value of a field; one of the two"
+            )
+        if key is not None and (not isinstance(key, str) or not key):
+            raise ValueError(f"key must be the name of a record field, got {key!r}")
+        cut = self._handed + len(self._buffer)  # the bytes appended before the call
+        waits = self._compaction_lock.locked()
+        async with self._compaction_lock:  # one at a time: a second call waits for the first
+            self._cut = self._handed + len(self._buffer) if waits else cut
+            try:
+                return await uninterrupted(functools.partial(self._compact, records, key))
+            finally:
+                self._cut = None
+                self._full_at = self._batch_bytes if self._writable else 0
+
+    async def _compact(
+        self, records: Iterable[Any] | AsyncIterable[Any] | None, key: str | None
+    ) -> Compaction:
+        async with self._io_lock:
+            await self._write_locked()  # up to the cut
+            handed = self._handed
+            await self._storage.flush()
+            self._durable = max(self._durable, handed)
+            info = Compaction(at=now(), key=key, records_before=None, bytes_before=None, records=None)
+            if key is not None:
+                fold = KeyFold(key)
+                decoder = JournalDecoder(repr(self._storage), on_corrupt=self._on_corrupt)
+                async for batch in decoder.batches(self._storage.read()):
+                    fold.add(batch)
+                info = Compaction(info.at, key, fold.records, decoder.offset, len(fold))
+                records = fold
+            assert records is not None
+            size: list[int] = []
+            header = info.header_line()
+            text = snapshot_text(header, records, self._default, lambda *counts: size.extend(counts))
+            try:
+                await self._storage.replace(text)
+            finally:
+                await text.aclose()
+            self._grown = 0
+            self._base = size[1] + len(header.encode())
+            return Compaction(info.at, key, info.records_before, info.bytes_before, size[0], size[1])
 
     async def exists(self) -> bool:
         """Whether the journal has any record, here or in the storage."""
@@ -229,6 +315,8 @@ class CheckpointManager:
         if self._flusher is not None:
             self._flusher.cancel()
             self._flusher = None
+        if self._compactor is not None:
+            self._compactor.cancel()  # a compaction under way goes on to its end; close() waits for it
         try:
             await uninterrupted(self._close_storage, finish_first=True)
         finally:
@@ -276,6 +364,10 @@ class CheckpointManager:
             if not self._writable:
                 raise self._refusal()
             raise record_too_long(appended)
+        if self._cut is not None:  # held in memory until the compaction ends; let it run meanwhile
+            self._full_at = len(self._buffer) + self._batch_bytes
+            await anyio.lowlevel.checkpoint()
+            return
         await self._write_batch(if_full=True)
 
     async def _write_batch(self, *, if_full: bool = False) -> None:
@@ -289,15 +381,23 @@ class CheckpointManager:
                 await self._write_locked()
 
     async def _write_locked(self) -> None:
-        """Hand the buffered records to the storage in one write; keep them if it fails."""
-        if not self._buffer:
+        """Hand the buffered records to the storage in one write; keep them if it fails.
+
+        While a compaction is under way, only those appended before it (up to its cut) are written.
+        """
+        upto = None if self._cut is None else self._cut - self._handed
+        if not self._buffer or (upto is not None and upto <= 0):
             return
         if self._unknown is not None:
             raise StorageError(
                 f"{self!r} stopped writing: {self._unknown}. Nothing is written twice or guessed at: "
                 "open a new manager, whose replay shows what the journal holds"
             )
-        batch, self._buffer = self._buffer, bytearray()
+        if upto is None or upto >= len(self._buffer):
+            batch, self._buffer = self._buffer, bytearray()
+        else:  # a compaction's cut: what was appended after its call stays for after the snapshot
+            batch = self._buffer[:upto]
+            del self._buffer[:upto]
         self._handed += len(batch)  # before the write, so a flush called meanwhile waits for it
         try:
             await self._storage.write(batch.decode())
@@ -310,6 +410,32 @@ class CheckpointManager:
             self._buffer[:0] = batch
             self._handed -= len(batch)
             raise
+        self._grown += len(batch)
+        policy = self._policy
+        if policy is not None and self._compactor is None and policy.due(self._base or 0, self._grown):
+            self._compactor = start_background(self._compact_in_background)
+
+    async def _compact_in_background(self) -> None:
+        assert self._policy is not None
+        try:
+            result = await self.compact(key=self._policy.key)
+        except StorageError as exc:
+            if self._writable:  # not a close under way
+                logger.warning("background compaction of %r failed; appending goes on: %s", self, exc)
+            self._grown = 0  # tried again once the journal has grown as much again
+        except Exception:
+            logger.exception("background compaction of %r failed; appending goes on", self)
+            self._grown = 0
+        else:
+            logger.info(
+                "compacted %r by %r: %s records to %s",
+                self,
+                result.key,
+                result.records_before,
+                result.records,
+            )
+        finally:
+            self._compactor = None
 
     async def _flush(self) -> None:
         target = self._handed + len(self._buffer)

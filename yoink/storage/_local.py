@@ -6,7 +6,7 @@ import contextlib
 import fcntl
 import functools
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
@@ -23,6 +23,9 @@ from yoink.storage._lifecycle import ClosableStorage
 from yoink.storage._uri import take_uri_options
 
 __all__ = ["LocalFileStorage"]
+
+REPLACEMENT_SUFFIX = ".compacting"  # the new journal, written beside the old one until it is renamed over it
+_REPLACE_WRITE = 1 << 20  # bytes of the new journal gathered for each write
 
 
 class LocalFileStorage(ClosableStorage):
@@ -45,6 +48,13 @@ class LocalFileStorage(ClosableStorage):
       of the journal: :meth:`read` leaves it out, and before the next append the fragment is moved
       to ``<path>.torn`` (one fragment a line) and logged at WARNING, so the next record starts on a
       clean line.
+    - :meth:`replace` (compaction) writes the new journal to ``<path>.compacting``, fsyncs it (even
+      with ``fsync=False``: a power cut must not swap a whole journal for an empty file), locks
+      it, renames it over the journal and fsyncs the directory. A crash before the rename leaves
+      the old journal (the next writer deletes the leftover); after it, the new one. A reader
+      under way keeps reading the file it opened, whole. The lock moves with the journal: a writer
+      that locked the old file after the swap finds that it is no longer the journal and tries the
+      new one, which is locked.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
@@ -54,6 +64,7 @@ class LocalFileStorage(ClosableStorage):
         self._path = os.path.abspath(os.path.expanduser(path))
         self._fsync = fsync
         self._fd: int | None = None
+        self._replacement: int | None = None  # the new journal's descriptor, while replace() writes it
         self._dirty = False
         self._lock = anyio.Lock()
 
@@ -120,6 +131,10 @@ class LocalFileStorage(ClosableStorage):
     async def exists(self) -> bool:
         return await anyio.to_thread.run_sync(os.path.exists, self._path)
 
+    async def replace(self, text: AsyncIterable[str]) -> None:
+        self._check_open()
+        await uninterrupted(functools.partial(self._replace, text))
+
     async def flush(self) -> None:
         self._check_open()
         await uninterrupted(self._flush)
@@ -129,6 +144,68 @@ class LocalFileStorage(ClosableStorage):
             self._check_open()
             fd = self._fd if self._fd is not None else await self._open()
             await anyio.to_thread.run_sync(self._append, fd, payload)
+
+    async def _replace(self, text: AsyncIterable[str]) -> None:
+        async with self._lock:
+            self._check_open()
+            if self._fd is None:
+                await self._open()  # the writer's lock first: a refused writer replaces nothing
+            fd = await anyio.to_thread.run_sync(self._open_replacement)
+            try:
+                pending: list[bytes] = []
+                size = 0
+                async for chunk in text:
+                    pending.append(chunk.encode("utf-8"))
+                    size += len(pending[-1])
+                    if size >= _REPLACE_WRITE:
+                        await anyio.to_thread.run_sync(_write_all, fd, b"".join(pending))
+                        pending, size = [], 0
+                await anyio.to_thread.run_sync(_write_all, fd, b"".join(pending))
+                await anyio.to_thread.run_sync(self._swap, fd)
+            except BaseException:
+                if self._replacement is not None:  # not swapped in: the old journal stays
+                    self._replacement = None
+                    await anyio.to_thread.run_sync(self._drop_replacement, fd)
+                raise
+
+    def _open_replacement(self) -> int:
+        replacement = self._path + REPLACEMENT_SUFFIX
+        with forks_wait():  # a child forked meanwhile drops it, as it drops the journal's descriptor
+            try:
+                fd = os.open(
+                    replacement, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o666
+                )
+            except OSError as exc:
+                raise StorageError(f"cannot write the new journal {replacement}: {exc.strerror}") from exc
+            self._replacement = fd
+        return fd
+
+    def _swap(self, fd: int) -> None:
+        """Make the written replacement the journal: fsync it, lock it, rename it over the old one."""
+        try:
+            os.fsync(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else knows the file: it cannot block
+            os.rename(self._path + REPLACEMENT_SUFFIX, self._path)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot put the new journal in place of {self._path}: {exc}; the old one is kept"
+            ) from exc
+        old, self._fd, self._replacement = self._fd, fd, None
+        self._dirty = False
+        if old is not None:
+            close_locked(old)  # after the rename: a writer that locks the old file finds it replaced
+        try:
+            _fsync_directory(os.path.dirname(self._path))
+        except OSError as exc:
+            raise StorageError(
+                f"the new journal is in place of {self._path}, but fsync of its directory failed "
+                f"({exc.strerror}): a power cut may bring the old journal back"
+            ) from exc
+
+    def _drop_replacement(self, fd: int) -> None:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self._path + REPLACEMENT_SUFFIX)
 
     async def _flush(self) -> None:
         async with self._lock:
@@ -171,12 +248,21 @@ class LocalFileStorage(ClosableStorage):
                     f"{self._path} is open for writing elsewhere (another process or storage holds "
                     "its lock); yoink allows one writer at a time, and nothing was written"
                 ) from None
+            if not _is_the_journal(fd, self._path):
+                # Compacted by the writer whose lock this was, between our open and our lock: the
+                # file we hold is no longer the journal, and the new one is that writer's.
+                raise CheckpointLockedError(
+                    f"{self._path} was compacted by another writer as this one opened it; yoink allows "
+                    "one writer at a time, and nothing was written"
+                )
             try:
                 if created and self._fsync:
                     # The file's entry, and the entry of each directory made for it, in its parent.
                     for directory in [self._path, *new_directories]:
                         _fsync_directory(os.path.dirname(directory))
                 set_aside_torn_tail(self._path, fd, fsync=self._fsync)
+                with contextlib.suppress(FileNotFoundError):  # a crashed compaction's half-written journal
+                    os.unlink(self._path + REPLACEMENT_SUFFIX)
             except OSError as exc:
                 raise StorageError(f"cannot prepare {self._path} for appending: {exc}") from exc
         except BaseException:
@@ -224,11 +310,30 @@ class LocalFileStorage(ClosableStorage):
 
     def _drop_after_fork(self) -> None:
         fd, self._fd = self._fd, None
+        replacement, self._replacement = self._replacement, None
+        if replacement is not None:
+            os.close(replacement)  # the child's copy: the parent locks it when it swaps it in
         if fd is None:
             return
         os.close(fd)  # the child's copy only: the parent keeps its lock
         self._closed_by_fork()
         self._lock = anyio.Lock()
+
+
+def _write_all(fd: int, payload: bytes) -> None:
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _is_the_journal(fd: int, path: str) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path`` (compaction renames a new one over it)."""
+    try:
+        at_path = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
 
 
 def _fsync_directory(path: str) -> None:

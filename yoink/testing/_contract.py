@@ -8,7 +8,6 @@ import pickle
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
-import anyio.lowlevel
 import pytest
 
 from yoink._exceptions import (
@@ -37,10 +36,10 @@ def _lines(first: int, count: int, pad: str = "") -> str:
     return "".join(f'{{"n":{n}{pad}}}\n' for n in range(first, first + count))
 
 
-async def _chunks(first: int, count: int, per_chunk: int = 1000) -> AsyncIterator[str]:
+async def _chunks(first: int, count: int, per_chunk: int = 1000, pause: float = 0) -> AsyncIterator[str]:
     """``_lines(first, count)`` as an async iterable of chunks, as the manager streams a snapshot."""
     for start in range(first, first + count, per_chunk):
-        await anyio.lowlevel.checkpoint()
+        await anyio.sleep(pause)
         yield _lines(start, min(per_chunk, first + count - start))
 
 
@@ -359,8 +358,9 @@ class StorageContract:
         async with storage:
             await storage.write(old)
             await storage.flush()
-            for delay in (0.0, 0.001, 0.01, 0.05):
-                await _cancel_after(delay, storage.replace(_chunks(1000, 20000)))
+            for delay in (0.0, 0.001, 0.02, 0.05, 1.0):
+                # 100 pieces over 0.1 s or more: cancelled before, during and after
+                await _cancel_after(delay, storage.replace(_chunks(1000, 20000, per_chunk=200, pause=0.001)))
                 text = await _text(storage)
                 assert text in (old, new), (
                     "promise broken: a cancelled replace() leaves the old journal or the new one, whole"

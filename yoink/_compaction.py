@@ -1,0 +1,185 @@
+"""Compaction: the snapshot that replaces a journal, and the fold that makes one from it by key.
+
+:meth:`CheckpointManager.compact <yoink.CheckpointManager.compact>` owns the when (its lock, what
+is flushed first, what follows); this module owns the what: the header a compacted journal starts
+with, the last record per key in journal order, and the snapshot streamed to
+``CheckpointStorage.replace()`` in writes of about a mebibyte.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from yoink._records import encode_record
+
+__all__ = ["Compaction", "CompactionPolicy", "KeyFold", "snapshot_text"]
+
+CHUNK_BYTES = 1 << 20  # the snapshot is handed to the storage in pieces of about this size
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """What a compaction did: returned by ``compact()``; its header line in the journal says the same.
+
+    ``at`` is when it began (UTC, ISO 8601). ``records_before`` and ``bytes_before`` are the old
+    journal's, ``records`` and ``bytes`` the snapshot's. What was not known when the header was
+    written is ``None`` there: the old journal's size when a snapshot was given (the old journal
+    is not read then), the snapshot's records then, and its bytes always.
+    """
+
+    at: str
+    key: str | None
+    records_before: int | None
+    bytes_before: int | None
+    records: int | None
+    bytes: int | None = None
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any]) -> Compaction | None:
+        """The compaction a journal's header tells of, or None if it tells of none yoink knows."""
+        fields = header.get("compaction")
+        if type(fields) is not dict:
+            return None
+        try:
+            return cls(**{name: fields[name] for name in HEADER_FIELDS})
+        except (KeyError, TypeError):
+            return None
+
+    def header_line(self) -> str:
+        """The line a compacted journal starts with."""
+        fields = {name: getattr(self, name) for name in HEADER_FIELDS}
+        return orjson.dumps({"$yoink": {"compaction": fields}}).decode() + "\n"
+
+
+HEADER_FIELDS = ("at", "key", "records_before", "bytes_before", "records")
+
+
+@dataclass(frozen=True)
+class CompactionPolicy:
+    """Compact by ``key`` in the background once the journal has grown enough since it was last compacted.
+
+    Grown enough: by ``growth`` times its size after the last compaction (or its size when it was
+    opened, as far as this manager knows it), and by at least ``min_bytes``. A compaction then runs
+    while appends go on (they are held in memory until it ends, and flushes wait for it).
+
+    >>> CheckpointManager.from_uri("./crawl.jsonl", compact=CompactionPolicy(key="url"))
+    """
+
+    key: str
+    growth: float = 4.0
+    min_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, str) or not self.key:
+            raise ValueError(f"CompactionPolicy needs the name of a record field as key, got {self.key!r}")
+        if not self.growth > 1:
+            raise ValueError(f"CompactionPolicy's growth must be more than 1, got {self.growth!r}")
+        if not isinstance(self.min_bytes, int) or self.min_bytes < 0:
+            raise ValueError(f"CompactionPolicy's min_bytes must be an int >= 0, got {self.min_bytes!r}")
+
+    def due(self, base: int, grown: int) -> bool:
+        """Whether a journal of ``base`` bytes after its last compaction, and ``grown`` since, is due."""
+        return grown >= self.min_bytes and base + grown >= base * self.growth
+
+
+class KeyFold:
+    """The last record for each value of ``key``, in journal order; records without it are all kept.
+
+    Values are told apart as JSON tells them apart: ``1``, ``1.0``, ``true`` and ``"1"`` are four
+    keys, where a Python dict would take the first three for one.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.records = 0  # records folded in
+        self._latest: dict[Any, dict[str, Any]] = {}
+        self._unkeyed = 0
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        latest, key = self._latest, self.key
+        for record in records:
+            value = record.get(key, _MISSING)
+            if type(value) is not str:
+                value = self._identity(value)
+            latest.pop(value, None)  # then at the end: the order is the last record's place
+            latest[value] = record
+        self.records += len(records)
+
+    def _identity(self, value: Any) -> Any:
+        if value is _MISSING:
+            self._unkeyed += 1
+            return (self._unkeyed,)  # a key of its own: kept, in its place
+        return _canonical(value)
+
+    def __len__(self) -> int:
+        return len(self._latest)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self._latest.values())
+
+
+_MISSING = object()
+
+
+def _canonical(value: Any) -> bytes:
+    """A JSON value's text with sorted keys: equal for equal JSON, and unlike any str key."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # an integer beyond 64 bits
+        return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+async def snapshot_text(
+    header: str,
+    records: Iterable[Any] | AsyncIterable[Any],
+    default: Callable[[Any], Any] | None,
+    counted: Callable[[int, int], None],
+) -> AsyncGenerator[str, None]:
+    """The header, then ``records`` encoded as lines, in pieces of about CHUNK_BYTES.
+
+    A record that cannot be encoded raises ``TypeError`` (the storage then keeps its old journal).
+    ``counted(records, bytes)`` is called at the end with the snapshot's size, header excluded.
+    """
+    pieces: list[bytes] = [header.encode()]
+    size = total = count = 0
+    async for record in _each(records):
+        line = _encode(record, default)
+        pieces.append(line)
+        size += len(line)
+        count += 1
+        if size >= CHUNK_BYTES:
+            yield b"".join(pieces).decode()
+            total += size
+            pieces, size = [], 0
+    total += size
+    yield b"".join(pieces).decode()
+    counted(count, total)
+
+
+def _encode(record: Any, default: Callable[[Any], Any] | None) -> bytes:
+    try:
+        return encode_record(record, default)
+    except TypeError:
+        if type(record) is not dict:
+            raise
+        # A replayed record holding an integer beyond 64 bits, which orjson cannot write.
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+async def _each(records: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+    if isinstance(records, AsyncIterable):
+        async for record in records:
+            yield record
+    else:
+        for record in records:
+            yield record
