@@ -7,6 +7,10 @@ lease and ``XADD``s every pending block atomically. A flush retried after a drop
 add blocks that were already there; readers drop a block whose number they have already seen from
 the same writer, so nothing is replayed twice.
 
+Compaction (:meth:`RedisStreamStorage.replace`) writes the new journal into a stream of its own, the
+next generation, in bounded pieces, then renames it over the journal in one script; the journal it
+replaced lives on, renamed, for ``retired_ttl`` seconds, so that reads under way can finish it.
+
 The scripts are in ``_redis_scripts.py``, the lease and its fencing epoch in ``_redis_lease.py``,
 and the connection with its error translation in ``_redis_client.py``.
 """
@@ -15,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import anyio
@@ -31,7 +36,7 @@ from yoink._tasks import asyncio_loop_of, uninterrupted
 from yoink.storage._lifecycle import ClosableStorage
 from yoink.storage._redis_client import Refused, connect, server_identity, server_of, translated, url_options
 from yoink.storage._redis_lease import Lease
-from yoink.storage._redis_scripts import APPEND
+from yoink.storage._redis_scripts import APPEND, BEGIN, DISCARD, STAGE, SWITCH
 from yoink.storage._uri import Options, query_pairs, redact, take_uri_options
 
 __all__ = ["RedisOptions", "RedisStreamStorage"]
@@ -50,6 +55,11 @@ class RedisOptions(Options):
     page_size: int = 64
     entry_bytes: int = 64 << 10
     max_pending: int = 8 << 20
+    retired_ttl: float = 300.0
+
+
+Page = list[tuple[bytes, dict[bytes, bytes]]]  # XRANGE's entries: (id, fields)
+_UNREAD = object()  # the generation of a read that has read no page yet
 
 
 class RedisStreamStorage(ClosableStorage):
@@ -107,6 +117,7 @@ class RedisStreamStorage(ClosableStorage):
         page_size: int = 64,
         entry_bytes: int = 64 << 10,
         max_pending: int = 8 << 20,
+        retired_ttl: float = 300.0,
     ) -> None:
         if not key:
             raise ValueError(
@@ -114,6 +125,8 @@ class RedisStreamStorage(ClosableStorage):
             )
         if lease_ttl <= 0 or wait_replicas < 0 or wait_timeout < 0 or page_size < 1 or entry_bytes < 1:
             raise ValueError("lease_ttl, page_size and entry_bytes must be positive; the waits not negative")
+        if retired_ttl <= 0:
+            raise ValueError("retired_ttl must be positive: a compacted-away journal is kept that long")
         self._url = url
         self._where = server_of(url)
         self._key = key
@@ -125,12 +138,15 @@ class RedisStreamStorage(ClosableStorage):
             page_size=page_size,
             entry_bytes=entry_bytes,
             max_pending=max_pending,
+            retired_ttl=retired_ttl,
         )
         self._wait_ms = int(wait_timeout * 1000)
         self._lease = Lease(key, ttl=lease_ttl, where=self._where, owner=self, current=lambda: self._client)
         self._next_block = 0
         self._pending: list[tuple[int, bytes]] = []  # (block number, whole lines) not yet in Redis
         self._pending_bytes = 0
+        self._compactions = itertools.count(1)  # numbers this writer's compactions' tokens
+        self._replacing = False  # a replace() is writing the next generation, with nothing pending
         self._client: redis.Redis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the client belongs to
         self._lock = anyio.Lock()
@@ -239,18 +255,15 @@ class RedisStreamStorage(ClosableStorage):
                 await self._send(wait=True)
 
     async def read(self) -> AsyncIterator[str]:
-        async with self._lock:
-            pending = list(self._pending)
+        if self._replacing:  # this writer's replace() is under way, and has flushed everything first
+            pending: list[tuple[int, bytes]] = []
+        else:
+            async with self._lock:
+                pending = list(self._pending)
         client = await self._connection()
         await self._lease.note_first_read(client)
         last: dict[bytes, int] = {}  # writer -> the last block number seen from it
-        start = "-"
-        page_size = self._options.page_size
-        while True:
-            with translated(self._where, "XRANGE"):
-                page: list[tuple[bytes, dict[bytes, bytes]]] = await client.xrange(  # type: ignore[assignment]
-                    self._key, min=start, max="+", count=page_size
-                )
+        async for page in self._pages(client):
             for entry_id, fields in page:
                 data = fields.get(b"d")
                 writer, tag = fields.get(b"w"), fields.get(b"b")
@@ -262,20 +275,162 @@ class RedisStreamStorage(ClosableStorage):
                         continue  # a block repeated by a retried flush
                     last[writer] = int(tag)
                 yield data.decode("utf-8", "surrogateescape")
-            if len(page) < page_size:
-                break
-            start = "(" + page[-1][0].decode()
         mine = last.get(self._lease.writer.encode(), -1)
         for number, block in pending:
             if number > mine:
                 yield block.decode("utf-8", "surrogateescape")
 
+    async def _pages(self, client: redis.Redis) -> AsyncIterator[Page]:
+        """The journal's entries, a page at a time, all of the generation the first page was read in.
+
+        Each page of the journal is read with the generation number, in one transaction. Once a
+        compaction has moved the number on, the page (of the new journal) is dropped and the read
+        goes on where the compaction moved the journal it began on, which lasts ``retired_ttl``
+        seconds: what was yielded cannot be taken back, so the read finishes that journal.
+        """
+        lease, size = self._lease, self._options.page_size
+        source, start, began = self._key, "-", _UNREAD
+        while True:
+            with translated(self._where, "XRANGE"):
+                async with client.pipeline(transaction=True) as pipe:
+                    if source == self._key:
+                        pipe.get(lease.generation_key)
+                    else:
+                        pipe.exists(source)
+                    pipe.xrange(source, min=start, max="+", count=size)
+                    mark, page = await pipe.execute()
+            if source != self._key:
+                if not mark:
+                    raise StorageError(
+                        f"{self!r}: the journal was compacted while this read was under way, and the "
+                        f"journal it began on ({source!r}) was deleted, retired_ttl="
+                        f"{self._options.retired_ttl:g} s after, before the read finished; nothing of the "
+                        "new journal was mixed in: read again"
+                    )
+            elif began is _UNREAD:
+                began = mark
+            elif mark != began:  # compacted since the read began
+                source = lease.retired_key(int(began or 0))  # type: ignore[call-overload]
+                continue
+            yield page
+            if len(page) < size:
+                return
+            start = "(" + page[-1][0].decode()
+
     async def exists(self) -> bool:
         if self._pending:
             return True
         client = await self._connection()
-        with translated(self._where, "EXISTS"):
-            return bool(await client.exists(self._key))
+        with translated(self._where, "EXISTS"):  # a journal compacted to nothing has a generation
+            return bool(await client.exists(self._key, self._lease.generation_key))
+
+    async def replace(self, text: AsyncIterable[str]) -> None:
+        """Replace the journal with ``text``, atomically: a new generation, switched in by one script.
+
+        What was written and not flushed is flushed into the old journal first. ``text`` goes into
+        the next generation in pieces of about ``max_pending`` bytes, each a script fenced like a
+        flush; then one script, fenced like a flush, renames the journal away and the next
+        generation into its place. ``text`` may read this storage (it sees the old journal), but
+        its writes wait for the end of the replace.
+        """
+        self._check_open()
+        await uninterrupted(functools.partial(self._replace, text))
+
+    async def _replace(self, text: AsyncIterable[str]) -> None:
+        async with self._lock:
+            self._check_open()
+            self._check_fence()
+            lease = self._lease
+            if not lease.held:
+                await lease.acquire(await self._connection())
+                self._check_fence()
+            if self._pending:
+                await self._send(wait=False)  # into the old journal, which keeps them should this fail
+            token = f"{lease.writer}:{next(self._compactions)}"
+            (generation,) = await self._run(
+                BEGIN,
+                self._compaction_keys(),
+                (lease.writer, lease.ms, lease.epoch, token),
+                command="EVAL",
+                kept=_KEPT,
+            )
+            self._replacing = True
+            try:
+                last = await self._stage(text, token)
+            except BaseException:
+                await self._abandon(token)
+                raise
+            finally:
+                self._replacing = False
+            await self._switch(token, int(generation), last)
+
+    async def _stage(self, text: AsyncIterable[str], token: str) -> int:
+        """Write ``text`` into the next generation, about ``max_pending`` bytes per script; return
+        the number of the last block written, or -1 if none was."""
+        lease, entry_bytes, most = self._lease, self._options.entry_bytes, self._options.max_pending
+        keys = (lease.next_key, lease.key, lease.epoch_key, lease.next_owner_key)
+        piece: list[bytes] = []
+        size, last = 0, -1
+
+        async def send() -> int:
+            first, self._next_block = self._next_block, self._next_block + len(piece)
+            arguments = (lease.writer, lease.ms, lease.epoch, token, first, *piece)
+            await self._run(STAGE, keys, arguments, command="XADD", kept=_KEPT)
+            piece.clear()
+            return self._next_block - 1
+
+        async for chunk in text:
+            for block in _blocks(chunk.encode("utf-8"), entry_bytes):
+                piece.append(block)
+                size += len(block)
+            if size >= most:
+                last, size = await send(), 0
+        if piece:
+            last = await send()
+        return last
+
+    async def _switch(self, token: str, generation: int, last: int) -> None:
+        """Switch the next generation in; if that fails, delete it, unless it went through after all."""
+        lease = self._lease
+        keys = (*self._compaction_keys(), lease.retired_key(generation))
+        retired_ms = int(self._options.retired_ttl * 1000)
+        arguments = (lease.writer, lease.ms, lease.epoch, token, generation, last, retired_ms)
+        try:
+            results = await self._run(SWITCH, keys, arguments, wait=True, command="RENAME", kept=_KEPT)
+        except BaseException:
+            if not await self._abandon(token):
+                raise
+            logger.warning("%r: the compaction's switch went through though its answer was lost", self)
+            return
+        self._check_waits(results)
+
+    def _compaction_keys(self) -> tuple[str, ...]:
+        lease = self._lease
+        return (
+            self._key,
+            lease.key,
+            lease.epoch_key,
+            lease.next_key,
+            lease.next_owner_key,
+            lease.generation_key,
+        )
+
+    async def _abandon(self, token: str) -> bool:
+        """Delete the next generation of compaction ``token``; True if it had been switched in."""
+        lease = self._lease
+        try:
+            client = await self._connection()
+            with translated(self._where, "UNLINK"):
+                outcome = await client.eval(DISCARD, 2, lease.next_key, lease.next_owner_key, token)
+        except StorageError as exc:
+            logger.warning(
+                "%r: could not delete the next generation of a compaction that failed (%s); the next "
+                "writer, or the next compaction, deletes it, and readers never look at it",
+                self,
+                exc,
+            )
+            return False
+        return bool(outcome == 2)
 
     async def _close(self) -> None:
         try:
@@ -316,42 +471,62 @@ class RedisStreamStorage(ClosableStorage):
     async def _send(self, *, wait: bool) -> None:
         """Send every pending block in one round trip; on failure they stay pending, numbered alike."""
         self._check_fence()
+        blocks, lease = self._pending, self._lease
+        results = await self._run(
+            APPEND,
+            (self._key, lease.key, lease.epoch_key),
+            (lease.writer, lease.ms, lease.epoch, blocks[0][0], *(block for _, block in blocks)),
+            wait=wait,
+            command="XADD",
+            kept=f"nothing of this flush was written, and its {self._pending_bytes} bytes are kept",
+        )
+        self._pending = []
+        self._pending_bytes = 0
+        if wait:
+            self._check_waits(results)
+
+    async def _run(
+        self,
+        script: str,
+        keys: tuple[str, ...],
+        arguments: tuple[Any, ...],
+        *,
+        wait: bool = False,
+        command: str,
+        kept: str,
+    ) -> list[Any]:
+        """Run a fenced script (and, if ``wait``, the waits for replicas and the append-only file)
+        in one round trip; a refusal raises what it means, saying what was ``kept``."""
+        self._check_fence()
         client = await self._connection()
-        blocks, lease, replicas = self._pending, self._lease, self._options.wait_replicas
+        replicas = self._options.wait_replicas
         async with client.pipeline(transaction=False) as pipe:
-            pipe.eval(
-                APPEND,
-                3,
-                self._key,
-                lease.key,
-                lease.epoch_key,
-                lease.writer,
-                lease.ms,
-                lease.epoch,
-                blocks[0][0],
-                *(block for _, block in blocks),
-            )
+            pipe.eval(script, len(keys), *keys, *arguments)
             if wait and replicas:
                 pipe.execute_command("WAIT", replicas, self._wait_ms)
             if wait and self._options.wait_aof:
                 pipe.execute_command("WAITAOF", 1, replicas, self._wait_ms)
             try:
-                with translated(self._where, "XADD"):
-                    results = await pipe.execute()
+                with translated(self._where, command):
+                    results: list[Any] = await pipe.execute()
             except Refused as exc:
-                if exc.fenced:
-                    lease.fence(newer=exc.detail)
-                    self._check_fence()
-                lease.lost_to(exc.detail)
-                raise CheckpointLockedError(
-                    f"{self!r}: another writer ({exc.detail}) took the lease after this one's expired; "
-                    f"nothing of this flush was written, and its {self._pending_bytes} bytes are kept"
-                ) from None
-        self._pending = []
-        self._pending_bytes = 0
-        lease.appended()
-        if wait:
-            self._check_waits(results)
+                self._refused(exc, kept)
+        self._lease.appended()
+        return results
+
+    def _refused(self, exc: Refused, kept: str) -> NoReturn:
+        if exc.fenced:
+            self._lease.fence(newer=exc.detail)
+            self._check_fence()
+        if exc.kind == "LEASE":
+            self._lease.lost_to(exc.detail)
+            raise CheckpointLockedError(
+                f"{self!r}: another writer ({exc.detail}) took the lease after this one's expired; {kept}"
+            ) from None
+        raise StorageError(
+            f"{self!r}: the next generation this compaction was writing is no longer its own "
+            f"({exc.detail}: another compaction began, or Redis lost the key); {kept}"
+        ) from None
 
     def _check_waits(self, results: list[Any]) -> None:
         """Raise if the replicas or the append-only file did not confirm a flush in time."""
@@ -381,6 +556,9 @@ class RedisStreamStorage(ClosableStorage):
                 self._loop = asyncio.get_running_loop()
                 drop_in_forked_children(self)
         return self._client
+
+
+_KEPT = "the compaction was abandoned, and the journal is the old one, unchanged"
 
 
 def _blocks(data: bytes, size: int) -> Iterator[bytes]:

@@ -35,15 +35,17 @@ from yoink._exceptions import StorageError
 
 __all__ = ["Refused", "connect", "server_identity", "server_of", "translated", "url_options"]
 
-_REFUSAL = re.compile(r"\bYOINK(LEASE|FENCED) ([^\s'\",)]+)")
+_REFUSAL = re.compile(r"\bYOINK(LEASE|FENCED|STAGE) ([^\s'\",)]+)")
 
 
 class Refused(Exception):
-    """The append script refused: a newer epoch exists (``fenced``), or another holds the lease."""
+    """A script refused: a newer epoch exists (``fenced``), another holds the lease (``LEASE``), or a
+    compaction's next generation is not this one's to write or switch (``STAGE``)."""
 
-    def __init__(self, fenced: bool, detail: str) -> None:
+    def __init__(self, kind: str, detail: str) -> None:
         super().__init__(detail)
-        self.fenced = fenced
+        self.kind = kind
+        self.fenced = kind == "FENCED"
         self.detail = detail
 
 
@@ -91,7 +93,7 @@ def translated(where: str, command: str) -> Iterator[None]:
         refusals = _REFUSAL.findall(message)
         if refusals:
             kind, detail = refusals[-1]
-            raise Refused(kind == "FENCED", detail) from None
+            raise Refused(kind, detail) from None
         raise StorageError(f"Redis at {where} refused {command}: {message}") from exc
     except RedisError as exc:
         raise StorageError(f"Redis {command} at {where} failed: {type(exc).__name__}") from exc

@@ -40,6 +40,12 @@ class Lease:
         self.stream = stream
         self.key = f"{base}:lease"
         self.epoch_key = f"{base}:epoch"
+        # Compaction's keys (_redis_scripts.py): the next generation of the journal while it is
+        # written, the token of the compaction writing it, and the number of compactions so far.
+        self.next_key = f"{base}:next"
+        self.next_owner_key = f"{base}:next:owner"
+        self.generation_key = f"{base}:generation"
+        self._base = base
         self.writer = secrets.token_hex(8)
         self.ms = int(ttl * 1000)
         self.held = False
@@ -51,6 +57,10 @@ class Lease:
         self._where = where
         self._owner = owner
         self._current = current
+
+    def retired_key(self, generation: int) -> str:
+        """Where a compaction moves generation ``generation`` of the journal, for reads under way."""
+        return f"{self._base}:old:{generation}"
 
     async def note_first_read(self, client: redis.Redis) -> None:
         """Remember the journal as the first read() finds it: a writer whose state was computed from
@@ -67,15 +77,18 @@ class Lease:
 
     async def acquire(self, client: redis.Redis) -> None:
         """Take the lease and a new epoch, or raise :class:`~yoink.CheckpointLockedError`. If the
-        journal moved on since the first read, take nothing and become ``fenced``."""
+        journal moved on since the first read, take nothing and become ``fenced``. A compaction's
+        next generation left by an earlier writer is deleted with the lease taken."""
         seen_epoch, seen_last = ("", "") if self._seen is None else self._seen
         with translated(self._where, "SET"):
             holder, ttl, epoch, *now = await client.eval(
                 ACQUIRE,
-                3,
+                5,
                 self.key,
                 self.epoch_key,
                 self.stream,
+                self.next_key,
+                self.next_owner_key,
                 self.writer,
                 self.ms,
                 seen_epoch,
