@@ -59,7 +59,6 @@ class RedisOptions(Options):
 
 
 Page = list[tuple[bytes, dict[bytes, bytes]]]  # XRANGE's entries: (id, fields)
-_UNREAD = object()  # the generation of a read that has read no page yet
 
 
 class RedisStreamStorage(ClosableStorage):
@@ -98,9 +97,30 @@ class RedisStreamStorage(ClosableStorage):
       A storage that writes before it reads cannot tell, and is not checked.
     - :meth:`read` pages through the stream with ``XRANGE ... COUNT page_size``; memory is bounded
       by a page of blocks of at most ``entry_bytes`` each.
-    - Redis Cluster: the stream, its lease and its epoch must share a slot. yoink names them
-      ``{<key>}:lease`` and ``{<key>}:epoch`` for a key without a hash tag; give keys a hash tag
-      (``{run-42}:journal``) to place them yourself.
+    - Compaction (:meth:`replace`) never sends the snapshot in one script: it goes into a stream of
+      its own, the next generation ``{<key>}:next``, in scripts of about ``max_pending`` bytes each,
+      while the journal stays as it was. Then one script renames the journal to
+      ``{<key>}:old:<n>`` and the next generation to ``<key>``, and counts the compaction in
+      ``{<key>}:generation``: a crash (of the writer, or of Redis with its append-only file) at any
+      moment leaves the old journal whole or the new one whole. Every one of these scripts checks
+      the lease and the epoch as a flush does: a second writer is refused during a compaction and
+      after it, and a writer fenced out switches nothing (:class:`~yoink.ConcurrentWriterError`,
+      the journal untouched). A switch whose answer was lost is recognised, not repeated.
+    - A read under way during a switch yields the journal it began on, whole: each page of the
+      journal is read with the generation number in one transaction, and once the number has moved
+      the read goes on in ``{<key>}:old:<n>``, which Redis deletes ``retired_ttl`` seconds (default
+      300) after the switch. Restarting on the new journal is not an option, since what was
+      yielded cannot be taken back; a read still under way once the old journal is deleted raises
+      :class:`~yoink.StorageError` rather than yield part of each. The cost: Redis holds both
+      journals for ``retired_ttl`` after a compaction. Readers of yoink versions without
+      compaction do not know this, and may see the new journal follow part of the old one.
+    - A compaction that fails or is cancelled deletes its next generation; one that crashed leaves
+      it to the next writer, which deletes it when it takes the lease, or to the next compaction.
+      Readers never look at it. A journal written before compaction existed reads and appends as
+      before; its first compaction creates ``{<key>}:generation``.
+    - Redis Cluster: the stream, its lease, its epoch and compaction's keys must share a slot.
+      yoink names them ``{<key>}:lease``, ``{<key>}:epoch``, ... for a key without a hash tag;
+      give keys a hash tag (``{run-42}:journal``) to place them yourself.
     - Passwords never appear in a repr, a log line or an error.
     - redis-py's asyncio client runs on asyncio (not trio).
     """
@@ -289,7 +309,8 @@ class RedisStreamStorage(ClosableStorage):
         seconds: what was yielded cannot be taken back, so the read finishes that journal.
         """
         lease, size = self._lease, self._options.page_size
-        source, start, began = self._key, "-", _UNREAD
+        source, start, first = self._key, "-", True
+        began: bytes | None = None  # the generation the first page was read in (None: never compacted)
         while True:
             with translated(self._where, "XRANGE"):
                 async with client.pipeline(transaction=True) as pipe:
@@ -307,10 +328,10 @@ class RedisStreamStorage(ClosableStorage):
                         f"{self._options.retired_ttl:g} s after, before the read finished; nothing of the "
                         "new journal was mixed in: read again"
                     )
-            elif began is _UNREAD:
-                began = mark
+            elif first:
+                began, first = mark, False
             elif mark != began:  # compacted since the read began
-                source = lease.retired_key(int(began or 0))  # type: ignore[call-overload]
+                source = lease.retired_key(int(began or 0))
                 continue
             yield page
             if len(page) < size:
@@ -397,11 +418,20 @@ class RedisStreamStorage(ClosableStorage):
         arguments = (lease.writer, lease.ms, lease.epoch, token, generation, last, retired_ms)
         try:
             results = await self._run(SWITCH, keys, arguments, wait=True, command="RENAME", kept=_KEPT)
-        except BaseException:
-            if not await self._abandon(token):
-                raise
-            logger.warning("%r: the compaction's switch went through though its answer was lost", self)
-            return
+        except (CheckpointLockedError, ConcurrentWriterError):  # refused: nothing was switched
+            await self._abandon(token)
+            raise
+        except Exception as exc:
+            switched = await self._abandon(token)
+            if switched:
+                logger.warning("%r: the compaction's switch went through though its answer was lost", self)
+                return
+            if switched is None:
+                raise StorageError(
+                    f"{self!r}: could not tell whether the compaction's switch went through ({exc}); the "
+                    "journal is the old one or the new one, whole, and a new writer's replay shows which"
+                ) from exc
+            raise
         self._check_waits(results)
 
     def _compaction_keys(self) -> tuple[str, ...]:
@@ -415,8 +445,9 @@ class RedisStreamStorage(ClosableStorage):
             lease.generation_key,
         )
 
-    async def _abandon(self, token: str) -> bool:
-        """Delete the next generation of compaction ``token``; True if it had been switched in."""
+    async def _abandon(self, token: str) -> bool | None:
+        """Delete the next generation of compaction ``token``: False if it was not switched in, True
+        if it was, None if Redis cannot be asked."""
         lease = self._lease
         try:
             client = await self._connection()
@@ -429,7 +460,7 @@ class RedisStreamStorage(ClosableStorage):
                 self,
                 exc,
             )
-            return False
+            return None
         return bool(outcome == 2)
 
     async def _close(self) -> None:
@@ -463,6 +494,7 @@ class RedisStreamStorage(ClosableStorage):
         self._client = None  # the parent's connections and lease stay the parent's
         self._lease.forget()
         self._closed_by_fork()
+        self._replacing = False
         self._lock = anyio.Lock()
         self._connect_lock = anyio.Lock()
 
