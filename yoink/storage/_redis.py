@@ -556,8 +556,8 @@ class RedisStreamStorage(ClosableStorage):
                 f"{self!r}: another writer ({exc.detail}) took the lease after this one's expired; {kept}"
             ) from None
         raise StorageError(
-            f"{self!r}: the next generation this compaction was writing is no longer its own "
-            f"({exc.detail}: another compaction began, or Redis lost the key); {kept}"
+            f"{self!r}: the next generation of the journal that this compaction wrote is gone, cut "
+            f"short or another's ({exc.detail}: another compaction began, or Redis lost keys); {kept}"
         ) from None
 
     def _check_waits(self, results: list[Any]) -> None:

@@ -3,8 +3,12 @@ between a check and the write it guards.
 
 Beside the stream are two keys: the writer's lease, and its fencing token, the epoch, which only
 grows and never expires (``_redis_lease.py``). Every entry of the stream carries its writer's id
-(``w``) and epoch (``e``). A refusal comes back as an error that begins ``YOINKFENCED`` (a newer
-epoch exists, or the epoch key is gone) or ``YOINKLEASE`` (another writer holds the lease).
+(``w``) and epoch (``e``). Compaction adds three: the next generation of the journal while it is
+written, the token of the compaction writing it, and the count of compactions (the generation). A
+refusal comes back as an error that begins ``YOINKFENCED`` (a newer epoch exists, or the epoch key
+is gone), ``YOINKLEASE`` (another writer holds the lease) or ``YOINKSTAGE`` (the next generation is
+gone, cut short or another compaction's). A script checks everything before it changes anything:
+Redis does not undo what a script did before an error.
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ from __future__ import annotations
 __all__ = ["ACQUIRE", "APPEND", "BEGIN", "DISCARD", "RELEASE", "RENEW", "STAGE", "SWITCH"]
 
 # Lua chunks shared by the scripts below. last_entry: the id, the epoch (or 0), the writer and the
-# block number of a stream's last entry. fence: nil if this writer may write (and its lease is then
-# renewed), else why not: 'YOINKFENCED ...' when the epoch key is gone, holds another epoch, or the
-# stream's last entry was written with a newer epoch or with this one by another writer (an epoch
-# issued twice after the key was lost); 'YOINKLEASE <holder>' when another writer holds the lease.
+# block number of a stream's last entry. fence: nil if this writer may write, else why not:
+# 'YOINKFENCED ...' when the epoch key is gone, holds another epoch, or the stream's last entry was
+# written with a newer epoch or with this one by another writer (an epoch issued twice after the key
+# was lost); 'YOINKLEASE <holder>' when another writer holds the lease.
 _FENCE = """
 local function last_entry(stream)
   local entry = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
@@ -30,7 +34,7 @@ local function last_entry(stream)
   end
   return entry[1], epoch, writer, block
 end
-local function fence(stream, lease, epoch_key, writer, ms, epoch)
+local function fence(stream, lease, epoch_key, writer, epoch)
   local current = redis.call('GET', epoch_key)
   if not current then
     return 'YOINKFENCED lost'
@@ -49,8 +53,11 @@ local function fence(stream, lease, epoch_key, writer, ms, epoch)
   if holder and holder ~= writer then
     return 'YOINKLEASE ' .. holder
   end
-  redis.call('SET', lease, writer, 'PX', ms)
   return nil
+end
+-- Renew the lease (fence() found it free or this writer's) once every check has passed.
+local function renew(lease, writer, ms)
+  redis.call('SET', lease, writer, 'PX', ms)
 end
 local function xadd_blocks(stream, writer, epoch, first, argv, from)
   local b = tonumber(first)
@@ -65,10 +72,11 @@ end
 APPEND = (
     _FENCE
     + """
-local refused = fence(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
+local refused = fence(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[3])
 if refused then
   return redis.error_reply(refused)
 end
+renew(KEYS[2], ARGV[1], ARGV[2])
 return xadd_blocks(KEYS[1], ARGV[1], ARGV[3], ARGV[4], ARGV, 5)
 """
 )
@@ -110,10 +118,11 @@ return {ARGV[1], tonumber(ARGV[2]), epoch}
 BEGIN = (
     _FENCE
     + """
-local refused = fence(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
+local refused = fence(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[3])
 if refused then
   return redis.error_reply(refused)
 end
+renew(KEYS[2], ARGV[1], ARGV[2])
 redis.call('UNLINK', KEYS[4])
 redis.call('SET', KEYS[5], ARGV[4])
 return tonumber(redis.call('GET', KEYS[6]) or '0')
@@ -124,13 +133,14 @@ return tonumber(redis.call('GET', KEYS[6]) or '0')
 STAGE = (
     _FENCE
     + """
-local refused = fence(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
+local refused = fence(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[3])
 if refused then
   return redis.error_reply(refused)
 end
 if redis.call('GET', KEYS[4]) ~= ARGV[4] then
   return redis.error_reply('YOINKSTAGE taken')
 end
+renew(KEYS[2], ARGV[1], ARGV[2])
 return xadd_blocks(KEYS[1], ARGV[1], ARGV[3], ARGV[5], ARGV, 6)
 """
 )
@@ -142,7 +152,7 @@ return xadd_blocks(KEYS[1], ARGV[1], ARGV[3], ARGV[5], ARGV, 6)
 SWITCH = (
     _FENCE
     + """
-local refused = fence(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
+local refused = fence(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[3])
 if refused then
   return redis.error_reply(refused)
 end
@@ -165,6 +175,7 @@ end
 if not staged and redis.call('EXISTS', KEYS[4]) == 1 then
   return redis.error_reply('YOINKSTAGE incomplete')
 end
+renew(KEYS[2], ARGV[1], ARGV[2])
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('RENAME', KEYS[1], KEYS[7])
   redis.call('PEXPIRE', KEYS[7], ARGV[7])
