@@ -19,11 +19,17 @@ import anyio
 import anyio.to_thread
 import fsspec
 
-from yoink._exceptions import ConcurrentWriterError, MissingDependencyError, StorageError, YoinkError
+from yoink._exceptions import (
+    CompactionNotSupportedError,
+    ConcurrentWriterError,
+    MissingDependencyError,
+    StorageError,
+    YoinkError,
+)
 from yoink._lines import is_record_tail, whole_lines, without_torn_tail
 from yoink.storage._factory import FSSPEC_PREFIX
 from yoink.storage._files import READ_CHUNK, TORN_SUFFIX
-from yoink.storage._fsspec_file import CannotAppend, JournalFile, Moved
+from yoink.storage._fsspec_file import CannotAppend, JournalFile, Moved, View
 from yoink.storage._fsspec_upload import Intent, read_staged, upload_groups
 from yoink.storage._stage import Batch
 from yoink.storage._staged import StagedStorage
@@ -123,18 +129,23 @@ class FsspecStorage(StagedStorage):
         return (self._full_uri,), self._options.changed()
 
     async def _open_remote(self, writer: str | None, staged: bool) -> tuple[int, AsyncGenerator[str, None]]:
-        size = await self._run(self._file.size)
-        landed, end = 0, size
-        intent = Intent.read(self._stage, writer, self._uri, writing=False) if staged else None
-        if intent is not None:
-            held = await self._uploaded(intent, size, self._stage.snapshot())
-            if held == intent.after - intent.before:
-                landed = intent.through
-            elif held:
-                end = intent.before  # a fragment of an interrupted upload: the staged batches follow instead
+        view = await self._run(self._file.view)
+        try:
+            size = view.size
+            landed, end = 0, size
+            intent = Intent.read(self._stage, writer, self._uri, writing=False) if staged else None
+            if intent is not None:
+                held = await self._uploaded(intent, size, self._stage.snapshot())
+                if held == intent.after - intent.before:
+                    landed = intent.through
+                elif held:  # a fragment of an interrupted upload: the staged batches follow instead
+                    end = intent.before
+        except BaseException:
+            view.close()
+            raise
         if self._known_size is None and not self._closed:
             self._known_size = end  # this writer's view of the file starts here
-        blocks = whole_lines(self._chunks(end), describe=self._uri, keep_tail=True)
+        blocks = whole_lines(self._chunks(view, end, staged), describe=self._uri, keep_tail=True)
         return landed, without_torn_tail(blocks, self._uri) if staged else blocks
 
     async def _remote_exists(self) -> bool:
@@ -279,6 +290,41 @@ class FsspecStorage(StagedStorage):
         )
         return size - len(tail)
 
+    def _check_swappable(self) -> None:
+        refusal = self._file.swap_refusal()
+        if refusal is not None:
+            raise CompactionNotSupportedError(
+                f"{self._uri} cannot be compacted: {refusal}. The journal is unchanged, and appending to "
+                "it goes on as before"
+            )
+
+    async def _swap(self, data: AsyncIterator[bytes]) -> None:
+        """Write the new journal beside the old one, then put it in its place in one step, if the
+        file is still the size this writer last saw or left it."""
+        size = await self._run(self._file.size)
+        if self._known_size is None:
+            self._known_size = size
+        elif size != self._known_size:
+            raise self._compaction_refused(size)
+        swap = await self._run(self._file.begin_swap)
+        try:
+            async for chunk in data:
+                await self._run(swap.write, chunk)
+            size, self._clean_end = await self._run(swap.commit, self._known_size)
+        except Moved as moved:
+            raise self._compaction_refused(moved.size) from None
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._run(swap.discard)
+        self._known_size = size
+
+    def _compaction_refused(self, size: int) -> ConcurrentWriterError:
+        return ConcurrentWriterError(
+            f"{self._uri} was changed by another writer (its size went from {self._known_size} to {size} "
+            "bytes) while this one compacted it; yoink allows one writer at a time. The compaction was "
+            "not applied: the journal is as the other writer left it"
+        )
+
     def _changed(self, how: str, staged: int) -> ConcurrentWriterError:
         return ConcurrentWriterError(
             f"{self._uri} was changed by another writer ({how}); yoink allows one writer at a time. "
@@ -301,15 +347,26 @@ class FsspecStorage(StagedStorage):
                 self._append = False
         self._file.rewrite(data, size)
 
-    async def _chunks(self, size: int) -> AsyncIterator[bytes]:
-        offset = 0
-        while offset < size:
-            block = await self._run(self._file.cat, offset, min(size, offset + self._file.read_size))
-            if not block:
-                return
-            for start in range(0, len(block), READ_CHUNK):
-                yield block[start : start + READ_CHUNK]
-            offset += len(block)
+    async def _chunks(self, view: View, size: int, staged: bool) -> AsyncIterator[bytes]:
+        """The first ``size`` bytes of ``view``: the old journal whole, whatever a swap does meanwhile."""
+        try:
+            if not await self._run(view.open):
+                if staged:  # this storage's staged batches were judged against the old file
+                    raise StorageError(
+                        f"{self._uri} was replaced (compacted) just as this read began; nothing was "
+                        "read. Read again"
+                    )
+                size = view.size  # nothing was read yet: the new journal, whole
+            offset = 0
+            while offset < size:
+                block = await self._run(view.read, offset, min(size, offset + self._file.read_size))
+                if not block:
+                    return
+                for start in range(0, len(block), READ_CHUNK):
+                    yield block[start : start + READ_CHUNK]
+                offset += len(block)
+        finally:
+            view.close()
 
     async def _run(self, call: Callable[..., T], *args: Any) -> T:
         try:

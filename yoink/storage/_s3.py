@@ -11,7 +11,7 @@ layout's, one of two strategies over the same client: ``_s3_object.py`` and ``_s
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, ClassVar
 
 from yoink._tasks import asyncio_loop_of
@@ -106,6 +106,7 @@ class S3Storage(StagedStorage):
         merge_after: int = 64,
         merge_target: int = 64 << 20,
         timeout: float = 60.0,
+        keep_replaced: float = 600.0,
     ) -> None:
         given = S3Options(
             layout=layout,
@@ -119,6 +120,7 @@ class S3Storage(StagedStorage):
             merge_after=merge_after,
             merge_target=merge_target,
             timeout=timeout,
+            keep_replaced=keep_replaced,
         )
         bucket, key, from_uri = _parse_uri(uri)
         self._options = options = given.merge(from_uri)
@@ -165,6 +167,8 @@ class S3Storage(StagedStorage):
             raise ValueError(f"part_size must be between {self.min_part_size} and {MAX_PART_SIZE} bytes")
         if options.merge_after < 2:
             raise ValueError("merge_after must be at least 2")
+        if not options.keep_replaced >= 0:
+            raise ValueError("keep_replaced must be a number of seconds, 0 or more")
         return key
 
     def __repr__(self) -> str:
@@ -184,6 +188,9 @@ class S3Storage(StagedStorage):
 
     async def _upload(self, batches: list[Batch]) -> None:
         await self._layout.upload(batches)
+
+    async def _swap(self, data: AsyncIterator[bytes]) -> None:
+        await self._layout.replace(data)
 
     async def _release(self) -> None:
         await self._client.close()
