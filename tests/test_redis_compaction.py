@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator
@@ -111,6 +113,26 @@ async def test_a_stale_next_generation_is_cleared_by_the_next_compaction(
         await storage.replace(chunks(10, 2))
         assert await numbers(storage) == [10, 11]
         assert not await monitor.exists(f"{{{key}}}:next")
+
+
+class SnapshotFailed(Exception):
+    pass
+
+
+async def test_a_compaction_whose_snapshot_fails_deletes_its_next_generation(
+    redis_url: str, key: str, monitor: redis.Redis
+) -> None:
+    async def failing() -> AsyncIterator[str]:
+        async for chunk in chunks(100, 500, pad=40):
+            yield chunk
+        raise SnapshotFailed("the snapshot's source failed part-way")
+
+    async with RedisStreamStorage(redis_url, key, max_pending=4096) as storage:
+        await storage.write(records(0, 10))
+        with pytest.raises(SnapshotFailed):
+            await storage.replace(failing())
+        assert not await monitor.exists(f"{{{key}}}:next", f"{{{key}}}:next:owner", f"{{{key}}}:generation")
+        assert await numbers(storage) == list(range(10))
 
 
 async def test_a_snapshot_that_reads_the_same_storage_while_it_is_written_sees_the_old_journal(
@@ -572,6 +594,48 @@ async def test_a_switch_whose_answer_was_lost_is_retried_and_reports_success(
             token = f"{storage._lease.writer}:1"
             assert await storage._abandon(token), "a compaction that switched is told so, and kept"
             assert await numbers(storage) == list(range(100, 200))
+    finally:
+        proxy.stop()
+
+
+class CuttingProxy(DroppingProxy):
+    """A DroppingProxy that, once ``cut``, closes every new connection at once."""
+
+    cut = False
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            if self.cut:
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self._upstream))
+            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+
+
+async def test_a_switch_whose_outcome_cannot_be_learnt_says_so(redis_url: str, key: str) -> None:
+    proxy = CuttingProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    try:
+        storage = RedisStreamStorage(proxy.url, key, max_pending=10)
+        await storage.write(records(0, 10))
+        await storage.flush()
+
+        async def snapshot() -> AsyncIterator[str]:
+            yield records(100, 10)  # sent as it comes
+            proxy.cut = True  # the retries cannot reach Redis...
+            proxy.drop_next_reply = True  # ...after the switch runs and its answer is lost
+
+        with pytest.raises(StorageError) as caught:
+            await storage.replace(snapshot())
+        assert "could not tell whether the compaction's switch went through" in str(caught.value)
+        assert "the journal is the old one or the new one, whole" in str(caught.value)
+        async with RedisStreamStorage(redis_url, key) as reader:
+            assert await numbers(reader) == list(range(100, 110))  # here, it went through
+        await storage.close()
     finally:
         proxy.stop()
 

@@ -455,8 +455,9 @@ class RedisStreamStorage(ClosableStorage):
                 outcome = await client.eval(DISCARD, 2, lease.next_key, lease.next_owner_key, token)
         except StorageError as exc:
             logger.warning(
-                "%r: could not delete the next generation of a compaction that failed (%s); the next "
-                "writer, or the next compaction, deletes it, and readers never look at it",
+                "%r: could not ask Redis what became of a compaction that failed (%s); unless it was "
+                "switched in, the next writer or the next compaction deletes its next generation, "
+                "which readers never look at",
                 self,
                 exc,
             )

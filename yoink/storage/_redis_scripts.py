@@ -147,8 +147,9 @@ return xadd_blocks(KEYS[1], ARGV[1], ARGV[3], ARGV[5], ARGV, 6)
 # KEYS: the journal, the lease, the epoch, the next generation, its owner, the generation counter, the
 # name the journal retires under. ARGV: writer, lease ms, epoch, token, the generation BEGIN returned,
 # the last block number staged (-1 for none), ms the retired journal is kept. Fenced like APPEND on
-# the journal; refused unless the token owns a next generation whose last entry is that block.
-# Returns 1, or 0 if this token's switch had already gone through.
+# the journal; refused unless the next generation's last entry is that block of this writer's (the
+# keys of a next generation are only ever deleted or claimed together, so that entry is this
+# compaction's). Returns 1, or 0 if this token's switch had already gone through.
 SWITCH = (
     _FENCE
     + """
@@ -156,23 +157,12 @@ local refused = fence(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[3])
 if refused then
   return redis.error_reply(refused)
 end
-local owner = redis.call('GET', KEYS[5])
-if owner == 'done:' .. ARGV[4] then
+if redis.call('GET', KEYS[5]) == 'done:' .. ARGV[4] then
   return 0
-end
-if owner ~= ARGV[4] then
-  return redis.error_reply('YOINKSTAGE taken')
-end
-local generation = tonumber(redis.call('GET', KEYS[6]) or '0')
-if generation ~= tonumber(ARGV[5]) then
-  return redis.error_reply('YOINKSTAGE generation:' .. generation)
 end
 local staged = tonumber(ARGV[6]) >= 0
 local _, _, writer, block = last_entry(KEYS[4])
 if staged and (writer ~= ARGV[1] or block ~= ARGV[6]) then
-  return redis.error_reply('YOINKSTAGE incomplete')
-end
-if not staged and redis.call('EXISTS', KEYS[4]) == 1 then
   return redis.error_reply('YOINKSTAGE incomplete')
 end
 renew(KEYS[2], ARGV[1], ARGV[2])
@@ -183,7 +173,7 @@ end
 if staged then
   redis.call('RENAME', KEYS[4], KEYS[1])
 end
-redis.call('SET', KEYS[6], generation + 1)
+redis.call('SET', KEYS[6], tonumber(ARGV[5]) + 1)
 redis.call('SET', KEYS[5], 'done:' .. ARGV[4])
 return 1
 """
