@@ -25,7 +25,7 @@ import redis.asyncio as redis
 
 from tests.servers.proxy import DroppingProxy
 from tests.servers.redis import RedisServer
-from yoink import CheckpointLockedError, ConcurrentWriterError, StorageError
+from yoink import CheckpointLockedError, CheckpointManager, ConcurrentWriterError, StorageError
 from yoink.storage import RedisStreamStorage
 from yoink.testing._contract import _text as read_text
 
@@ -151,6 +151,23 @@ async def test_a_snapshot_that_reads_the_same_storage_while_it_is_written_sees_t
         with anyio.fail_after(30):
             await storage.replace(doubled())
         assert await numbers(storage) == list(range(0, 1000, 2))
+
+
+async def test_a_manager_compacts_a_redis_journal_by_key_and_a_restart_replays_the_snapshot(
+    redis_url: str, key: str, monitor: redis.Redis
+) -> None:
+    uri = f"{redis_url}?key={key}"
+    async with CheckpointManager.from_uri(uri, flush_interval=None, batch_bytes=4096) as manager:
+        for round_ in range(5):
+            await manager.append_many({"url": f"u{n}", "round": round_} for n in range(1000))
+            await manager.flush()
+        done = await manager.compact(key="url")
+        assert (done.records_before, done.records) == (5000, 1000)
+        await manager.append({"url": "u0", "round": 5})
+    assert await monitor.get(f"{{{key}}}:generation") == b"1"
+    async with CheckpointManager.from_uri(uri) as manager:
+        replayed = [record async for record in manager.replay()]
+    assert replayed == [*({"url": f"u{n}", "round": 4} for n in range(1000)), {"url": "u0", "round": 5}]
 
 
 # -- one writer at a time, and fencing -----------------------------------------------------------
