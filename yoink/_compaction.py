@@ -8,6 +8,7 @@ with, the last record per key in journal order, and the snapshot streamed to
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
@@ -18,7 +19,7 @@ import orjson
 
 from yoink._records import encode_record
 
-__all__ = ["Compaction", "CompactionPolicy", "KeyFold", "snapshot_text"]
+__all__ = ["Compaction", "CompactionPolicy", "KeyFold", "encode_replayed", "now", "snapshot_text"]
 
 CHUNK_BYTES = 1 << 20  # the snapshot is handed to the storage in pieces of about this size
 
@@ -142,37 +143,36 @@ def now() -> str:
 async def snapshot_text(
     header: str,
     records: Iterable[Any] | AsyncIterable[Any],
-    default: Callable[[Any], Any] | None,
+    encode: Callable[[Any], bytes],
     counted: Callable[[int, int], None],
 ) -> AsyncGenerator[str, None]:
-    """The header, then ``records`` encoded as lines, in pieces of about CHUNK_BYTES.
+    """The header, then ``records`` as lines (``encode`` makes each), in pieces of about CHUNK_BYTES.
 
     A record that cannot be encoded raises ``TypeError`` (the storage then keeps its old journal).
     ``counted(records, bytes)`` is called at the end with the snapshot's size, header excluded.
     """
     pieces: list[bytes] = [header.encode()]
     size = total = count = 0
-    async for record in _each(records):
-        line = _encode(record, default)
-        pieces.append(line)
-        size += len(line)
-        count += 1
-        if size >= CHUNK_BYTES:
-            yield b"".join(pieces).decode()
-            total += size
-            pieces, size = [], 0
+    async with contextlib.aclosing(_each(records)) as each:
+        async for record in each:
+            line = encode(record)
+            pieces.append(line)
+            size += len(line)
+            count += 1
+            if size >= CHUNK_BYTES:
+                yield b"".join(pieces).decode()
+                total += size
+                pieces, size = [], 0
     total += size
     yield b"".join(pieces).decode()
     counted(count, total)
 
 
-def _encode(record: Any, default: Callable[[Any], Any] | None) -> bytes:
+def encode_replayed(record: dict[str, Any], default: Callable[[Any], Any] | None = None) -> bytes:
+    """A replayed record as a line again: what orjson cannot write (an integer beyond 64 bits), json does."""
     try:
-        return encode_record(record, default)
+        return encode_record(record)
     except TypeError:
-        if type(record) is not dict:
-            raise
-        # A replayed record holding an integer beyond 64 bits, which orjson cannot write.
         return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 

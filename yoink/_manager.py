@@ -15,7 +15,7 @@ import anyio.lowlevel
 import orjson
 
 from yoink import _records
-from yoink._compaction import Compaction, CompactionPolicy, KeyFold, now, snapshot_text
+from yoink._compaction import Compaction, CompactionPolicy, KeyFold, encode_replayed, now, snapshot_text
 from yoink._compat import Self
 from yoink._exceptions import ReadOnlyError, StorageClosedError, StorageError
 from yoink._records import (
@@ -256,10 +256,14 @@ class CheckpointManager:
             )
         if key is not None and (not isinstance(key, str) or not key):
             raise ValueError(f"key must be the name of a record field, got {key!r}")
-        cut = self._handed + len(self._buffer)  # the bytes appended before the call
-        waits = self._compaction_lock.locked()
-        async with self._compaction_lock:  # one at a time: a second call waits for the first
-            self._cut = self._handed + len(self._buffer) if waits else cut
+        # The cut, the bytes appended before the call, is taken now, before any await lets another
+        # task append; a call that waits for another compaction takes it when that one ends.
+        waits = self._cut is not None or self._compaction_lock.locked()
+        if not waits:
+            self._cut = self._handed + len(self._buffer)
+        async with self._compaction_lock:
+            if waits:
+                self._cut = self._handed + len(self._buffer)
             try:
                 return await uninterrupted(functools.partial(self._compact, records, key))
             finally:
@@ -275,17 +279,18 @@ class CheckpointManager:
             await self._storage.flush()
             self._durable = max(self._durable, handed)
             info = Compaction(at=now(), key=key, records_before=None, bytes_before=None, records=None)
+            encode: Callable[[Any], bytes] = functools.partial(encode_record, default=self._default)
             if key is not None:
                 fold = KeyFold(key)
                 decoder = JournalDecoder(repr(self._storage), on_corrupt=self._on_corrupt)
                 async for batch in decoder.batches(self._storage.read()):
                     fold.add(batch)
                 info = Compaction(info.at, key, fold.records, decoder.offset, len(fold))
-                records = fold
+                records, encode = fold, encode_replayed
             assert records is not None
             size: list[int] = []
             header = info.header_line()
-            text = snapshot_text(header, records, self._default, lambda *counts: size.extend(counts))
+            text = snapshot_text(header, records, encode, lambda *counts: size.extend(counts))
             try:
                 await self._storage.replace(text)
             finally:
