@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
+import anyio.lowlevel
 import pytest
 
 from tests.helpers import spy_on_fsync
@@ -49,11 +51,14 @@ async def test_compact_by_key_keeps_the_last_record_per_key_in_journal_order(tmp
             {"url": "u1", "n": 11},
         ]
     assert (result.key, result.records_before, result.records) == ("url", 12, 4)
-    assert (
-        result.bytes_before == len(path.read_bytes().splitlines(keepends=True)[0]) * 0 + result.bytes_before
-    )
+    before = [{"url": f"u{n % 3}", "n": n} for n in range(10)] + [
+        {"note": "no url", "n": 10},
+        {"url": "u1", "n": 11},
+    ]
+    assert result.bytes_before == sum(len(orjson.dumps(record)) + 1 for record in before)
     lines = path.read_bytes().splitlines(keepends=True)
-    assert len(lines) == 5 and lines[0].startswith(b'{"$yoink":')
+    assert len(lines) == 5
+    assert lines[0].startswith(b'{"$yoink":')
     assert result.bytes == sum(map(len, lines[1:]))
 
 
@@ -68,7 +73,8 @@ async def test_keys_are_told_apart_as_json_tells_them_apart(tmp_path: Path) -> N
         await checkpoint.compact(key="k")
     records = await replay(path)
     assert [record["k"] for record in records] == [2**70, 1, 1.0, True, "1", None, [1], {"b": 2, "a": 1}]
-    assert type(records[2]["k"]) is float and type(records[3]["k"]) is bool
+    assert type(records[2]["k"]) is float
+    assert type(records[3]["k"]) is bool
     assert records[-1]["first"] is False
 
 
@@ -107,13 +113,13 @@ async def test_records_appended_while_a_compaction_runs_follow_the_snapshot(tmp_
                 await checkpoint.append({"k": "during", "n": n})  # never waits for the compaction
                 n += 1
                 if n % 50 == 0:
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
 
         done = anyio.Event()
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(append_meanwhile)
             while not appended_during:
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
             before = appended_during  # appended before the call: in the journal the snapshot replaces
             result = await checkpoint.compact(key="k")
             done.set()
@@ -282,7 +288,8 @@ async def test_the_local_swap_fsyncs_the_new_journal_before_the_rename_and_the_d
             monkeypatch.setattr(os, "rename", lambda a, b: (renames.append(len(fsyncs.calls)), rename(a, b)))
             await checkpoint.compact(key="k")
     assert renames == [1], "the new journal was not fsynced (once) before it was renamed over the old"
-    assert fsyncs.calls[0].path == str(path) + REPLACEMENT_SUFFIX and fsyncs.calls[0].size > 0
+    assert fsyncs.calls[0].path == str(path) + REPLACEMENT_SUFFIX
+    assert fsyncs.calls[0].size > 0
     assert fsyncs.directories() == [str(tmp_path)], "the directory was not fsynced after the rename"
 
 
@@ -302,7 +309,7 @@ async def test_a_second_writer_is_refused_after_a_compaction_and_loses_nothing(t
 async def test_a_writer_that_locks_the_file_compaction_renamed_away_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The second writer opens the old file, the first compacts and lets go of it, then the second locks it."""
+    """The second writer opens the old file; the first compacts and lets go of it; the second locks it."""
     path = tmp_path / "race.jsonl"
     first = LocalFileStorage(path)
     await first.write('{"n":0}\n')
@@ -367,7 +374,8 @@ async def test_the_policy_compacts_in_the_background_as_the_journal_grows(
     last = {record["k"]: record["n"] for record in records}
     assert last == {k: n - 50 + (k - n) % 50 for k in range(50)}, "a record was lost or a stale one kept"
     header = await _header(path)
-    assert header is not None and header.key == "k"
+    assert header is not None
+    assert header.key == "k"
 
 
 async def _header(path: Path) -> Compaction | None:

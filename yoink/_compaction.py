@@ -176,7 +176,7 @@ def encode_replayed(record: dict[str, Any], default: Callable[[Any], Any] | None
         return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
-async def _each(records: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+async def _each(records: Iterable[Any] | AsyncIterable[Any]) -> AsyncGenerator[Any, None]:
     if isinstance(records, AsyncIterable):
         async for record in records:
             yield record
