@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import orjson
 import anyio.lowlevel
+import orjson
 import pytest
 
 from tests.helpers import spy_on_fsync
