@@ -8,6 +8,7 @@ reads on other connections, kill -9 of the writer and of Redis, and the size of 
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 import socket
 import subprocess
@@ -704,3 +705,10 @@ def test_a_50_mb_snapshot_goes_through_in_bounded_pieces(redis_url: str, key: st
     anyio.run(check)
     assert scripts >= 7, f"{scripts} scripts: the snapshot went in pieces of about max_pending (8 MiB)"
     assert growth_kib < 24 * 1024, f"a 50 MB snapshot grew the writer's peak memory by {growth_kib} KiB"
+
+
+def test_retired_ttl_is_an_option_of_the_uri_kept_by_a_pickled_storage() -> None:
+    storage = RedisStreamStorage.from_uri("redis://localhost/0?key=crawl&retired_ttl=60")
+    assert pickle.loads(pickle.dumps(storage))._options.retired_ttl == 60.0
+    with pytest.raises(ValueError, match="retired_ttl must be positive"):
+        RedisStreamStorage("redis://localhost/0", "crawl", retired_ttl=0)

@@ -114,8 +114,9 @@ class RedisStreamStorage(ClosableStorage):
       :class:`~yoink.StorageError` rather than yield part of each. The cost: Redis holds both
       journals for ``retired_ttl`` after a compaction. Readers of yoink versions without
       compaction do not know this, and may see the new journal follow part of the old one.
-    - A compaction that fails or is cancelled deletes its next generation; one that crashed leaves
-      it to the next writer, which deletes it when it takes the lease, or to the next compaction.
+    - A compaction that fails deletes its next generation (a cancelled one finishes, as a write
+      does); one that crashed leaves it to the next writer, which deletes it when it takes the
+      lease, or to the next compaction.
       Readers never look at it. A journal written before compaction existed reads and appends as
       before; its first compaction creates ``{<key>}:generation``.
     - Redis Cluster: the stream, its lease, its epoch and compaction's keys must share a slot.
@@ -351,8 +352,8 @@ class RedisStreamStorage(ClosableStorage):
         What was written and not flushed is flushed into the old journal first. ``text`` goes into
         the next generation in pieces of about ``max_pending`` bytes, each a script fenced like a
         flush; then one script, fenced like a flush, renames the journal away and the next
-        generation into its place. ``text`` may read this storage (it sees the old journal), but
-        its writes wait for the end of the replace.
+        generation into its place. ``text`` may read this storage (it sees the old journal); it
+        must not write to it.
         """
         self._check_open()
         await uninterrupted(functools.partial(self._replace, text))
