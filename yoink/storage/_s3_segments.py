@@ -268,6 +268,20 @@ class SegmentsLayout(SegmentListing):
 
     # -- reading --------------------------------------------------------------------------------
 
+    async def _check_base(self, piece: Segment, base: str) -> None:
+        """Raise StorageError if ``piece``, an object from segment 0 that a reader found when it
+        listed again, is not the journal it began to read but a compaction's (or a merge of one);
+        raise Conflict if it is gone or changed since that listing."""
+        head = await self._head_metadata(piece.key)
+        if head is None or head[2] != piece.etag:
+            raise Conflict
+        if head[0].get("yoink-base", "") != base:
+            raise StorageError(
+                f"{self._uri} was compacted while it was being read, and the objects the read had "
+                "listed are gone (a writer deletes them keep_replaced seconds after a compaction); "
+                "what was yielded is the start of the journal as it was before. Read again"
+            )
+
     async def _read_segments(self, listed: list[Segment]) -> AsyncGenerator[str, None]:
         """Read the segments of ``listed`` (pieces holding segments 0 to the last, in order).
 
@@ -304,6 +318,8 @@ class SegmentsLayout(SegmentListing):
             skip = await size_of(piece.start, done)
             length = await size_of(done + 1, through)
             try:
+                if piece.start == 0 and base is not None and piece not in listed:
+                    await self._check_base(piece, base)  # a merge from 0 that came since: of this journal?
                 response = await self._client.call(
                     "get_object", Key=piece.key, IfMatch=piece.etag, **piece.byte_range(skip, length)
                 )
@@ -316,17 +332,8 @@ class SegmentsLayout(SegmentListing):
                 pieces = (await self._listing()).live
                 continue
             refused = 0
-            if piece.start == 0:  # the only pieces that may hold a snapshot
-                found = response.get("Metadata", {}).get("yoink-base", "")
-                if base is None:
-                    base = found
-                elif found != base:
-                    response["Body"].close()
-                    raise StorageError(
-                        f"{self._uri} was compacted while it was being read, and what the read had "
-                        f"listed is gone (a writer deletes it keep_replaced seconds after a "
-                        "compaction); what was yielded is the old journal's start. Read again"
-                    )
+            if base is None:  # the first piece, from segment 0: the only kind that may be a snapshot
+                base = response.get("Metadata", {}).get("yoink-base", "")
             async for block in self._stream(response):
                 yield block
             done = through
