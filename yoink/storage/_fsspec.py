@@ -84,6 +84,18 @@ class FsspecStorage(StagedStorage):
     - A last line without a newline (another tool's, or a fragment of another stage's upload) is
       judged as replay judges it, as S3Storage does: a JSON object is a record and gets its newline
       before the next upload; anything else is moved to ``<path>.torn`` and cut off.
+    - Compaction (:meth:`replace`), on a local filesystem and on fsspec's memory filesystem: what
+      is staged is uploaded first (it belongs to the old journal, so nothing from before the swap
+      is uploaded after it), then the new journal goes in one step. Local: written beside the
+      file (``<path>.<pid>.<random>.yoink-compact``), fsynced, renamed over it, the directory
+      fsynced, so a crash leaves the old file or the new one whole, and the next compaction
+      removes what a crashed one left beside it; a replay under way reads on in the file it
+      opened. Memory: the new bytes take the old ones' place in the store at once. The swap is
+      fenced as an upload is, by the file's size just before it: another writer's change is
+      refused with :class:`~yoink.ConcurrentWriterError`, and the journal stays as it left it.
+      Any other filesystem raises :class:`~yoink.CompactionNotSupportedError` and changes
+      nothing: fsspec promises no atomic replace there (on object stores a move is a copy and a
+      delete; HDFS's rename does not overwrite). For S3, S3Storage compacts.
 
     What it cannot promise:
 
@@ -96,8 +108,10 @@ class FsspecStorage(StagedStorage):
       the first one's batch after the second one's records; it then gets
       :class:`~yoink.ConcurrentWriterError`, and its batch is not uploaded again. On a local
       filesystem that window is one ``fstat`` before one ``write``; on a store that rewrites the
-      file, it spans the upload, and the other writer's records are lost to the rewrite. Two
-      writers whose changes leave the same size at the same moment are not told apart.
+      file, it spans the upload, and the other writer's records are lost to the rewrite. A
+      compaction's window is one ``stat`` before one ``rename``: a record appended in it is lost
+      to the swap. Two writers whose changes leave the same size at the same moment are not told
+      apart.
     """
 
     def __init__(
