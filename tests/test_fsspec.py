@@ -510,3 +510,25 @@ def test_kill_9_during_a_local_compaction_leaves_the_old_journal_or_the_new_one_
     anyio.run(recover)
     assert path.read_text() == whole + '{"n":3}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.jsonl", "stage"]
+
+
+def test_a_stage_left_elsewhere_by_an_upload_cut_short_before_a_compaction_is_refused_and_kept(
+    tmp_path: Path,
+) -> None:
+    uri = f"fsspec+file://{tmp_path}/journal.jsonl"
+    child = _run_child(_DYING_WRITER, uri, str(tmp_path / "machine-a"), "True", "discard")
+    assert child.returncode == -9, child.stderr
+
+    async def then() -> None:
+        async with FsspecStorage(uri, stage_dir=tmp_path / "machine-b") as compactor:
+            assert await read_text(compactor) == _RECORDS
+            await compactor.replace(_chunks('{"n":9}\n{"n":10}\n{"n":11}\n'))
+        writer = FsspecStorage(uri, stage_dir=tmp_path / "machine-a")
+        with pytest.raises(ConcurrentWriterError, match="not the upload of this stage"):
+            await writer.flush()
+        with pytest.raises(ConcurrentWriterError):
+            await writer.close()
+
+    anyio.run(then)
+    assert (tmp_path / "journal.jsonl").read_text() == '{"n":9}\n{"n":10}\n{"n":11}\n'
+    assert [p.name for p in (tmp_path / "machine-a").glob("*/*.jsonl")] == ["000000000002.jsonl"]

@@ -87,6 +87,26 @@ async def died(storage: S3Storage) -> None:
 # -- what a compaction leaves ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_the_managers_compaction_by_key_is_what_a_restart_on_another_machine_replays(
+    bucket: str, moto: MotoServer, tmp_path: Path, layout: str
+) -> None:
+    from yoink import CheckpointManager
+
+    uri = f"s3://{bucket}/crawl?layout={layout}&merge_after=4"
+    options = {"endpoint_url": moto.url, "flush_interval": None}
+    async with CheckpointManager.from_uri(uri, stage_dir=tmp_path / "a", **options) as checkpoint:
+        for n in range(300):
+            await checkpoint.append({"url": f"u{n % 7}", "n": n})
+            if n % 50 == 49:
+                await checkpoint.flush()
+        await checkpoint.compact(key="url")
+        await checkpoint.append({"url": "u0", "n": 300})
+    async with CheckpointManager.from_uri(uri, stage_dir=tmp_path / "b", **options) as restarted:
+        replayed = [record["n"] async for record in restarted.replay()]
+    assert replayed == [*range(293, 300), 300]  # the last record of each of the 7 urls, then the new one
+
+
 @pytest.mark.parametrize("size", ["one request", "multipart"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 async def test_a_compaction_replaces_the_journal_and_later_appends_follow_it_for_every_reader(
@@ -116,13 +136,16 @@ async def test_multipart_uploads_an_interrupted_writer_left_are_aborted_by_a_com
 ) -> None:
     key = "run.jsonl" if layout == "object" else "run/merged/000000000000-000000000001.jsonl"
     s3_client(moto).create_multipart_upload(Bucket=bucket, Key=key)  # type: ignore[attr-defined]
-    s3_client(moto).create_multipart_upload(Bucket=bucket, Key="elsewhere.jsonl")  # type: ignore[attr-defined]
+    for elsewhere in ("elsewhere.jsonl", "run/deeper.jsonl", "run.jsonl.torn"):  # other journals' keys
+        s3_client(moto).create_multipart_upload(Bucket=bucket, Key=elsewhere)  # type: ignore[attr-defined]
     async with open_s3(layout) as writer:
         await writer.write(records(0, 3))
         await writer.flush()
-        assert sorted(uploads_left(moto, bucket)) == sorted([key, "elsewhere.jsonl"])
+        assert sorted(uploads_left(moto, bucket)) == sorted(
+            [key, "elsewhere.jsonl", "run/deeper.jsonl", "run.jsonl.torn"]
+        )
         await writer.replace(snapshot(10, 2))
-    assert uploads_left(moto, bucket) == ["elsewhere.jsonl"]  # another journal's are not its to abort
+    assert sorted(uploads_left(moto, bucket)) == ["elsewhere.jsonl", "run.jsonl.torn", "run/deeper.jsonl"]
 
 
 # -- another writer ----------------------------------------------------------------------------

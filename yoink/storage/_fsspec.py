@@ -112,6 +112,11 @@ class FsspecStorage(StagedStorage):
       compaction's window is one ``stat`` before one ``rename``: a record appended in it is lost
       to the swap. Two writers whose changes leave the same size at the same moment are not told
       apart.
+    - A stage that another machine's writer left with an upload interrupted (a crash during it,
+      or between it and the stage's cleanup), opened after a compaction: whether that upload
+      landed cannot be told from the new file, so its next flush raises
+      :class:`~yoink.ConcurrentWriterError` and keeps the batches staged (S3Storage records what
+      landed in S3 and does tell).
     """
 
     def __init__(

@@ -109,7 +109,8 @@ class SegmentsLayout(SegmentListing):
         writer = self._stage.writer
         state = self._view or await self._list_segments(writer)
         self._view = state
-        await self._abort_uploads(self._key + "/")
+        for prefix in (f"{self._key}/segments/", f"{self._key}/merged/"):  # not another journal's under it
+            await self._abort_uploads(prefix)
         number = state.next
         claim_key, key = self._segment_key(number), self._merged_key(0, number)
         replaced = [piece for piece in state.live if piece.merged or piece.size]
