@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from yoink._compaction import Compaction, CompactionPolicy
 from yoink._exceptions import (
     CheckpointLockedError,
     CompactionNotSupportedError,
@@ -27,7 +28,9 @@ __all__ = [
     "CheckpointLockedError",
     "CheckpointManager",
     "CheckpointStorage",
+    "Compaction",
     "CompactionNotSupportedError",
+    "CompactionPolicy",
     "ConcurrentWriterError",
     "CorruptCheckpointError",
     "MissingDependencyError",
