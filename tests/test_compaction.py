@@ -6,6 +6,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -404,3 +405,65 @@ def _on_asyncio() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+SECOND_WRITER = """
+import asyncio, sys
+from yoink import CheckpointLockedError
+from yoink.storage import LocalFileStorage
+
+async def main():
+    storage = LocalFileStorage(sys.argv[1])
+    try:
+        await storage.write('{"n":-1}\\n')
+    except CheckpointLockedError as exc:
+        print("refused", exc)
+    else:
+        print("wrote")
+    await storage.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_second_process_is_refused_while_a_compaction_runs_and_nothing_is_lost(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "busy.jsonl"
+    attempts: list[str] = []
+
+    async def snapshot() -> AsyncIterator[dict[str, int]]:
+        for n in range(3):
+            yield {"n": n}
+            # Another process tries to write as the new journal is written, then once more.
+            attempts.append(await _run_second_writer(path))
+
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        await checkpoint.append({"old": 1})
+        await checkpoint.compact(snapshot())
+        attempts.append(await _run_second_writer(path))  # and after the swap
+        await checkpoint.append({"n": 3})
+    assert len(attempts) == 4
+    assert all(attempt.startswith("refused") for attempt in attempts), attempts
+    assert await replay(path) == [{"n": 0}, {"n": 1}, {"n": 2}, {"n": 3}]
+
+
+async def _run_second_writer(path: Path) -> str:
+    result = await anyio.run_process([sys.executable, "-c", SECOND_WRITER, str(path)], check=True)
+    return result.stdout.decode().strip()
+
+
+async def test_a_reader_replaying_during_a_compaction_sees_the_old_journal_whole(tmp_path: Path) -> None:
+    path = tmp_path / "read.jsonl"
+    pad = "p" * 200
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        for n in range(50_000):  # about 11 MB: several read chunks
+            await checkpoint.append({"k": n % 10, "n": n, "pad": pad})
+        await checkpoint.flush()
+        async with CheckpointManager.from_uri(path, read_only=True) as reader:
+            records = reader.replay()
+            first = await records.__anext__()
+            await checkpoint.compact(key="k")
+            rest = [record["n"] async for record in records]
+    assert [first["n"], *rest] == list(range(50_000)), "the reader saw part of each journal"
+    assert [record["n"] for record in await replay(path)] == list(range(49_990, 50_000))
