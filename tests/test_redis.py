@@ -595,9 +595,8 @@ async def test_waitaof_on_a_server_without_it_is_refused_at_open(redis_url: str,
 
 def test_the_lease_the_epoch_and_compactions_keys_share_the_streams_cluster_slot() -> None:
     def keys(storage: RedisStreamStorage) -> list[str]:
-        lease = storage._lease
-        names = [lease.key, lease.epoch_key, lease.next_key, lease.next_owner_key, lease.generation_key]
-        return [*names, lease.retired_key(3)]
+        named = storage._keys
+        return [named.lease, named.epoch, named.next, named.next_owner, named.generation, named.retired(3)]
 
     assert keys(RedisStreamStorage("redis://h/0", "{run-42}:journal")) == [
         "{run-42}:journal:lease",

@@ -608,7 +608,7 @@ async def test_a_switch_whose_answer_was_lost_is_retried_and_reports_success(
             assert await monitor.xlen(key) == 5  # four pieces of one entry, one of them twice
             await monitor.aclose()
             token = f"{storage._lease.writer}:1"
-            assert await storage._abandon(token), "a compaction that switched is told so, and kept"
+            assert await storage._generations.abandon(token), "a compaction that switched is told so, kept"
             assert await numbers(storage) == list(range(100, 200))
     finally:
         proxy.stop()

@@ -11,17 +11,17 @@ Compaction (:meth:`RedisStreamStorage.replace`) writes the new journal into a st
 next generation, in bounded pieces, then renames it over the journal in one script; the journal it
 replaced lives on, renamed, for ``retired_ttl`` seconds, so that reads under way can finish it.
 
-The scripts are in ``_redis_scripts.py``, the lease and its fencing epoch in ``_redis_lease.py``,
-and the connection with its error translation in ``_redis_client.py``.
+The keys, the blocks and the scripts are in ``_redis_scripts.py``, the lease and its fencing epoch
+in ``_redis_lease.py``, compaction and the reads that follow it in ``_redis_compaction.py``, and the
+connection with its error translation in ``_redis_client.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -35,8 +35,9 @@ from yoink._fork import drop_in_forked_children
 from yoink._tasks import asyncio_loop_of, uninterrupted
 from yoink.storage._lifecycle import ClosableStorage
 from yoink.storage._redis_client import Refused, connect, server_identity, server_of, translated, url_options
+from yoink.storage._redis_compaction import Generations
 from yoink.storage._redis_lease import Lease
-from yoink.storage._redis_scripts import APPEND, BEGIN, DISCARD, STAGE, SWITCH
+from yoink.storage._redis_scripts import APPEND, Keys, blocks
 from yoink.storage._uri import Options, query_pairs, redact, take_uri_options
 
 __all__ = ["RedisOptions", "RedisStreamStorage"]
@@ -56,9 +57,6 @@ class RedisOptions(Options):
     entry_bytes: int = 64 << 10
     max_pending: int = 8 << 20
     retired_ttl: float = 300.0
-
-
-Page = list[tuple[bytes, dict[bytes, bytes]]]  # XRANGE's entries: (id, fields)
 
 
 class RedisStreamStorage(ClosableStorage):
@@ -162,12 +160,26 @@ class RedisStreamStorage(ClosableStorage):
             retired_ttl=retired_ttl,
         )
         self._wait_ms = int(wait_timeout * 1000)
-        self._lease = Lease(key, ttl=lease_ttl, where=self._where, owner=self, current=lambda: self._client)
+        self._keys = Keys(key)
+        self._lease = Lease(
+            self._keys, ttl=lease_ttl, where=self._where, owner=self, current=lambda: self._client
+        )
+        self._generations = Generations(
+            self._keys,
+            self._lease,
+            owner=self,
+            where=self._where,
+            run=self._run,
+            connection=self._connection,
+            numbers=self._numbers,
+            check_waits=self._check_waits,
+            entry_bytes=entry_bytes,
+            max_pending=max_pending,
+            retired_ttl=retired_ttl,
+        )
         self._next_block = 0
         self._pending: list[tuple[int, bytes]] = []  # (block number, whole lines) not yet in Redis
         self._pending_bytes = 0
-        self._compactions = itertools.count(1)  # numbers this writer's compactions' tokens
-        self._replacing = False  # a replace() is writing the next generation, with nothing pending
         self._client: redis.Redis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the client belongs to
         self._lock = anyio.Lock()
@@ -245,7 +257,7 @@ class RedisStreamStorage(ClosableStorage):
                 await self._lease.acquire(await self._connection())
                 self._check_fence()
             first, kept = self._next_block, len(self._pending)
-            for block in _blocks(data.encode("utf-8"), self._options.entry_bytes):
+            for block in blocks(data.encode("utf-8"), self._options.entry_bytes):
                 self._pending.append((self._next_block, block))
                 self._next_block += 1
                 self._pending_bytes += len(block)
@@ -276,7 +288,7 @@ class RedisStreamStorage(ClosableStorage):
                 await self._send(wait=True)
 
     async def read(self) -> AsyncIterator[str]:
-        if self._replacing:  # this writer's replace() is under way, and has flushed everything first
+        if self._generations.staging:  # this writer's replace() reads it, having flushed everything first
             pending: list[tuple[int, bytes]] = []
         else:
             async with self._lock:
@@ -284,7 +296,7 @@ class RedisStreamStorage(ClosableStorage):
         client = await self._connection()
         await self._lease.note_first_read(client)
         last: dict[bytes, int] = {}  # writer -> the last block number seen from it
-        async for page in self._pages(client):
+        async for page in self._generations.pages(client, self._options.page_size):
             for entry_id, fields in page:
                 data = fields.get(b"d")
                 writer, tag = fields.get(b"w"), fields.get(b"b")
@@ -301,50 +313,12 @@ class RedisStreamStorage(ClosableStorage):
             if number > mine:
                 yield block.decode("utf-8", "surrogateescape")
 
-    async def _pages(self, client: redis.Redis) -> AsyncIterator[Page]:
-        """The journal's entries, a page at a time, all of the generation the first page was read in.
-
-        Each page of the journal is read with the generation number, in one transaction. Once a
-        compaction has moved the number on, the page (of the new journal) is dropped and the read
-        goes on where the compaction moved the journal it began on, which lasts ``retired_ttl``
-        seconds: what was yielded cannot be taken back, so the read finishes that journal.
-        """
-        lease, size = self._lease, self._options.page_size
-        source, start, first = self._key, "-", True
-        began: bytes | None = None  # the generation the first page was read in (None: never compacted)
-        while True:
-            with translated(self._where, "XRANGE"):
-                async with client.pipeline(transaction=True) as pipe:
-                    if source == self._key:
-                        pipe.get(lease.generation_key)
-                    else:
-                        pipe.exists(source)
-                    pipe.xrange(source, min=start, max="+", count=size)
-                    mark, page = await pipe.execute()
-            if source != self._key:
-                if not mark:
-                    raise StorageError(
-                        f"{self!r}: the journal was compacted while this read was under way, and the "
-                        f"journal it began on ({source!r}) was deleted, retired_ttl="
-                        f"{self._options.retired_ttl:g} s after, before the read finished; nothing of the "
-                        "new journal was mixed in: read again"
-                    )
-            elif first:
-                began, first = mark, False
-            elif mark != began:  # compacted since the read began
-                source = lease.retired_key(int(began or 0))
-                continue
-            yield page
-            if len(page) < size:
-                return
-            start = "(" + page[-1][0].decode()
-
     async def exists(self) -> bool:
         if self._pending:
             return True
         client = await self._connection()
         with translated(self._where, "EXISTS"):  # a journal compacted to nothing has a generation
-            return bool(await client.exists(self._key, self._lease.generation_key))
+            return bool(await client.exists(self._key, self._keys.generation))
 
     async def replace(self, text: AsyncIterable[str]) -> None:
         """Replace the journal with ``text``, atomically: a new generation, switched in by one script.
@@ -368,102 +342,7 @@ class RedisStreamStorage(ClosableStorage):
                 self._check_fence()
             if self._pending:
                 await self._send(wait=False)  # into the old journal, which keeps them should this fail
-            token = f"{lease.writer}:{next(self._compactions)}"
-            (generation,) = await self._run(
-                BEGIN,
-                self._compaction_keys(),
-                (lease.writer, lease.ms, lease.epoch, token),
-                command="EVAL",
-                kept=_KEPT,
-            )
-            self._replacing = True
-            try:
-                last = await self._stage(text, token)
-            except BaseException:
-                await self._abandon(token)
-                raise
-            finally:
-                self._replacing = False
-            await self._switch(token, int(generation), last)
-
-    async def _stage(self, text: AsyncIterable[str], token: str) -> int:
-        """Write ``text`` into the next generation, about ``max_pending`` bytes per script; return
-        the number of the last block written, or -1 if none was."""
-        lease, entry_bytes, most = self._lease, self._options.entry_bytes, self._options.max_pending
-        keys = (lease.next_key, lease.key, lease.epoch_key, lease.next_owner_key)
-        piece: list[bytes] = []
-        size, last = 0, -1
-
-        async def send() -> int:
-            first, self._next_block = self._next_block, self._next_block + len(piece)
-            arguments = (lease.writer, lease.ms, lease.epoch, token, first, *piece)
-            await self._run(STAGE, keys, arguments, command="XADD", kept=_KEPT)
-            piece.clear()
-            return self._next_block - 1
-
-        async for chunk in text:
-            for block in _blocks(chunk.encode("utf-8"), entry_bytes):
-                piece.append(block)
-                size += len(block)
-            if size >= most:
-                last, size = await send(), 0
-        if piece:
-            last = await send()
-        return last
-
-    async def _switch(self, token: str, generation: int, last: int) -> None:
-        """Switch the next generation in; if that fails, delete it, unless it went through after all."""
-        lease = self._lease
-        keys = (*self._compaction_keys(), lease.retired_key(generation))
-        retired_ms = int(self._options.retired_ttl * 1000)
-        arguments = (lease.writer, lease.ms, lease.epoch, token, generation, last, retired_ms)
-        try:
-            results = await self._run(SWITCH, keys, arguments, wait=True, command="RENAME", kept=_KEPT)
-        except (CheckpointLockedError, ConcurrentWriterError):  # refused: nothing was switched
-            await self._abandon(token)
-            raise
-        except Exception as exc:
-            switched = await self._abandon(token)
-            if switched:
-                logger.warning("%r: the compaction's switch went through though its answer was lost", self)
-                return
-            if switched is None:
-                raise StorageError(
-                    f"{self!r}: could not tell whether the compaction's switch went through ({exc}); the "
-                    "journal is the old one or the new one, whole, and a new writer's replay shows which"
-                ) from exc
-            raise
-        self._check_waits(results)
-
-    def _compaction_keys(self) -> tuple[str, ...]:
-        lease = self._lease
-        return (
-            self._key,
-            lease.key,
-            lease.epoch_key,
-            lease.next_key,
-            lease.next_owner_key,
-            lease.generation_key,
-        )
-
-    async def _abandon(self, token: str) -> bool | None:
-        """Delete the next generation of compaction ``token``: False if it was not switched in, True
-        if it was, None if Redis cannot be asked."""
-        lease = self._lease
-        try:
-            client = await self._connection()
-            with translated(self._where, "UNLINK"):
-                outcome = await client.eval(DISCARD, 2, lease.next_key, lease.next_owner_key, token)
-        except StorageError as exc:
-            logger.warning(
-                "%r: could not ask Redis what became of a compaction that failed (%s); unless it was "
-                "switched in, the next writer or the next compaction deletes its next generation, "
-                "which readers never look at",
-                self,
-                exc,
-            )
-            return None
-        return bool(outcome == 2)
+            await self._generations.replace(text)
 
     async def _close(self) -> None:
         try:
@@ -496,7 +375,7 @@ class RedisStreamStorage(ClosableStorage):
         self._client = None  # the parent's connections and lease stay the parent's
         self._lease.forget()
         self._closed_by_fork()
-        self._replacing = False
+        self._generations.staging = False
         self._lock = anyio.Lock()
         self._connect_lock = anyio.Lock()
 
@@ -505,11 +384,11 @@ class RedisStreamStorage(ClosableStorage):
     async def _send(self, *, wait: bool) -> None:
         """Send every pending block in one round trip; on failure they stay pending, numbered alike."""
         self._check_fence()
-        blocks, lease = self._pending, self._lease
+        pending, lease = self._pending, self._lease
         results = await self._run(
             APPEND,
-            (self._key, lease.key, lease.epoch_key),
-            (lease.writer, lease.ms, lease.epoch, blocks[0][0], *(block for _, block in blocks)),
+            (self._key, self._keys.lease, self._keys.epoch),
+            (lease.writer, lease.ms, lease.epoch, pending[0][0], *(block for _, block in pending)),
             wait=wait,
             command="XADD",
             kept=f"nothing of this flush was written, and its {self._pending_bytes} bytes are kept",
@@ -518,6 +397,11 @@ class RedisStreamStorage(ClosableStorage):
         self._pending_bytes = 0
         if wait:
             self._check_waits(results)
+
+    def _numbers(self, count: int) -> int:
+        """Take the next ``count`` block numbers of this writer's sequence; return the first."""
+        first, self._next_block = self._next_block, self._next_block + count
+        return first
 
     async def _run(
         self,
@@ -590,19 +474,3 @@ class RedisStreamStorage(ClosableStorage):
                 self._loop = asyncio.get_running_loop()
                 drop_in_forked_children(self)
         return self._client
-
-
-_KEPT = "the compaction was abandoned, and the journal is the old one, unchanged"
-
-
-def _blocks(data: bytes, size: int) -> Iterator[bytes]:
-    """Cut ``data`` (whole lines) into blocks of whole lines of about ``size`` bytes."""
-    start = 0
-    while len(data) - start > size:
-        cut = data.find(b"\n", start + size - 1) + 1  # a line longer than size is a block of its own
-        if cut == 0:
-            break
-        yield data[start:cut]
-        start = cut
-    if start < len(data):
-        yield data[start:]

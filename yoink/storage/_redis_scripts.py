@@ -1,10 +1,13 @@
-"""The Lua scripts of RedisStreamStorage. Each runs atomically on the server, so nothing comes
-between a check and the write it guards.
+"""What a RedisStreamStorage keeps in Redis: the keys of a journal, the blocks its entries hold, and
+the Lua scripts that change them. Each script runs atomically on the server, so nothing comes between
+a check and the write it guards.
 
 Beside the stream are two keys: the writer's lease, and its fencing token, the epoch, which only
 grows and never expires (``_redis_lease.py``). Every entry of the stream carries its writer's id
-(``w``) and epoch (``e``). Compaction adds three: the next generation of the journal while it is
-written, the token of the compaction writing it, and the count of compactions (the generation). A
+(``w``), its epoch (``e``), the block's number in that writer's sequence (``b``) and the block
+(``d``). Compaction (``_redis_compaction.py``) adds three: the next generation of the journal while
+it is written, the token of the compaction writing it, and the count of compactions (the
+generation); and it keeps each journal it replaced for a while under a name of its own. A
 refusal comes back as an error that begins ``YOINKFENCED`` (a newer epoch exists, or the epoch key
 is gone), ``YOINKLEASE`` (another writer holds the lease) or ``YOINKSTAGE`` (the next generation is
 gone, cut short or another compaction's). A script checks everything before it changes anything:
@@ -13,7 +16,47 @@ Redis does not undo what a script did before an error.
 
 from __future__ import annotations
 
-__all__ = ["ACQUIRE", "APPEND", "BEGIN", "DISCARD", "RELEASE", "RENEW", "STAGE", "SWITCH"]
+from collections.abc import Iterator
+
+__all__ = ["ACQUIRE", "APPEND", "BEGIN", "DISCARD", "RELEASE", "RENEW", "STAGE", "SWITCH", "Keys", "blocks"]
+
+
+class Keys:
+    """The keys of the journal in stream ``stream``. Those beside it share its Redis Cluster slot:
+    they are named ``{<stream>}:...``, or ``<stream>:...`` when the name has a hash tag of its own."""
+
+    def __init__(self, stream: str) -> None:
+        base = stream if _has_hash_tag(stream) else f"{{{stream}}}"
+        self.stream = stream
+        self.lease = f"{base}:lease"  # the writer's lease: its id, expiring
+        self.epoch = f"{base}:epoch"  # the newest fencing epoch, which never expires
+        self.next = f"{base}:next"  # the next generation, while a compaction writes it
+        self.next_owner = f"{base}:next:owner"  # the token of that compaction; 'done:<token>' once in
+        self.generation = f"{base}:generation"  # the number of compactions (none: never compacted)
+        self._base = base
+
+    def retired(self, generation: int) -> str:
+        """Where a compaction moves generation ``generation`` of the journal, for reads under way."""
+        return f"{self._base}:old:{generation}"
+
+
+def _has_hash_tag(key: str) -> bool:
+    opening = key.find("{")
+    return opening >= 0 and key.find("}", opening + 2) > 0
+
+
+def blocks(data: bytes, size: int) -> Iterator[bytes]:
+    """Cut ``data`` (whole lines) into blocks of whole lines of about ``size`` bytes, an entry each."""
+    start = 0
+    while len(data) - start > size:
+        cut = data.find(b"\n", start + size - 1) + 1  # a line longer than size is a block of its own
+        if cut == 0:
+            break
+        yield data[start:cut]
+        start = cut
+    if start < len(data):
+        yield data[start:]
+
 
 # Lua chunks shared by the scripts below. last_entry: the id, the epoch (or 0), the writer and the
 # block number of a stream's last entry. fence: nil if this writer may write, else why not:
