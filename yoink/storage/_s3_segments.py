@@ -316,11 +316,11 @@ class SegmentsLayout(SegmentListing):
             if piece is None:
                 raise StorageError(f"{self._uri}: no object holds segment {done + 1}; read again")
             through = min(piece.end, last)
-            skip = await size_of(piece.start, done)
-            length = await size_of(done + 1, through)
             try:
                 if piece.start == 0 and base is not None and piece not in listed:
                     await self._check_base(piece, base)  # a merge from 0 that came since: of this journal?
+                skip = await size_of(piece.start, done)
+                length = await size_of(done + 1, through)
                 response = await self._client.call(
                     "get_object", Key=piece.key, IfMatch=piece.etag, **piece.byte_range(skip, length)
                 )
