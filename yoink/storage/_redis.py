@@ -34,11 +34,20 @@ from yoink._exceptions import CheckpointLockedError, ConcurrentWriterError, Stor
 from yoink._fork import drop_in_forked_children
 from yoink._tasks import asyncio_loop_of, uninterrupted
 from yoink.storage._lifecycle import ClosableStorage
-from yoink.storage._redis_client import Refused, connect, server_identity, server_of, translated, url_options
+from yoink.storage._redis_client import (
+    Refused,
+    Waits,
+    connect,
+    server_identity,
+    server_of,
+    split_key,
+    translated,
+    url_options,
+)
 from yoink.storage._redis_compaction import Generations
 from yoink.storage._redis_lease import Lease
 from yoink.storage._redis_scripts import APPEND, Keys, blocks
-from yoink.storage._uri import Options, query_pairs, redact, take_uri_options
+from yoink.storage._uri import Options, redact, take_uri_options
 
 __all__ = ["RedisOptions", "RedisStreamStorage"]
 
@@ -114,9 +123,9 @@ class RedisStreamStorage(ClosableStorage):
       compaction do not know this, and may see the new journal follow part of the old one.
     - A compaction that fails deletes its next generation (a cancelled one finishes, as a write
       does); one that crashed leaves it to the next writer, which deletes it when it takes the
-      lease, or to the next compaction.
-      Readers never look at it. A journal written before compaction existed reads and appends as
-      before; its first compaction creates ``{<key>}:generation``.
+      lease, or to the next compaction. Readers never look at it. A journal written before
+      compaction existed reads and appends as before; its first compaction creates
+      ``{<key>}:generation``.
     - Redis Cluster: the stream, its lease, its epoch and compaction's keys must share a slot.
       yoink names them ``{<key>}:lease``, ``{<key>}:epoch``, ... for a key without a hash tag;
       give keys a hash tag (``{run-42}:journal``) to place them yourself.
@@ -159,7 +168,7 @@ class RedisStreamStorage(ClosableStorage):
             max_pending=max_pending,
             retired_ttl=retired_ttl,
         )
-        self._wait_ms = int(wait_timeout * 1000)
+        self._waits = Waits(wait_replicas, wait_aof, int(wait_timeout * 1000))
         self._keys = Keys(key)
         self._lease = Lease(
             self._keys, ttl=lease_ttl, where=self._where, owner=self, current=lambda: self._client
@@ -172,7 +181,7 @@ class RedisStreamStorage(ClosableStorage):
             run=self._run,
             connection=self._connection,
             numbers=self._numbers,
-            check_waits=self._check_waits,
+            waits=self._waits,
             entry_bytes=entry_bytes,
             max_pending=max_pending,
             retired_ttl=retired_ttl,
@@ -198,21 +207,10 @@ class RedisStreamStorage(ClosableStorage):
         query may hold this class's options, converted to their types, and what redis-py's
         ``from_url`` takes (``password``, ``socket_timeout``, ...); anything else is refused.
         """
-        parts = urlsplit(uri)
-        scheme = parts.scheme.lower()
+        scheme = urlsplit(uri).scheme.lower()
         if scheme not in ("redis", "rediss", "unix"):
             raise ValueError(f"a Redis URI starts with redis://, rediss:// or unix://; got {redact(uri)!r}")
-        pairs = query_pairs(parts.query)
-        keys = [value for name, value, _ in pairs if name == "key"]
-        if len(keys) != 1 or not keys[0]:
-            others = [piece for name, _, piece in pairs if name != "key"]
-            example = uri.partition("?")[0] + "?" + "&".join([*others, "key=crawl-42"])
-            raise ValueError(
-                f"a Redis URI names the stream in its query, once, as in {redact(example)!r}; "
-                f"got {redact(uri)!r}"
-            )
-        rest = "&".join(piece for name, _, piece in pairs if name != "key")
-        without_key = uri.partition("?")[0] + (f"?{rest}" if rest else "")
+        without_key, key = split_key(uri)
         understood = url_options(scheme)
         url, given = take_uri_options(
             cls,
@@ -221,7 +219,7 @@ class RedisStreamStorage(ClosableStorage):
             keep=understood.__contains__,
             others=f"; redis-py's from_url takes {', '.join(sorted(understood))}",
         )
-        return cls(url, keys[0], **options, **given)
+        return cls(url, key, **options, **given)
 
     @property
     def key(self) -> str:
@@ -396,7 +394,7 @@ class RedisStreamStorage(ClosableStorage):
         self._pending = []
         self._pending_bytes = 0
         if wait:
-            self._check_waits(results)
+            self._waits.check(results, self)
 
     def _numbers(self, count: int) -> int:
         """Take the next ``count`` block numbers of this writer's sequence; return the first."""
@@ -417,13 +415,10 @@ class RedisStreamStorage(ClosableStorage):
         in one round trip; a refusal raises what it means, saying what was ``kept``."""
         self._check_fence()
         client = await self._connection()
-        replicas = self._options.wait_replicas
         async with client.pipeline(transaction=False) as pipe:
             pipe.eval(script, len(keys), *keys, *arguments)
-            if wait and replicas:
-                pipe.execute_command("WAIT", replicas, self._wait_ms)
-            if wait and self._options.wait_aof:
-                pipe.execute_command("WAITAOF", 1, replicas, self._wait_ms)
+            if wait:
+                self._waits.add_to(pipe)
             try:
                 with translated(self._where, command):
                     results: list[Any] = await pipe.execute()
@@ -445,24 +440,6 @@ class RedisStreamStorage(ClosableStorage):
             f"{self!r}: the next generation of the journal that this compaction wrote is gone, cut "
             f"short or another's ({exc.detail}: another compaction began, or Redis lost keys); {kept}"
         ) from None
-
-    def _check_waits(self, results: list[Any]) -> None:
-        """Raise if the replicas or the append-only file did not confirm a flush in time."""
-        replicas = self._options.wait_replicas
-        if replicas:
-            acked = results[1]
-            if acked < replicas:
-                raise StorageError(
-                    f"{self!r}: only {acked} of {replicas} replicas acknowledged the flush "
-                    f"within {self._wait_ms / 1000:g} s; it is on the primary"
-                )
-        if self._options.wait_aof:
-            local, replicas_done = results[-1]
-            if local < 1 or replicas_done < replicas:
-                raise StorageError(
-                    f"{self!r}: the append-only file did not confirm the flush within "
-                    f"{self._wait_ms / 1000:g} s (local {local}, replicas {replicas_done}); it is in memory"
-                )
 
     async def _connection(self) -> redis.Redis:
         asyncio_loop_of(self, self._loop if self._client is not None else None)

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import redis.asyncio as redis
 
 from yoink._exceptions import CheckpointLockedError, ConcurrentWriterError, StorageError
-from yoink.storage._redis_client import translated
+from yoink.storage._redis_client import Waits, translated
 from yoink.storage._redis_lease import Lease
 from yoink.storage._redis_scripts import BEGIN, DISCARD, STAGE, SWITCH, Keys, blocks
 
@@ -63,9 +63,9 @@ class Generations:
     """The compactions of one writer's journal, and the reads that follow them.
 
     ``lease`` is the writer's, held whenever a compaction runs. The storage, ``owner`` (as errors
-    and log lines name it), lends what it does for its own writes: ``run`` a fenced script,
-    ``connection()``, ``numbers(n)`` to take the next n block numbers of the writer's sequence, and
-    ``check_waits(replies)`` to raise if the replicas or the append-only file did not confirm.
+    and log lines name it), lends what it uses for its own writes: ``run`` a fenced script, its
+    ``connection()``, its ``waits`` after a flush, and ``numbers(n)``, which takes the next n block
+    numbers of the writer's sequence.
     ``staging`` is true while :meth:`replace` reads its text into the next generation.
     """
 
@@ -79,7 +79,7 @@ class Generations:
         run: Run,
         connection: Callable[[], Awaitable[redis.Redis]],
         numbers: Callable[[int], int],
-        check_waits: Callable[[list[Any]], None],
+        waits: Waits,
         entry_bytes: int,
         max_pending: int,
         retired_ttl: float,
@@ -92,7 +92,7 @@ class Generations:
         self._run = run
         self._connection = connection
         self._numbers = numbers
-        self._check_waits = check_waits
+        self._waits = waits
         self._entry_bytes = entry_bytes
         self._max_pending = max_pending
         self._retired_ttl = retired_ttl
@@ -170,7 +170,7 @@ class Generations:
                     "replay shows which"
                 ) from exc
             raise
-        self._check_waits(results)
+        self._waits.check(results, self._owner)
 
     async def abandon(self, token: str) -> bool | None:
         """Delete the next generation of compaction ``token``: False if it was not switched in, True
