@@ -1,8 +1,8 @@
 """Compaction of a RedisStreamStorage's journal: a next generation written in fenced pieces and
 switched in by one script, and the reads that follow a switch.
 
-A compaction (:meth:`Generations.replace`) runs scripts of ``_redis_scripts.py``, each fenced like a
-flush (the writer's lease and epoch are checked on the server), on the keys of its ``Keys``:
+A compaction (:meth:`Generations.replace`) runs scripts of ``_redis_scripts.py`` on the journal's
+keys (``Keys``), each fenced like a flush (the writer's lease and epoch are checked on the server):
 
 1. BEGIN claims the next generation, ``{<key>}:next``, for the compaction's token (kept in
    ``{<key>}:next:owner``), deleting whatever an earlier compaction left there, and returns how
@@ -65,8 +65,8 @@ class Generations:
     ``lease`` is the writer's, held whenever a compaction runs. The storage, ``owner`` (as errors
     and log lines name it), lends what it uses for its own writes: ``run`` a fenced script, its
     ``connection()``, its ``waits`` after a flush, and ``numbers(n)``, which takes the next n block
-    numbers of the writer's sequence.
-    ``staging`` is true while :meth:`replace` reads its text into the next generation.
+    numbers of the writer's sequence. ``staging`` is true while :meth:`replace` reads its text into
+    the next generation.
     """
 
     def __init__(
@@ -97,8 +97,8 @@ class Generations:
         self._max_pending = max_pending
         self._retired_ttl = retired_ttl
         self._tokens = itertools.count(1)  # numbers this writer's compactions' tokens
-        # KEYS of BEGIN and SWITCH
-        self._switched = (keys.stream, keys.lease, keys.epoch, keys.next, keys.next_owner, keys.generation)
+        # the KEYS of BEGIN and SWITCH
+        self._switch_keys = (keys.stream, keys.lease, keys.epoch, keys.next, keys.next_owner, keys.generation)
 
     async def replace(self, text: AsyncIterable[str]) -> None:
         """Write ``text`` into the next generation and switch it in; if that fails, delete it (unless
@@ -107,7 +107,7 @@ class Generations:
         lease = self._lease
         token = f"{lease.writer}:{next(self._tokens)}"
         (generation,) = await self._run(
-            BEGIN, self._switched, (lease.writer, lease.ms, lease.epoch, token), command="EVAL", kept=_KEPT
+            BEGIN, self._switch_keys, (lease.writer, lease.ms, lease.epoch, token), command="EVAL", kept=_KEPT
         )
         self.staging = True
         try:
@@ -148,7 +148,7 @@ class Generations:
     async def _switch(self, token: str, generation: int, last: int) -> None:
         """Switch the next generation in; if that fails, delete it, unless it went through after all."""
         lease = self._lease
-        keys = (*self._switched, self._keys.retired(generation))
+        keys = (*self._switch_keys, self._keys.retired(generation))
         retired_ms = int(self._retired_ttl * 1000)
         arguments = (lease.writer, lease.ms, lease.epoch, token, generation, last, retired_ms)
         try:
