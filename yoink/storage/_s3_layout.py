@@ -172,10 +172,12 @@ class Layout(ABC):
             async for chunk in data:  # on from where the loop above stopped
                 buffer += chunk
                 while len(buffer) >= self._part_size:
-                    part = bytes(buffer[: self._part_size])
+                    with memoryview(buffer) as view:  # one copy of the part, not two
+                        part = bytes(view[: self._part_size])
                     del buffer[: self._part_size]
                     await send(part)
                     size, last = size + len(part), part[-1:]
+                    del part  # not held while the next one fills: a part and the buffer at most
             if buffer:
                 await send(bytes(buffer))
                 size, last = size + len(buffer), bytes(buffer[-1:])
