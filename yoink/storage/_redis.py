@@ -79,7 +79,7 @@ class RedisStreamStorage(ClosableStorage):
       :meth:`flush` sends them in one round trip and returns when Redis has applied them. For more
       durability, ``wait_replicas=N`` waits for N replicas (``WAIT``) and ``wait_aof=True`` for the
       append-only file (``WAITAOF``, Redis 7.2+, refused at connection on an older server).
-    - One writer at a time: the first write takes a lease, the key ``<key>:lease`` (``SET NX PX``),
+    - One writer at a time: the first write takes a lease, the key ``{<key>}:lease`` (``SET NX PX``),
       renewed every third of ``lease_ttl`` while the storage is open and released by
       :meth:`close`. A second writer gets :class:`~yoink.CheckpointLockedError`; a crashed writer's
       lease expires after ``lease_ttl`` seconds.
