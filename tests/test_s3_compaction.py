@@ -184,6 +184,30 @@ async def test_a_writer_on_another_machine_that_flushes_during_a_compaction_is_d
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+async def test_a_compactor_already_behind_another_writer_is_refused_before_it_uploads_anything(
+    open_s3: OpenS3, layout: str
+) -> None:
+    compactor = open_s3(layout, "a")
+    await compactor.write(records(0, 2))
+    await compactor.flush()
+    async with open_s3(layout, "b") as other:
+        assert await numbers(other) == [0, 1]
+        await other.write(records(100, 1))
+    taken: list[str] = []
+
+    async def watched() -> AsyncIterator[str]:
+        taken.append("the snapshot was read")
+        yield records(10, 1)
+
+    with pytest.raises(ConcurrentWriterError, match="compaction was not applied"):
+        await compactor.replace(watched())
+    assert taken == []
+    await died(compactor)  # nothing of its own is staged: closing it would only be refused again
+    async with open_s3(layout, "reader") as reader:
+        assert await numbers(reader) == [0, 1, 100]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 async def test_a_compaction_whose_reply_was_lost_is_recognised_as_its_own(
     open_s3: OpenS3, proxy: Proxy, layout: str
 ) -> None:

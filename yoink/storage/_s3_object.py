@@ -105,7 +105,10 @@ class ObjectLayout(Layout):
         what the old journal did not hold, after the new one.
         """
         writer = self._stage.writer
-        known = self._known or await self._head()
+        now = await self._head()
+        known = self._known = self._known or now
+        if now.etag != known.etag:  # the condition would fail: say so before the upload
+            raise self._replace_refused(known, now.etag)
         writers = dict(known.writers)
         writers[writer] = writers.pop(writer, 0)  # this writer last, as after its uploads
         writers = dict(list(writers.items())[-REMEMBERED_WRITERS:])
@@ -121,15 +124,16 @@ class ObjectLayout(Layout):
         except (Conflict, Missing):
             head = await self._head_metadata(self._key)
             if head is None or head[0].get("yoink-replace") != token:  # not an earlier attempt of ours
-                self._known = known  # and so the next flush fails the same way
-                now = head[2] if head is not None else "no object"
-                raise ConcurrentWriterError(
-                    f"{self._uri} was changed by another writer (its ETag went from {known.etag} to "
-                    f"{now}) while this one compacted it; yoink allows one writer at a time. The "
-                    "compaction was not applied: the journal is as the other writer left it"
-                ) from None
+                raise self._replace_refused(known, head[2] if head is not None else None) from None
             etag, size, clean = head[2], head[1], False  # ours: its reply was lost; its end is read once
         self._known = _Object(etag, size, writers, clean=clean)
+
+    def _replace_refused(self, known: _Object, etag: str | None) -> ConcurrentWriterError:
+        return ConcurrentWriterError(
+            f"{self._uri} was changed by another writer (its ETag went from {known.etag} to {etag}) while "
+            "this one compacted it; yoink allows one writer at a time. The compaction was not applied: "
+            "the journal is as the other writer left it"
+        )
 
     async def _append(self, known: _Object, batches: list[Batch]) -> _Object:
         writers = dict(known.writers)

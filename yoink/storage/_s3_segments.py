@@ -107,8 +107,13 @@ class SegmentsLayout(SegmentListing):
         condition refuses it if a writer merged the claim meanwhile (it wrote after it).
         """
         writer = self._stage.writer
-        state = self._view or await self._list_segments(writer)
-        self._view = state
+        now = await self._list_segments(writer, remember=False)  # also what a crash left to clear
+        state = self._view = self._view or now
+        if now.next != state.next:  # the claim would be refused: say so before the upload
+            raise self._compaction_refused(f"segment {state.next}, the next it knew of, is another writer's")
+        seen = {piece.key for piece in [*state.hidden, *state.unburied]}
+        state.hidden += [piece for piece in now.hidden if piece.key not in seen]
+        state.unburied += [piece for piece in now.unburied if piece.key not in seen]
         for prefix in (f"{self._key}/segments/", f"{self._key}/merged/"):  # not another journal's under it
             await self._abort_uploads(prefix)
         number = state.next
@@ -128,10 +133,8 @@ class SegmentsLayout(SegmentListing):
             except Conflict:
                 head = await self._head_metadata(claim_key)
                 if head is None or head[0].get("yoink-claim") != token:
-                    raise ConcurrentWriterError(
-                        f"{self._uri} was changed by another writer (segment {number}, the one this "
-                        "compaction claims, is another writer's); yoink allows one writer at a time. "
-                        "The compaction was not applied: the journal is as the other writer left it"
+                    raise self._compaction_refused(
+                        f"segment {number}, the one it claims, is another writer's"
                     ) from None
                 etag = head[2]
             state.live.append(Segment(claim_key, number, number, 0, etag, batch=state.landed))
@@ -143,10 +146,8 @@ class SegmentsLayout(SegmentListing):
         except Conflict:
             head = await self._head_metadata(key)
             if head is None or head[0].get("yoink-claim") != token:
-                raise ConcurrentWriterError(
-                    f"{self._uri} was changed by another writer (it wrote after segment {number}, "
-                    "which this compaction claimed, and merged it); yoink allows one writer at a time. "
-                    "The compaction was not applied: the journal is as the other writer left it"
+                raise self._compaction_refused(
+                    f"it wrote after segment {number}, which this compaction claimed, and merged it"
                 ) from None
             etag, size = head[2], head[1]
         state.hidden += [piece for piece in replaced if piece.merged]
@@ -154,6 +155,13 @@ class SegmentsLayout(SegmentListing):
         state.live = [Segment(key, 0, number, size, etag, merged=True)]
         state.keep_until = time.monotonic() + self._keep_replaced
         await self._tidy(state)  # at once if keep_replaced is 0, else at a flush once it has passed
+
+    def _compaction_refused(self, what: str) -> ConcurrentWriterError:
+        return ConcurrentWriterError(
+            f"{self._uri} was changed by another writer ({what}) while this one compacted it; yoink "
+            "allows one writer at a time. The compaction was not applied: the journal is as the other "
+            "writer left it"
+        )
 
     async def _taken_segment(self, number: int, batches: list[Batch]) -> tuple[int, int, str]:
         """Segment ``number`` exists: return its batch, size and ETag if an earlier attempt of this
