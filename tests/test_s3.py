@@ -534,6 +534,27 @@ async def test_a_lost_upload_that_another_writer_merged_is_not_uploaded_again(
         assert await numbers(again) == [*range(6), 100]  # record 1 once
 
 
+async def test_a_read_beside_a_flush_of_the_same_storage_yields_each_record_once(
+    open_s3: OpenS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from yoink.storage._s3_listing import SegmentListing
+
+    listing = SegmentListing._try_listing
+
+    async def listing_then_a_flush(self: SegmentListing, *, tidy: bool) -> Any:
+        state = await listing(self, tidy=tidy)
+        monkeypatch.setattr(SegmentListing, "_try_listing", listing)
+        await storage.flush()  # lands the staged record after the listing, before its batch is looked up
+        return state
+
+    async with open_s3("job", layout="segments") as storage:
+        await storage.write(records(0, 1))
+        await storage.flush()
+        await storage.write(records(1, 1))
+        monkeypatch.setattr(SegmentListing, "_try_listing", listing_then_a_flush)
+        assert await numbers(storage) == [0, 1]  # from the stage: the listing did not hold it
+
+
 async def test_a_reader_beside_a_live_writer_sees_only_what_the_writer_flushed(open_s3: OpenS3) -> None:
     async with open_s3() as writer:
         await writer.write(records(0, 2))

@@ -101,18 +101,24 @@ class SegmentListing(Layout):
         and that key keeps its writer and batch even once a merge has emptied it."""
         intent = self._stage.read_intent()
         if intent is None:  # a stage of a yoink before these records: look in the last segments
-            for segment in reversed(state.live[-REMEMBERED_WRITERS:]):
-                head = None if segment.merged else await self._head_metadata(segment.key)
-                if head and head[0].get("yoink-writer") == writer:
-                    return int(head[0]["yoink-batch"])
-            return 0
+            return await self._landed_in(writer, state)
         number = intent.get("s3_segment")
         if intent.get("writer") != writer or not isinstance(number, int):
             return 0  # this writer has not uploaded yet
+        if number >= state.next:  # uploaded after this listing (a flush beside a read): not in it
+            return await self._landed_in(writer, state)
         head = await self._head_metadata(self._segment_key(number))
         if head is None or head[0].get("yoink-writer") != writer:
             return 0  # the upload did not land
         return int(head[0]["yoink-batch"])
+
+    async def _landed_in(self, writer: str, state: Segments) -> int:
+        """The last of ``writer``'s batches among the last segments that ``state`` lists."""
+        for segment in reversed(state.live[-REMEMBERED_WRITERS:]):
+            head = None if segment.merged else await self._head_metadata(segment.key)
+            if head and head[0].get("yoink-writer") == writer:
+                return int(head[0]["yoink-batch"])
+        return 0
 
     async def _try_listing(self, *, tidy: bool) -> Segments:
         """One listing: merged objects first, then the segments after them (not the emptied ones
