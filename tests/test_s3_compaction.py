@@ -36,27 +36,6 @@ def open_s3(bucket: str, moto: MotoServer, tmp_path: Path) -> OpenS3:
     return open_
 
 
-@pytest.fixture
-def completes_are_conditional(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make moto honour If-Match on CompleteMultipartUpload, as S3 does (since 2024); moto ignores it."""
-    from moto.s3.exceptions import PreconditionFailed
-    from moto.s3.responses import S3Response
-
-    original = S3Response._key_response_post
-
-    def post(
-        self: Any, request: Any, body: bytes, bucket_name: str, query: dict[str, Any], key_name: str
-    ) -> Any:
-        expected = request.headers.get("If-Match")
-        if query.get("uploadId") and expected:
-            existing = self.backend.get_object(bucket_name, key_name)
-            if existing is None or existing.etag.strip('"') != expected.strip('"'):
-                raise PreconditionFailed("If-Match")
-        return original(self, request, body, bucket_name, query, key_name)
-
-    monkeypatch.setattr(S3Response, "_key_response_post", post)
-
-
 async def snapshot(
     first: int, count: int, pad: int = 0, during: Callable[[], Awaitable[None]] | None = None
 ) -> AsyncIterator[str]:
