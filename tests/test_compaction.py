@@ -467,3 +467,35 @@ async def test_a_reader_replaying_during_a_compaction_sees_the_old_journal_whole
             rest = [record["n"] async for record in records]
     assert [first["n"], *rest] == list(range(50_000)), "the reader saw part of each journal"
     assert [record["n"] for record in await replay(path)] == list(range(49_990, 50_000))
+
+
+async def test_compactions_called_together_run_in_turn_each_after_what_was_appended_before_it() -> None:
+    storage = SlowReplace()
+    checkpoint = CheckpointManager(storage, batch_bytes=10, flush_interval=None)
+    await checkpoint.append({"before": 1})
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(checkpoint.compact, [{"snapshot": 1}])
+        await storage.replacing.wait()
+        await checkpoint.append({"between": 1})  # replaced by the second snapshot
+        tasks.start_soon(checkpoint.compact, [{"snapshot": 2}])
+        await anyio.sleep(0.01)
+        await checkpoint.append({"after": 2})  # follows it
+        storage.go.set()
+    await checkpoint.close()
+    assert [record async for record in CheckpointManager(MemoryStorage(storage.name)).replay()] == [
+        {"snapshot": 2},
+        {"after": 2},
+    ]
+
+
+async def test_a_compaction_cancelled_before_it_began_holds_nothing_back(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    async with CheckpointManager.from_uri(path, batch_bytes=10) as checkpoint:
+        await checkpoint.append({"n": 0})
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await checkpoint.compact(key="n")
+        await checkpoint.append({"n": 1})
+        with anyio.fail_after(5):
+            await checkpoint.flush()  # would wait for ever behind a cut left in place
+    assert await replay(path) == [{"n": 0}, {"n": 1}]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import logging
@@ -110,9 +111,10 @@ class CheckpointManager:
         self._unknown: str | None = None  # why a storage call's outcome is unknown, if one is
         self._policy = compact
         self._compaction_lock = anyio.Lock()
-        # While a compaction is under way, the bytes appended before it (handed included): nothing
-        # after them is written until it ends, and appends wait in memory.
-        self._cut: int | None = None
+        # The cut of each compaction called and not yet done, in call order: the bytes appended
+        # before it (handed included). Nothing after the first is written until that compaction
+        # has swapped the journal; appends wait in memory meanwhile.
+        self._cuts: collections.deque[int] = collections.deque()
         self._compactor: anyio.CancelScope | None = None  # the policy's compaction in the background
         self._grown = 0  # bytes written since the last compaction
         self._base: int | None = None  # the journal's bytes after its last compaction, or at replay
@@ -257,47 +259,64 @@ class CheckpointManager:
         if key is not None and (not isinstance(key, str) or not key):
             raise ValueError(f"key must be the name of a record field, got {key!r}")
         # The cut, the bytes appended before the call, is taken now, before any await lets another
-        # task append; a call that waits for another compaction takes it when that one ends.
-        waits = self._cut is not None or self._compaction_lock.locked()
-        if not waits:
-            self._cut = self._handed + len(self._buffer)
-        async with self._compaction_lock:
-            if waits:
-                self._cut = self._handed + len(self._buffer)
-            try:
-                return await uninterrupted(functools.partial(self._compact, records, key))
-            finally:
-                self._cut = None
-                self._full_at = self._batch_bytes if self._writable else 0
+        # task append: nothing after it is written until this compaction has swapped the journal.
+        cut = self._handed + len(self._buffer)
+        self._cuts.append(cut)
+        started = anyio.Event()  # set by _compact(), which then owns the cut
+        try:
+            return await uninterrupted(functools.partial(self._compact, started, cut, records, key))
+        finally:
+            if not started.is_set():  # cancelled before it began (trio): the cut is let go here
+                self._cuts.remove(cut)
+                self._cuts_changed()
 
     async def _compact(
+        self,
+        started: anyio.Event,
+        cut: int,
+        records: Iterable[Any] | AsyncIterable[Any] | None,
+        key: str | None,
+    ) -> Compaction:
+        started.set()
+        try:
+            # One at a time, in the order they were called: their cuts are queued in that order.
+            async with self._compaction_lock, self._io_lock:
+                return await self._compact_locked(records, key)
+        finally:
+            self._cuts.remove(cut)  # the next compaction's cut, if one waits, is the first now
+            self._cuts_changed()
+
+    async def _compact_locked(
         self, records: Iterable[Any] | AsyncIterable[Any] | None, key: str | None
     ) -> Compaction:
-        async with self._io_lock:
-            await self._write_locked()  # up to the cut
-            handed = self._handed
-            await self._storage.flush()
-            self._durable = max(self._durable, handed)
-            info = Compaction(at=now(), key=key, records_before=None, bytes_before=None, records=None)
-            encode: Callable[[Any], bytes] = functools.partial(encode_record, default=self._default)
-            if key is not None:
-                fold = KeyFold(key)
-                decoder = JournalDecoder(repr(self._storage), on_corrupt=self._on_corrupt)
-                async for batch in decoder.batches(self._storage.read()):
-                    fold.add(batch)
-                info = Compaction(info.at, key, fold.records, decoder.offset, len(fold))
-                records, encode = fold, encode_replayed
-            assert records is not None
-            size: list[int] = []
-            header = info.header_line()
-            text = snapshot_text(header, records, encode, lambda *counts: size.extend(counts))
-            try:
-                await self._storage.replace(text)
-            finally:
-                await text.aclose()
-            self._grown = 0
-            self._base = size[1] + len(header.encode())
-            return Compaction(info.at, key, info.records_before, info.bytes_before, size[0], size[1])
+        await self._write_locked()  # up to the cut
+        handed = self._handed
+        await self._storage.flush()
+        self._durable = max(self._durable, handed)
+        info = Compaction(at=now(), key=key, records_before=None, bytes_before=None, records=None)
+        encode: Callable[[Any], bytes] = functools.partial(encode_record, default=self._default)
+        if key is not None:
+            fold = KeyFold(key)
+            decoder = JournalDecoder(repr(self._storage), on_corrupt=self._on_corrupt)
+            async for batch in decoder.batches(self._storage.read()):
+                fold.add(batch)
+            info = Compaction(info.at, key, fold.records, decoder.offset, len(fold))
+            records, encode = fold, encode_replayed
+        assert records is not None
+        size: list[int] = []
+        header = info.header_line()
+        text = snapshot_text(header, records, encode, lambda *counts: size.extend(counts))
+        try:
+            await self._storage.replace(text)
+        finally:
+            await text.aclose()
+        self._grown = 0
+        self._base = size[1] + len(header.encode())
+        return Compaction(info.at, key, info.records_before, info.bytes_before, size[0], size[1])
+
+    def _cuts_changed(self) -> None:
+        if not self._cuts:  # no compaction left: appends write full batches again
+            self._full_at = self._batch_bytes if self._writable else 0
 
     async def exists(self) -> bool:
         """Whether the journal has any record, here or in the storage."""
@@ -369,7 +388,7 @@ class CheckpointManager:
             if not self._writable:
                 raise self._refusal()
             raise record_too_long(appended)
-        if self._cut is not None:  # held in memory until the compaction ends; let it run meanwhile
+        if self._cuts:  # held in memory until the compaction ends; let it run meanwhile
             self._full_at = len(self._buffer) + self._batch_bytes
             await anyio.lowlevel.checkpoint()
             return
@@ -390,7 +409,7 @@ class CheckpointManager:
 
         While a compaction is under way, only those appended before it (up to its cut) are written.
         """
-        upto = None if self._cut is None else self._cut - self._handed
+        upto = self._cuts[0] - self._handed if self._cuts else None
         if not self._buffer or (upto is not None and upto <= 0):
             return
         if self._unknown is not None:
@@ -417,7 +436,12 @@ class CheckpointManager:
             raise
         self._grown += len(batch)
         policy = self._policy
-        if policy is not None and self._compactor is None and policy.due(self._base or 0, self._grown):
+        if (
+            policy is not None
+            and not self._cuts
+            and self._compactor is None
+            and policy.due(self._base or 0, self._grown)
+        ):
             self._compactor = start_background(self._compact_in_background)
 
     async def _compact_in_background(self) -> None:
