@@ -429,3 +429,13 @@ def test_compact_needs_a_key_and_a_journal(tmp_path: Path) -> None:
         f"yoink: error: no journal at {tmp_path / 'j.jsonl'}\n",
     )
     assert not (tmp_path / "j.jsonl").exists()
+
+
+def test_stats_of_a_header_yoink_does_not_know_says_so_and_does_not_fail(tmp_path: Path) -> None:
+    path = tmp_path / "odd.jsonl"
+    odd = {"at": "now", "key": "k", "records_before": "many", "bytes_before": None, "records": 1}
+    path.write_text(orjson.dumps(["$yoink", {"compaction": odd}]).decode() + '\n{"n":1}\n')
+    result = yoink("stats", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "records:  1\n" in result.stdout
+    assert "compacted: a header yoink does not know (not shown)\n" in result.stdout

@@ -59,7 +59,7 @@ async def test_compact_by_key_keeps_the_last_record_per_key_in_journal_order(tmp
     assert result.bytes_before == sum(len(orjson.dumps(record)) + 1 for record in before)
     lines = path.read_bytes().splitlines(keepends=True)
     assert len(lines) == 5
-    assert lines[0].startswith(b'{"$yoink":')
+    assert lines[0].startswith(b'["$yoink",{"compaction":{')
     assert result.bytes == sum(map(len, lines[1:]))
 
 
@@ -499,3 +499,20 @@ async def test_a_compaction_cancelled_before_it_began_holds_nothing_back(tmp_pat
         with anyio.fail_after(5):
             await checkpoint.flush()  # would wait for ever behind a cut left in place
     assert await replay(path) == [{"n": 0}, {"n": 1}]
+
+
+async def test_a_first_record_never_passes_for_the_header(tmp_path: Path) -> None:
+    path = tmp_path / "lookalike.jsonl"
+    lookalikes = [
+        {"$yoink": {"compaction": {"at": "x", "key": None}}},
+        {"$yoink": {"user": 1}, "url": "a"},
+    ]
+    for first in lookalikes:
+        path.unlink(missing_ok=True)
+        async with CheckpointManager.from_uri(path) as checkpoint:
+            await checkpoint.append(first)
+            await checkpoint.append({"url": "b"})
+        assert await replay(path) == [first, {"url": "b"}], "a flushed record was taken for the header"
+        async with CheckpointManager.from_uri(path) as checkpoint:
+            await checkpoint.compact(key="url")
+        assert await replay(path) == [first, {"url": "b"}], "compaction dropped a record taken for the header"

@@ -47,15 +47,19 @@ class Compaction:
         fields = header.get("compaction")
         if type(fields) is not dict:
             return None
-        try:
-            return cls(**{name: fields[name] for name in HEADER_FIELDS})
-        except (KeyError, TypeError):
+        if not all(name in fields for name in HEADER_FIELDS):
             return None
+        counts = [fields[name] for name in HEADER_FIELDS[2:]]
+        if type(fields["at"]) is not str or not isinstance(fields["key"], (str, type(None))):
+            return None
+        if not all(count is None or (type(count) is int and count >= 0) for count in counts):
+            return None  # written by something other than yoink: not to be trusted, nor shown
+        return cls(**{name: fields[name] for name in HEADER_FIELDS})
 
     def header_line(self) -> str:
         """The line a compacted journal starts with."""
         fields = {name: getattr(self, name) for name in HEADER_FIELDS}
-        return orjson.dumps({"$yoink": {"compaction": fields}}).decode() + "\n"
+        return orjson.dumps(["$yoink", {"compaction": fields}]).decode() + "\n"
 
 
 HEADER_FIELDS = ("at", "key", "records_before", "bytes_before", "records")

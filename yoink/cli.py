@@ -84,7 +84,8 @@ class Scan:
     first: dict[str, Any] | None = None
     last: dict[str, Any] | None = None
     problems: list[Problem] = field(default_factory=list)
-    compaction: Compaction | None = None  # the last one, as the journal's header tells it
+    header: dict[str, Any] | None = None  # the journal's header line, if it has one
+    compaction: Compaction | None = None  # the last compaction, as the header tells it
 
 
 async def scan(storage: CheckpointStorage, uri: str) -> Scan:
@@ -98,6 +99,7 @@ async def scan(storage: CheckpointStorage, uri: str) -> Scan:
             result.records += len(records)
     left_out = sum(problem.left_out for problem in result.problems if isinstance(problem, TornTail))
     result.bytes = decoder.offset + left_out
+    result.header = decoder.header
     if decoder.header is not None:
         result.compaction = Compaction.from_header(decoder.header)
     return result
@@ -129,7 +131,7 @@ async def stats(uri: str) -> int:
     print(f"bytes:    {result.bytes:,}")
     print(f"first:    {_show(result.first)}")
     print(f"last:     {_show(result.last)}")
-    print(f"compacted: {_compacted(result.compaction)}")
+    print(f"compacted: {_compacted(result)}")
     torn = [problem for problem in result.problems if isinstance(problem, TornTail)]
     corrupt = [problem for problem in result.problems if isinstance(problem, BadLine)]
     print(f"torn tail: {torn[0] if torn else 'none'}")
@@ -141,16 +143,17 @@ async def stats(uri: str) -> int:
     return 0
 
 
-def _compacted(compaction: Compaction | None) -> str:
+def _compacted(result: Scan) -> str:
+    compaction = result.compaction
     if compaction is None:
-        return "never"
+        return "never" if result.header is None else "a header yoink does not know (not shown)"
     how = f"by key {compaction.key!r}" if compaction.key is not None else "to a snapshot"
     if compaction.records_before is None or compaction.records is None:
         return f"{compaction.at} {how}"
-    shrank = (
-        f"{compaction.records_before:,} records ({compaction.bytes_before:,} bytes) to {compaction.records:,}"
-    )
-    return f"{compaction.at} {how}: {shrank}"
+    before = f"{compaction.records_before:,} records"
+    if compaction.bytes_before is not None:
+        before += f" ({compaction.bytes_before:,} bytes)"
+    return f"{compaction.at} {how}: {before} to {compaction.records:,}"
 
 
 async def compact(uri: str, key: str) -> int:
