@@ -7,7 +7,9 @@ import fcntl
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -516,3 +518,191 @@ async def test_a_first_record_never_passes_for_the_header(tmp_path: Path) -> Non
         async with CheckpointManager.from_uri(path) as checkpoint:
             await checkpoint.compact(key="url")
         assert await replay(path) == [first, {"url": "b"}], "compaction dropped a record taken for the header"
+
+
+async def test_a_compaction_whose_caller_is_cancelled_before_its_snapshot_ends_keeps_the_old_journal(
+    tmp_path: Path,
+) -> None:
+    # A producer in the caller's task group streams the state; a sibling fails, the group cancels
+    # the producer (whose stream then ends) and compact(): the snapshot is not complete.
+    path = tmp_path / "state.jsonl"
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        for n in range(1000):
+            await checkpoint.append({"n": n})
+        send, receive = anyio.create_memory_object_stream[dict[str, int]](10)
+
+        async def produce() -> None:
+            async with send:
+                for n in range(1000):
+                    await send.send({"state": n})
+                    await anyio.sleep(0.001)
+
+        async def fail() -> None:
+            await anyio.sleep(0.1)
+            raise RuntimeError("another part of the job failed")
+
+        failure: BaseException | None = None
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(produce)
+                tasks.start_soon(fail)
+                async with receive:
+                    await checkpoint.compact(receive)
+        except BaseException as exc:  # the task group's group of errors
+            failure = exc
+        assert "another part of the job failed" in repr(failure)
+        await checkpoint.append({"n": 1000})
+    assert await replay(path) == [{"n": n} for n in range(1001)], "a partial snapshot replaced the journal"
+
+
+async def test_a_cancelled_compaction_stops_waiting_on_every_event_loop(tmp_path: Path) -> None:
+    async def endless() -> AsyncIterator[dict[str, int]]:
+        n = 0
+        while True:
+            await anyio.sleep(0.01)
+            yield {"n": n}
+            n += 1
+
+    async with CheckpointManager.from_uri(tmp_path / "j.jsonl") as checkpoint:
+        await checkpoint.append({"old": 1})
+        started = time.monotonic()
+        with anyio.move_on_after(0.2):
+            await checkpoint.compact(endless())
+        assert time.monotonic() - started < 2, "compact() did not stop waiting when cancelled"
+    assert await replay(tmp_path / "j.jsonl") == [{"old": 1}]
+
+
+async def test_a_snapshot_may_replay_the_journal_it_replaces_to_filter_it(tmp_path: Path) -> None:
+    path = tmp_path / "filter.jsonl"
+    async with CheckpointManager.from_uri(path, batch_bytes=64) as checkpoint:
+        for n in range(10):
+            await checkpoint.append({"n": n})
+        kept = (record async for record in checkpoint.replay() if record["n"] % 3 == 0)
+        with anyio.fail_after(10):
+            result = await checkpoint.compact(kept)
+        await checkpoint.append({"n": 10})
+        assert result.records == 4
+    assert await replay(path) == [{"n": 0}, {"n": 3}, {"n": 6}, {"n": 9}, {"n": 10}]
+
+
+@pytest.mark.parametrize("call", ["flush", "compact", "close"])
+async def test_a_snapshot_that_flushes_compacts_or_closes_its_own_manager_is_refused(
+    tmp_path: Path, call: str
+) -> None:
+    path = tmp_path / "self.jsonl"
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        await checkpoint.append({"n": 0})
+
+        async def snapshot() -> AsyncIterator[dict[str, int]]:
+            yield {"n": 1}
+            if call == "compact":
+                await checkpoint.compact(key="n")
+            else:
+                await getattr(checkpoint, call)()
+            yield {"n": 2}
+
+        with (
+            anyio.fail_after(10),
+            pytest.raises(RuntimeError, match=f"{call}\\(\\) in the records of a compact"),
+        ):
+            await checkpoint.compact(snapshot())
+        await checkpoint.append({"n": 3})
+    assert await replay(path) == [{"n": 0}, {"n": 3}]
+
+
+async def test_close_waits_for_the_compactions_called_before_it() -> None:
+    storage = SlowReplace()
+    checkpoint = CheckpointManager(storage, flush_interval=None)
+    await checkpoint.append({"before": 1})
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(checkpoint.compact, [{"snapshot": 1}])
+        await storage.replacing.wait()
+        tasks.start_soon(checkpoint.compact, [{"snapshot": 2}])  # queued behind the first
+        await anyio.sleep(0.01)
+        tasks.start_soon(checkpoint.close)
+        await anyio.sleep(0.01)
+        storage.go.set()
+    assert [record async for record in CheckpointManager(MemoryStorage(storage.name)).replay()] == [
+        {"snapshot": 2}
+    ], "close() closed the storage under a compaction called before it"
+
+
+async def test_replay_beside_queued_compactions_sees_every_record_appended_before_it() -> None:
+    storage = SlowReplace()
+    checkpoint = CheckpointManager(storage, batch_bytes=10, flush_interval=None)
+    seen: list[dict[str, Any]] = []
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(checkpoint.compact, [{"snapshot": 1}])
+        await storage.replacing.wait()
+        await checkpoint.append({"n": "X"})  # follows the first snapshot
+        tasks.start_soon(checkpoint.compact, [{"snapshot": 1}, {"n": "X"}])  # queued, X in it
+        await anyio.sleep(0.01)
+        await checkpoint.append({"n": "Y"})  # follows the second
+
+        async def read() -> None:
+            seen.extend([record async for record in checkpoint.replay()])
+
+        tasks.start_soon(read)
+        await anyio.sleep(0.01)
+        storage.go.set()
+    await checkpoint.close()
+    assert seen == [{"snapshot": 1}, {"n": "X"}, {"n": "Y"}]
+
+
+def test_a_child_forked_during_a_compaction_is_refused_its_parents_manager(tmp_path: Path) -> None:
+    async def main() -> str:
+        checkpoint = CheckpointManager.from_uri(tmp_path / "j.jsonl", flush_interval=None)
+        await checkpoint.append({"n": 0})
+        answers: list[str] = []
+
+        def snapshot() -> Iterator[dict[str, int]]:
+            yield {"n": 1}
+            answers.append(_in_a_forked_child(checkpoint))  # the parent holds its locks now
+            yield {"n": 2}
+
+        await checkpoint.compact(snapshot())
+        await checkpoint.close()
+        return answers[0]
+
+    answer = anyio.run(main)
+    assert answer.startswith("refused: StorageClosedError"), answer
+    assert "is a fork of it" in answer
+
+
+def _in_a_forked_child(checkpoint: CheckpointManager) -> str:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: use the inherited manager from a thread of its own, with a deadline
+
+        def use() -> str:
+            async def flush() -> None:
+                await checkpoint.append({"n": "child"})
+                await checkpoint.flush()
+
+            try:
+                anyio.run(flush)
+            except Exception as exc:
+                return f"refused: {type(exc).__name__}: {exc}"
+            return "flushed"
+
+        answer: list[str] = []
+        thread = threading.Thread(target=lambda: answer.append(use()), daemon=True)
+        thread.start()
+        thread.join(5)
+        os.write(write, (answer[0] if answer else "hung").encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as answer_pipe:
+        answer = answer_pipe.read().decode()
+    os.waitpid(pid, 0)
+    return answer
+
+
+async def test_a_record_nested_deeper_than_orjson_writes_is_compacted(tmp_path: Path) -> None:
+    path = tmp_path / "deep.jsonl"
+    deep = "[" * 1000 + "]" * 1000
+    path.write_text(f'{{"k":1,"deep":{deep}}}\n{{"k":2}}\n{{"k":1,"deep":{deep}}}\n')
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        await checkpoint.compact(key="k")
+    records = await replay(path)
+    assert [record["k"] for record in records] == [2, 1]

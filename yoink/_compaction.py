@@ -9,17 +9,29 @@ with, the last record per key in journal order, and the snapshot streamed to
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
-import json
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import orjson
 
-from yoink._records import encode_record
+from yoink import _json
 
-__all__ = ["Compaction", "CompactionPolicy", "KeyFold", "encode_replayed", "now", "snapshot_text"]
+__all__ = [
+    "Compaction",
+    "CompactionPolicy",
+    "KeyFold",
+    "SnapshotAbandoned",
+    "SnapshotFeed",
+    "encode_replayed",
+    "feeding",
+    "now",
+    "snapshot_text",
+]
 
 CHUNK_BYTES = 1 << 20  # the snapshot is handed to the storage in pieces of about this size
 
@@ -134,10 +146,7 @@ _MISSING = object()
 
 def _canonical(value: Any) -> bytes:
     """A JSON value's text with sorted keys: equal for equal JSON, and unlike any str key."""
-    try:
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-    except TypeError:  # an integer beyond 64 bits
-        return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    return _json.dumps(value, sort_keys=True)
 
 
 def now() -> str:
@@ -172,12 +181,9 @@ async def snapshot_text(
     counted(count, total)
 
 
-def encode_replayed(record: dict[str, Any], default: Callable[[Any], Any] | None = None) -> bytes:
-    """A replayed record as a line again: what orjson cannot write (an integer beyond 64 bits), json does."""
-    try:
-        return encode_record(record)
-    except TypeError:
-        return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+def encode_replayed(record: dict[str, Any]) -> bytes:
+    """A replayed record as a line again, whatever replay read (see :func:`yoink._json.dumps`)."""
+    return _json.dumps(record) + b"\n"
 
 
 async def _each(records: Iterable[Any] | AsyncIterable[Any]) -> AsyncGenerator[Any, None]:
@@ -187,3 +193,78 @@ async def _each(records: Iterable[Any] | AsyncIterable[Any]) -> AsyncGenerator[A
     else:
         for record in records:
             yield record
+
+
+# The manager whose compaction's snapshot the current task is producing (compact(records) runs the
+# records' iterator in its caller's task): a replay there reads the journal being replaced, and a
+# flush, close or compaction there, which would wait for that compaction, is refused.
+feeding: contextvars.ContextVar[object | None] = contextvars.ContextVar("feeding", default=None)
+
+
+class SnapshotAbandoned(Exception):
+    """compact()'s caller stopped (it was cancelled) before its snapshot was complete."""
+
+
+class _End:
+    """The feed's last item: the snapshot is complete."""
+
+
+class SnapshotFeed:
+    """The records of ``compact(records)``, encoded in the caller's task, handed to the compaction's.
+
+    The compaction's task consumes :meth:`text` for ``CheckpointStorage.replace()``; the caller's
+    task runs :meth:`feed`, so that the records' iterator runs where it was made, and is cancelled
+    with its caller. The text ends only when the iterator did and its caller was not cancelled:
+    a caller cancelled before then abandons the snapshot, and the storage keeps its old journal.
+    """
+
+    def __init__(self, owner: object, encode: Callable[[Any], bytes]) -> None:
+        self._owner = owner
+        self._encode = encode
+        self._send, self._receive = anyio.create_memory_object_stream[str | _End](1)
+        self.ready = anyio.Event()  # set once the journal before the cut is flushed, or on failure
+        self.records = self.bytes = 0
+
+    async def feed(self, records: Iterable[Any] | AsyncIterable[Any]) -> None:
+        """Encode and hand over ``records`` (in the caller's task); return early if the compaction ended."""
+        token = feeding.set(self._owner)
+        try:
+            await self.ready.wait()  # a replay in the records' iterator sees what it replaces
+            async with contextlib.aclosing(_each(records)) as each:
+                pieces: list[bytes] = []
+                size = 0
+                async for record in each:
+                    line = self._encode(record)
+                    pieces.append(line)
+                    size += len(line)
+                    self.records += 1
+                    if size >= CHUNK_BYTES:
+                        await self._send.send(b"".join(pieces).decode())
+                        self.bytes += size
+                        pieces, size = [], 0
+            self.bytes += size
+            if pieces:
+                await self._send.send(b"".join(pieces).decode())
+            await anyio.lowlevel.checkpoint()  # a cancellation of the caller comes before the end
+            await self._send.send(_End())
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return  # the compaction ended without it (it failed): compact() raises its error
+        finally:
+            feeding.reset(token)
+            self._send.close()
+
+    async def text(self, header: str) -> AsyncGenerator[str, None]:
+        """The header, then the fed text, until the end the caller sent (in the compaction's task)."""
+        yield header
+        async for item in self._receive:
+            if isinstance(item, _End):
+                return
+            yield item
+        raise SnapshotAbandoned(
+            "compact() was cancelled before its snapshot was complete; the journal is unchanged"
+        )
+
+    def close(self) -> None:
+        """The compaction is over: let a caller still feeding, or waiting to, go."""
+        self.ready.set()
+        self._receive.close()

@@ -16,9 +16,19 @@ import anyio.lowlevel
 import orjson
 
 from yoink import _records
-from yoink._compaction import Compaction, CompactionPolicy, KeyFold, encode_replayed, now, snapshot_text
+from yoink._compaction import (
+    Compaction,
+    CompactionPolicy,
+    KeyFold,
+    SnapshotFeed,
+    encode_replayed,
+    feeding,
+    now,
+    snapshot_text,
+)
 from yoink._compat import Self
 from yoink._exceptions import ReadOnlyError, StorageClosedError, StorageError
+from yoink._fork import drop_in_forked_children, forked_note
 from yoink._records import (
     JournalDecoder,
     OnCorrupt,
@@ -115,9 +125,14 @@ class CheckpointManager:
         # before it (handed included). Nothing after the first is written until that compaction
         # has swapped the journal; appends wait in memory meanwhile.
         self._cuts: collections.deque[int] = collections.deque()
+        self._compactions_over = anyio.Event()  # set while no compaction is under way or waiting
+        self._compactions_over.set()
         self._compactor: anyio.CancelScope | None = None  # the policy's compaction in the background
         self._grown = 0  # bytes written since the last compaction
         self._base: int | None = None  # the journal's bytes after its last compaction, or at replay
+        self._closed_note = ""  # why, when it was not closed by close(): a fork
+        if not read_only:
+            drop_in_forked_children(self)
         self.corrupt_lines_skipped = 0
         """Lines the last :meth:`replay` skipped as corrupt (with ``on_corrupt="skip"``)."""
 
@@ -201,6 +216,8 @@ class CheckpointManager:
         ``flush()`` stops waiting; the storage flush it started goes on to its end.
         """
         self._check_writable()
+        if feeding.get() is self:
+            raise self._inside_snapshot("flush()")
         await self._flush()
 
     async def replay(self) -> AsyncIterator[dict[str, Any]]:
@@ -212,7 +229,8 @@ class CheckpointManager:
         ``on_corrupt="skip"``, is skipped and counted in :attr:`corrupt_lines_skipped`).
         """
         self._check_open()
-        if not self._read_only:
+        if not self._read_only and feeding.get() is not self:  # in a snapshot: the journal it replaces
+            await self._compactions_done()  # writes wait for them: the records after their cuts too
             await self._write_batch()
         decoder = JournalDecoder(repr(self._storage), on_corrupt=self._on_corrupt)
         batches = decoder.batches(self._storage.read())
@@ -258,65 +276,92 @@ class CheckpointManager:
             )
         if key is not None and (not isinstance(key, str) or not key):
             raise ValueError(f"key must be the name of a record field, got {key!r}")
+        if feeding.get() is self:
+            raise self._inside_snapshot("compact()")
         # The cut, the bytes appended before the call, is taken now, before any await lets another
         # task append: nothing after it is written until this compaction has swapped the journal.
         cut = self._handed + len(self._buffer)
         self._cuts.append(cut)
-        started = anyio.Event()  # set by _compact(), which then owns the cut
-        try:
-            return await uninterrupted(functools.partial(self._compact, started, cut, records, key))
-        finally:
-            if not started.is_set():  # cancelled before it began (trio): the cut is let go here
-                self._cuts.remove(cut)
-                self._cuts_changed()
+        if self._compactions_over.is_set():
+            self._compactions_over = anyio.Event()
+        feed = (
+            None
+            if records is None
+            else SnapshotFeed(self, functools.partial(encode_record, default=self._default))
+        )
+        run = _Run()
+        start_background(functools.partial(self._compaction, run, cut, feed, key))
+        if feed is not None:
+            assert records is not None
+            try:
+                await feed.feed(records)  # here, in the caller's task: cancelled, it abandons the snapshot
+            except Exception:
+                await uninterrupted(run.over.wait, finish_first=True)  # the old journal is back
+                raise
+        await run.over.wait()  # cancelled, it stops waiting: the snapshot is whole, the swap goes on
+        return run.outcome()
 
-    async def _compact(
-        self,
-        started: anyio.Event,
-        cut: int,
-        records: Iterable[Any] | AsyncIterable[Any] | None,
-        key: str | None,
-    ) -> Compaction:
-        started.set()
+    async def _compaction(self, run: _Run, cut: int, feed: SnapshotFeed | None, key: str | None) -> None:
+        """A compaction, in a task of its own: under both locks, from the cut to the swap."""
         try:
             # One at a time, in the order they were called: their cuts are queued in that order.
             async with self._compaction_lock, self._io_lock:
-                return await self._compact_locked(records, key)
+                run.result = await self._compact_locked(feed, key)
+        except BaseException as exc:
+            run.error = exc
+            if not isinstance(exc, Exception):
+                raise
         finally:
+            if feed is not None:
+                feed.close()
             self._cuts.remove(cut)  # the next compaction's cut, if one waits, is the first now
             self._cuts_changed()
+            run.over.set()
 
-    async def _compact_locked(
-        self, records: Iterable[Any] | AsyncIterable[Any] | None, key: str | None
-    ) -> Compaction:
+    async def _compact_locked(self, feed: SnapshotFeed | None, key: str | None) -> Compaction:
         await self._write_locked()  # up to the cut
         handed = self._handed
         await self._storage.flush()
         self._durable = max(self._durable, handed)
         info = Compaction(at=now(), key=key, records_before=None, bytes_before=None, records=None)
-        encode: Callable[[Any], bytes] = functools.partial(encode_record, default=self._default)
+        size: list[int] = []
         if key is not None:
             fold = KeyFold(key)
             decoder = JournalDecoder(repr(self._storage), on_corrupt=self._on_corrupt)
             async for batch in decoder.batches(self._storage.read()):
                 fold.add(batch)
             info = Compaction(info.at, key, fold.records, decoder.offset, len(fold))
-            records, encode = fold, encode_replayed
-        assert records is not None
-        size: list[int] = []
-        header = info.header_line()
-        text = snapshot_text(header, records, encode, lambda *counts: size.extend(counts))
+            header = info.header_line()
+            text = snapshot_text(header, fold, encode_replayed, lambda *counts: size.extend(counts))
+        else:
+            assert feed is not None
+            header = info.header_line()
+            text = feed.text(header)
+            feed.ready.set()  # the journal before the cut is durable: a replay in the snapshot reads it
         try:
             await self._storage.replace(text)
         finally:
             await text.aclose()
+        records, written = size if size else (feed.records, feed.bytes)  # type: ignore[union-attr]
         self._grown = 0
-        self._base = size[1] + len(header.encode())
-        return Compaction(info.at, key, info.records_before, info.bytes_before, size[0], size[1])
+        self._base = written + len(header.encode())
+        return Compaction(info.at, key, info.records_before, info.bytes_before, records, written)
+
+    async def _compactions_done(self) -> None:
+        """Return once no compaction is under way or waiting."""
+        while self._cuts:
+            await self._compactions_over.wait()
+
+    def _inside_snapshot(self, call: str) -> RuntimeError:
+        return RuntimeError(
+            f"{call} in the records of a compact() of the same manager would wait for that compaction, "
+            "which waits for its records; append() and replay() may be called there"
+        )
 
     def _cuts_changed(self) -> None:
         if not self._cuts:  # no compaction left: appends write full batches again
             self._full_at = self._batch_bytes if self._writable else 0
+            self._compactions_over.set()
 
     async def exists(self) -> bool:
         """Whether the journal has any record, here or in the storage."""
@@ -329,9 +374,13 @@ class CheckpointManager:
         every record appended before is flushed. It finishes even when its caller is cancelled,
         and its caller's cancellation goes on once the storage is released.
         """
+        if self._closed_note:  # a forked child's copy: what it would close is the parent's
+            return
         if self._closing is not None:
             await uninterrupted(self._closing.wait, finish_first=True)
             return
+        if feeding.get() is self:
+            raise self._inside_snapshot("close()")
         self._closed = True
         self._writable = False
         self._full_at = 0
@@ -367,7 +416,7 @@ class CheckpointManager:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise StorageClosedError(f"{self!r} is closed")
+            raise StorageClosedError(f"{self!r} is closed{self._closed_note}")
 
     def _check_writable(self) -> None:
         if not self._writable:
@@ -375,7 +424,7 @@ class CheckpointManager:
 
     def _refusal(self) -> StorageError:
         if self._closed:
-            return StorageClosedError(f"{self!r} is closed")
+            return StorageClosedError(f"{self!r} is closed{self._closed_note}")
         return ReadOnlyError(f"{self!r} is read-only (read_only=True): it neither appends nor flushes")
 
     async def _batch_full(self, appended: int) -> None:
@@ -489,6 +538,7 @@ class CheckpointManager:
 
     async def _close_storage(self) -> None:
         try:
+            await self._compactions_done()  # called before close(): they go on to their end
             if self._unknown is None and not self._read_only:
                 await self._flush()
         finally:
@@ -513,6 +563,29 @@ class CheckpointManager:
                     self,
                     exc_info=True,
                 )
+
+    def _drop_after_fork(self) -> None:
+        """In a forked child: a task of the parent's may hold this manager's locks, and never will
+        let go of them here. Refuse everything, as the storage does, instead of waiting for them."""
+        self._closed = True
+        self._writable = False
+        self._full_at = 0
+        self._closed_note = f": {forked_note(os.getppid())}"
+
+
+class _Run:
+    """A compaction under way, in a task of its own: what it returned or raised, once it is over."""
+
+    def __init__(self) -> None:
+        self.over = anyio.Event()
+        self.result: Compaction | None = None
+        self.error: BaseException | None = None
+
+    def outcome(self) -> Compaction:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
 
 
 @functools.cache
