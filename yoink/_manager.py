@@ -265,8 +265,15 @@ class CheckpointManager:
         A storage that cannot swap its journal raises :class:`~yoink.CompactionNotSupportedError`;
         a record that cannot be encoded raises ``TypeError``; a corrupt journal raises
         :class:`~yoink.CorruptCheckpointError` (with ``on_corrupt="skip"``, its bad lines are left
-        out of the snapshot). In each case the journal is unchanged. A cancelled ``compact()``
-        stops waiting; the compaction goes on to its end.
+        out of the snapshot). In each case the journal is unchanged.
+
+        The records' iterator runs in the caller's task. There, :meth:`replay` yields the journal
+        the snapshot replaces (``compact(r async for r in checkpoint.replay() if keep(r))`` filters
+        it), and :meth:`flush`, :meth:`close` and ``compact()``, which would wait for this
+        compaction, raise ``RuntimeError``. A ``compact(records)`` cancelled before its records
+        ended is abandoned: the journal is unchanged. Cancelled after that, or with ``key``, it
+        stops waiting and the compaction goes on to its end; :meth:`close` and :meth:`replay` wait
+        for it.
         """
         self._check_writable()
         if (records is None) == (key is None):
