@@ -1,7 +1,7 @@
 """The mutation score of each module after ``scripts/mutate``, and the survivors nobody explained.
 
     .venv/bin/python scripts/mutation_report.py yoink/_records.py ...   # after scripts/mutate
-    .venv/bin/python scripts/mutation_report.py --survivors yoink/_records.py   # their names only
+    .venv/bin/python scripts/mutation_report.py --survivors yoink/_records.py   # those left to explain
 
 A survivor is explained when ``scripts/mutants-equivalent.txt`` holds its function and its change,
 with the reason it cannot be told apart from the original. Entries are keyed by what the mutant
@@ -60,13 +60,15 @@ def explained() -> dict[str, str]:
 
 
 def survivors(paths: list[str]) -> list[str]:
-    """The names of the mutants that survived, for mutmut to run again."""
+    """The mutants that survived and are not listed as equivalent, for mutmut to run again."""
+    reasons = explained()
     names = []
     for path in paths:
         data = SourceFileMutationData(path=path)
         data.load()
-        codes = data.exit_code_by_key.items()
-        names += [name for name, code in codes if status_by_exit_code[code] == "survived"]
+        for name, code in data.exit_code_by_key.items():
+            if status_by_exit_code[code] == "survived" and change_of(name, path) not in reasons:
+                names.append(name)
     return sorted(names)
 
 

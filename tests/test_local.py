@@ -21,7 +21,9 @@ import pytest
 from tests.helpers import spy_on_fsync
 from yoink import CheckpointLockedError, CheckpointManager, StorageClosedError, StorageError
 from yoink.storage import LocalFileStorage
-from yoink.storage._files import READ_CHUNK, file_chunks
+from yoink.storage import _files as files_module
+from yoink.storage import _local as local_module
+from yoink.storage._files import READ_CHUNK, file_chunks, path_chunks
 
 TORN = '{"url":"https://example.com/3","sta'
 
@@ -453,7 +455,12 @@ async def test_a_second_close_returns_once_the_first_has_let_go_of_the_file(
 
 @pytest.mark.parametrize(
     ("uri", "hint"),
-    [("file:/run.jsonl", "./run.jsonl"), ("file:runs/a.jsonl/", "./runs/a.jsonl/"), ("file:", "./run.jsonl")],
+    [
+        ("file:/run.jsonl", "./run.jsonl"),
+        ("file:runs/a.jsonl/", "./runs/a.jsonl/"),
+        ("file:", "./run.jsonl"),
+        ("file:/XMAS.jsonl", "./XMAS.jsonl"),  # only the slashes are taken off
+    ],
 )
 def test_a_file_uri_without_its_slashes_is_refused_with_the_path_to_write(uri: str, hint: str) -> None:
     with pytest.raises(ValueError, match=r"^a file URI is written") as refused:
@@ -482,6 +489,13 @@ async def test_a_journal_that_cannot_be_read_says_why(tmp_path: Path) -> None:
     assert str(failed.value) == f"cannot read {tmp_path / 'j.jsonl'}: Is a directory"
 
 
+async def test_a_staged_file_that_cannot_be_opened_says_which_and_why(tmp_path: Path) -> None:
+    with pytest.raises(StorageError) as failed:
+        async for _ in path_chunks(str(tmp_path / "gone.batch"), 10):
+            pass
+    assert str(failed.value) == f"cannot read {tmp_path / 'gone.batch'}: No such file or directory"
+
+
 async def test_a_read_that_fails_part_way_says_what_and_why() -> None:
     class Failing(io.BytesIO):
         def read(self, size: int | None = -1) -> bytes:
@@ -491,6 +505,39 @@ async def test_a_read_that_fails_part_way_says_what_and_why() -> None:
         async for _ in file_chunks(Failing(b"{}\n"), 3, describe="/data/j.jsonl"):
             pass
     assert str(failed.value) == "cannot read /data/j.jsonl: Input/output error"
+
+
+class FailingRead:
+    """A file whose read() meets a disk error."""
+
+    def __init__(self, file: io.BufferedReader) -> None:
+        self.file = file
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def read(self, size: int = -1) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+async def test_a_local_journal_whose_read_fails_part_way_names_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "j.jsonl"
+    path.write_text('{"n":1}\n')
+    monkeypatch.setattr(local_module, "open", lambda *args: FailingRead(open(*args)), raising=False)  # noqa: SIM115
+    with pytest.raises(StorageError) as failed:
+        async for _ in LocalFileStorage(path).read():
+            pass
+    assert str(failed.value) == f"cannot read {path}: Input/output error"
+    monkeypatch.setattr(files_module, "open", lambda *args: FailingRead(open(*args)), raising=False)  # noqa: SIM115
+    with pytest.raises(StorageError) as failed:
+        async for _ in path_chunks(str(path), 8):  # a staged batch is read so
+            pass
+    assert str(failed.value) == f"cannot read {path}: Input/output error"
 
 
 async def test_a_failed_fsync_is_a_storage_error_that_says_why(

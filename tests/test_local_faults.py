@@ -54,8 +54,9 @@ async def test_a_writer_sets_a_torn_tail_aside_and_names_its_size_and_offset(
         async with CheckpointManager.from_uri(path, flush_interval=None) as writer:
             await writer.append({"n": 3000})
     assert (
-        f"{path} ended in a torn write: moved its last {len(torn)} bytes (from offset {len(whole)})"
-    ) in caplog.text
+        f"{path} ended in a torn write: moved its last {len(torn)} bytes (from offset {len(whole)}) "
+        f"to {path}.torn"
+    ) in caplog.messages
     assert path.read_bytes() == whole + b'{"n":3000}\n'
     assert Path(f"{path}.torn").read_bytes() == torn + b"\n"
 

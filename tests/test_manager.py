@@ -335,7 +335,10 @@ async def test_a_torn_last_line_is_skipped_with_a_warning(caplog: pytest.LogCapt
     async with CheckpointManager(journal('{"a":1}\n{"b":2}\n{"c":')) as manager:
         with caplog.at_level(logging.WARNING, logger="yoink"):
             assert await replay_all(manager) == [{"a": 1}, {"b": 2}]
-    assert "skipped line 3 (byte offset 16), the last line, as a torn write" in caplog.text
+    [warning] = caplog.messages
+    source, reason = warning.split(": skipped line 3 (byte offset 16), the last line, as a torn write: ")
+    assert source == repr(manager.storage)
+    assert reason.startswith("unexpected end of data"), reason  # why it is not a record
 
 
 async def test_a_corrupt_line_names_its_line_and_byte_offset_after_the_records_before_it() -> None:
@@ -606,6 +609,25 @@ async def test_a_batch_is_written_as_soon_as_it_is_exactly_full(how: str) -> Non
         else:
             await manager.append_many([{"n": 1}])
         assert storage.writes == [3 * line], "the batch reached batch_bytes exactly: it is written"
+
+
+async def test_append_many_after_waiting_for_a_write_leaves_a_batch_that_is_not_full() -> None:
+    line = '{"n":1}\n'
+    storage = RecordingStorage(delay=0.05)
+    storage.write_began = anyio.Event()
+    async with CheckpointManager(storage, flush_interval=None, batch_bytes=3 * len(line)) as manager:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(manager.append_many, [{"n": 1}] * 3)  # a full batch, being written
+                await storage.write_began.wait()
+                storage.write_began = anyio.Event()
+                tg.start_soon(manager.append_many, [{"n": 1}] * 3)  # full again: waits to write it
+                tg.start_soon(manager.append_many, [{"n": 1}] * 3)  # waits too; finds it written...
+                await storage.write_began.wait()  # the second write, of both, is under way
+                await manager.append({"n": 1})  # ...with one record after it: not a batch to write
+        assert storage.writes == [3 * line, 6 * line], "an append_many that waited wrote a part batch"
+        await manager.flush()
+        assert storage.writes == [3 * line, 6 * line, line]
 
 
 async def test_an_appender_that_waited_for_a_write_writes_its_batch_if_it_is_exactly_full() -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from yoink import CheckpointManager, CorruptCheckpointError, _json, _records
 from yoink._json import LARGE_LINE, MAX_DEPTH
-from yoink._lines import tail_reads, without_torn_tail
+from yoink._lines import tail_reads, whole_lines, without_torn_tail
 from yoink._records import MAX_LINE_BYTES
 from yoink.storage import LocalFileStorage, MemoryStorage
 
@@ -227,6 +227,13 @@ async def test_a_storage_read_on_its_own_names_a_line_over_the_limit_by_its_byte
             pass
     assert str(caught.value).startswith(f"{path}: the line at byte offset 8 is longer than 3,145,728 bytes")
     assert (caught.value.line, caught.value.offset) == (0, 8)
+    # Through a decoder, which counts lines, the error names the line and the journal.
+    async with CheckpointManager(storage, read_only=True) as reader:
+        with pytest.raises(CorruptCheckpointError) as caught:
+            async for _ in reader.replay():
+                pass
+    assert str(caught.value).startswith(f"{storage!r}: line 2 (byte offset 8) is longer than 3,145,728 bytes")
+    assert (caught.value.line, caught.value.offset) == (2, 8)
 
 
 async def blocks(*items: str) -> AsyncGenerator[str, None]:
@@ -234,14 +241,20 @@ async def blocks(*items: str) -> AsyncGenerator[str, None]:
         yield item
 
 
+@pytest.mark.parametrize(
+    "items",
+    [('{"n":1}\n[1]\n', '{"n":2'), ('{"n":1}\n', "[1]\n", '{"n":2')],
+    ids=["bad-line-after-a-record", "bad-line-alone-in-its-block"],
+)
 async def test_a_remote_journals_torn_tail_before_staged_records_is_left_out_and_reported(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, items: tuple[str, ...]
 ) -> None:
     # S3 and fsspec read another tool's object with its unterminated last line, then their staged
-    # batches: a tail that is not a record is left out, and the decoder reading them is told.
+    # batches: a tail that is not a record is left out, and the decoder reading them is told. A
+    # block of whole lines is passed on as it is, even one that holds no record.
     problems: list[_records.Problem] = []
     decoder = _records.JournalDecoder("s3://b/j.jsonl", on_corrupt="skip", on_problem=problems.append)
-    read = without_torn_tail(blocks('{"n":1}\n[1]\n', '{"n":2'), "s3://b/j.jsonl")
+    read = without_torn_tail(blocks(*items), "s3://b/j.jsonl")
     with caplog.at_level(logging.WARNING, logger="yoink"):
         records = [record async for batch in decoder.batches(read) for record in batch]
     assert records == [{"n": 1}]  # a whole line that is not a record is passed on: the decoder judges it
@@ -295,6 +308,12 @@ async def test_a_record_over_the_limit_is_refused_naming_its_size(monkeypatch: p
     with pytest.raises(ValueError, match=r"^a record of") as refused:
         await manager.append(record)
     assert str(refused.value) == message
+    # At the limit: 100 bytes of JSON make a line of 101, one too many; 99 make a line of 100.
+    for append in (manager.append, lambda record: manager.append_many([record])):
+        with pytest.raises(ValueError, match=r"^a record of 101 bytes is longer than 100 bytes"):
+            await append({"pad": "x" * 90})
+        await append({"pad": "x" * 89})
+    assert [record async for record in manager.replay()] == [{"pad": "x" * 89}] * 2
     await manager.close()
 
 
@@ -321,6 +340,65 @@ async def test_corrupt_lines_past_the_tenth_are_summed_up_in_one_warning(
     if bad == 10:
         assert summary == []
     else:
+        assert summary[0].startswith("MemoryStorage('anonymous-")  # the journal it names
         assert summary[0].endswith(
-            ": skipped 11 corrupt lines in all (a warning was logged for the first 10)"
+            "'): skipped 11 corrupt lines in all (a warning was logged for the first 10)"
         ), summary
+
+
+async def test_items_of_whole_records_are_decoded_in_one_pass_not_line_by_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The line-by-line parser is for items with a bad line, a long one or a long digit run: an
+    # item of plain records, up to LARGE_LINE characters, is decoded in one orjson pass.
+    parsed: list[int] = []
+    loads = _json.loads
+    monkeypatch.setattr(_json, "loads", lambda line: parsed.append(len(line)) or loads(line))
+    small = '{"n":1}\n' * 1000
+    pad = LARGE_LINE - len('{"n":2}\n{"pad":""}\n')
+    largest = '{"n":2}\n{"pad":"' + "p" * pad + '"}\n'
+    assert len(largest) == LARGE_LINE
+    records = await replay(small, largest)
+    assert len(records) == 1002
+    assert parsed == [], "an item of plain records was parsed line by line"
+    await replay(largest + '{"n":3}\n')  # one character more: line by line, as the rule says
+    assert parsed
+
+
+async def test_a_decoder_reads_an_async_iterator_that_has_no_aclose() -> None:
+    class Items:
+        def __init__(self) -> None:
+            self.items = iter(['{"n":1}\n', '{"n":2}\n'])
+
+        def __aiter__(self) -> Items:
+            return self
+
+        async def __anext__(self) -> str:
+            try:
+                return next(self.items)
+            except StopIteration:
+                raise StopAsyncIteration from None
+
+    decoder = _records.JournalDecoder("items")
+    assert [record async for batch in decoder.batches(Items()) for record in batch] == [{"n": 1}, {"n": 2}]
+
+
+async def test_a_decoder_raises_on_a_corrupt_line_unless_told_to_skip() -> None:
+    decoder = _records.JournalDecoder("journal")  # on_corrupt="raise" unless told otherwise
+    decoder.feed('{"n":1}\n[1]\n')
+    decoder.feed('{"n":3}\n')  # the bad line is followed: corruption, raised after the records before it
+    with pytest.raises(CorruptCheckpointError, match="line 2"):
+        decoder.finish()
+
+
+async def test_a_first_line_of_exactly_the_limit_split_across_chunks_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_records, "MAX_LINE_BYTES", 100)
+    line = b'{"pad":"' + b"x" * 90 + b'"}'  # 100 bytes: the longest line there may be
+
+    async def chunks() -> AsyncGenerator[bytes, None]:
+        yield line  # no newline yet: the line waits, at the limit and not past it
+        yield b"\n"
+
+    assert [block async for block in whole_lines(chunks(), describe="j")] == [line.decode() + "\n"]
