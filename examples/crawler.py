@@ -9,7 +9,9 @@ A page that was being fetched when the process died had no record yet, so it is 
 
 The checkpoint holds two kinds of record, in this order for each page:
 ``{"t": "seen", "url": ..., "from": ...}`` for each link found for the first time, then
-``{"t": "done", "url": ..., "status": ..., "links": ...}`` for the page. Needs aiohttp.
+``{"t": "done", "url": ..., "status": ..., "links": ...}`` for the page. The checkpoint is compacted
+by ``url`` in the background as it grows (``CompactionPolicy``): a page's "done" record replaces its
+"seen" one, so it stays the size of the crawl's state. Needs aiohttp.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from urllib.parse import urldefrag, urljoin, urlsplit
 import aiohttp
 import anyio
 
-from yoink import CheckpointManager
+from yoink import CheckpointManager, CompactionPolicy
 
 HREF = re.compile(rb"""href\s*=\s*["']([^"'#][^"']*|#[^"']*)["']""", re.IGNORECASE)
 
@@ -73,6 +75,7 @@ class Crawler:
                 order.append(record["url"])
             else:
                 self.done.add(record["url"])
+        self.seen |= self.done  # a compacted checkpoint keeps a fetched page's "done" record alone
         for url in [*self.config.start_urls, *order]:
             if url not in self.seen:
                 self.seen.add(url)
@@ -157,7 +160,10 @@ class Crawler:
 
 async def main(start: str, checkpoint_uri: str, max_pages: int, concurrency: int) -> None:
     config = CrawlConfig(start_urls=[start], max_pages=max_pages, concurrency=concurrency)
-    async with CheckpointManager.from_uri(checkpoint_uri) as checkpoint:
+    # Compacted by URL in the background as it grows: a page's last record stays, and a link not
+    # yet fetched keeps its "seen" record, so a long crawl's checkpoint stays the size of its state.
+    policy = CompactionPolicy(key="url")
+    async with CheckpointManager.from_uri(checkpoint_uri, compact=policy) as checkpoint:
         crawler = Crawler(config=config, checkpoint_manager=checkpoint)
         async with anyio.create_task_group() as tg:
 

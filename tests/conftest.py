@@ -12,6 +12,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -151,6 +152,31 @@ def small_parts(monkeypatch: pytest.MonkeyPatch) -> int:
     monkeypatch.setattr(moto.s3.models, "S3_UPLOAD_PART_MIN_SIZE", size)
     monkeypatch.setattr(S3Storage, "min_part_size", size)
     return size
+
+
+@pytest.fixture
+def completes_are_conditional(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make moto honour If-Match on CompleteMultipartUpload, as S3 does (since 2024); moto ignores it.
+
+    Without it, moto completes a multipart upload over an object another writer changed, so a
+    test of the condition that fences a large upload could not fail.
+    """
+    from moto.s3.exceptions import PreconditionFailed
+    from moto.s3.responses import S3Response
+
+    original = S3Response._key_response_post
+
+    def post(
+        self: Any, request: Any, body: bytes, bucket_name: str, query: dict[str, Any], key_name: str
+    ) -> Any:
+        expected = request.headers.get("If-Match")
+        if query.get("uploadId") and expected:
+            existing = self.backend.get_object(bucket_name, key_name)
+            if existing is None or existing.etag.strip('"') != expected.strip('"'):
+                raise PreconditionFailed("If-Match")
+        return original(self, request, body, bucket_name, query, key_name)
+
+    monkeypatch.setattr(S3Response, "_key_response_post", post)
 
 
 @pytest.fixture(scope="session")

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
+import anyio
+import anyio.to_thread
 import boto3
 import orjson
 import pytest
 import redis
 
 from tests.servers.s3 import MotoServer
+from yoink.storage import LocalFileStorage
 
 YOINK = str(Path(sys.executable).with_name("yoink"))
 RECORDS = [{"n": n, "url": f"https://example.com/{n}", "t": "✓"} for n in range(1000)]
@@ -384,3 +388,54 @@ def test_a_bug_is_an_internal_error_with_a_traceback_hint_not_a_usage_error(
     assert "run the command again with --debug for the traceback" in said
     with pytest.raises(TypeError):
         cli.main(["--debug", "stats", str(journal)])
+
+
+def test_compact_keeps_the_last_record_per_key_and_stats_tells_of_it(tmp_path: Path) -> None:
+    path = tmp_path / "crawl.jsonl"
+    path.write_text(jsonl([{"url": f"u{n % 10}", "n": n} for n in range(1000)]))
+    size = path.stat().st_size
+    result = yoink("compact", str(path), "--key", "url")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{path}: compacted by 'url': 1,000 records ({size:,} bytes) to 10 (")
+    assert yoink("cat", str(path)).stdout == jsonl([{"url": f"u{n}", "n": 990 + n} for n in range(10)])
+    stats = yoink("stats", str(path)).stdout
+    assert "records:  10\n" in stats
+    assert re.search(rf"compacted: \S+ by key 'url': 1,000 records \({size:,} bytes\) to 10\n", stats), stats
+
+
+def test_stats_of_a_journal_never_compacted_says_so(journal: Path) -> None:
+    assert "compacted: never\n" in yoink("stats", str(journal)).stdout
+
+
+def test_compact_is_refused_while_another_writer_holds_the_journal(journal: Path) -> None:
+    async def hold_and_compact() -> subprocess.CompletedProcess[str]:
+        async with LocalFileStorage(journal) as writer:
+            await writer.write('{"n":1000}\n')  # the writer's lock, held
+            return await anyio.to_thread.run_sync(yoink, "compact", str(journal), "--key", "n")
+
+    result = anyio.run(hold_and_compact)
+    assert result.returncode == 1
+    assert "open for writing elsewhere" in result.stderr
+    assert journal.read_text() == jsonl(RECORDS) + '{"n":1000}\n'
+
+
+def test_compact_needs_a_key_and_a_journal(tmp_path: Path) -> None:
+    result = yoink("compact", str(tmp_path / "j.jsonl"))
+    assert result.returncode == 2
+    assert "--key" in result.stderr
+    missing = yoink("compact", str(tmp_path / "j.jsonl"), "--key", "url")
+    assert (missing.returncode, missing.stderr) == (
+        1,
+        f"yoink: error: no journal at {tmp_path / 'j.jsonl'}\n",
+    )
+    assert not (tmp_path / "j.jsonl").exists()
+
+
+def test_stats_of_a_header_yoink_does_not_know_says_so_and_does_not_fail(tmp_path: Path) -> None:
+    path = tmp_path / "odd.jsonl"
+    odd = {"at": "now", "key": "k", "records_before": "many", "bytes_before": None, "records": 1}
+    path.write_text(orjson.dumps(["$yoink", {"compaction": odd}]).decode() + '\n{"n":1}\n')
+    result = yoink("stats", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "records:  1\n" in result.stdout
+    assert "compacted: a header yoink does not know (not shown)\n" in result.stdout

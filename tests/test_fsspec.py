@@ -1,4 +1,5 @@
-"""FsspecStorage on fsspec's memory and local filesystems: the contract, crashes, two writers."""
+"""FsspecStorage on fsspec's memory and local filesystems: the contract, crashes, two writers,
+compaction."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,13 @@ import fsspec
 import fsspec.implementations.memory
 import pytest
 
-from yoink import ConcurrentWriterError, MissingDependencyError, StorageError, StorageFactory
+from yoink import (
+    CompactionNotSupportedError,
+    ConcurrentWriterError,
+    MissingDependencyError,
+    StorageError,
+    StorageFactory,
+)
 from yoink.storage import FsspecStorage
 from yoink.testing import StorageContract
 from yoink.testing._contract import _text as read_text
@@ -374,3 +382,153 @@ async def test_an_upload_record_yoink_did_not_write_is_ignored_by_readers_and_na
     with pytest.raises(StorageError):
         await writer.close()
     assert (tmp_path / "j.jsonl").read_text() == '{"n":0}\n'
+
+
+# -- compaction (replace()); the contract's promises run in the classes at the top ---------------
+
+
+async def _chunks(*texts: str, during: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[str]:
+    """``texts`` as replace() takes them; ``during`` runs after the first."""
+    for index, text in enumerate(texts):
+        if index == 1 and during is not None:
+            await during()
+        yield text
+
+
+async def test_a_filesystem_without_an_atomic_swap_refuses_to_compact_and_keeps_its_journal(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "dir").mkdir()
+    options = {"path": str(tmp_path / "dir"), "target_protocol": "file"}  # not LocalFileSystem itself
+    async with FsspecStorage(
+        "fsspec+dir://j.jsonl", stage_dir=tmp_path / "stage", storage_options=options
+    ) as storage:
+        await storage.write('{"n":0}\n')
+        await storage.flush()
+        await storage.write('{"n":1}\n')
+        with pytest.raises(CompactionNotSupportedError, match="'dir' filesystem.*journal is unchanged"):
+            await storage.replace(_chunks('{"n":9}\n'))
+        assert (tmp_path / "dir" / "j.jsonl").read_text() == '{"n":0}\n'  # not even the staged record went
+        assert await read_text(storage) == '{"n":0}\n{"n":1}\n'
+    assert (tmp_path / "dir" / "j.jsonl").read_text() == '{"n":0}\n{"n":1}\n'
+
+
+@pytest.mark.parametrize("filesystem", ["memory", "local"])
+async def test_a_compaction_while_a_writer_elsewhere_appends_is_refused_and_both_writers_records_stay(
+    tmp_path: Path, filesystem: str
+) -> None:
+    if filesystem == "local":
+        uri = f"fsspec+file://{tmp_path}/j.jsonl"
+    else:
+        uri = f"fsspec+memory://{uuid.uuid4().hex}/j.jsonl"
+    compactor = FsspecStorage(uri, stage_dir=tmp_path / "machine-a")
+    await compactor.write('{"n":0}\n')
+    await compactor.flush()
+    other = FsspecStorage(uri, stage_dir=tmp_path / "machine-b")
+
+    async def other_writes() -> None:
+        await other.write('{"theirs":1}\n')
+        await other.close()
+
+    with pytest.raises(
+        ConcurrentWriterError, match="size went from 8 to 21 bytes.*compaction was not applied"
+    ):
+        await compactor.replace(_chunks('{"n":9}\n', '{"n":10}\n', during=other_writes))
+    reader = FsspecStorage(uri, stage_dir=tmp_path / "reader")
+    assert await read_text(reader) == '{"n":0}\n{"theirs":1}\n'
+    await reader.close()
+    await compactor.write('{"n":1}\n')
+    with pytest.raises(ConcurrentWriterError):
+        await compactor.close()
+    if filesystem == "local":
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["j.jsonl", "machine-a", "machine-b"]
+
+
+async def test_a_local_compaction_is_a_rename_that_keeps_the_mode_and_clears_a_crashed_ones_leftover(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.jsonl"
+    async with FsspecStorage(f"fsspec+file://{path}", stage_dir=tmp_path / "stage") as storage:
+        await storage.write('{"n":0}\n')
+        await storage.flush()
+        path.chmod(0o640)
+        inode = path.stat().st_ino
+        (tmp_path / "j.jsonl.4242.dead.yoink-compact").write_text('{"half":')  # a crashed compaction's
+        await storage.replace(_chunks('{"n":9}\n'))
+        assert path.stat().st_ino != inode
+        assert path.stat().st_mode & 0o777 == 0o640
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["j.jsonl", "stage"]
+        await storage.write('{"n":10}\n')
+    assert path.read_text() == '{"n":9}\n{"n":10}\n'
+
+
+_DYING_COMPACTOR = """
+    import os, signal, sys, anyio
+    from yoink.storage import FsspecStorage
+    from yoink.storage import _fsspec_file
+
+    def die(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    async def snapshot():
+        yield '{"n":9}\\n'
+        yield '{"n":10}\\n'
+        if sys.argv[3] == "mid-snapshot":
+            die()
+
+    async def main():
+        storage = FsspecStorage(sys.argv[1], stage_dir=sys.argv[2])
+        await storage.write('{"n":0}\\n{"n":1}\\n')
+        await storage.flush()
+        await storage.write('{"n":2}\\n')  # staged: replace() uploads it first
+        if sys.argv[3] == "after-the-rename":
+            _fsspec_file._LocalSwap.discard = die
+        await storage.replace(snapshot())
+
+    anyio.run(main)
+"""
+
+
+@pytest.mark.parametrize(("kill_at", "journal"), [("mid-snapshot", "old"), ("after-the-rename", "new")])
+def test_kill_9_during_a_local_compaction_leaves_the_old_journal_or_the_new_one_and_the_next_writer_goes_on(
+    tmp_path: Path, kill_at: str, journal: str
+) -> None:
+    path = tmp_path / "journal.jsonl"
+    uri = f"fsspec+file://{path}"
+    child = _run_child(_DYING_COMPACTOR, uri, str(tmp_path / "stage"), kill_at)
+    assert child.returncode == -9, child.stderr
+    whole = '{"n":0}\n{"n":1}\n{"n":2}\n' if journal == "old" else '{"n":9}\n{"n":10}\n'
+    assert path.read_text() == whole
+
+    async def recover() -> None:
+        async with FsspecStorage(uri, stage_dir=tmp_path / "stage") as storage:
+            assert await read_text(storage) == whole
+            await storage.write('{"n":3}\n')
+            await storage.flush()
+            await storage.replace(_chunks(whole, '{"n":3}\n'))  # clears what a crash left beside it
+
+    anyio.run(recover)
+    assert path.read_text() == whole + '{"n":3}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.jsonl", "stage"]
+
+
+def test_a_stage_left_elsewhere_by_an_upload_cut_short_before_a_compaction_is_refused_and_kept(
+    tmp_path: Path,
+) -> None:
+    uri = f"fsspec+file://{tmp_path}/journal.jsonl"
+    child = _run_child(_DYING_WRITER, uri, str(tmp_path / "machine-a"), "True", "discard")
+    assert child.returncode == -9, child.stderr
+
+    async def then() -> None:
+        async with FsspecStorage(uri, stage_dir=tmp_path / "machine-b") as compactor:
+            assert await read_text(compactor) == _RECORDS
+            await compactor.replace(_chunks('{"n":9}\n{"n":10}\n{"n":11}\n'))
+        writer = FsspecStorage(uri, stage_dir=tmp_path / "machine-a")
+        with pytest.raises(ConcurrentWriterError, match="not the upload of this stage"):
+            await writer.flush()
+        with pytest.raises(ConcurrentWriterError):
+            await writer.close()
+
+    anyio.run(then)
+    assert (tmp_path / "journal.jsonl").read_text() == '{"n":9}\n{"n":10}\n{"n":11}\n'
+    assert [p.name for p in (tmp_path / "machine-a").glob("*/*.jsonl")] == ["000000000002.jsonl"]

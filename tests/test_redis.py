@@ -593,12 +593,27 @@ async def test_waitaof_on_a_server_without_it_is_refused_at_open(redis_url: str,
 # -- keys, pickling --------------------------------------------------------------------------
 
 
-def test_the_lease_and_the_epoch_share_the_streams_cluster_slot() -> None:
-    tagged = RedisStreamStorage("redis://h/0", "{run-42}:journal")
-    lease = tagged._lease
-    assert (lease.key, lease.epoch_key) == ("{run-42}:journal:lease", "{run-42}:journal:epoch")
-    plain = RedisStreamStorage("redis://h/0", "journal")
-    assert (plain._lease.key, plain._lease.epoch_key) == ("{journal}:lease", "{journal}:epoch")
+def test_the_lease_the_epoch_and_compactions_keys_share_the_streams_cluster_slot() -> None:
+    def keys(storage: RedisStreamStorage) -> list[str]:
+        named = storage._keys
+        return [named.lease, named.epoch, named.next, named.next_owner, named.generation, named.retired(3)]
+
+    assert keys(RedisStreamStorage("redis://h/0", "{run-42}:journal")) == [
+        "{run-42}:journal:lease",
+        "{run-42}:journal:epoch",
+        "{run-42}:journal:next",
+        "{run-42}:journal:next:owner",
+        "{run-42}:journal:generation",
+        "{run-42}:journal:old:3",
+    ]
+    assert keys(RedisStreamStorage("redis://h/0", "journal")) == [
+        "{journal}:lease",
+        "{journal}:epoch",
+        "{journal}:next",
+        "{journal}:next:owner",
+        "{journal}:generation",
+        "{journal}:old:3",
+    ]
 
 
 async def test_a_pickled_storage_keeps_url_key_and_options_not_its_connection(

@@ -483,6 +483,37 @@ async def test_a_writer_paused_just_before_its_upload_is_refused_by_the_upload_i
     assert staged.decode() == records(100, 2)
 
 
+@pytest.mark.usefixtures("completes_are_conditional")
+async def test_an_append_larger_than_a_part_by_a_writer_already_overtaken_is_refused_and_loses_nothing(
+    open_s3: OpenS3, moto: MotoServer, bucket: str, tmp_path: Path, small_parts: int
+) -> None:
+    # A's object is past the part minimum and ends in A's own newline, so A's next flush reads
+    # nothing: it copies the object inside S3 and sends its batch in parts. moto checks neither
+    # UploadPartCopy's CopySourceIfMatch nor (without the fixture) the completion's If-Match; only
+    # the completion can refuse A here, as it alone refuses a writer overtaken after its copy on S3.
+    first = open_s3(stage_dir=tmp_path / "a", part_size=small_parts)
+    await first.write(records(0, 2000, pad=200))  # 0.4 MiB, over the 256 KiB part minimum
+    await first.flush()
+    async with open_s3(stage_dir=tmp_path / "b") as second:
+        assert len(await numbers(second)) == 2000
+        await second.write(records(10_000, 3))
+    big = records(2000, 3000, pad=100)
+    assert len(big) > small_parts
+    await first.write(big)
+    with pytest.raises(ConcurrentWriterError, match="another writer.*stay staged in .*/a"):
+        await first.flush()
+    with pytest.raises(ConcurrentWriterError):
+        await first.close()
+    listing = s3_client(moto).list_multipart_uploads(Bucket=bucket)  # type: ignore[attr-defined]
+    assert listing.get("Uploads", []) == [], "the refused multipart upload was left unfinished"
+    async with open_s3(stage_dir=tmp_path / "reader") as reader:
+        assert await numbers(reader) == [*range(2000), *range(10_000, 10_003)]
+    async with open_s3(stage_dir=tmp_path / "a", part_size=small_parts) as recovered:
+        await recovered.flush()  # what A kept staged follows the other writer's records
+    async with open_s3(stage_dir=tmp_path / "reader") as reader:
+        assert await numbers(reader) == [*range(2000), *range(10_000, 10_003), *range(2000, 5000)]
+
+
 async def test_a_reader_that_lists_while_a_merge_empties_segments_lists_again(
     open_s3: OpenS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -532,6 +563,27 @@ async def test_a_lost_upload_that_another_writer_merged_is_not_uploaded_again(
     async with open_s3("job", layout="segments", stage_dir=tmp_path / "a", endpoint_url=proxy.url) as again:
         await again.flush()
         assert await numbers(again) == [*range(6), 100]  # record 1 once
+
+
+async def test_a_read_beside_a_flush_of_the_same_storage_yields_each_record_once(
+    open_s3: OpenS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from yoink.storage._s3_listing import SegmentListing
+
+    listing = SegmentListing._try_listing
+
+    async def listing_then_a_flush(self: SegmentListing, *, tidy: bool) -> Any:
+        state = await listing(self, tidy=tidy)
+        monkeypatch.setattr(SegmentListing, "_try_listing", listing)
+        await storage.flush()  # lands the staged record after the listing, before its batch is looked up
+        return state
+
+    async with open_s3("job", layout="segments") as storage:
+        await storage.write(records(0, 1))
+        await storage.flush()
+        await storage.write(records(1, 1))
+        monkeypatch.setattr(SegmentListing, "_try_listing", listing_then_a_flush)
+        assert await numbers(storage) == [0, 1]  # from the stage: the listing did not hold it
 
 
 async def test_a_reader_beside_a_live_writer_sees_only_what_the_writer_flushed(open_s3: OpenS3) -> None:

@@ -81,7 +81,7 @@ def test_a_backend_that_breaks_a_promise_is_told_which(pytester: pytest.Pytester
         "asyncio_default_fixture_loop_scope=function",
         "-q",
     )
-    result.assert_outcomes(passed=9, failed=6, skipped=1)
+    result.assert_outcomes(passed=12, failed=9, skipped=2)
     result.stdout.fnmatch_lines(["*promise broken: read() yields every write, in order*"])
     result.stdout.fnmatch_lines(["*promise broken: a reopened journal is appended to*"])
 
@@ -117,5 +117,46 @@ def test_a_backend_that_a_cancellation_cuts_in_half_is_told_so(pytester: pytest.
         "-p", "asyncio", "-o", "asyncio_mode=strict", "-o", "asyncio_default_fixture_loop_scope=function",
         "-q", "-k", "cancelled",
     )  # fmt: skip
-    result.assert_outcomes(failed=1, deselected=15)
+    result.assert_outcomes(passed=1, failed=1, deselected=21)
     result.stdout.fnmatch_lines(["*promise broken: a cancelled write is whole or absent*"])
+
+
+PIECEMEAL_BACKEND = '''
+import uuid
+import pytest
+from yoink.storage import MemoryStorage
+from yoink.testing import StorageContract
+
+
+class PiecemealStorage(MemoryStorage):
+    """Replaces its journal piece by piece as the text comes: a failure part-way leaves a mix."""
+
+    async def replace(self, text):
+        self._check_open()
+        journal = self._journals[self._name] = []
+        async for chunk in text:
+            journal.append(chunk)
+
+
+class TestPiecemealStorage(StorageContract):
+    refuses_a_second_writer = False
+
+    @pytest.fixture
+    def storage(self):
+        return PiecemealStorage(f"piecemeal-{uuid.uuid4()}")
+'''
+
+
+def test_a_backend_whose_replace_is_not_atomic_is_told_so(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_piecemeal=PIECEMEAL_BACKEND)
+    result = pytester.runpytest(
+        "-p", "asyncio", "-o", "asyncio_mode=strict", "-o", "asyncio_default_fixture_loop_scope=function",
+        "-q", "-k", "replace",
+    )  # fmt: skip
+    result.assert_outcomes(passed=4, failed=2, skipped=1, deselected=16)
+    result.stdout.fnmatch_lines(
+        ["*promise broken: a replace() that raises leaves the old journal untouched*"]
+    )
+    result.stdout.fnmatch_lines(
+        ["*promise broken: a cancelled replace() leaves the old journal or the new one*"]
+    )

@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+from yoink._compaction import Compaction, CompactionPolicy
 from yoink._exceptions import (
     CheckpointLockedError,
+    CompactionNotSupportedError,
     ConcurrentWriterError,
     CorruptCheckpointError,
     MissingDependencyError,
@@ -26,6 +28,9 @@ __all__ = [
     "CheckpointLockedError",
     "CheckpointManager",
     "CheckpointStorage",
+    "Compaction",
+    "CompactionNotSupportedError",
+    "CompactionPolicy",
     "ConcurrentWriterError",
     "CorruptCheckpointError",
     "MissingDependencyError",

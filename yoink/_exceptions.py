@@ -5,6 +5,7 @@
     YoinkError
     ├── StorageError                  a backend could not do what was asked
     │   ├── CheckpointLockedError     another writer holds the journal
+    │   ├── CompactionNotSupportedError  (also a NotImplementedError) the backend cannot replace
     │   ├── ConcurrentWriterError     another writer changed a remote journal under this one
     │   ├── ReadOnlyError             a read-only manager was asked to append or flush
     │   └── StorageClosedError        the storage or manager was used after close()
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointLockedError",
+    "CompactionNotSupportedError",
     "ConcurrentWriterError",
     "CorruptCheckpointError",
     "MissingDependencyError",
@@ -41,6 +43,13 @@ class StorageError(YoinkError):
 
 class CheckpointLockedError(StorageError):
     """Another writer holds the journal: yoink refuses a second writer instead of interleaving."""
+
+
+class CompactionNotSupportedError(StorageError, NotImplementedError):
+    """The storage cannot replace its journal (it does not implement ``replace()``): no compaction.
+
+    The journal is untouched, and appending to it goes on as before.
+    """
 
 
 class ConcurrentWriterError(StorageError):

@@ -51,6 +51,25 @@ def loads(line: str) -> Any:
     return _json_loads(line)
 
 
+def dumps(value: Any, *, sort_keys: bool = False) -> bytes:
+    """A value :func:`loads` read, as JSON again (one line, no newline), for a compaction.
+
+    orjson writes what it can; json what orjson cannot: an integer beyond 64 bits, and nesting
+    deeper than orjson writes (255 levels), up to MAX_DEPTH, under the same raised recursion limit.
+    """
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else None)
+    except TypeError:
+        pass
+    with _recursion_lock:
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(limit + 2 * MAX_DEPTH + 64)
+        try:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=sort_keys).encode()
+        finally:
+            sys.setrecursionlimit(limit)
+
+
 def _json_loads(line: str) -> Any:
     # json recurses once per level, within Python's recursion limit: raised for the call, so that a
     # line nested as deep as orjson allows (MAX_DEPTH) parses here too, whatever the caller's depth.

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import orjson
 
 from yoink import _records
+from yoink._compaction import (
+    Compaction,
+    CompactionPolicy,
+    KeyFold,
+    SnapshotFeed,
+    encode_replayed,
+    feeding,
+    now,
+    snapshot_text,
+)
 from yoink._compat import Self
 from yoink._exceptions import ReadOnlyError, StorageClosedError, StorageError
+from yoink._fork import drop_in_forked_children, forked_note
 from yoink._records import (
     JournalDecoder,
     OnCorrupt,
@@ -72,6 +85,7 @@ class CheckpointManager:
         on_corrupt: OnCorrupt = "raise",
         default: Callable[[Any], Any] | None = None,
         read_only: bool = False,
+        compact: CompactionPolicy | None = None,
     ) -> None:
         if not isinstance(storage, CheckpointStorage):
             raise TypeError(f"storage must be a CheckpointStorage, got {type(storage).__name__}")
@@ -83,6 +97,8 @@ class CheckpointManager:
             raise ValueError(f"flush_interval must be positive seconds or None, got {flush_interval!r}")
         if on_corrupt not in ("raise", "skip"):
             raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
+        if compact is not None and not isinstance(compact, CompactionPolicy):
+            raise TypeError(f"compact must be a CompactionPolicy or None, got {type(compact).__name__}")
         self._storage = storage
         self._batch_bytes = batch_bytes
         self._flush_interval = flush_interval
@@ -103,6 +119,20 @@ class CheckpointManager:
         self._full_at = batch_bytes if self._writable else 0
         self._closing: anyio.Event | None = None  # set once close() has released the storage
         self._unknown: str | None = None  # why a storage call's outcome is unknown, if one is
+        self._policy = compact
+        self._compaction_lock = anyio.Lock()
+        # The cut of each compaction called and not yet done, in call order: the bytes appended
+        # before it (handed included). Nothing after the first is written until that compaction
+        # has swapped the journal; appends wait in memory meanwhile.
+        self._cuts: collections.deque[int] = collections.deque()
+        self._compactions_over = anyio.Event()  # set while no compaction is under way or waiting
+        self._compactions_over.set()
+        self._compactor: anyio.CancelScope | None = None  # the policy's compaction in the background
+        self._grown = 0  # bytes written since the last compaction
+        self._base: int | None = None  # the journal's bytes after its last compaction, or at replay
+        self._closed_note = ""  # why, when it was not closed by close(): a fork
+        if not read_only:
+            drop_in_forked_children(self)
         self.corrupt_lines_skipped = 0
         """Lines the last :meth:`replay` skipped as corrupt (with ``on_corrupt="skip"``)."""
 
@@ -139,6 +169,7 @@ class CheckpointManager:
             "on_corrupt": self._on_corrupt,
             "default": self._default,
             "read_only": self._read_only,
+            "compact": self._policy,
         }
         return {"storage": self._storage, "options": options}
 
@@ -175,8 +206,8 @@ class CheckpointManager:
             encoded += encode_record(record, self._default)
         buffer = self._buffer
         buffer += encoded
-        if len(buffer) >= self._batch_bytes:
-            await self._write_batch(if_full=True)
+        if len(buffer) >= self._full_at:
+            await self._batch_full(0)
 
     async def flush(self) -> None:
         """Return when every record appended before the call is durable in the storage.
@@ -185,6 +216,8 @@ class CheckpointManager:
         ``flush()`` stops waiting; the storage flush it started goes on to its end.
         """
         self._check_writable()
+        if feeding.get() is self:
+            raise self._inside_snapshot("flush()")
         await self._flush()
 
     async def replay(self) -> AsyncIterator[dict[str, Any]]:
@@ -196,7 +229,8 @@ class CheckpointManager:
         ``on_corrupt="skip"``, is skipped and counted in :attr:`corrupt_lines_skipped`).
         """
         self._check_open()
-        if not self._read_only:
+        if not self._read_only and feeding.get() is not self:  # in a snapshot: the journal it replaces
+            await self._compactions_done()  # writes wait for them: the records after their cuts too
             await self._write_batch()
         decoder = JournalDecoder(repr(self._storage), on_corrupt=self._on_corrupt)
         batches = decoder.batches(self._storage.read())
@@ -207,6 +241,134 @@ class CheckpointManager:
         finally:
             self.corrupt_lines_skipped = decoder.skipped
             await batches.aclose()
+        if self._base is None:  # the journal's size, for the compaction policy
+            self._base = decoder.offset
+
+    async def compact(
+        self, records: Iterable[Any] | AsyncIterable[Any] | None = None, *, key: str | None = None
+    ) -> Compaction:
+        """Replace the journal, atomically, with a snapshot: ``records``, or the last record per ``key``.
+
+        ``compact(records)`` takes the job's state as records (an iterable or async iterable,
+        encoded and streamed to the storage as it comes, never all in memory). ``compact(key="url")``
+        keeps, of the journal's records, the last one for each value of the field ``key`` (and
+        every record without it), in journal order, as Kafka compacts a log; it holds one record
+        per distinct value in memory while it reads the journal.
+
+        Every record appended before the call is written and flushed first (and, with ``records``,
+        replaced by the snapshot); records appended while it runs follow the snapshot. A crash at
+        any moment leaves the old journal whole, or the snapshot whole and what was flushed after
+        it. While it runs, :meth:`append` goes on (records wait in memory) and :meth:`flush`
+        waits for it. It returns what it did (:class:`~yoink.Compaction`), and the journal's
+        first line, a header that replay skips, says the same (``yoink stats`` shows it).
+
+        A storage that cannot swap its journal raises :class:`~yoink.CompactionNotSupportedError`;
+        a record that cannot be encoded raises ``TypeError``; a corrupt journal raises
+        :class:`~yoink.CorruptCheckpointError` (with ``on_corrupt="skip"``, its bad lines are left
+        out of the snapshot). In each case the journal is unchanged.
+
+        The records' iterator runs in the caller's task. There, :meth:`replay` yields the journal
+        the snapshot replaces (``compact(r async for r in checkpoint.replay() if keep(r))`` filters
+        it), and :meth:`flush`, :meth:`close` and ``compact()``, which would wait for this
+        compaction, raise ``RuntimeError``. A ``compact(records)`` cancelled before its records
+        ended is abandoned: the journal is unchanged. Cancelled after that, or with ``key``, it
+        stops waiting and the compaction goes on to its end; :meth:`close` and :meth:`replay` wait
+        for it.
+        """
+        self._check_writable()
+        if (records is None) == (key is None):
+            raise TypeError(
+                "compact() takes the snapshot's records, or key=FIELD to keep the last record for each "
+                "value of a field; one of the two"
+            )
+        if key is not None and (not isinstance(key, str) or not key):
+            raise ValueError(f"key must be the name of a record field, got {key!r}")
+        if feeding.get() is self:
+            raise self._inside_snapshot("compact()")
+        # The cut, the bytes appended before the call, is taken now, before any await lets another
+        # task append: nothing after it is written until this compaction has swapped the journal.
+        cut = self._handed + len(self._buffer)
+        self._cuts.append(cut)
+        if self._compactions_over.is_set():
+            self._compactions_over = anyio.Event()
+        feed = (
+            None
+            if records is None
+            else SnapshotFeed(self, functools.partial(encode_record, default=self._default))
+        )
+        run = _Run()
+        start_background(functools.partial(self._compaction, run, cut, feed, key))
+        if feed is not None:
+            assert records is not None
+            try:
+                await feed.feed(records)  # here, in the caller's task: cancelled, it abandons the snapshot
+            except Exception:
+                await uninterrupted(run.over.wait, finish_first=True)  # the old journal is back
+                raise
+        await run.over.wait()  # cancelled, it stops waiting: the snapshot is whole, the swap goes on
+        return run.outcome()
+
+    async def _compaction(self, run: _Run, cut: int, feed: SnapshotFeed | None, key: str | None) -> None:
+        """A compaction, in a task of its own: under both locks, from the cut to the swap."""
+        try:
+            # One at a time, in the order they were called: their cuts are queued in that order.
+            async with self._compaction_lock, self._io_lock:
+                run.result = await self._compact_locked(feed, key)
+        except BaseException as exc:
+            run.error = exc
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if feed is not None:
+                feed.close()
+            self._cuts.remove(cut)  # the next compaction's cut, if one waits, is the first now
+            self._cuts_changed()
+            run.over.set()
+
+    async def _compact_locked(self, feed: SnapshotFeed | None, key: str | None) -> Compaction:
+        await self._write_locked()  # up to the cut
+        handed = self._handed
+        await self._storage.flush()
+        self._durable = max(self._durable, handed)
+        info = Compaction(at=now(), key=key, records_before=None, bytes_before=None, records=None)
+        size: list[int] = []
+        if key is not None:
+            fold = KeyFold(key)
+            decoder = JournalDecoder(repr(self._storage), on_corrupt=self._on_corrupt)
+            async for batch in decoder.batches(self._storage.read()):
+                fold.add(batch)
+            info = Compaction(info.at, key, fold.records, decoder.offset, len(fold))
+            header = info.header_line()
+            text = snapshot_text(header, fold, encode_replayed, lambda *counts: size.extend(counts))
+        else:
+            assert feed is not None
+            header = info.header_line()
+            text = feed.text(header)
+            feed.ready.set()  # the journal before the cut is durable: a replay in the snapshot reads it
+        try:
+            await self._storage.replace(text)
+        finally:
+            await text.aclose()
+        records, written = size if size else (feed.records, feed.bytes)  # type: ignore[union-attr]
+        self._grown = 0
+        self._base = written + len(header.encode())
+        return Compaction(info.at, key, info.records_before, info.bytes_before, records, written)
+
+    async def _compactions_done(self) -> None:
+        """Return once no compaction is under way or waiting."""
+        while self._cuts:
+            await self._compactions_over.wait()
+
+    def _inside_snapshot(self, call: str) -> RuntimeError:
+        return RuntimeError(
+            f"{call} in the records of a compact() of the same manager would wait for that compaction, "
+            "which waits for its records; append() and replay() may be called there"
+        )
+
+    def _cuts_changed(self) -> None:
+        if not self._cuts:  # no compaction left: appends write full batches again
+            self._full_at = self._batch_bytes if self._writable else 0
+            self._compactions_over.set()
 
     async def exists(self) -> bool:
         """Whether the journal has any record, here or in the storage."""
@@ -219,9 +381,13 @@ class CheckpointManager:
         every record appended before is flushed. It finishes even when its caller is cancelled,
         and its caller's cancellation goes on once the storage is released.
         """
+        if self._closed_note:  # a forked child's copy: what it would close is the parent's
+            return
         if self._closing is not None:
             await uninterrupted(self._closing.wait, finish_first=True)
             return
+        if feeding.get() is self:
+            raise self._inside_snapshot("close()")
         self._closed = True
         self._writable = False
         self._full_at = 0
@@ -229,6 +395,8 @@ class CheckpointManager:
         if self._flusher is not None:
             self._flusher.cancel()
             self._flusher = None
+        if self._compactor is not None:
+            self._compactor.cancel()  # a compaction under way goes on to its end; close() waits for it
         try:
             await uninterrupted(self._close_storage, finish_first=True)
         finally:
@@ -255,7 +423,7 @@ class CheckpointManager:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise StorageClosedError(f"{self!r} is closed")
+            raise StorageClosedError(f"{self!r} is closed{self._closed_note}")
 
     def _check_writable(self) -> None:
         if not self._writable:
@@ -263,7 +431,7 @@ class CheckpointManager:
 
     def _refusal(self) -> StorageError:
         if self._closed:
-            return StorageClosedError(f"{self!r} is closed")
+            return StorageClosedError(f"{self!r} is closed{self._closed_note}")
         return ReadOnlyError(f"{self!r} is read-only (read_only=True): it neither appends nor flushes")
 
     async def _batch_full(self, appended: int) -> None:
@@ -276,6 +444,10 @@ class CheckpointManager:
             if not self._writable:
                 raise self._refusal()
             raise record_too_long(appended)
+        if self._cuts:  # held in memory until the compaction ends; let it run meanwhile
+            self._full_at = len(self._buffer) + self._batch_bytes
+            await anyio.lowlevel.checkpoint()
+            return
         await self._write_batch(if_full=True)
 
     async def _write_batch(self, *, if_full: bool = False) -> None:
@@ -289,15 +461,23 @@ class CheckpointManager:
                 await self._write_locked()
 
     async def _write_locked(self) -> None:
-        """Hand the buffered records to the storage in one write; keep them if it fails."""
-        if not self._buffer:
+        """Hand the buffered records to the storage in one write; keep them if it fails.
+
+        While a compaction is under way, only those appended before it (up to its cut) are written.
+        """
+        upto = self._cuts[0] - self._handed if self._cuts else None
+        if not self._buffer or (upto is not None and upto <= 0):
             return
         if self._unknown is not None:
             raise StorageError(
                 f"{self!r} stopped writing: {self._unknown}. Nothing is written twice or guessed at: "
                 "open a new manager, whose replay shows what the journal holds"
             )
-        batch, self._buffer = self._buffer, bytearray()
+        if upto is None or upto >= len(self._buffer):
+            batch, self._buffer = self._buffer, bytearray()
+        else:  # a compaction's cut: what was appended after its call stays for after the snapshot
+            batch = self._buffer[:upto]
+            del self._buffer[:upto]
         self._handed += len(batch)  # before the write, so a flush called meanwhile waits for it
         try:
             await self._storage.write(batch.decode())
@@ -310,6 +490,37 @@ class CheckpointManager:
             self._buffer[:0] = batch
             self._handed -= len(batch)
             raise
+        self._grown += len(batch)
+        policy = self._policy
+        if (
+            policy is not None
+            and not self._cuts
+            and self._compactor is None
+            and policy.due(self._base or 0, self._grown)
+        ):
+            self._compactor = start_background(self._compact_in_background)
+
+    async def _compact_in_background(self) -> None:
+        assert self._policy is not None
+        try:
+            result = await self.compact(key=self._policy.key)
+        except StorageError as exc:
+            if self._writable:  # not a close under way
+                logger.warning("background compaction of %r failed; appending goes on: %s", self, exc)
+            self._grown = 0  # tried again once the journal has grown as much again
+        except Exception:
+            logger.exception("background compaction of %r failed; appending goes on", self)
+            self._grown = 0
+        else:
+            logger.info(
+                "compacted %r by %r: %s records to %s",
+                self,
+                result.key,
+                result.records_before,
+                result.records,
+            )
+        finally:
+            self._compactor = None
 
     async def _flush(self) -> None:
         target = self._handed + len(self._buffer)
@@ -334,6 +545,7 @@ class CheckpointManager:
 
     async def _close_storage(self) -> None:
         try:
+            await self._compactions_done()  # called before close(): they go on to their end
             if self._unknown is None and not self._read_only:
                 await self._flush()
         finally:
@@ -358,6 +570,29 @@ class CheckpointManager:
                     self,
                     exc_info=True,
                 )
+
+    def _drop_after_fork(self) -> None:
+        """In a forked child: a task of the parent's may hold this manager's locks, and never will
+        let go of them here. Refuse everything, as the storage does, instead of waiting for them."""
+        self._closed = True
+        self._writable = False
+        self._full_at = 0
+        self._closed_note = f": {forked_note(os.getppid())}"
+
+
+class _Run:
+    """A compaction under way, in a task of its own: what it returned or raised, once it is over."""
+
+    def __init__(self) -> None:
+        self.over = anyio.Event()
+        self.result: Compaction | None = None
+        self.error: BaseException | None = None
+
+    def outcome(self) -> Compaction:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
 
 
 @functools.cache

@@ -6,6 +6,9 @@ with the rules for a damaged journal:
 - a line is written without ``"\n"`` in it (a record whose ``orjson.Fragment`` holds one is
   refused); NaN and +-Infinity are written as ``null``, as orjson writes them;
 - a blank line is ignored;
+- a first line ``["$yoink", {...}]`` is the journal's header, not a record: what a compaction
+  wrote about itself (:attr:`JournalDecoder.header`). It is a JSON array, which no record can be,
+  so no record is ever taken for it;
 - what JSON holds comes back unchanged: an integer beyond 64 bits, which orjson reads as a float, is
   read again with the json module (only a line with a run of 19 digits or more is);
 - a line nested too deeply to parse is a bad line like any other, never an error of its own;
@@ -32,6 +35,7 @@ from yoink import _json
 from yoink._exceptions import CorruptCheckpointError
 
 __all__ = [
+    "HEADER_START",
     "MAX_LINE_BYTES",
     "NEWLINE",
     "OBJECT_START",
@@ -58,6 +62,7 @@ MAX_LINE_BYTES = 64 << 20
 """The longest line yoink writes or reads. ``append`` refuses a longer record; replay stops at a
 longer line with :class:`~yoink.CorruptCheckpointError`, so memory never grows past it."""
 OBJECT_START = ord("{")  # the first byte of every line: a JSON object
+HEADER_START = '["$yoink",'  # the first line of a compacted journal: an array, so never a record
 NEWLINE = ord("\n")  # the last byte of every line, and in no other place
 
 
@@ -185,6 +190,8 @@ class JournalDecoder:
         self.lines = 0
         self.offset = 0
         self.skipped = 0
+        self.header: dict[str, Any] | None = None
+        """The journal's header (the object in ``["$yoink", {...}]``), once read: what compacted it."""
         self._on_problem = on_problem
         self._suspect: BadLine | None = None  # a bad line that is torn if nothing follows it
         self._error: CorruptCheckpointError | None = None
@@ -218,6 +225,8 @@ class JournalDecoder:
         """Decode one item; raise the corruption found in an earlier item, if any."""
         if self._error is not None:
             raise self._error
+        if not self.lines and item.startswith(HEADER_START):
+            item = self._take_header(item)
         if not item:
             return []
         lines = item.split("\n")
@@ -239,6 +248,20 @@ class JournalDecoder:
             # Raised at the next call, after the records before it; a bad line just before it first.
             self._error = self.followed() or too_long
         return records
+
+    def _take_header(self, item: str) -> str:
+        """Read the header off the journal's first line; return the rest of the item."""
+        first, _, rest = item.partition("\n")
+        try:
+            header = _json.loads(first)
+        except json.JSONDecodeError:
+            return item  # not a header after all: a bad line, judged like any other
+        if type(header) is not list or len(header) != 2 or type(header[1]) is not dict:
+            return item
+        self.header = header[1]
+        self.lines = 1
+        self.offset = utf8_len(first) + 1
+        return rest
 
     def followed(self) -> CorruptCheckpointError | None:
         """Say that more follows the lines fed so far, although it cannot be fed (a line too long).

@@ -4,9 +4,11 @@
     yoink stats URI          records, bytes, the first and last record, problems found
     yoink verify URI         exit status 0 for a clean journal, 1 with each problem
     yoink copy SRC DST       stream a journal from one backend to another
+    yoink compact URI --key FIELD   keep the last record for each value of FIELD
 
-Every command reads its journals read-only (a copy's destination aside): it takes no lock or lease
-and writes nothing, not even a crashed writer's staged records. URIs are those of
+Every command but ``compact`` reads its journals read-only (a copy's destination aside): it takes
+no lock or lease and writes nothing, not even a crashed writer's staged records. ``compact`` is a
+writer: it takes the journal's lock or lease, and is refused while another writer holds it. URIs are those of
 :class:`~yoink.StorageFactory`; S3 and Redis settings come from the usual
 environment variables (``AWS_*``, ``AWS_ENDPOINT_URL``) and URI forms. Errors are one line on
 stderr (exit status 1, or 2 for a usage error); ``--debug`` shows the traceback. A journal that does
@@ -30,6 +32,7 @@ import anyio
 import orjson
 
 from yoink import __version__
+from yoink._compaction import Compaction
 from yoink._exceptions import CorruptCheckpointError, YoinkError
 from yoink._manager import CheckpointManager
 from yoink._records import BadLine, JournalDecoder, Problem, TornTail
@@ -81,6 +84,8 @@ class Scan:
     first: dict[str, Any] | None = None
     last: dict[str, Any] | None = None
     problems: list[Problem] = field(default_factory=list)
+    header: dict[str, Any] | None = None  # the journal's header line, if it has one
+    compaction: Compaction | None = None  # the last compaction, as the header tells it
 
 
 async def scan(storage: CheckpointStorage, uri: str) -> Scan:
@@ -94,6 +99,9 @@ async def scan(storage: CheckpointStorage, uri: str) -> Scan:
             result.records += len(records)
     left_out = sum(problem.left_out for problem in result.problems if isinstance(problem, TornTail))
     result.bytes = decoder.offset + left_out
+    result.header = decoder.header
+    if decoder.header is not None:
+        result.compaction = Compaction.from_header(decoder.header)
     return result
 
 
@@ -123,6 +131,7 @@ async def stats(uri: str) -> int:
     print(f"bytes:    {result.bytes:,}")
     print(f"first:    {_show(result.first)}")
     print(f"last:     {_show(result.last)}")
+    print(f"compacted: {_compacted(result)}")
     torn = [problem for problem in result.problems if isinstance(problem, TornTail)]
     corrupt = [problem for problem in result.problems if isinstance(problem, BadLine)]
     print(f"torn tail: {torn[0] if torn else 'none'}")
@@ -131,6 +140,28 @@ async def stats(uri: str) -> int:
         print(f"  {problem}")
     if len(corrupt) > 10:
         print(f"  ... and {len(corrupt) - 10} more (yoink verify lists them all)")
+    return 0
+
+
+def _compacted(result: Scan) -> str:
+    compaction = result.compaction
+    if compaction is None:
+        return "never" if result.header is None else "a header yoink does not know (not shown)"
+    how = f"by key {compaction.key!r}" if compaction.key is not None else "to a snapshot"
+    if compaction.records_before is None or compaction.records is None:
+        return f"{compaction.at} {how}"
+    before = f"{compaction.records_before:,} records"
+    if compaction.bytes_before is not None:
+        before += f" ({compaction.bytes_before:,} bytes)"
+    return f"{compaction.at} {how}: {before} to {compaction.records:,}"
+
+
+async def compact(uri: str, key: str) -> int:
+    async with _manager(uri, flush_interval=None) as manager:
+        await _require(manager, uri)
+        result = await manager.compact(key=key)
+    before = f"{result.records_before:,} records ({result.bytes_before:,} bytes)"
+    print(f"{redact(uri)}: compacted by {key!r}: {before} to {result.records:,} ({result.bytes:,} bytes)")
     return 0
 
 
@@ -207,7 +238,9 @@ def _show(record: dict[str, Any] | None) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="yoink", description="Look into, check and copy yoink journals.")
+    parser = argparse.ArgumentParser(
+        prog="yoink", description="Look into, check, copy and compact yoink journals."
+    )
     parser.add_argument("--version", action="version", version=f"yoink {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and yoink's log")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -225,6 +258,11 @@ def _parser() -> argparse.ArgumentParser:
     command.add_argument("destination")
     command.add_argument("--append", action="store_true", help="add to a destination that holds records")
     command.add_argument("--no-progress", action="store_true", help="no progress line, even on a terminal")
+    command = commands.add_parser(
+        "compact", help="keep the last record for each value of a field (a writer: takes the lock)"
+    )
+    command.add_argument("uri")
+    command.add_argument("--key", required=True, metavar="FIELD", help="the record field that names a unit")
     return parser
 
 
@@ -242,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return anyio.run(stats, args.uri)
         if args.command == "verify":
             return anyio.run(verify, args.uri)
+        if args.command == "compact":
+            return anyio.run(compact, args.uri, args.key)
         progress = sys.stderr.isatty() and not args.no_progress
         return anyio.run(copy, args.source, args.destination, args.append, progress)
     except BrokenPipeError:  # `yoink cat ... | head`: the reader has what it wanted

@@ -2,7 +2,8 @@
 
 - ``Proxy``: HTTP, in front of moto's S3; counts requests and bytes, injects S3 errors, resets and
   stalls (``Fault``, ``chaos()``).
-- ``DroppingProxy``: TCP, in front of Redis; lets a command through and drops its reply.
+- ``DroppingProxy``: TCP, in front of Redis; lets a command through and drops its reply, and
+  refuses new connections once ``cut``.
 """
 
 from __future__ import annotations
@@ -185,11 +186,14 @@ class Proxy:
 
 class DroppingProxy:
     """A TCP proxy to Redis that, on demand, lets a request through and drops the connection
-    instead of passing the reply back: the client cannot tell whether its command ran."""
+    instead of passing the reply back: the client cannot tell whether its command ran. Once
+    ``cut``, it closes every new connection at once, as an unreachable server would (connections
+    already open stay up)."""
 
     def __init__(self, port: int) -> None:
         self._upstream = port
         self.drop_next_reply = False
+        self.cut = False
         self._server = socket.create_server(("127.0.0.1", 0))
         self.url = f"redis://127.0.0.1:{self._server.getsockname()[1]}/0"
         threading.Thread(target=self._accept, daemon=True).start()
@@ -200,6 +204,9 @@ class DroppingProxy:
                 client, _ = self._server.accept()
             except OSError:
                 return
+            if self.cut:
+                client.close()
+                continue
             upstream = socket.create_connection(("127.0.0.1", self._upstream))
             threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()

@@ -1,6 +1,7 @@
 """The contract between yoink and a storage backend.
 
-A backend is a subclass of :class:`CheckpointStorage` with five async methods. Everything yoink
+A backend is a subclass of :class:`CheckpointStorage` with five async methods, and a sixth,
+``replace()``, if it can compact. Everything yoink
 promises its users rests on the promises written in their docstrings, so read them all before
 writing one; ``yoink.testing`` will check them for you. Subclass
 :class:`~yoink.storage.ClosableStorage` instead to have closing and pickling done for you.
@@ -9,11 +10,12 @@ writing one; ``yoink.testing`` will check them for you. Subclass
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from types import TracebackType
 from typing import Any
 
 from yoink._compat import Self
+from yoink._exceptions import CompactionNotSupportedError
 
 __all__ = ["CheckpointStorage"]
 
@@ -105,6 +107,33 @@ class CheckpointStorage(ABC):
         writer is not refused. A process forked from one that holds a lock or a lease must not
         keep it: it is the parent's.
         """
+
+    async def replace(self, text: AsyncIterable[str]) -> None:
+        """Replace the whole journal with ``text``, atomically: compaction. Optional.
+
+        :meth:`CheckpointManager.compact <yoink.CheckpointManager.compact>` calls it, after
+        writing and flushing what it had buffered, with no write under way. The default raises
+        :class:`~yoink.CompactionNotSupportedError`; a backend that can swap its journal overrides
+        it, and ``yoink.testing.StorageContract`` then checks every promise below.
+
+        - ``text`` is whole lines, in order, as :meth:`write` takes them. It may be far larger than
+          memory: consume it as it comes, never all at once.
+        - Atomic: a crash (``kill -9``) at any moment leaves either the old journal whole or the
+          new one whole. When ``replace()`` returns, the new journal is durable, as after
+          :meth:`flush`, and later writes follow it.
+        - If ``replace()`` raises (``text`` itself may raise), the journal is the old one, untouched,
+          and later writes follow it.
+        - Readers: a :meth:`read` under way when the swap happens yields the old journal whole or
+          the new one whole, never a mix of the two.
+        - The writer's lock or lease is held throughout and after: a second writer is refused
+          during the swap and after it, as before it.
+        - Cancelled: like :meth:`write`, it finishes or leaves the old journal, never half of each.
+        - After :meth:`close`, raises :class:`~yoink.StorageClosedError`.
+        """
+        raise CompactionNotSupportedError(
+            f"{self!r} cannot compact its journal: {type(self).__name__} does not implement replace(); "
+            "the journal is unchanged"
+        )
 
     async def __aenter__(self) -> Self:
         return self

@@ -19,11 +19,17 @@ import anyio
 import anyio.to_thread
 import fsspec
 
-from yoink._exceptions import ConcurrentWriterError, MissingDependencyError, StorageError, YoinkError
+from yoink._exceptions import (
+    CompactionNotSupportedError,
+    ConcurrentWriterError,
+    MissingDependencyError,
+    StorageError,
+    YoinkError,
+)
 from yoink._lines import is_record_tail, whole_lines, without_torn_tail
 from yoink.storage._factory import FSSPEC_PREFIX
 from yoink.storage._files import READ_CHUNK, TORN_SUFFIX
-from yoink.storage._fsspec_file import CannotAppend, JournalFile, Moved
+from yoink.storage._fsspec_file import CannotAppend, JournalFile, Moved, View
 from yoink.storage._fsspec_upload import Intent, read_staged, upload_groups
 from yoink.storage._stage import Batch
 from yoink.storage._staged import StagedStorage
@@ -78,6 +84,18 @@ class FsspecStorage(StagedStorage):
     - A last line without a newline (another tool's, or a fragment of another stage's upload) is
       judged as replay judges it, as S3Storage does: a JSON object is a record and gets its newline
       before the next upload; anything else is moved to ``<path>.torn`` and cut off.
+    - Compaction (:meth:`replace`), on a local filesystem and on fsspec's memory filesystem: what
+      is staged is uploaded first (it belongs to the old journal, so nothing from before the swap
+      is uploaded after it), then the new journal goes in one step. Local: written beside the
+      file (``<path>.<pid>.<random>.yoink-compact``), fsynced, renamed over it, the directory
+      fsynced, so a crash leaves the old file or the new one whole, and the next compaction
+      removes what a crashed one left beside it; a replay under way reads on in the file it
+      opened. Memory: the new bytes take the old ones' place in the store at once. The swap is
+      fenced as an upload is, by the file's size just before it: another writer's change is
+      refused with :class:`~yoink.ConcurrentWriterError`, and the journal stays as it left it.
+      Any other filesystem raises :class:`~yoink.CompactionNotSupportedError` and changes
+      nothing: fsspec promises no atomic replace there (on object stores a move is a copy and a
+      delete; HDFS's rename does not overwrite). For S3, S3Storage compacts.
 
     What it cannot promise:
 
@@ -90,8 +108,15 @@ class FsspecStorage(StagedStorage):
       the first one's batch after the second one's records; it then gets
       :class:`~yoink.ConcurrentWriterError`, and its batch is not uploaded again. On a local
       filesystem that window is one ``fstat`` before one ``write``; on a store that rewrites the
-      file, it spans the upload, and the other writer's records are lost to the rewrite. Two
-      writers whose changes leave the same size at the same moment are not told apart.
+      file, it spans the upload, and the other writer's records are lost to the rewrite. A
+      compaction's window is one ``stat`` before one ``rename``: a record appended in it is lost
+      to the swap. Two writers whose changes leave the same size at the same moment are not told
+      apart.
+    - A stage that another machine's writer left with an upload interrupted (a crash during it,
+      or between it and the stage's cleanup), opened after a compaction: whether that upload
+      landed cannot be told from the new file, so its next flush raises
+      :class:`~yoink.ConcurrentWriterError` and keeps the batches staged (S3Storage records what
+      landed in S3 and does tell).
     """
 
     def __init__(
@@ -123,18 +148,23 @@ class FsspecStorage(StagedStorage):
         return (self._full_uri,), self._options.changed()
 
     async def _open_remote(self, writer: str | None, staged: bool) -> tuple[int, AsyncGenerator[str, None]]:
-        size = await self._run(self._file.size)
-        landed, end = 0, size
-        intent = Intent.read(self._stage, writer, self._uri, writing=False) if staged else None
-        if intent is not None:
-            held = await self._uploaded(intent, size, self._stage.snapshot())
-            if held == intent.after - intent.before:
-                landed = intent.through
-            elif held:
-                end = intent.before  # a fragment of an interrupted upload: the staged batches follow instead
+        view = await self._run(self._file.view)
+        try:
+            size = view.size
+            landed, end = 0, size
+            intent = Intent.read(self._stage, writer, self._uri, writing=False) if staged else None
+            if intent is not None:
+                held = await self._uploaded(intent, size, self._stage.snapshot())
+                if held == intent.after - intent.before:
+                    landed = intent.through
+                elif held:  # a fragment of an interrupted upload: the staged batches follow instead
+                    end = intent.before
+        except BaseException:
+            view.close()
+            raise
         if self._known_size is None and not self._closed:
             self._known_size = end  # this writer's view of the file starts here
-        blocks = whole_lines(self._chunks(end), describe=self._uri, keep_tail=True)
+        blocks = whole_lines(self._chunks(view, end, staged), describe=self._uri, keep_tail=True)
         return landed, without_torn_tail(blocks, self._uri) if staged else blocks
 
     async def _remote_exists(self) -> bool:
@@ -279,6 +309,41 @@ class FsspecStorage(StagedStorage):
         )
         return size - len(tail)
 
+    def _check_swappable(self) -> None:
+        refusal = self._file.swap_refusal()
+        if refusal is not None:
+            raise CompactionNotSupportedError(
+                f"{self._uri} cannot be compacted: {refusal}. The journal is unchanged, and appending to "
+                "it goes on as before"
+            )
+
+    async def _swap(self, data: AsyncIterator[bytes]) -> None:
+        """Write the new journal beside the old one, then put it in its place in one step, if the
+        file is still the size this writer last saw or left it."""
+        size = await self._run(self._file.size)
+        if self._known_size is None:
+            self._known_size = size
+        elif size != self._known_size:
+            raise self._compaction_refused(size)
+        swap = await self._run(self._file.begin_swap)
+        try:
+            async for chunk in data:
+                await self._run(swap.write, chunk)
+            size, self._clean_end = await self._run(swap.commit, self._known_size)
+        except Moved as moved:
+            raise self._compaction_refused(moved.size) from None
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._run(swap.discard)
+        self._known_size = size
+
+    def _compaction_refused(self, size: int) -> ConcurrentWriterError:
+        return ConcurrentWriterError(
+            f"{self._uri} was changed by another writer (its size went from {self._known_size} to {size} "
+            "bytes) while this one compacted it; yoink allows one writer at a time. The compaction was "
+            "not applied: the journal is as the other writer left it"
+        )
+
     def _changed(self, how: str, staged: int) -> ConcurrentWriterError:
         return ConcurrentWriterError(
             f"{self._uri} was changed by another writer ({how}); yoink allows one writer at a time. "
@@ -301,15 +366,26 @@ class FsspecStorage(StagedStorage):
                 self._append = False
         self._file.rewrite(data, size)
 
-    async def _chunks(self, size: int) -> AsyncIterator[bytes]:
-        offset = 0
-        while offset < size:
-            block = await self._run(self._file.cat, offset, min(size, offset + self._file.read_size))
-            if not block:
-                return
-            for start in range(0, len(block), READ_CHUNK):
-                yield block[start : start + READ_CHUNK]
-            offset += len(block)
+    async def _chunks(self, view: View, size: int, staged: bool) -> AsyncIterator[bytes]:
+        """The first ``size`` bytes of ``view``: the old journal whole, whatever a swap does meanwhile."""
+        try:
+            if not await self._run(view.open):
+                if staged:  # this storage's staged batches were judged against the old file
+                    raise StorageError(
+                        f"{self._uri} was replaced (compacted) just as this read began; nothing was "
+                        "read. Read again"
+                    )
+                size = view.size  # nothing was read yet: the new journal, whole
+            offset = 0
+            while offset < size:
+                block = await self._run(view.read, offset, min(size, offset + self._file.read_size))
+                if not block:
+                    return
+                for start in range(0, len(block), READ_CHUNK):
+                    yield block[start : start + READ_CHUNK]
+                offset += len(block)
+        finally:
+            view.close()
 
     async def _run(self, call: Callable[..., T], *args: Any) -> T:
         try:

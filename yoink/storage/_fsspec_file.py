@@ -1,14 +1,21 @@
-"""The journal's file on any fsspec filesystem, for FsspecStorage: sized, read, appended to, cut.
+"""The journal's file on any fsspec filesystem, for FsspecStorage: sized, read, appended to, cut,
+and swapped for a new one (compaction).
 
 Its methods block, and run in a worker thread. fsspec has no conditional writes, so each write
 checks the file's size just before it: a file that is not the size the writer expects raises
-:class:`Moved`. Local files and fsspec's memory filesystem have ways of their own.
+:class:`Moved`. Local files and fsspec's memory filesystem have ways of their own, and are the
+two whose file can be swapped atomically: a local file by a rename over it, the memory
+filesystem by one assignment in its store. fsspec promises neither for other filesystems (a
+move may be a copy and a delete; a write may show a partial file), so they refuse to compact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import secrets
+import stat
 import sys
 from typing import Any
 
@@ -19,7 +26,9 @@ from yoink._lines import tail_reads
 from yoink._records import MAX_LINE_BYTES
 from yoink.storage._files import READ_CHUNK, TORN_SUFFIX
 
-__all__ = ["CannotAppend", "JournalFile", "Moved"]
+__all__ = ["CannotAppend", "JournalFile", "Moved", "Swap", "View"]
+
+_SWAP_SUFFIX = ".yoink-compact"  # <path>.<pid>.<random>.yoink-compact: a new journal being written
 
 
 class Moved(Exception):  # becomes a ConcurrentWriterError
@@ -54,6 +63,24 @@ class JournalFile:
 
     def exists(self) -> bool:
         return bool(self.fs.exists(self.path))
+
+    def view(self) -> View:
+        """What a replay reads: the file as it is now (see :class:`View`)."""
+        return View(self)
+
+    def swap_refusal(self) -> str | None:
+        """Why this file cannot be swapped atomically for a new one; None if it can (:meth:`begin_swap`)."""
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return (
+            f"fsspec promises no atomic way to replace a file on its {protocol!r} filesystem (a move "
+            "may copy then delete, and a write may show a partial file), and yoink compacts a journal "
+            "only where a crash leaves the old one or the new one whole: a local file or fsspec's "
+            "memory filesystem (for S3, S3Storage compacts)"
+        )
+
+    def begin_swap(self) -> Swap:
+        """Start writing the file's replacement; :meth:`Swap.commit` puts it in place."""
+        raise NotImplementedError(self.swap_refusal())
 
     def size(self) -> int:
         try:
@@ -115,8 +142,149 @@ class JournalFile:
             raise Moved(now, written=False)
 
 
+class View:
+    """The journal as a replay reads it: ``size`` bytes, read from the start by :meth:`read`.
+
+    On most filesystems it reads the path, so it sees what the path holds when it reads. A local
+    file's view reads the file that held the path when the view was made, even if a compaction has
+    renamed another over it since; the memory filesystem's, a copy of its bytes then.
+    """
+
+    def __init__(self, file: JournalFile) -> None:
+        self._file = file
+        self.size = file.size()
+
+    def open(self) -> bool:
+        """Get ready to read; False if the path now holds another file, whose ``size`` it takes."""
+        return True
+
+    def read(self, start: int, end: int) -> bytes:
+        return self._file.cat(start, end)
+
+    def close(self) -> None:
+        pass
+
+
+class Swap:
+    """A new journal being written beside the old one, to be put in its place by :meth:`commit`."""
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def commit(self, size: int) -> tuple[int, bool]:
+        """Put the new journal in place if the file still holds ``size`` bytes (else raise
+        :class:`Moved`, keeping the old one); return its size and whether it ends in a newline."""
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        """Forget the new journal: the old one stays. Safe to call twice, and after :meth:`commit`."""
+
+
+class _LocalView(View):
+    """A local file's view: the file that holds the path when the view is made (its inode)."""
+
+    def __init__(self, file: JournalFile) -> None:
+        self._file = file
+        self._fd: int | None = None
+        try:
+            found = os.stat(file.path)
+        except FileNotFoundError:
+            self.size, self._identity = 0, (0, 0)
+        else:
+            self.size, self._identity = found.st_size, (found.st_dev, found.st_ino)
+
+    def open(self) -> bool:
+        if not self.size:
+            return True
+        fd = os.open(self._file.path, os.O_RDONLY | os.O_CLOEXEC)
+        self._fd = fd
+        found = os.fstat(fd)
+        if (found.st_dev, found.st_ino) == self._identity:
+            return True
+        self.size = found.st_size  # renamed over between the view and its opening: read the new one whole
+        return False
+
+    def read(self, start: int, end: int) -> bytes:
+        if self._fd is None:
+            return b""
+        return os.pread(self._fd, end - start, start)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+class _LocalSwap(Swap):
+    """``<path>.<pid>.<random>.yoink-compact``, fsynced, then renamed over the journal."""
+
+    def __init__(self, file: _LocalFile) -> None:
+        self._path = file.path
+        directory = os.path.dirname(self._path) or "."
+        if file.fs.auto_mkdir:
+            os.makedirs(directory, exist_ok=True)
+        for stale in glob.glob(glob.escape(self._path) + ".*" + _SWAP_SUFFIX):  # a crashed compaction's
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)
+        self._temporary = f"{self._path}.{os.getpid()}.{secrets.token_hex(4)}{_SWAP_SUFFIX}"
+        self._fd: int | None = os.open(
+            self._temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666
+        )
+        self._size = 0
+        self._last = b""
+
+    def write(self, data: bytes) -> None:
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self._size += len(data)
+        self._last = data[-1:] or self._last
+
+    def commit(self, size: int) -> tuple[int, bool]:
+        fd = self._fd
+        assert fd is not None
+        with contextlib.suppress(FileNotFoundError):
+            os.fchmod(fd, stat.S_IMODE(os.stat(self._path).st_mode))  # the journal keeps its permissions
+        os.fsync(fd)
+        self._fd = None
+        os.close(fd)
+        if (now := _local_size(self._path)) != size:  # the fence: as close to the rename as can be
+            raise Moved(now, written=False)
+        os.replace(self._temporary, self._path)  # the old file whole, or the new one whole
+        directory = os.open(os.path.dirname(self._path) or ".", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(directory)  # the rename itself survives a power cut
+        finally:
+            os.close(directory)
+        return self._size, self._last in (b"", b"\n")
+
+    def discard(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._temporary)
+
+
+def _local_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
 class _LocalFile(JournalFile):
     """A local file: appended to with one ``write`` after one ``fstat``, fsynced, truncated in place."""
+
+    def view(self) -> View:
+        return _LocalView(self)
+
+    def swap_refusal(self) -> str | None:
+        return None
+
+    def begin_swap(self) -> Swap:
+        return _LocalSwap(self)
 
     def size(self) -> int:
         try:
@@ -168,6 +336,15 @@ class _MemoryFile(JournalFile):
 
     read_size = sys.maxsize  # one copy per replay: it is in memory already
 
+    def view(self) -> View:
+        return _MemoryView(self)
+
+    def swap_refusal(self) -> str | None:
+        return None
+
+    def begin_swap(self) -> Swap:
+        return _MemorySwap(self)
+
     def _bytes(self) -> bytes | None:
         file = self.fs.store.get(self.path)
         return None if file is None else bytes(file.getvalue())
@@ -184,3 +361,36 @@ class _MemoryFile(JournalFile):
         if data is None:
             raise FileNotFoundError(self.path)
         return data[start:end]
+
+
+class _MemoryView(View):
+    """A copy of the file's bytes when the view is made: a swap or an append later changes nothing."""
+
+    def __init__(self, file: _MemoryFile) -> None:
+        self._data = file._bytes() or b""
+        self.size = len(self._data)
+
+    def read(self, start: int, end: int) -> bytes:
+        return self._data[start:end]
+
+
+class _MemorySwap(Swap):
+    """The new bytes, gathered, then set in the filesystem's store in one step."""
+
+    def __init__(self, file: _MemoryFile) -> None:
+        self._file = file
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self._parts.append(data)
+
+    def commit(self, size: int) -> tuple[int, bool]:
+        data = b"".join(self._parts)
+        self._parts = []
+        if (now := self._file.size()) != size:
+            raise Moved(now, written=False)
+        self._file.fs.pipe_file(self._file.path, data)  # one assignment in the store, at its close
+        return len(data), data[-1:] in (b"", b"\n")
+
+    def discard(self) -> None:
+        self._parts = []

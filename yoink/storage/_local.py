@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
@@ -23,6 +24,11 @@ from yoink.storage._lifecycle import ClosableStorage
 from yoink.storage._uri import take_uri_options
 
 __all__ = ["LocalFileStorage"]
+
+logger = logging.getLogger(__name__)
+
+REPLACEMENT_SUFFIX = ".compacting"  # the new journal, written beside the old one until it is renamed over it
+_REPLACE_WRITE = 1 << 20  # bytes of the new journal gathered for each write
 
 
 class LocalFileStorage(ClosableStorage):
@@ -45,6 +51,24 @@ class LocalFileStorage(ClosableStorage):
       of the journal: :meth:`read` leaves it out, and before the next append the fragment is moved
       to ``<path>.torn`` (one fragment a line) and logged at WARNING, so the next record starts on a
       clean line.
+    - :meth:`replace` (compaction) writes the new journal to ``<path>.compacting``, fsyncs it (even
+      with ``fsync=False``: a power cut must not swap a whole journal for an empty file), locks
+      it, renames it over the journal and fsyncs the directory. A crash before the rename leaves
+      the old journal (the next writer deletes the leftover); after it, the new one. A reader
+      under way keeps reading the file it opened, whole. The lock moves with the journal: a writer
+      that locked the old file after the swap finds that it is no longer the journal and tries the
+      new one, which is locked.
+    - The new journal has the old one's permission bits before its first byte (a private journal
+      stays private), and its owner and group where the process may set them (as root); ACLs and
+      extended attributes are not copied. A journal reached through a symbolic link is compacted
+      where the link points: the new file is written beside that one and renamed over it, and the
+      link stays a link to the journal. If the link is pointed elsewhere meanwhile, :meth:`replace`
+      raises and keeps the old journal.
+    - Once the rename is done, :meth:`replace` does not raise: if the directory's fsync then
+      fails, the new journal is in place but a power cut may bring the old one back. That is
+      logged at WARNING, and every :meth:`flush` (and :meth:`close`) fsyncs the directory again
+      until it succeeds, raising :class:`~yoink.StorageError` while it fails, as a failed fsync of
+      the file does; this also holds with ``fsync=False``.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
@@ -54,7 +78,9 @@ class LocalFileStorage(ClosableStorage):
         self._path = os.path.abspath(os.path.expanduser(path))
         self._fsync = fsync
         self._fd: int | None = None
+        self._replacement: int | None = None  # the new journal's descriptor, while replace() writes it
         self._dirty = False
+        self._unsynced_directory: str | None = None  # a swap's directory whose fsync failed
         self._lock = anyio.Lock()
 
     @classmethod
@@ -120,6 +146,10 @@ class LocalFileStorage(ClosableStorage):
     async def exists(self) -> bool:
         return await anyio.to_thread.run_sync(os.path.exists, self._path)
 
+    async def replace(self, text: AsyncIterable[str]) -> None:
+        self._check_open()
+        await uninterrupted(functools.partial(self._replace, text))
+
     async def flush(self) -> None:
         self._check_open()
         await uninterrupted(self._flush)
@@ -129,6 +159,108 @@ class LocalFileStorage(ClosableStorage):
             self._check_open()
             fd = self._fd if self._fd is not None else await self._open()
             await anyio.to_thread.run_sync(self._append, fd, payload)
+
+    async def _replace(self, text: AsyncIterable[str]) -> None:
+        async with self._lock:
+            self._check_open()
+            if self._fd is None:
+                await self._open()  # the writer's lock first: a refused writer replaces nothing
+            fd, journal = await anyio.to_thread.run_sync(self._open_replacement)
+            try:
+                pending: list[bytes] = []
+                size = 0
+                async for chunk in text:
+                    pending.append(chunk.encode("utf-8"))
+                    size += len(pending[-1])
+                    if size >= _REPLACE_WRITE:
+                        await anyio.to_thread.run_sync(_write_all, fd, b"".join(pending))
+                        pending, size = [], 0
+                await anyio.to_thread.run_sync(_write_all, fd, b"".join(pending))
+                await anyio.to_thread.run_sync(self._swap, fd, journal)
+            except BaseException:
+                if self._replacement is not None:  # not swapped in: the old journal stays
+                    self._replacement = None
+                    await anyio.to_thread.run_sync(_drop_replacement, fd, journal)
+                raise
+
+    def _open_replacement(self) -> tuple[int, str]:
+        """Create the new journal beside the file the path leads to, with that file's permissions.
+
+        Return its descriptor and the journal's real path (through any symbolic links).
+        """
+        assert self._fd is not None  # replace() opens the journal first
+        journal = os.path.realpath(self._path)
+        replacement = journal + REPLACEMENT_SUFFIX
+        try:
+            self._check_still_the_journal(self._fd, journal)
+            old = os.fstat(self._fd)
+        except OSError as exc:
+            raise StorageError(f"cannot compact {self._path}: {exc}; the old journal is kept") from exc
+        with forks_wait():  # a child forked meanwhile drops it, as it drops the journal's descriptor
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(replacement)  # O_EXCL below: never through a link, never a file open elsewhere
+                # Private until it has the old file's owner and mode: no reader can open it before.
+                fd = os.open(
+                    replacement, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600
+                )
+            except OSError as exc:
+                raise StorageError(
+                    f"cannot write the new journal {replacement}: {exc.strerror}; the old one is kept"
+                ) from exc
+            self._replacement = fd
+        try:
+            _take_ownership_and_mode(fd, old, replacement)
+        except OSError as exc:
+            self._replacement = None
+            _drop_replacement(fd, journal)
+            raise StorageError(
+                f"cannot give the new journal {replacement} the permissions of {journal}: {exc.strerror}; "
+                "the old one is kept"
+            ) from exc
+        return fd, journal
+
+    def _check_still_the_journal(self, fd: int, journal: str) -> None:
+        if os.path.realpath(self._path) != journal or not _is_the_journal(fd, journal):
+            raise StorageError(
+                f"{self._path} no longer leads to the file this storage writes ({journal}): it was "
+                "moved, deleted or its link pointed elsewhere; nothing was replaced, the old journal is kept"
+            )
+
+    def _swap(self, fd: int, journal: str) -> None:
+        """Make the written replacement the journal: fsync it, lock it, rename it over the old one.
+
+        Raises only before the rename (the old journal stays); after it, a failed fsync of the
+        directory is logged and left for the next :meth:`flush`.
+        """
+        assert self._fd is not None
+        try:
+            os.fsync(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else knows the file: it cannot block
+            self._check_still_the_journal(self._fd, journal)
+            os.rename(journal + REPLACEMENT_SUFFIX, journal)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot put the new journal in place of {journal}: {exc}; the old one is kept"
+            ) from exc
+        old, self._fd, self._replacement = self._fd, fd, None
+        self._dirty = False
+        with contextlib.suppress(OSError):  # its descriptor is released whatever close() says
+            close_locked(old)  # after the rename: a writer that locks the old file finds it replaced
+        directory = os.path.dirname(journal)
+        try:
+            _fsync_directory(directory)
+        except OSError as exc:
+            self._unsynced_directory = directory
+            logger.warning(
+                "the new journal is in place of %s, but fsync of its directory failed (%s): the "
+                "directory entry may not be durable, and a power cut may bring the old journal back; "
+                "the next flush() fsyncs the directory again",
+                journal,
+                exc.strerror,
+            )
+        else:
+            self._unsynced_directory = None
 
     async def _flush(self) -> None:
         async with self._lock:
@@ -171,12 +303,21 @@ class LocalFileStorage(ClosableStorage):
                     f"{self._path} is open for writing elsewhere (another process or storage holds "
                     "its lock); yoink allows one writer at a time, and nothing was written"
                 ) from None
+            if not _is_the_journal(fd, self._path):
+                # Compacted by the writer whose lock this was, between our open and our lock: the
+                # file we hold is no longer the journal, and the new one is that writer's.
+                raise CheckpointLockedError(
+                    f"{self._path} was compacted by another writer as this one opened it; yoink allows "
+                    "one writer at a time, and nothing was written"
+                )
             try:
                 if created and self._fsync:
                     # The file's entry, and the entry of each directory made for it, in its parent.
                     for directory in [self._path, *new_directories]:
                         _fsync_directory(os.path.dirname(directory))
                 set_aside_torn_tail(self._path, fd, fsync=self._fsync)
+                with contextlib.suppress(FileNotFoundError):  # a crashed compaction's half-written journal
+                    os.unlink(os.path.realpath(self._path) + REPLACEMENT_SUFFIX)
             except OSError as exc:
                 raise StorageError(f"cannot prepare {self._path} for appending: {exc}") from exc
         except BaseException:
@@ -213,22 +354,77 @@ class LocalFileStorage(ClosableStorage):
 
     async def _sync(self, fd: int | None = None) -> None:
         fd = self._fd if fd is None else fd
-        if fd is None or not self._dirty:
+        if fd is None:
             return
-        if self._fsync:
+        if self._dirty:
+            if self._fsync:
+                try:
+                    await anyio.to_thread.run_sync(os.fsync, fd)
+                except OSError as exc:
+                    raise StorageError(f"fsync of {self._path} failed: {exc.strerror}") from exc
+            self._dirty = False
+        if self._unsynced_directory is not None:  # a compaction's rename, not yet durable
             try:
-                await anyio.to_thread.run_sync(os.fsync, fd)
+                await anyio.to_thread.run_sync(_fsync_directory, self._unsynced_directory)
             except OSError as exc:
-                raise StorageError(f"fsync of {self._path} failed: {exc.strerror}") from exc
-        self._dirty = False
+                raise StorageError(
+                    f"fsync of {self._unsynced_directory} failed: {exc.strerror}; the compacted journal "
+                    f"is in place of {self._path}, but a power cut may bring the old one back"
+                ) from exc
+            self._unsynced_directory = None
 
     def _drop_after_fork(self) -> None:
         fd, self._fd = self._fd, None
+        replacement, self._replacement = self._replacement, None
+        if replacement is not None:
+            os.close(replacement)  # the child's copy: the parent locks it when it swaps it in
         if fd is None:
             return
         os.close(fd)  # the child's copy only: the parent keeps its lock
         self._closed_by_fork()
         self._lock = anyio.Lock()
+
+
+def _take_ownership_and_mode(fd: int, old: os.stat_result, replacement: str) -> None:
+    """Give the new journal the old one's owner and group (where allowed), then its permission bits."""
+    new = os.fstat(fd)
+    if (new.st_uid, new.st_gid) != (old.st_uid, old.st_gid):
+        try:
+            os.fchown(fd, old.st_uid, old.st_gid)  # before fchmod: it may clear the set-id bits
+        except OSError as exc:
+            logger.warning(
+                "the new journal %s is owned by %d:%d, not %d:%d as the old one was (%s); it has the old "
+                "one's permission bits",
+                replacement,
+                new.st_uid,
+                new.st_gid,
+                old.st_uid,
+                old.st_gid,
+                exc.strerror,
+            )
+    os.fchmod(fd, old.st_mode & 0o7777)
+
+
+def _drop_replacement(fd: int, journal: str) -> None:
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(journal + REPLACEMENT_SUFFIX)
+
+
+def _write_all(fd: int, payload: bytes) -> None:
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _is_the_journal(fd: int, path: str) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path`` (compaction renames a new one over it)."""
+    try:
+        at_path = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
 
 
 def _fsync_directory(path: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -25,7 +25,8 @@ class MemoryStorage(ClosableStorage):
     restarted job would. ``MemoryStorage()`` is a journal of its own. The text lives as long as the
     process; :meth:`flush` has nothing to do. Like the other backends it allows one writer at a
     time: a second storage writing a name that an open storage has written raises
-    :class:`~yoink.CheckpointLockedError`.
+    :class:`~yoink.CheckpointLockedError`. It compacts (:meth:`replace`) by swapping in the new
+    text once it is all there.
     """
 
     _journals: ClassVar[dict[str, list[str]]] = {}
@@ -62,6 +63,19 @@ class MemoryStorage(ClosableStorage):
         self._check_open()
         if not data:
             return
+        self._claim()
+        self._journals.setdefault(self._name, []).append(data)
+
+    async def replace(self, text: AsyncIterable[str]) -> None:
+        """Swap in the new journal once all of ``text`` is read; a read under way keeps the old one."""
+        self._check_open()
+        self._claim()
+        journal = [chunk async for chunk in text if chunk]
+        self._check_open()
+        self._journals[self._name] = journal
+
+    def _claim(self) -> None:
+        """Become the journal's one writer, or raise CheckpointLockedError."""
         if not self._writing:
             if self._name in self._writers:
                 raise CheckpointLockedError(
@@ -70,7 +84,6 @@ class MemoryStorage(ClosableStorage):
                 )
             self._writers.add(self._name)
             self._writing = True
-        self._journals.setdefault(self._name, []).append(data)
 
     async def read(self) -> AsyncIterator[str]:
         items = self._journals.get(self._name, [])

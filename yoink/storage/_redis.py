@@ -7,8 +7,13 @@ lease and ``XADD``s every pending block atomically. A flush retried after a drop
 add blocks that were already there; readers drop a block whose number they have already seen from
 the same writer, so nothing is replayed twice.
 
-The scripts are in ``_redis_scripts.py``, the lease and its fencing epoch in ``_redis_lease.py``,
-and the connection with its error translation in ``_redis_client.py``.
+Compaction (:meth:`RedisStreamStorage.replace`) writes the new journal into a stream of its own, the
+next generation, in bounded pieces, then renames it over the journal in one script; the journal it
+replaced lives on, renamed, for ``retired_ttl`` seconds, so that reads under way can finish it.
+
+The keys, the blocks and the scripts are in ``_redis_scripts.py``, the lease and its fencing epoch
+in ``_redis_lease.py``, compaction and the reads that follow it in ``_redis_compaction.py``, and the
+connection with its error translation in ``_redis_client.py``.
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import anyio
@@ -29,10 +34,20 @@ from yoink._exceptions import CheckpointLockedError, ConcurrentWriterError, Stor
 from yoink._fork import drop_in_forked_children
 from yoink._tasks import asyncio_loop_of, uninterrupted
 from yoink.storage._lifecycle import ClosableStorage
-from yoink.storage._redis_client import Refused, connect, server_identity, server_of, translated, url_options
+from yoink.storage._redis_client import (
+    Refused,
+    Waits,
+    connect,
+    server_identity,
+    server_of,
+    split_key,
+    translated,
+    url_options,
+)
+from yoink.storage._redis_compaction import Generations
 from yoink.storage._redis_lease import Lease
-from yoink.storage._redis_scripts import APPEND
-from yoink.storage._uri import Options, query_pairs, redact, take_uri_options
+from yoink.storage._redis_scripts import APPEND, Keys, blocks
+from yoink.storage._uri import Options, redact, take_uri_options
 
 __all__ = ["RedisOptions", "RedisStreamStorage"]
 
@@ -50,6 +65,7 @@ class RedisOptions(Options):
     page_size: int = 64
     entry_bytes: int = 64 << 10
     max_pending: int = 8 << 20
+    retired_ttl: float = 300.0
 
 
 class RedisStreamStorage(ClosableStorage):
@@ -63,7 +79,7 @@ class RedisStreamStorage(ClosableStorage):
       :meth:`flush` sends them in one round trip and returns when Redis has applied them. For more
       durability, ``wait_replicas=N`` waits for N replicas (``WAIT``) and ``wait_aof=True`` for the
       append-only file (``WAITAOF``, Redis 7.2+, refused at connection on an older server).
-    - One writer at a time: the first write takes a lease, the key ``<key>:lease`` (``SET NX PX``),
+    - One writer at a time: the first write takes a lease, the key ``{<key>}:lease`` (``SET NX PX``),
       renewed every third of ``lease_ttl`` while the storage is open and released by
       :meth:`close`. A second writer gets :class:`~yoink.CheckpointLockedError`; a crashed writer's
       lease expires after ``lease_ttl`` seconds.
@@ -88,9 +104,31 @@ class RedisStreamStorage(ClosableStorage):
       A storage that writes before it reads cannot tell, and is not checked.
     - :meth:`read` pages through the stream with ``XRANGE ... COUNT page_size``; memory is bounded
       by a page of blocks of at most ``entry_bytes`` each.
-    - Redis Cluster: the stream, its lease and its epoch must share a slot. yoink names them
-      ``{<key>}:lease`` and ``{<key>}:epoch`` for a key without a hash tag; give keys a hash tag
-      (``{run-42}:journal``) to place them yourself.
+    - Compaction (:meth:`replace`) never sends the snapshot in one script: it goes into a stream of
+      its own, the next generation ``{<key>}:next``, in scripts of about ``max_pending`` bytes each,
+      while the journal stays as it was. Then one script renames the journal to
+      ``{<key>}:old:<n>`` and the next generation to ``<key>``, and counts the compaction in
+      ``{<key>}:generation``: a crash (of the writer, or of Redis with its append-only file) at any
+      moment leaves the old journal whole or the new one whole. Every one of these scripts checks
+      the lease and the epoch as a flush does: a second writer is refused during a compaction and
+      after it, and a writer fenced out switches nothing (:class:`~yoink.ConcurrentWriterError`,
+      the journal untouched). A switch whose answer was lost is recognised, not repeated.
+    - A read under way during a switch yields the journal it began on, whole: each page of the
+      journal is read with the generation number in one transaction, and once the number has moved
+      the read goes on in ``{<key>}:old:<n>``, which Redis deletes ``retired_ttl`` seconds (default
+      300) after the switch. Restarting on the new journal is not an option, since what was
+      yielded cannot be taken back; a read still under way once the old journal is deleted raises
+      :class:`~yoink.StorageError` rather than yield part of each. The cost: Redis holds both
+      journals for ``retired_ttl`` after a compaction. Readers of yoink versions without
+      compaction do not know this, and may see the new journal follow part of the old one.
+    - A compaction that fails deletes its next generation (a cancelled one finishes, as a write
+      does); one that crashed leaves it to the next writer, which deletes it when it takes the
+      lease, or to the next compaction. Readers never look at it. A journal written before
+      compaction existed reads and appends as before; its first compaction creates
+      ``{<key>}:generation``.
+    - Redis Cluster: the stream, its lease, its epoch and compaction's keys must share a slot.
+      yoink names them ``{<key>}:lease``, ``{<key>}:epoch``, ... for a key without a hash tag;
+      give keys a hash tag (``{run-42}:journal``) to place them yourself.
     - Passwords never appear in a repr, a log line or an error.
     - redis-py's asyncio client runs on asyncio (not trio).
     """
@@ -107,6 +145,7 @@ class RedisStreamStorage(ClosableStorage):
         page_size: int = 64,
         entry_bytes: int = 64 << 10,
         max_pending: int = 8 << 20,
+        retired_ttl: float = 300.0,
     ) -> None:
         if not key:
             raise ValueError(
@@ -114,6 +153,8 @@ class RedisStreamStorage(ClosableStorage):
             )
         if lease_ttl <= 0 or wait_replicas < 0 or wait_timeout < 0 or page_size < 1 or entry_bytes < 1:
             raise ValueError("lease_ttl, page_size and entry_bytes must be positive; the waits not negative")
+        if retired_ttl <= 0:
+            raise ValueError("retired_ttl must be positive: a compacted-away journal is kept that long")
         self._url = url
         self._where = server_of(url)
         self._key = key
@@ -125,9 +166,26 @@ class RedisStreamStorage(ClosableStorage):
             page_size=page_size,
             entry_bytes=entry_bytes,
             max_pending=max_pending,
+            retired_ttl=retired_ttl,
         )
-        self._wait_ms = int(wait_timeout * 1000)
-        self._lease = Lease(key, ttl=lease_ttl, where=self._where, owner=self, current=lambda: self._client)
+        self._waits = Waits(wait_replicas, wait_aof, int(wait_timeout * 1000))
+        self._keys = Keys(key)
+        self._lease = Lease(
+            self._keys, ttl=lease_ttl, where=self._where, owner=self, current=lambda: self._client
+        )
+        self._generations = Generations(
+            self._keys,
+            self._lease,
+            owner=self,
+            where=self._where,
+            run=self._run,
+            connection=self._connection,
+            numbers=self._numbers,
+            waits=self._waits,
+            entry_bytes=entry_bytes,
+            max_pending=max_pending,
+            retired_ttl=retired_ttl,
+        )
         self._next_block = 0
         self._pending: list[tuple[int, bytes]] = []  # (block number, whole lines) not yet in Redis
         self._pending_bytes = 0
@@ -149,21 +207,10 @@ class RedisStreamStorage(ClosableStorage):
         query may hold this class's options, converted to their types, and what redis-py's
         ``from_url`` takes (``password``, ``socket_timeout``, ...); anything else is refused.
         """
-        parts = urlsplit(uri)
-        scheme = parts.scheme.lower()
+        scheme = urlsplit(uri).scheme.lower()
         if scheme not in ("redis", "rediss", "unix"):
             raise ValueError(f"a Redis URI starts with redis://, rediss:// or unix://; got {redact(uri)!r}")
-        pairs = query_pairs(parts.query)
-        keys = [value for name, value, _ in pairs if name == "key"]
-        if len(keys) != 1 or not keys[0]:
-            others = [piece for name, _, piece in pairs if name != "key"]
-            example = uri.partition("?")[0] + "?" + "&".join([*others, "key=crawl-42"])
-            raise ValueError(
-                f"a Redis URI names the stream in its query, once, as in {redact(example)!r}; "
-                f"got {redact(uri)!r}"
-            )
-        rest = "&".join(piece for name, _, piece in pairs if name != "key")
-        without_key = uri.partition("?")[0] + (f"?{rest}" if rest else "")
+        without_key, key = split_key(uri)
         understood = url_options(scheme)
         url, given = take_uri_options(
             cls,
@@ -172,7 +219,7 @@ class RedisStreamStorage(ClosableStorage):
             keep=understood.__contains__,
             others=f"; redis-py's from_url takes {', '.join(sorted(understood))}",
         )
-        return cls(url, keys[0], **options, **given)
+        return cls(url, key, **options, **given)
 
     @property
     def key(self) -> str:
@@ -208,7 +255,7 @@ class RedisStreamStorage(ClosableStorage):
                 await self._lease.acquire(await self._connection())
                 self._check_fence()
             first, kept = self._next_block, len(self._pending)
-            for block in _blocks(data.encode("utf-8"), self._options.entry_bytes):
+            for block in blocks(data.encode("utf-8"), self._options.entry_bytes):
                 self._pending.append((self._next_block, block))
                 self._next_block += 1
                 self._pending_bytes += len(block)
@@ -239,18 +286,15 @@ class RedisStreamStorage(ClosableStorage):
                 await self._send(wait=True)
 
     async def read(self) -> AsyncIterator[str]:
-        async with self._lock:
-            pending = list(self._pending)
+        if self._generations.staging:  # this writer's replace() reads it, having flushed everything first
+            pending: list[tuple[int, bytes]] = []
+        else:
+            async with self._lock:
+                pending = list(self._pending)
         client = await self._connection()
         await self._lease.note_first_read(client)
         last: dict[bytes, int] = {}  # writer -> the last block number seen from it
-        start = "-"
-        page_size = self._options.page_size
-        while True:
-            with translated(self._where, "XRANGE"):
-                page: list[tuple[bytes, dict[bytes, bytes]]] = await client.xrange(  # type: ignore[assignment]
-                    self._key, min=start, max="+", count=page_size
-                )
+        async for page in self._generations.pages(client, self._options.page_size):
             for entry_id, fields in page:
                 data = fields.get(b"d")
                 writer, tag = fields.get(b"w"), fields.get(b"b")
@@ -262,9 +306,6 @@ class RedisStreamStorage(ClosableStorage):
                         continue  # a block repeated by a retried flush
                     last[writer] = int(tag)
                 yield data.decode("utf-8", "surrogateescape")
-            if len(page) < page_size:
-                break
-            start = "(" + page[-1][0].decode()
         mine = last.get(self._lease.writer.encode(), -1)
         for number, block in pending:
             if number > mine:
@@ -274,8 +315,32 @@ class RedisStreamStorage(ClosableStorage):
         if self._pending:
             return True
         client = await self._connection()
-        with translated(self._where, "EXISTS"):
-            return bool(await client.exists(self._key))
+        with translated(self._where, "EXISTS"):  # a journal compacted to nothing has a generation
+            return bool(await client.exists(self._key, self._keys.generation))
+
+    async def replace(self, text: AsyncIterable[str]) -> None:
+        """Replace the journal with ``text``, atomically: a new generation, switched in by one script.
+
+        What was written and not flushed is flushed into the old journal first. ``text`` goes into
+        the next generation in pieces of about ``max_pending`` bytes, each a script fenced like a
+        flush; then one script, fenced like a flush, renames the journal away and the next
+        generation into its place. ``text`` may read this storage (it sees the old journal); it
+        must not write to it.
+        """
+        self._check_open()
+        await uninterrupted(functools.partial(self._replace, text))
+
+    async def _replace(self, text: AsyncIterable[str]) -> None:
+        async with self._lock:
+            self._check_open()
+            self._check_fence()
+            lease = self._lease
+            if not lease.held:
+                await lease.acquire(await self._connection())
+                self._check_fence()
+            if self._pending:
+                await self._send(wait=False)  # into the old journal, which keeps them should this fail
+            await self._generations.replace(text)
 
     async def _close(self) -> None:
         try:
@@ -308,6 +373,7 @@ class RedisStreamStorage(ClosableStorage):
         self._client = None  # the parent's connections and lease stay the parent's
         self._lease.forget()
         self._closed_by_fork()
+        self._generations.staging = False
         self._lock = anyio.Lock()
         self._connect_lock = anyio.Lock()
 
@@ -316,60 +382,64 @@ class RedisStreamStorage(ClosableStorage):
     async def _send(self, *, wait: bool) -> None:
         """Send every pending block in one round trip; on failure they stay pending, numbered alike."""
         self._check_fence()
-        client = await self._connection()
-        blocks, lease, replicas = self._pending, self._lease, self._options.wait_replicas
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.eval(
-                APPEND,
-                3,
-                self._key,
-                lease.key,
-                lease.epoch_key,
-                lease.writer,
-                lease.ms,
-                lease.epoch,
-                blocks[0][0],
-                *(block for _, block in blocks),
-            )
-            if wait and replicas:
-                pipe.execute_command("WAIT", replicas, self._wait_ms)
-            if wait and self._options.wait_aof:
-                pipe.execute_command("WAITAOF", 1, replicas, self._wait_ms)
-            try:
-                with translated(self._where, "XADD"):
-                    results = await pipe.execute()
-            except Refused as exc:
-                if exc.fenced:
-                    lease.fence(newer=exc.detail)
-                    self._check_fence()
-                lease.lost_to(exc.detail)
-                raise CheckpointLockedError(
-                    f"{self!r}: another writer ({exc.detail}) took the lease after this one's expired; "
-                    f"nothing of this flush was written, and its {self._pending_bytes} bytes are kept"
-                ) from None
+        pending, lease = self._pending, self._lease
+        results = await self._run(
+            APPEND,
+            (self._key, self._keys.lease, self._keys.epoch),
+            (lease.writer, lease.ms, lease.epoch, pending[0][0], *(block for _, block in pending)),
+            wait=wait,
+            command="XADD",
+            kept=f"nothing of this flush was written, and its {self._pending_bytes} bytes are kept",
+        )
         self._pending = []
         self._pending_bytes = 0
-        lease.appended()
         if wait:
-            self._check_waits(results)
+            self._waits.check(results, self)
 
-    def _check_waits(self, results: list[Any]) -> None:
-        """Raise if the replicas or the append-only file did not confirm a flush in time."""
-        replicas = self._options.wait_replicas
-        if replicas:
-            acked = results[1]
-            if acked < replicas:
-                raise StorageError(
-                    f"{self!r}: only {acked} of {replicas} replicas acknowledged the flush "
-                    f"within {self._wait_ms / 1000:g} s; it is on the primary"
-                )
-        if self._options.wait_aof:
-            local, replicas_done = results[-1]
-            if local < 1 or replicas_done < replicas:
-                raise StorageError(
-                    f"{self!r}: the append-only file did not confirm the flush within "
-                    f"{self._wait_ms / 1000:g} s (local {local}, replicas {replicas_done}); it is in memory"
-                )
+    def _numbers(self, count: int) -> int:
+        """Take the next ``count`` block numbers of this writer's sequence; return the first."""
+        first, self._next_block = self._next_block, self._next_block + count
+        return first
+
+    async def _run(
+        self,
+        script: str,
+        keys: tuple[str, ...],
+        arguments: tuple[Any, ...],
+        *,
+        wait: bool = False,
+        command: str,
+        kept: str,
+    ) -> list[Any]:
+        """Run a fenced script (and, if ``wait``, the waits for replicas and the append-only file)
+        in one round trip; a refusal raises what it means, saying what was ``kept``."""
+        self._check_fence()
+        client = await self._connection()
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.eval(script, len(keys), *keys, *arguments)
+            if wait:
+                self._waits.add_to(pipe)
+            try:
+                with translated(self._where, command):
+                    results: list[Any] = await pipe.execute()
+            except Refused as exc:
+                self._refused(exc, kept)
+        self._lease.appended()
+        return results
+
+    def _refused(self, exc: Refused, kept: str) -> NoReturn:
+        if exc.fenced:
+            self._lease.fence(newer=exc.detail)
+            self._check_fence()
+        if exc.kind == "LEASE":
+            self._lease.lost_to(exc.detail)
+            raise CheckpointLockedError(
+                f"{self!r}: another writer ({exc.detail}) took the lease after this one's expired; {kept}"
+            ) from None
+        raise StorageError(
+            f"{self!r}: the next generation of the journal that this compaction wrote is gone, cut "
+            f"short or another's ({exc.detail}: another compaction began, or Redis lost keys); {kept}"
+        ) from None
 
     async def _connection(self) -> redis.Redis:
         asyncio_loop_of(self, self._loop if self._client is not None else None)
@@ -381,16 +451,3 @@ class RedisStreamStorage(ClosableStorage):
                 self._loop = asyncio.get_running_loop()
                 drop_in_forked_children(self)
         return self._client
-
-
-def _blocks(data: bytes, size: int) -> Iterator[bytes]:
-    """Cut ``data`` (whole lines) into blocks of whole lines of about ``size`` bytes."""
-    start = 0
-    while len(data) - start > size:
-        cut = data.find(b"\n", start + size - 1) + 1  # a line longer than size is a block of its own
-        if cut == 0:
-            break
-        yield data[start:cut]
-        start = cut
-    if start < len(data):
-        yield data[start:]

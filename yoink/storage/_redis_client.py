@@ -1,8 +1,10 @@
-"""RedisStreamStorage's connection to Redis, and the edge where redis-py's errors end.
+"""RedisStreamStorage's connection to Redis: what its URL names, the waits a write may add, and the
+edge where redis-py's errors end.
 
 Every command runs inside :func:`translated`, which turns redis-py's exceptions into yoink's (or into
-:class:`Refused`, the append script's refusal, which the storage acts on). Messages name the server
-as host and port, never with a password.
+:class:`Refused`, the append script's refusal, which the storage acts on); :class:`Waits` turns the
+replies of ``WAIT`` and ``WAITAOF`` into an error when they fall short. Messages name the server as
+host and port, never with a password.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import os
 import re
 import typing
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as redis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import (
     URL_QUERY_ARGUMENT_PARSERS,
     Connection,
@@ -32,18 +36,30 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from yoink._exceptions import StorageError
+from yoink.storage._uri import query_pairs, redact
 
-__all__ = ["Refused", "connect", "server_identity", "server_of", "translated", "url_options"]
+__all__ = [
+    "Refused",
+    "Waits",
+    "connect",
+    "server_identity",
+    "server_of",
+    "split_key",
+    "translated",
+    "url_options",
+]
 
-_REFUSAL = re.compile(r"\bYOINK(LEASE|FENCED) ([^\s'\",)]+)")
+_REFUSAL = re.compile(r"\bYOINK(LEASE|FENCED|STAGE) ([^\s'\",)]+)")
 
 
 class Refused(Exception):
-    """The append script refused: a newer epoch exists (``fenced``), or another holds the lease."""
+    """A script refused: a newer epoch exists (``fenced``), another holds the lease (``LEASE``), or a
+    compaction's next generation is not this one's to write or switch (``STAGE``)."""
 
-    def __init__(self, fenced: bool, detail: str) -> None:
+    def __init__(self, kind: str, detail: str) -> None:
         super().__init__(detail)
-        self.fenced = fenced
+        self.kind = kind
+        self.fenced = kind == "FENCED"
         self.detail = detail
 
 
@@ -91,10 +107,60 @@ def translated(where: str, command: str) -> Iterator[None]:
         refusals = _REFUSAL.findall(message)
         if refusals:
             kind, detail = refusals[-1]
-            raise Refused(kind == "FENCED", detail) from None
+            raise Refused(kind, detail) from None
         raise StorageError(f"Redis at {where} refused {command}: {message}") from exc
     except RedisError as exc:
         raise StorageError(f"Redis {command} at {where} failed: {type(exc).__name__}") from exc
+
+
+@dataclass(frozen=True)
+class Waits:
+    """What a write waits for once Redis has applied it: ``replicas`` replicas (``WAIT``) and, with
+    ``aof``, the append-only file (``WAITAOF``), each for at most ``ms`` milliseconds."""
+
+    replicas: int
+    aof: bool
+    ms: int
+
+    def add_to(self, pipe: Pipeline) -> None:
+        """Queue the waits in ``pipe``, after the write."""
+        if self.replicas:
+            pipe.execute_command("WAIT", self.replicas, self.ms)
+        if self.aof:
+            pipe.execute_command("WAITAOF", 1, self.replicas, self.ms)
+
+    def check(self, replies: list[Any], owner: object) -> None:
+        """Raise if the replicas or the append-only file did not confirm the write in time;
+        ``replies`` are the pipeline's, the write's first; ``owner`` is the storage."""
+        if self.replicas:
+            acked = replies[1]
+            if acked < self.replicas:
+                raise StorageError(
+                    f"{owner!r}: only {acked} of {self.replicas} replicas acknowledged the flush "
+                    f"within {self.ms / 1000:g} s; it is on the primary"
+                )
+        if self.aof:
+            local, replicas_done = replies[-1]
+            if local < 1 or replicas_done < self.replicas:
+                raise StorageError(
+                    f"{owner!r}: the append-only file did not confirm the flush within "
+                    f"{self.ms / 1000:g} s (local {local}, replicas {replicas_done}); it is in memory"
+                )
+
+
+def split_key(uri: str) -> tuple[str, str]:
+    """``uri`` without its ``key=`` parameter, and the stream key that names (percent-decoded). A
+    URI that does not name one key is refused with an example that does."""
+    pairs = query_pairs(urlsplit(uri).query)
+    keys = [value for name, value, _ in pairs if name == "key"]
+    others = [piece for name, _, piece in pairs if name != "key"]
+    if len(keys) != 1 or not keys[0]:
+        example = uri.partition("?")[0] + "?" + "&".join([*others, "key=crawl-42"])
+        raise ValueError(
+            f"a Redis URI names the stream in its query, once, as in {redact(example)!r}; got {redact(uri)!r}"
+        )
+    rest = "&".join(others)
+    return uri.partition("?")[0] + (f"?{rest}" if rest else ""), keys[0]
 
 
 def server_of(url: str) -> str:

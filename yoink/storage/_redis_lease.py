@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from yoink._exceptions import CheckpointLockedError
 from yoink.storage._redis_client import translated
-from yoink.storage._redis_scripts import ACQUIRE, RELEASE, RENEW
+from yoink.storage._redis_scripts import ACQUIRE, RELEASE, RENEW, Keys
 
 __all__ = ["Lease"]
 
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 
 class Lease:
-    """One writer's lease on ``stream``, renewed every third of its ``ttl`` while it is held.
+    """One writer's lease on the journal of ``keys``, renewed every third of its ``ttl`` while held.
 
     ``owner`` is what log lines and errors call the writer (its storage); ``current()`` is the
     owner's client, or None once it is closed. A writer that learns a newer epoch exists is
@@ -34,12 +34,9 @@ class Lease:
     """
 
     def __init__(
-        self, stream: str, *, ttl: float, where: str, owner: object, current: Callable[[], redis.Redis | None]
+        self, keys: Keys, *, ttl: float, where: str, owner: object, current: Callable[[], redis.Redis | None]
     ) -> None:
-        base = stream if _has_hash_tag(stream) else f"{{{stream}}}"  # a cluster slot shared with the stream
-        self.stream = stream
-        self.key = f"{base}:lease"
-        self.epoch_key = f"{base}:epoch"
+        self.keys = keys
         self.writer = secrets.token_hex(8)
         self.ms = int(ttl * 1000)
         self.held = False
@@ -59,23 +56,26 @@ class Lease:
             return
         with translated(self._where, "XREVRANGE"):
             async with client.pipeline(transaction=True) as pipe:
-                pipe.get(self.epoch_key)
-                pipe.xrevrange(self.stream, count=1)
+                pipe.get(self.keys.epoch)
+                pipe.xrevrange(self.keys.stream, count=1)
                 epoch, last = await pipe.execute()
         if self._seen is None and not self.held:
             self._seen = (int(epoch or 0), last[0][0].decode() if last else "")
 
     async def acquire(self, client: redis.Redis) -> None:
         """Take the lease and a new epoch, or raise :class:`~yoink.CheckpointLockedError`. If the
-        journal moved on since the first read, take nothing and become ``fenced``."""
+        journal moved on since the first read, take nothing and become ``fenced``. A compaction's
+        next generation left by an earlier writer is deleted with the lease taken."""
         seen_epoch, seen_last = ("", "") if self._seen is None else self._seen
         with translated(self._where, "SET"):
             holder, ttl, epoch, *now = await client.eval(
                 ACQUIRE,
-                3,
-                self.key,
-                self.epoch_key,
-                self.stream,
+                5,
+                self.keys.lease,
+                self.keys.epoch,
+                self.keys.stream,
+                self.keys.next,
+                self.keys.next_owner,
                 self.writer,
                 self.ms,
                 seen_epoch,
@@ -115,7 +115,7 @@ class Lease:
             renewer.cancel()
         if newer == "lost":
             self.fenced = (
-                f"the fencing epoch {self.epoch_key!r} is gone from Redis (a failover to a replica that "
+                f"the fencing epoch {self.keys.epoch!r} is gone from Redis (a failover to a replica that "
                 "lagged, a lost append-only file, or a deleted key), so this writer (epoch "
                 f"{self.epoch}) cannot tell whether another took the journal over"
             )
@@ -123,7 +123,7 @@ class Lease:
         if newer is not None and newer.startswith("shared:"):
             self.fenced = (
                 f"another writer ({newer.removeprefix('shared:')}) wrote with this writer's epoch "
-                f"{self.epoch}, which Redis issued twice after losing {self.epoch_key!r}"
+                f"{self.epoch}, which Redis issued twice after losing {self.keys.epoch!r}"
             )
             return
         newest = f"epoch {newer}" if newer else "a newer epoch"
@@ -135,7 +135,7 @@ class Lease:
     def locked(self, ttl_ms: int) -> CheckpointLockedError:
         expires = f"expires in {ttl_ms / 1000:.1f} s" if ttl_ms > 0 else "has no expiry set"
         return CheckpointLockedError(
-            f"{self._owner!r} is held by another writer: its lease {self.key!r} {expires} if that "
+            f"{self._owner!r} is held by another writer: its lease {self.keys.lease!r} {expires} if that "
             "writer has crashed (a live writer renews it); yoink allows one writer at a time, and "
             "nothing was written"
         )
@@ -149,7 +149,7 @@ class Lease:
                 await renewer
         if self.held:
             with contextlib.suppress(RedisError):
-                await client.eval(RELEASE, 1, self.key, self.writer)
+                await client.eval(RELEASE, 1, self.keys.lease, self.writer)
 
     async def release_through(self, url: str) -> None:
         """Release the lease through a new connection: the writer's client belongs to a dead loop."""
@@ -157,7 +157,7 @@ class Lease:
         client = redis.from_url(url, socket_connect_timeout=5)
         try:
             with contextlib.suppress(RedisError, OSError):
-                await client.eval(RELEASE, 1, self.key, self.writer)
+                await client.eval(RELEASE, 1, self.keys.lease, self.writer)
         finally:
             await client.aclose()
 
@@ -173,7 +173,7 @@ class Lease:
                 return
             try:
                 renewed = await client.eval(
-                    RENEW, 2, self.key, self.epoch_key, self.writer, self.ms, self.epoch
+                    RENEW, 2, self.keys.lease, self.keys.epoch, self.writer, self.ms, self.epoch
                 )
             except RedisError as exc:
                 logger.warning(
@@ -188,8 +188,3 @@ class Lease:
                 self._lost = "another writer took it after it expired"
                 logger.error("%r: lost the writer's lease: %s", self._owner, self._lost)
                 return
-
-
-def _has_hash_tag(key: str) -> bool:
-    opening = key.find("{")
-    return opening >= 0 and key.find("}", opening + 2) > 0

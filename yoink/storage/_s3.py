@@ -11,7 +11,7 @@ layout's, one of two strategies over the same client: ``_s3_object.py`` and ``_s
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, ClassVar
 
 from yoink._tasks import asyncio_loop_of
@@ -77,6 +77,32 @@ class S3Storage(StagedStorage):
       stage also records, before each upload, the segment it writes: after a crash, the next
       storage on that stage asks that one key (which keeps writer and batch once merged) whether
       the batches landed, however many segments or merges came since.
+    - Compaction (:meth:`replace`, which ``CheckpointManager.compact`` calls) first uploads what is
+      staged (it belongs to the old journal), so no batch from before the swap can be uploaded
+      after it, by this storage or by the next one on its stage after a crash. Then, in one step
+      S3 makes atomic, with the condition of an upload (another writer that wrote since this one
+      last looked makes it fail with :class:`~yoink.ConcurrentWriterError`, nothing changed):
+
+      - objects: the new journal is written over the object, ``If-Match`` on the ETag this writer
+        last saw: a ``PutObject`` up to ``part_size``, else a multipart upload whose completion
+        carries the condition. Until then the object is the old one whole (a crash part-way
+        leaves only an unfinished upload, which the next compaction aborts), and a reader under
+        way, one ``GetObject``, reads the old one whole. The metadata keeps every writer's last
+        batch, so a stage that another machine left is still recognised as uploaded. Later
+        appends continue from the new object. It costs one upload of the snapshot.
+      - segments: the next segment number is claimed (an empty segment), then the new journal is
+        written as ``<prefix>/merged/000000000000-<n>.jsonl``, which readers take as the base:
+        they read the old journal until it exists (the claim holds no records), then it and the
+        segments after it. What it replaced stays ``keep_replaced`` seconds (600) for readers
+        under way; a reader that takes longer is told to read again (:class:`~yoink.StorageError`),
+        never shown a mix. Then a writer (this one at a later flush, or the next to list the
+        journal, after a crash too) empties the old segments, keeping their keys as a merge does,
+        and deletes the old merged objects.
+
+      Aborting unfinished uploads needs ``s3:ListBucketMultipartUploads`` and is best effort; a
+      bucket lifecycle rule that aborts incomplete multipart uploads does it too. A store that
+      ignores ``If-Match`` on ``CompleteMultipartUpload`` (AWS honours it; moto does not) does
+      not fence a snapshot, or an object-layout append, larger than ``part_size``.
     - Credentials come from the standard AWS chain (environment, profile, IAM role).
       ``endpoint_url`` (or ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``) reaches MinIO, R2 and
       other S3-compatible stores. Failed requests are retried by botocore (``retry_mode``,
@@ -106,6 +132,7 @@ class S3Storage(StagedStorage):
         merge_after: int = 64,
         merge_target: int = 64 << 20,
         timeout: float = 60.0,
+        keep_replaced: float = 600.0,
     ) -> None:
         given = S3Options(
             layout=layout,
@@ -119,6 +146,7 @@ class S3Storage(StagedStorage):
             merge_after=merge_after,
             merge_target=merge_target,
             timeout=timeout,
+            keep_replaced=keep_replaced,
         )
         bucket, key, from_uri = _parse_uri(uri)
         self._options = options = given.merge(from_uri)
@@ -165,6 +193,8 @@ class S3Storage(StagedStorage):
             raise ValueError(f"part_size must be between {self.min_part_size} and {MAX_PART_SIZE} bytes")
         if options.merge_after < 2:
             raise ValueError("merge_after must be at least 2")
+        if not options.keep_replaced >= 0:
+            raise ValueError("keep_replaced must be a number of seconds, 0 or more")
         return key
 
     def __repr__(self) -> str:
@@ -184,6 +214,9 @@ class S3Storage(StagedStorage):
 
     async def _upload(self, batches: list[Batch]) -> None:
         await self._layout.upload(batches)
+
+    async def _swap(self, data: AsyncIterator[bytes]) -> None:
+        await self._layout.replace(data)
 
     async def _release(self) -> None:
         await self._client.close()

@@ -24,8 +24,8 @@ from yoink.storage._uri import redact
 __all__ = ["IAM_ACTIONS", "Conflict", "Missing", "S3Client"]
 
 IAM_ACTIONS = (
-    "s3:GetObject, s3:PutObject and s3:ListBucket, plus s3:DeleteObject for layout='segments' "
-    "and s3:AbortMultipartUpload for multipart uploads"
+    "s3:GetObject, s3:PutObject and s3:ListBucket, plus s3:DeleteObject for layout='segments', "
+    "s3:AbortMultipartUpload for multipart uploads and s3:ListBucketMultipartUploads to compact"
 )
 _CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}

@@ -3,8 +3,8 @@
 :class:`S3Storage` keeps the options, the client and the stage; a layout (``_s3_object.py``,
 ``_s3_segments.py``) decides where the journal's bytes go in the bucket. It answers the three
 questions of :class:`~yoink.storage._staged.StagedStorage` (:meth:`Layout.open_remote`,
-:meth:`Layout.exists`, :meth:`Layout.upload`) and keeps this writer's view of the journal between
-them.
+:meth:`Layout.exists`, :meth:`Layout.upload`, and :meth:`Layout.replace` to compact) and keeps this
+writer's view of the journal between them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
@@ -60,6 +60,7 @@ class S3Options(Options):
     merge_after: int = 64
     merge_target: int = 64 << 20
     timeout: float = 60.0
+    keep_replaced: float = 600.0
 
 
 MAX_PART_SIZE = 5 << 30
@@ -117,7 +118,126 @@ class Layout(ABC):
     async def upload(self, batches: list[Batch]) -> None:
         """Upload the sealed ``batches`` (oldest first), then discard them from the stage."""
 
+    @abstractmethod
+    async def replace(self, data: AsyncIterator[bytes]) -> None:
+        """Make ``data`` the whole journal in one atomic step, conditional on the journal being what
+        this writer last saw; later uploads follow it. Nothing is staged when it is called."""
+
     # -- what both layouts do ---------------------------------------------------------------------
+
+    async def _put_stream(
+        self,
+        key: str,
+        data: AsyncIterator[bytes],
+        metadata: dict[str, str],
+        condition: dict[str, str],
+        *,
+        before_commit: Callable[[], Awaitable[None]] | None = None,
+    ) -> tuple[str, int, bool]:
+        """Write ``data``, of a size not known in advance, to ``key``; return its ETag, its size and
+        whether it ends in a newline (or is empty).
+
+        A part at a time is held in memory: up to ``part_size``, it is one ``PutObject``; beyond,
+        a multipart upload, which S3 shows to nobody until it is completed and which is aborted if
+        anything fails. ``before_commit`` runs just before the one request that makes ``key`` hold
+        ``data`` (the ``PutObject`` or the ``CompleteMultipartUpload``); ``condition`` goes on it.
+        """
+        buffer = bytearray()
+        more = False
+        async for chunk in data:
+            buffer += chunk
+            if len(buffer) > self._part_size:
+                more = True
+                break
+        if not more:
+            if before_commit is not None:
+                await before_commit()
+            body = bytes(buffer)
+            response = await self._client.call(
+                "put_object", Key=key, Body=body, Metadata=metadata, **condition
+            )
+            return str(response["ETag"]), len(body), not body or body.endswith(b"\n")
+        created = await self._client.call("create_multipart_upload", Key=key, Metadata=metadata)
+        upload = {"Key": key, "UploadId": created["UploadId"]}
+        size, last = 0, b""
+        try:
+            parts: list[dict[str, Any]] = []
+
+            async def send(part: bytes) -> None:
+                response = await self._client.call(
+                    "upload_part", Body=part, PartNumber=len(parts) + 1, **upload
+                )
+                parts.append({"PartNumber": len(parts) + 1, "ETag": response["ETag"]})
+
+            async for chunk in data:  # on from where the loop above stopped
+                buffer += chunk
+                while len(buffer) >= self._part_size:
+                    with memoryview(buffer) as view:  # one copy of the part, not two
+                        part = bytes(view[: self._part_size])
+                    del buffer[: self._part_size]
+                    await send(part)
+                    size, last = size + len(part), part[-1:]
+                    del part  # not held while the next one fills: a part and the buffer at most
+            if buffer:
+                await send(bytes(buffer))
+                size, last = size + len(buffer), bytes(buffer[-1:])
+                buffer.clear()
+            if before_commit is not None:
+                await before_commit()
+            response = await self._client.call(
+                "complete_multipart_upload", MultipartUpload={"Parts": parts}, **upload, **condition
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self._client.call("abort_multipart_upload", **upload)
+            raise
+        return str(response["ETag"]), size, last == b"\n"
+
+    async def _abort_uploads(self, prefix: str, *, exact: bool = False) -> None:
+        """Abort the multipart uploads left under ``prefix`` (or at that key, if ``exact``) by a
+        writer that crashed in the middle of one: S3 bills their parts until they are aborted.
+
+        One writer at a time holds the journal, and this one has no upload under way, so any upload
+        there is a crashed writer's, or a rogue second writer's, whose completion then fails and
+        loses nothing (its data stays staged). Best effort: without s3:ListBucketMultipartUploads,
+        or on an error, it logs and goes on (a lifecycle rule that aborts incomplete multipart
+        uploads does the same job).
+        """
+        try:
+            params: dict[str, Any] = {"Prefix": prefix}
+            found = []
+            while True:
+                response = await self._client.call("list_multipart_uploads", **params)
+                found += [
+                    {"Key": upload["Key"], "UploadId": upload["UploadId"]}
+                    for upload in response.get("Uploads", [])
+                    if not exact or upload["Key"] == prefix
+                ]
+                if not response.get("IsTruncated"):
+                    break
+                params.update(
+                    KeyMarker=response["NextKeyMarker"], UploadIdMarker=response["NextUploadIdMarker"]
+                )
+        except StorageError as exc:
+            logger.info(
+                "%s: could not list the multipart uploads an interrupted writer left: %s", self._uri, exc
+            )
+            return
+        aborted = 0
+        for upload in found:
+            try:
+                await self._client.call("abort_multipart_upload", **upload)
+                aborted += 1
+            except (Missing, StorageError) as exc:  # completed or aborted meanwhile, or not allowed
+                logger.info(
+                    "%s: could not abort the multipart upload of %s: %s", self._uri, upload["Key"], exc
+                )
+        if aborted:
+            logger.info(
+                "%s: aborted %d multipart uploads that an interrupted writer left unfinished",
+                self._uri,
+                aborted,
+            )
 
     async def _put(
         self,

@@ -1,18 +1,27 @@
 """The segments of layout="segments", as a listing finds them: through merges, overlaps and crashes.
 
 A reader lists ``merged/``, then the segments after the last merged one; a writer also finds what
-an interrupted merge left to clear, and the last of its own batches in S3.
+an interrupted merge left to clear, what a compaction replaced (kept ``keep_replaced`` seconds for
+readers under way), and the last of its own batches in S3.
+
+A compaction's snapshot is a merged object from segment 0, ``merged/000000000000-<n>.jsonl``, that
+holds the new journal instead of segments 0 to n; its metadata says so (``yoink-base: n``). Segment
+n is claimed first (an empty object, ``yoink-claim``): until the snapshot exists, the claim is a
+segment without records; once it does, everything up to n is the snapshot's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import time
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
 from yoink._exceptions import StorageError
-from yoink.storage._s3_client import S3Client
+from yoink.storage._s3_client import Missing, S3Client
 from yoink.storage._s3_layout import ATTEMPTS, REMEMBERED_WRITERS, Layout, Segment
 from yoink.storage._stage import Stage
 
@@ -33,6 +42,7 @@ class Segments:
     hidden: list[Segment] = field(default_factory=list)  # merged objects a bigger one covers
     unburied: list[Segment] = field(default_factory=list)  # merged segments a crash left holding data
     landed: int = 0  # the last of this writer's batches that a segment holds
+    keep_until: float = 0.0  # time.monotonic() before which hidden and unburied stay: a snapshot's
 
     @property
     def next(self) -> int:
@@ -51,6 +61,7 @@ class SegmentListing(Layout):
     ) -> None:
         super().__init__(client, stage, uri=uri, key=key, options=options, min_part_size=min_part_size)
         self._view: Segments | None = None  # this writer's view of the segments, from its first look
+        self._keep_replaced = options.keep_replaced
 
     def _segment_key(self, number: int) -> str:
         return f"{self._key}/segments/{number:012d}.jsonl"
@@ -90,18 +101,24 @@ class SegmentListing(Layout):
         and that key keeps its writer and batch even once a merge has emptied it."""
         intent = self._stage.read_intent()
         if intent is None:  # a stage of a yoink before these records: look in the last segments
-            for segment in reversed(state.live[-REMEMBERED_WRITERS:]):
-                head = None if segment.merged else await self._head_metadata(segment.key)
-                if head and head[0].get("yoink-writer") == writer:
-                    return int(head[0]["yoink-batch"])
-            return 0
+            return await self._landed_in(writer, state)
         number = intent.get("s3_segment")
         if intent.get("writer") != writer or not isinstance(number, int):
             return 0  # this writer has not uploaded yet
+        if number >= state.next:  # uploaded after this listing (a flush beside a read): not in it
+            return await self._landed_in(writer, state)
         head = await self._head_metadata(self._segment_key(number))
         if head is None or head[0].get("yoink-writer") != writer:
             return 0  # the upload did not land
         return int(head[0]["yoink-batch"])
+
+    async def _landed_in(self, writer: str, state: Segments) -> int:
+        """The last of ``writer``'s batches among the last segments that ``state`` lists."""
+        for segment in reversed(state.live[-REMEMBERED_WRITERS:]):
+            head = None if segment.merged else await self._head_metadata(segment.key)
+            if head and head[0].get("yoink-writer") == writer:
+                return int(head[0]["yoink-batch"])
+        return 0
 
     async def _try_listing(self, *, tidy: bool) -> Segments:
         """One listing: merged objects first, then the segments after them (not the emptied ones
@@ -123,10 +140,20 @@ class SegmentListing(Layout):
             state.live.append(segment)
         covered = state.next - 1
         after = covered
-        if tidy and state.live and state.live[-1].merged:
-            head = await self._head_metadata(state.live[-1].key)
-            first = int(head[0].get("yoink-from", after + 1)) if head else after + 1
-            after = min(after, first - 1)  # the newest merge's segments: emptied, unless it was cut short
+        base = None
+        if tidy and state.live:
+            head = None
+            if state.live[-1].merged:
+                head = await self._head_metadata(state.live[-1].key)
+                first = int(head[0].get("yoink-from", after + 1)) if head else after + 1
+                after = min(after, first - 1)  # the newest merge's segments: emptied, unless it was cut short
+            if state.live[0].merged and state.live[0].start == 0:
+                if state.live[0] is not state.live[-1]:
+                    head = await self._head_metadata(state.live[0].key)
+                if head and head[0].get("yoink-base", "").isdigit():
+                    base = int(head[0]["yoink-base"])  # a snapshot: what it replaced may still hold data
+                    retired = head[0].get("yoink-retired", "")
+                    after = min(after, (int(retired) if retired.isdigit() else 0) - 1)
         start_after = {"StartAfter": self._segment_key(after)} if after >= 0 else {}
         for name, size, etag in await self._list(f"{self._key}/segments/", **start_after):
             if not (match := _SEGMENT.fullmatch(name)):
@@ -136,11 +163,34 @@ class SegmentListing(Layout):
             if number <= covered:
                 if size:
                     state.unburied.append(segment)
-            elif not size:
+            elif not size and not await self._pending_claim(number):
                 raise ListingChanged  # emptied by a merge that the merged listing did not show
             else:
                 state.live.append(segment)
+        if base is not None and (state.hidden or state.unburied):
+            state.keep_until = await self._keep_until(base)
         return state
+
+    async def _pending_claim(self, number: int) -> bool:
+        """Whether empty segment ``number`` is a compaction's claim whose snapshot does not exist
+        (not yet, or never: a compaction that failed or crashed), so a segment without records."""
+        head = await self._head_metadata(self._segment_key(number))
+        if head is None or head[1] or "yoink-claim" not in head[0] or "yoink-merged-into" in head[0]:
+            return False
+        return await self._head_metadata(self._merged_key(0, number)) is None
+
+    async def _keep_until(self, base: int) -> float:
+        """When what the snapshot claimed as segment ``base`` replaced may go: ``keep_replaced``
+        seconds after the claim, which came just before the snapshot, by S3's clock."""
+        try:
+            response = await self._client.call("head_object", Key=self._segment_key(base))
+        except Missing:
+            return 0.0
+        date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        now = parsedate_to_datetime(date) if date else datetime.now(timezone.utc)
+        made: datetime = response["LastModified"]
+        age = (now - made).total_seconds()
+        return time.monotonic() + max(0.0, self._keep_replaced - age)
 
     async def _after_overlap(self, segment: Segment, before: Segment) -> Segment:
         """The part of merged ``segment`` after ``before``, the merged object that overlaps it.
@@ -189,7 +239,7 @@ class SegmentListing(Layout):
             raise StorageError(
                 f"{self._uri}: segment {key} is missing; something other than yoink deleted it"
             )
-        if not head[1]:
+        if not head[1] and not await self._pending_claim(number):
             raise ListingChanged
         return Segment(key, number, number, head[1], head[2])
 

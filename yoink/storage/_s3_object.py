@@ -4,16 +4,21 @@ A flush onto a missing object is a ``PutObject`` with ``If-None-Match: *``; onto
 S3's part minimum, the object is read and rewritten with ``If-Match`` on its ETag; onto a larger
 one, a multipart upload copies the object inside S3 (``UploadPartCopy``) and adds the new data as
 its last part. The object's metadata records which writers uploaded and their last batches.
+
+A compaction (:meth:`ObjectLayout.replace`) writes the new journal over the object in one
+conditional request, ``If-Match`` on the ETag this writer last saw: a multipart upload completed
+(or one ``PutObject``), so the object is the old one whole until S3 takes the new one whole.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator
+import secrets
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from yoink._exceptions import StorageError
+from yoink._exceptions import ConcurrentWriterError, StorageError
 from yoink._lines import is_record_tail, tail_reads, without_torn_tail
 from yoink._records import MAX_LINE_BYTES
 from yoink.storage._files import TORN_SUFFIX
@@ -88,6 +93,47 @@ class ObjectLayout(Layout):
             await self._stage.discard(batches[-1].seq)
             return
         self._give_up(batches)
+
+    async def replace(self, data: AsyncIterator[bytes]) -> None:
+        """Write ``data`` over the object, if it is still the one this writer last saw.
+
+        The condition is that of an upload: ``If-Match`` on the ETag this writer knows (``If-None-Match:
+        *`` if it knew of no object), on the one request that makes the object the new journal. A
+        writer elsewhere that changed the object meanwhile makes it fail, and the replace raises
+        :class:`~yoink.ConcurrentWriterError` with the object as that writer left it. The metadata
+        keeps every writer's last batch, so a stage left elsewhere before the compaction uploads only
+        what the old journal did not hold, after the new one.
+        """
+        writer = self._stage.writer
+        now = await self._head()
+        known = self._known = self._known or now
+        if now.etag != known.etag:  # the condition would fail: say so before the upload
+            raise self._replace_refused(known, now.etag)
+        writers = dict(known.writers)
+        writers[writer] = writers.pop(writer, 0)  # this writer last, as after its uploads
+        writers = dict(list(writers.items())[-REMEMBERED_WRITERS:])
+        token = secrets.token_hex(8)  # tells this replace's own retry from another writer's change
+        metadata = {
+            "yoink-batches": ",".join(f"{w}={seq}" for w, seq in writers.items()),
+            "yoink-replace": token,
+        }
+        condition = {"IfMatch": known.etag} if known.etag is not None else {"IfNoneMatch": "*"}
+        await self._abort_uploads(self._key, exact=True)
+        try:
+            etag, size, clean = await self._put_stream(self._key, data, metadata, condition)
+        except (Conflict, Missing):
+            head = await self._head_metadata(self._key)
+            if head is None or head[0].get("yoink-replace") != token:  # not an earlier attempt of ours
+                raise self._replace_refused(known, head[2] if head is not None else None) from None
+            etag, size, clean = head[2], head[1], False  # ours: its reply was lost; its end is read once
+        self._known = _Object(etag, size, writers, clean=clean)
+
+    def _replace_refused(self, known: _Object, etag: str | None) -> ConcurrentWriterError:
+        return ConcurrentWriterError(
+            f"{self._uri} was changed by another writer (its ETag went from {known.etag} to {etag}) while "
+            "this one compacted it; yoink allows one writer at a time. The compaction was not applied: "
+            "the journal is as the other writer left it"
+        )
 
     async def _append(self, known: _Object, batches: list[Batch]) -> _Object:
         writers = dict(known.writers)

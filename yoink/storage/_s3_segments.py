@@ -7,19 +7,29 @@
 
 A merged segment is emptied, never deleted, so a writer behind the times that asks for its number
 finds it taken. Readers list ``merged/``, then the segments after the last merged one.
+
+A compaction (:meth:`SegmentsLayout.replace`) claims the next segment number n (an empty
+``segments/n``, ``If-None-Match: *``), then writes the new journal as
+``merged/000000000000-<n>.jsonl`` (``If-None-Match: *``): from the moment that object exists,
+readers take it as the journal's base, as they take any merge from segment 0, and read the
+segments after n. What it replaced stays ``keep_replaced`` seconds for readers under way, then a
+writer empties the old segments (keeping their keys, as a merge does) and deletes the old merged
+objects.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
 import anyio.to_thread
 
-from yoink._exceptions import StorageError
+from yoink._exceptions import ConcurrentWriterError, StorageError
 from yoink.storage._s3_client import Conflict, Missing, S3Client
 from yoink.storage._s3_layout import ATTEMPTS, Segment, staged_chunks
 from yoink.storage._s3_listing import SegmentListing, Segments
@@ -31,6 +41,8 @@ if TYPE_CHECKING:
 __all__ = ["SegmentsLayout"]
 
 logger = logging.getLogger(__name__)
+
+_BASE_METADATA = ("yoink-base", "yoink-retired")  # a snapshot's, and a merge's that holds one
 
 
 class SegmentsLayout(SegmentListing):
@@ -86,6 +98,71 @@ class SegmentsLayout(SegmentListing):
             return
         self._give_up(batches)
 
+    async def replace(self, data: AsyncIterator[bytes]) -> None:
+        """Write ``data`` as a snapshot that readers take as the journal's base (module docstring).
+
+        The fence is the claim's condition, as a flush's is its segment's: a writer elsewhere that
+        wrote since this one last looked holds that number, and the compaction is refused with
+        :class:`~yoink.ConcurrentWriterError` before anything is visible. The snapshot's own
+        condition refuses it if a writer merged the claim meanwhile (it wrote after it).
+        """
+        writer = self._stage.writer
+        now = await self._list_segments(writer, remember=False)  # also what a crash left to clear
+        state = self._view = self._view or now
+        if now.next != state.next:  # the claim would be refused: say so before the upload
+            raise self._compaction_refused(f"segment {state.next}, the next it knew of, is another writer's")
+        seen = {piece.key for piece in [*state.hidden, *state.unburied]}
+        state.hidden += [piece for piece in now.hidden if piece.key not in seen]
+        state.unburied += [piece for piece in now.unburied if piece.key not in seen]
+        for prefix in (f"{self._key}/segments/", f"{self._key}/merged/"):  # not another journal's under it
+            await self._abort_uploads(prefix)
+        number = state.next
+        claim_key, key = self._segment_key(number), self._merged_key(0, number)
+        replaced = [piece for piece in state.live if piece.merged or piece.size]
+        holding = [piece.start for piece in [*replaced, *state.unburied] if not piece.merged]
+        token = secrets.token_hex(8)  # tells this replace's own retries from another writer's objects
+        owner = {"yoink-writer": writer, "yoink-batch": str(state.landed), "yoink-claim": token}
+        metadata = {**owner, "yoink-base": str(number), "yoink-retired": str(min(holding, default=number))}
+
+        async def claim() -> None:
+            try:
+                response = await self._client.call(
+                    "put_object", Key=claim_key, Body=b"", Metadata=owner, IfNoneMatch="*"
+                )
+                etag = str(response["ETag"])
+            except Conflict:
+                head = await self._head_metadata(claim_key)
+                if head is None or head[0].get("yoink-claim") != token:
+                    raise self._compaction_refused(
+                        f"segment {number}, the one it claims, is another writer's"
+                    ) from None
+                etag = head[2]
+            state.live.append(Segment(claim_key, number, number, 0, etag, batch=state.landed))
+
+        try:
+            etag, size, _ = await self._put_stream(
+                key, data, metadata, {"IfNoneMatch": "*"}, before_commit=claim
+            )
+        except Conflict:
+            head = await self._head_metadata(key)
+            if head is None or head[0].get("yoink-claim") != token:
+                raise self._compaction_refused(
+                    f"it wrote after segment {number}, which this compaction claimed, and merged it"
+                ) from None
+            etag, size = head[2], head[1]
+        state.hidden += [piece for piece in replaced if piece.merged]
+        state.unburied += [piece for piece in replaced if not piece.merged]
+        state.live = [Segment(key, 0, number, size, etag, merged=True)]
+        state.keep_until = time.monotonic() + self._keep_replaced
+        await self._tidy(state)  # at once if keep_replaced is 0, else at a flush once it has passed
+
+    def _compaction_refused(self, what: str) -> ConcurrentWriterError:
+        return ConcurrentWriterError(
+            f"{self._uri} was changed by another writer ({what}) while this one compacted it; yoink "
+            "allows one writer at a time. The compaction was not applied: the journal is as the other "
+            "writer left it"
+        )
+
     async def _taken_segment(self, number: int, batches: list[Batch]) -> tuple[int, int, str]:
         """Segment ``number`` exists: return its batch, size and ETag if an earlier attempt of this
         writer wrote it, else raise :class:`ConcurrentWriterError`."""
@@ -120,10 +197,13 @@ class SegmentsLayout(SegmentListing):
         rest = run[len(copy) :]
         after_merged = [segment for segment in run if segment.merged][-1:]
         first = after_merged[0].end + 1 if after_merged else run[0].start
+        metadata = {"yoink-from": str(first)}  # the segments it empties: where to look after a crash
+        if run[0].merged and run[0].start == 0:  # a snapshot's base goes on in the merge that holds it
+            head = await self._head_metadata(run[0].key)
+            metadata |= {k: v for k, v in (head[0] if head else {}).items() if k in _BASE_METADATA}
         try:
             size = sum(segment.size for segment in rest)
             body = self._objects_chunks(rest)
-            metadata = {"yoink-from": str(first)}  # the segments it empties: where to look after a crash
             etag = await self._put(key, body, size, metadata, {"IfNoneMatch": "*"}, copy=copy)
         except (StorageError, Conflict, Missing) as exc:
             # This writer's view stays as it was: its next segment number does not depend on merges.
@@ -145,8 +225,11 @@ class SegmentsLayout(SegmentListing):
             )
 
     async def _tidy(self, state: Segments) -> None:
-        """Clear what an interrupted merge left: merged objects a bigger one holds, and segments a
-        merged object holds that still hold their data."""
+        """Clear what an interrupted merge left, or a compaction replaced: merged objects a bigger
+        one holds, and segments a merged object holds that still hold their data. What a
+        compaction replaced stays until ``keep_replaced`` has passed, for readers under way."""
+        if time.monotonic() < state.keep_until:
+            return
         hidden, unburied = state.hidden, state.unburied
         state.hidden, state.unburied = [], []
         if not hidden and not unburied:
@@ -194,6 +277,20 @@ class SegmentsLayout(SegmentListing):
 
     # -- reading --------------------------------------------------------------------------------
 
+    async def _check_base(self, piece: Segment, base: str) -> None:
+        """Raise StorageError if ``piece``, an object from segment 0 that a reader found when it
+        listed again, is not the journal it began to read but a compaction's (or a merge of one);
+        raise Conflict if it is gone or changed since that listing."""
+        head = await self._head_metadata(piece.key)
+        if head is None or head[2] != piece.etag:
+            raise Conflict
+        if head[0].get("yoink-base", "") != base:
+            raise StorageError(
+                f"{self._uri} was compacted while it was being read, and the objects the read had "
+                "listed are gone (a writer deletes them keep_replaced seconds after a compaction); "
+                "what was yielded is the start of the journal as it was before. Read again"
+            )
+
     async def _read_segments(self, listed: list[Segment]) -> AsyncGenerator[str, None]:
         """Read the segments of ``listed`` (pieces holding segments 0 to the last, in order).
 
@@ -221,14 +318,17 @@ class SegmentsLayout(SegmentListing):
             return await self._segments_size(first, through)
 
         pieces, done, refused = listed, -1, 0
+        base: str | None = None  # the snapshot under the journal as listed ("" if none)
         while done < last:
             piece = next((p for p in pieces if p.start <= done + 1 <= p.end), None)
             if piece is None:
                 raise StorageError(f"{self._uri}: no object holds segment {done + 1}; read again")
             through = min(piece.end, last)
-            skip = await size_of(piece.start, done)
-            length = await size_of(done + 1, through)
             try:
+                if piece.start == 0 and base is not None and piece not in listed:
+                    await self._check_base(piece, base)  # a merge from 0 that came since: of this journal?
+                skip = await size_of(piece.start, done)
+                length = await size_of(done + 1, through)
                 response = await self._client.call(
                     "get_object", Key=piece.key, IfMatch=piece.etag, **piece.byte_range(skip, length)
                 )
@@ -241,6 +341,8 @@ class SegmentsLayout(SegmentListing):
                 pieces = (await self._listing()).live
                 continue
             refused = 0
+            if base is None:  # the first piece, from segment 0: the only kind that may be a snapshot
+                base = response.get("Metadata", {}).get("yoink-base", "")
             async for block in self._stream(response):
                 yield block
             done = through

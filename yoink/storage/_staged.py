@@ -1,8 +1,9 @@
 """StagedStorage: the part every remote backend shares, writing to a local stage and uploading it.
 
 A subclass says where the journal lives: how to read what the remote side holds
-(:meth:`_open_remote`) and how to upload staged batches (:meth:`_upload`). The write path, the
-locks, read-your-writes and close are here, once.
+(:meth:`_open_remote`), how to upload staged batches (:meth:`_upload`) and, to compact, how to
+swap in a new journal (:meth:`_swap`). The write path, the locks, read-your-writes, the order of
+a replace and close are here, once.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import contextlib
 import functools
 import os
 from abc import abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 
 import anyio
 
+from yoink._exceptions import CompactionNotSupportedError
 from yoink._fork import drop_in_forked_children
 from yoink._tasks import uninterrupted
 from yoink.storage._lifecycle import ClosableStorage
@@ -24,7 +26,14 @@ __all__ = ["StagedStorage"]
 
 
 class StagedStorage(ClosableStorage):
-    """A backend whose writes wait in a crash-surviving :class:`Stage` until a flush uploads them."""
+    """A backend whose writes wait in a crash-surviving :class:`Stage` until a flush uploads them.
+
+    Compaction (:meth:`replace`) takes the stage's lock if this storage does not hold it yet, and
+    uploads what is staged first, as a flush would: what was staged belongs to the old journal, so
+    the stage holds nothing from before the swap, and no later storage on it (after a crash at any
+    instant) can upload an old batch on top of the new journal. Then the subclass's
+    :meth:`_swap` puts the new journal in place in one step the remote side makes atomic.
+    """
 
     def __init__(self, uri: str, stage_dir: str | os.PathLike[str] | None, identity: str):
         self._uri = uri
@@ -50,6 +59,12 @@ class StagedStorage(ClosableStorage):
     async def flush(self) -> None:
         self._check_open()
         await uninterrupted(self._flush)
+
+    async def replace(self, text: AsyncIterable[str]) -> None:
+        """Upload what is staged, then swap in ``text`` as the whole journal (see the class docstring)."""
+        self._check_open()
+        self._check_swappable()
+        await uninterrupted(functools.partial(self._replace, text))
 
     async def read(self) -> AsyncIterator[str]:
         async with self._write_lock:  # staged files are opened before the remote side is read
@@ -81,6 +96,17 @@ class StagedStorage(ClosableStorage):
         async with self._flush_lock:
             self._check_open()
             await self._upload_staged()
+
+    async def _replace(self, text: AsyncIterable[str]) -> None:
+        async with self._flush_lock:  # no upload under way, none starts: writes wait in the stage
+            self._check_open()
+            async with self._write_lock:
+                if not self._stage.is_open:  # the writer's lock, held through the swap and after it
+                    await self._open_stage()
+                batches = self._stage.seal()
+            if batches:
+                await self._upload(batches)
+            await self._swap(_encoded(text))
 
     async def _close(self) -> None:
         try:
@@ -129,5 +155,22 @@ class StagedStorage(ClosableStorage):
     async def _upload(self, batches: list[Batch]) -> None:
         """Upload the sealed ``batches`` (oldest first), then discard them from the stage."""
 
+    def _check_swappable(self) -> None:
+        """Raise CompactionNotSupportedError, before anything is done, if this journal cannot be swapped."""
+
+    async def _swap(self, data: AsyncIterator[bytes]) -> None:
+        """Make ``data`` the whole remote journal, atomically; it follows this writer's view of the
+        journal (as an upload does), and later uploads follow it. Nothing is staged when it is called."""
+        raise CompactionNotSupportedError(
+            f"{self!r} cannot compact its journal: {type(self).__name__} does not implement _swap(); "
+            "the journal is unchanged"
+        )
+
     async def _release(self) -> None:
         """Release clients once the storage is closed."""
+
+
+async def _encoded(text: AsyncIterable[str]) -> AsyncIterator[bytes]:
+    async for chunk in text:
+        if chunk:
+            yield chunk.encode("utf-8")

@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pickle
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import pytest
 
-from yoink._exceptions import CheckpointLockedError, CorruptCheckpointError, StorageClosedError
+from yoink._exceptions import (
+    CheckpointLockedError,
+    CompactionNotSupportedError,
+    CorruptCheckpointError,
+    StorageClosedError,
+)
 from yoink._manager import CheckpointManager
 from yoink.storage._base import CheckpointStorage
 
@@ -29,6 +34,26 @@ async def _text(storage: CheckpointStorage) -> str:
 
 def _lines(first: int, count: int, pad: str = "") -> str:
     return "".join(f'{{"n":{n}{pad}}}\n' for n in range(first, first + count))
+
+
+async def _chunks(first: int, count: int, per_chunk: int = 1000, pause: float = 0) -> AsyncIterator[str]:
+    """``_lines(first, count)`` as an async iterable of chunks, as the manager streams a snapshot."""
+    for start in range(first, first + count, per_chunk):
+        await anyio.sleep(pause)
+        yield _lines(start, min(per_chunk, first + count - start))
+
+
+class _SnapshotFailed(Exception):
+    pass
+
+
+async def _failing_chunks() -> AsyncIterator[str]:
+    yield _lines(500, 1000)
+    raise _SnapshotFailed("the snapshot's source failed part-way")
+
+
+def _replaces(storage: CheckpointStorage) -> bool:
+    return type(storage).replace is not CheckpointStorage.replace
 
 
 async def _cancel_after(delay: float, call: Awaitable[None]) -> None:
@@ -65,7 +90,9 @@ class StorageContract:
             def reopen(self, tmp_path):
                 return lambda: SQLiteStorage(tmp_path / "journal.db")
 
-    A backend that does not refuse a second writer sets ``refuses_a_second_writer = False``.
+    A backend that does not refuse a second writer sets ``refuses_a_second_writer = False``. The
+    promises of ``replace()`` (compaction) are checked when the backend implements it; one that does
+    not must refuse it with :class:`~yoink.CompactionNotSupportedError` and keep its journal.
     Every failure names the promise that was broken. The tests are async (pytest-asyncio): with
     ``asyncio_mode = "strict"``, declare the fixture with ``@pytest_asyncio.fixture``.
     """
@@ -267,3 +294,121 @@ class StorageContract:
         async with CheckpointManager(reopen(), on_corrupt="skip") as manager:
             records = [record async for record in manager.replay()]
         assert records == [{"n": 0}, {"n": 2}], "promise broken: on_corrupt='skip' keeps every intact record"
+
+    async def test_replace_swaps_the_journal_and_later_writes_follow_it(
+        self, storage: CheckpointStorage, reopen: Reopen
+    ) -> None:
+        async with storage:
+            await storage.write(_lines(0, 10))
+            await storage.flush()
+            if not _replaces(storage):
+                with pytest.raises(CompactionNotSupportedError):
+                    await storage.replace(_chunks(100, 5))
+                assert await _text(storage) == _lines(0, 10), (
+                    "promise broken: a storage that cannot replace keeps its journal"
+                )
+                return
+            await storage.replace(_chunks(100, 5000))
+            assert await _text(storage) == _lines(100, 5000), "promise broken: replace() swaps the journal"
+            await storage.write(_lines(10, 2))
+        async with reopen() as reader:
+            assert await _text(reader) == _lines(100, 5000) + _lines(10, 2), (
+                "promise broken: after replace(), the new journal is durable and later writes follow it"
+            )
+
+    async def test_replace_of_a_journal_never_written_and_with_nothing(
+        self, storage: CheckpointStorage, reopen: Reopen
+    ) -> None:
+        if not _replaces(storage):
+            pytest.skip("this backend does not implement replace()")
+        async with storage:
+            await storage.replace(_chunks(0, 3))
+            assert await _text(storage) == _lines(0, 3), "promise broken: replace() creates the journal"
+            await storage.replace(_chunks(0, 0))
+            assert await _text(storage) == "", "promise broken: replace() with no text empties the journal"
+            await storage.write(_lines(7, 1))
+        async with reopen() as reader:
+            assert await _text(reader) == _lines(7, 1), "promise broken: writes follow an empty replace()"
+
+    async def test_a_failed_replace_keeps_the_old_journal(
+        self, storage: CheckpointStorage, reopen: Reopen
+    ) -> None:
+        if not _replaces(storage):
+            pytest.skip("this backend does not implement replace()")
+        async with storage:
+            await storage.write(_lines(0, 10))
+            await storage.flush()
+            with pytest.raises(_SnapshotFailed):
+                await storage.replace(_failing_chunks())
+            assert await _text(storage) == _lines(0, 10), (
+                "promise broken: a replace() that raises leaves the old journal untouched"
+            )
+            await storage.write(_lines(10, 1))
+        async with reopen() as reader:
+            assert await _text(reader) == _lines(0, 11), (
+                "promise broken: after a failed replace(), writes follow the old journal"
+            )
+
+    async def test_a_cancelled_replace_leaves_one_journal_or_the_other(
+        self, storage: CheckpointStorage, reopen: Reopen
+    ) -> None:
+        if not _replaces(storage):
+            pytest.skip("this backend does not implement replace()")
+        old, new = _lines(0, 20), _lines(1000, 20000)
+        async with storage:
+            await storage.write(old)
+            await storage.flush()
+            for delay in (0.0, 0.001, 0.02, 0.05, 1.0):
+                # 100 pieces over 0.1 s or more: cancelled before, during and after
+                await _cancel_after(delay, storage.replace(_chunks(1000, 20000, per_chunk=200, pause=0.001)))
+                text = await _text(storage)
+                assert text in (old, new), (
+                    "promise broken: a cancelled replace() leaves the old journal or the new one, whole"
+                )
+            await storage.write(_lines(5, 1))
+        async with reopen() as reader:
+            assert await _text(reader) in (old + _lines(5, 1), new + _lines(5, 1)), (
+                "promise broken: after a cancelled replace(), writes follow whichever journal is there"
+            )
+
+    async def test_a_read_under_way_during_replace_sees_one_journal(self, storage: CheckpointStorage) -> None:
+        if not _replaces(storage):
+            pytest.skip("this backend does not implement replace()")
+        pad = ',"pad":"' + "r" * 200 + '"'
+        old = "".join(f'{{"old":{n}{pad}}}\n' for n in range(20000))  # several read chunks or pages
+        async with storage:
+            await storage.write(old)
+            await storage.flush()
+            reader = storage.read()
+            first = await reader.__anext__()
+            await storage.replace(_chunks(0, 100))
+            rest = [item async for item in reader]
+            text = "".join(item if item.endswith("\n") else item + "\n" for item in [first, *rest])
+            assert text in (old, _lines(0, 100)), (
+                "promise broken: a read under way during replace() yields one journal whole"
+            )
+
+    async def test_a_second_writer_is_refused_after_replace(
+        self, storage: CheckpointStorage, reopen: Reopen
+    ) -> None:
+        if not _replaces(storage) or not self.refuses_a_second_writer:
+            pytest.skip("this backend does not implement replace() or refuse a second writer")
+        async with storage:
+            await storage.write(_lines(0, 1))
+            await storage.replace(_chunks(10, 2))
+            second = reopen()
+            with pytest.raises(CheckpointLockedError):
+                await second.write(_lines(100, 1))
+            await second.close()
+            await storage.write(_lines(1, 1))
+        async with reopen() as reader:
+            assert await _text(reader) == _lines(10, 2) + _lines(1, 1), (
+                "promise broken: the writer keeps its lock through replace(); a refused writer writes nothing"
+            )
+
+    async def test_replace_after_close_raises(self, storage: CheckpointStorage) -> None:
+        if not _replaces(storage):
+            pytest.skip("this backend does not implement replace()")
+        await storage.close()
+        with pytest.raises(StorageClosedError):
+            await storage.replace(_chunks(0, 1))

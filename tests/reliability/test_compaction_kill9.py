@@ -1,0 +1,74 @@
+"""kill -9 a writer that compacts as it appends, on every backend: one journal whole, nothing flushed lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.helpers import random_seed
+from tests.reliability.killing import Journal, kills
+from yoink import CheckpointManager
+
+WRITER = Path(__file__).with_name("compacting_writer.py")
+KEYS = 50  # compacting_writer.KEYS
+
+
+def test_kill_9_during_compactions_leaves_the_old_journal_or_the_snapshot_and_what_followed(
+    journal: Journal,
+) -> None:
+    rng = random.Random(random_seed())
+    acknowledged: set[int] = set()
+    compactions = 0
+    for kill in range(kills(12 if journal.name == "local" else 6)):
+        journal.before_start()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(WRITER),
+                journal.uri,
+                str(rng.randrange(1 << 30)),
+                json.dumps(journal.options),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        first = proc.stdout.readline()
+        if not first.startswith("resumed "):
+            proc.kill()
+            raise AssertionError(f"kill {kill}: the writer did not resume: {proc.stderr.read() or first}")
+        time.sleep(rng.uniform(0.05, journal.pause * 2))
+        proc.kill()
+        proc.wait()
+        for line in proc.stdout.read().splitlines():
+            if line.startswith("acked ") and line.endswith(tuple("0123456789")):
+                acknowledged.update(int(n) for n in line.split()[1:])
+            compactions += line == "compacted"
+        proc.stdout.close()
+        proc.stderr.close()
+        numbers = _replayed(journal)
+        assert numbers == sorted(set(numbers)), f"kill {kill}: records repeated or out of order (a mix?)"
+        latest = {}
+        for n in numbers:
+            latest[n % KEYS] = n
+        lost = sorted(n for n in acknowledged if latest.get(n % KEYS, -1) < n)
+        assert not lost, (
+            f"kill {kill}: flushed records lost, neither there nor replaced by a later one: {lost[:5]}"
+        )
+    assert acknowledged, "no writer lived long enough to flush: the test proved nothing"
+    assert compactions, "no compaction returned before a kill: the test proved nothing"
+
+
+def _replayed(journal: Journal) -> list[int]:
+    async def replay() -> list[int]:
+        async with CheckpointManager.from_uri(journal.uri, read_only=True, **journal.options) as reader:
+            return [record["n"] async for record in reader.replay()]  # raises on corruption
+
+    return asyncio.run(replay())

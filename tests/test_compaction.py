@@ -1,0 +1,708 @@
+"""CheckpointManager.compact(): a snapshot, or the last record per key, replaces the journal."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import orjson
+import pytest
+
+from tests.helpers import spy_on_fsync
+from yoink import (
+    CheckpointLockedError,
+    CheckpointManager,
+    CompactionNotSupportedError,
+    CorruptCheckpointError,
+    ReadOnlyError,
+    StorageClosedError,
+)
+from yoink._compaction import Compaction, CompactionPolicy
+from yoink.storage import LocalFileStorage, MemoryStorage
+from yoink.storage._local import REPLACEMENT_SUFFIX
+
+pytestmark = pytest.mark.usefixtures("async_backend")
+
+
+async def replay(uri: str | Path, **options: Any) -> list[dict[str, Any]]:
+    async with CheckpointManager.from_uri(uri, read_only=True, **options) as reader:
+        return [record async for record in reader.replay()]
+
+
+async def test_compact_by_key_keeps_the_last_record_per_key_in_journal_order(tmp_path: Path) -> None:
+    path = tmp_path / "crawl.jsonl"
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        for n in range(10):
+            await checkpoint.append({"url": f"u{n % 3}", "n": n})
+        await checkpoint.append({"note": "no url", "n": 10})
+        await checkpoint.append({"url": "u1", "n": 11})
+        result = await checkpoint.compact(key="url")
+        assert [record async for record in checkpoint.replay()] == [
+            {"url": "u2", "n": 8},
+            {"url": "u0", "n": 9},
+            {"note": "no url", "n": 10},
+            {"url": "u1", "n": 11},
+        ]
+    assert (result.key, result.records_before, result.records) == ("url", 12, 4)
+    before = [{"url": f"u{n % 3}", "n": n} for n in range(10)] + [
+        {"note": "no url", "n": 10},
+        {"url": "u1", "n": 11},
+    ]
+    assert result.bytes_before == sum(len(orjson.dumps(record)) + 1 for record in before)
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 5
+    assert lines[0].startswith(b'["$yoink",{"compaction":{')
+    assert result.bytes == sum(map(len, lines[1:]))
+
+
+async def test_keys_are_told_apart_as_json_tells_them_apart(tmp_path: Path) -> None:
+    path = tmp_path / "keys.jsonl"
+    values: list[Any] = [1, 1.0, True, "1", None, [1], {"a": 1, "b": 2}]
+    path.write_text(f'{{"k":{2**70},"first":true}}\n')  # beyond 64 bits: written by another tool
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        for value in values:
+            await checkpoint.append({"k": value, "first": True})
+        await checkpoint.append({"k": {"b": 2, "a": 1}, "first": False})  # the same object as JSON
+        await checkpoint.compact(key="k")
+    records = await replay(path)
+    assert [record["k"] for record in records] == [2**70, 1, 1.0, True, "1", None, [1], {"b": 2, "a": 1}]
+    assert type(records[2]["k"]) is float
+    assert type(records[3]["k"]) is bool
+    assert records[-1]["first"] is False
+
+
+async def test_a_snapshot_replaces_the_journal_and_later_records_follow_it(tmp_path: Path) -> None:
+    path = tmp_path / "job.jsonl"
+
+    async def state() -> AsyncIterator[dict[str, int]]:
+        for n in range(3):
+            await anyio.lowlevel.checkpoint()
+            yield {"total": n}
+
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        for n in range(100):
+            await checkpoint.append({"step": n})
+        result = await checkpoint.compact(state())
+        await checkpoint.append({"step": 100})
+        assert (result.records_before, result.records) == (None, 3)
+        second = await checkpoint.compact([{"total": 9}])  # a plain iterable too
+        await checkpoint.append({"step": 101})
+    assert second.records == 1
+    assert await replay(path) == [{"total": 9}, {"step": 101}]
+
+
+async def test_records_appended_while_a_compaction_runs_follow_the_snapshot(tmp_path: Path) -> None:
+    path = tmp_path / "busy.jsonl"
+    async with CheckpointManager.from_uri(path, batch_bytes=4096) as checkpoint:
+        for n in range(20_000):
+            await checkpoint.append({"k": n % 100, "n": n})
+        appended_during = 0
+
+        async def append_meanwhile() -> None:
+            nonlocal appended_during
+            n = 20_000
+            while not done.is_set():
+                appended_during += 1  # append() buffers the record before its first await
+                await checkpoint.append({"k": "during", "n": n})  # never waits for the compaction
+                n += 1
+                if n % 50 == 0:
+                    await anyio.lowlevel.checkpoint()
+
+        done = anyio.Event()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(append_meanwhile)
+            while not appended_during:
+                await anyio.lowlevel.checkpoint()
+            before = appended_during  # appended before the call: in the journal the snapshot replaces
+            result = await checkpoint.compact(key="k")
+            done.set()
+        await checkpoint.flush()
+    assert appended_during > before > 0, (
+        "nothing was appended while the compaction ran: the test proved nothing"
+    )
+    records = await replay(path)
+    assert (result.records_before, result.records) == (20_000 + before, 101)
+    assert records[:101] == [
+        *({"k": k, "n": 19_900 + k} for k in range(100)),
+        {"k": "during", "n": 20_000 + before - 1},
+    ]
+    assert [record["n"] for record in records[101:]] == list(range(20_000 + before, 20_000 + appended_during))
+
+
+class SlowReplace(MemoryStorage):
+    """A memory journal whose replace() waits for ``go`` before it reads the snapshot."""
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(name)
+        self.go = anyio.Event()
+        self.replacing = anyio.Event()
+        self.writes: list[str] = []
+
+    async def write(self, data: str) -> None:
+        self.writes.append(data)
+        await super().write(data)
+
+    async def replace(self, text: Any) -> None:
+        self.replacing.set()
+        await self.go.wait()
+        await super().replace(text)
+
+
+async def test_appends_never_wait_for_a_compaction_and_flushes_do() -> None:
+    storage = SlowReplace()
+    checkpoint = CheckpointManager(storage, batch_bytes=100, flush_interval=None)
+    await checkpoint.append({"before": 1})
+    flushed = anyio.Event()
+    async with anyio.create_task_group() as tasks:
+
+        async def compact() -> None:
+            await checkpoint.compact([{"snapshot": 1}])
+
+        async def flush() -> None:
+            await checkpoint.flush()
+            flushed.set()
+
+        tasks.start_soon(compact)
+        await storage.replacing.wait()
+        try:
+            with anyio.fail_after(5):
+                for n in range(1000):  # 10 batches' worth: each would write, were it not compacting
+                    await checkpoint.append({"during": n})
+            assert storage.writes == ['{"before":1}\n'], "a write went to the storage during the compaction"
+            tasks.start_soon(flush)
+            await anyio.sleep(0.05)
+            assert not flushed.is_set(), "flush() returned before the compaction it must follow"
+        finally:
+            storage.go.set()
+    assert flushed.is_set()
+    await checkpoint.close()
+    assert [record async for record in CheckpointManager(MemoryStorage(storage.name)).replay()] == [
+        {"snapshot": 1},
+        *({"during": n} for n in range(1000)),
+    ]
+
+
+async def test_a_record_that_cannot_be_encoded_leaves_the_journal_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        await checkpoint.append({"n": 0})
+        with pytest.raises(TypeError, match="nothing was appended|must encode as a JSON object"):
+            await checkpoint.compact([{"ok": 1}, ["not", "an", "object"]])
+        with pytest.raises(TypeError, match="cannot encode"):
+            await checkpoint.compact([{"ok": 1}, {"set": {1, 2}}])
+        await checkpoint.append({"n": 1})
+    assert await replay(path) == [{"n": 0}, {"n": 1}]
+    assert not Path(str(path) + REPLACEMENT_SUFFIX).exists()
+
+
+async def test_compact_takes_records_or_a_key(tmp_path: Path) -> None:
+    async with CheckpointManager.from_uri(tmp_path / "j.jsonl") as checkpoint:
+        with pytest.raises(TypeError, match="one of the two"):
+            await checkpoint.compact()
+        with pytest.raises(TypeError, match="one of the two"):
+            await checkpoint.compact([], key="url")
+        with pytest.raises(ValueError, match="name of a record field"):
+            await checkpoint.compact(key="")
+
+
+async def test_a_corrupt_journal_is_not_compacted_unless_told_to_skip(tmp_path: Path) -> None:
+    path = tmp_path / "corrupt.jsonl"
+    path.write_text('{"k":1,"n":0}\nnot json\n{"k":1,"n":2}\n')
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        with pytest.raises(CorruptCheckpointError) as caught:
+            await checkpoint.compact(key="k")
+        assert caught.value.line == 2
+    assert path.read_text() == '{"k":1,"n":0}\nnot json\n{"k":1,"n":2}\n'
+    async with CheckpointManager.from_uri(path, on_corrupt="skip") as checkpoint:
+        await checkpoint.compact(key="k")
+    assert await replay(path) == [{"k": 1, "n": 2}]
+
+
+async def test_the_header_is_not_a_record_and_lines_are_counted_with_it(tmp_path: Path) -> None:
+    path = tmp_path / "header.jsonl"
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        await checkpoint.compact([{"n": 0}])
+    with path.open("a") as file:
+        file.write('garbage\n{"n":1}\n')
+    with pytest.raises(CorruptCheckpointError) as caught:
+        await replay(path)
+    header = path.read_bytes().split(b"\n")[0]
+    assert (caught.value.line, caught.value.offset) == (3, len(header) + 1 + len('{"n":0}\n'))
+
+
+async def test_a_storage_that_cannot_replace_says_so_and_keeps_appending() -> None:
+    class NoReplace(MemoryStorage):
+        replace = MemoryStorage.__mro__[2].replace  # CheckpointStorage's: it refuses
+
+    storage = NoReplace()
+    async with CheckpointManager(storage) as checkpoint:
+        await checkpoint.append({"n": 0})
+        with pytest.raises(CompactionNotSupportedError, match="does not implement replace"):
+            await checkpoint.compact(key="n")
+        await checkpoint.append({"n": 1})
+        assert [record async for record in checkpoint.replay()] == [{"n": 0}, {"n": 1}]
+
+
+async def test_a_reader_and_a_closed_manager_cannot_compact(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    async with CheckpointManager.from_uri(path, read_only=True) as reader:
+        with pytest.raises(ReadOnlyError):
+            await reader.compact(key="k")
+    checkpoint = CheckpointManager.from_uri(path)
+    await checkpoint.close()
+    with pytest.raises(StorageClosedError):
+        await checkpoint.compact(key="k")
+
+
+async def test_a_cancelled_compaction_finishes_and_loses_nothing(tmp_path: Path) -> None:
+    if not _on_asyncio():
+        pytest.skip("asyncio's own cancellation")
+    path = tmp_path / "cancelled.jsonl"
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        for n in range(50_000):
+            await checkpoint.append({"k": n % 10, "n": n})
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.01):
+                await checkpoint.compact(key="k")
+        await checkpoint.append({"k": "after", "n": -1})
+    records = await replay(path)
+    assert records == [{"k": k, "n": 49_990 + k} for k in range(10)] + [{"k": "after", "n": -1}]
+
+
+async def test_the_local_swap_fsyncs_the_new_journal_before_the_rename_and_the_directory_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "synced.jsonl"
+    renames: list[tuple[int, int]] = []  # fsyncs seen at each rename
+    rename = os.rename
+    async with CheckpointManager.from_uri(path, fsync=False) as checkpoint:  # compaction fsyncs anyway
+        await checkpoint.append({"k": 1})
+        with spy_on_fsync(monkeypatch) as fsyncs:
+            monkeypatch.setattr(os, "rename", lambda a, b: (renames.append(len(fsyncs.calls)), rename(a, b)))
+            await checkpoint.compact(key="k")
+    assert renames == [1], "the new journal was not fsynced (once) before it was renamed over the old"
+    assert fsyncs.calls[0].path == str(path) + REPLACEMENT_SUFFIX
+    assert fsyncs.calls[0].size > 0
+    assert fsyncs.directories() == [str(tmp_path)], "the directory was not fsynced after the rename"
+
+
+async def test_a_second_writer_is_refused_after_a_compaction_and_loses_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "locked.jsonl"
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        await checkpoint.append({"n": 0})
+        await checkpoint.compact(key="n")
+        second = LocalFileStorage(path)
+        with pytest.raises(CheckpointLockedError):
+            await second.write('{"n":99}\n')
+        await second.close()
+        await checkpoint.append({"n": 1})
+    assert await replay(path) == [{"n": 0}, {"n": 1}]
+
+
+async def test_a_writer_that_locks_the_file_compaction_renamed_away_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second writer opens the old file; the first compacts and lets go of it; the second locks it."""
+    path = tmp_path / "race.jsonl"
+    first = LocalFileStorage(path)
+    await first.write('{"n":0}\n')
+    real_flock = fcntl.flock
+    swapped = False
+
+    def flock_after_a_compaction(fd: int, operation: int) -> None:
+        nonlocal swapped
+        if not swapped and operation & fcntl.LOCK_NB:  # the second writer, its old file open
+            swapped = True
+            new = str(path) + ".new"
+            Path(new).write_text('{"n":1}\n')
+            held = os.open(new, os.O_RDONLY)
+            real_flock(held, fcntl.LOCK_EX)  # the first writer locks the new journal
+            os.rename(new, path)
+            os.close(first._fd) if first._fd is not None else None  # and lets go of the old one
+            first._fd = held
+        real_flock(fd, operation)
+
+    second = LocalFileStorage(path)
+    monkeypatch.setattr(fcntl, "flock", flock_after_a_compaction)
+    with pytest.raises(CheckpointLockedError, match="compacted by another writer"):
+        await second.write('{"n":99}\n')
+    monkeypatch.undo()
+    await second.close()
+    assert path.read_text() == '{"n":1}\n', "the refused writer wrote to the journal"
+    await first.close()
+
+
+async def test_a_crashed_compactions_leftover_is_removed_by_the_next_writer(tmp_path: Path) -> None:
+    path = tmp_path / "left.jsonl"
+    path.write_text('{"n":0}\n')
+    leftover = Path(str(path) + REPLACEMENT_SUFFIX)
+    leftover.write_text('{"half":')  # a compaction killed as it wrote the new journal
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        await checkpoint.append({"n": 1})
+    assert not leftover.exists()
+    assert await replay(path) == [{"n": 0}, {"n": 1}]
+
+
+async def test_the_policy_compacts_in_the_background_as_the_journal_grows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="yoink._manager")
+    path = tmp_path / "policy.jsonl"
+    policy = CompactionPolicy(key="k", growth=2.0, min_bytes=50_000)
+
+    def compactions() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage().startswith("compacted")]
+
+    async with CheckpointManager.from_uri(path, batch_bytes=4096, compact=policy) as checkpoint:
+        n = 0
+        while len(compactions()) < 3 and n < 1_000_000:
+            await checkpoint.append({"k": n % 50, "n": n})
+            n += 1
+            if n % 1000 == 0:
+                await anyio.sleep(0.001)  # a real job awaits its work: the compaction's turns
+        await checkpoint.flush()
+    assert len(compactions()) >= 3, "the policy did not compact again as the journal grew"
+    records = await replay(path)
+    assert len(records) < n // 2, "the journal holds most records: the compactions did not shrink it"
+    last = {record["k"]: record["n"] for record in records}
+    assert last == {k: n - 50 + (k - n) % 50 for k in range(50)}, "a record was lost or a stale one kept"
+    header = await _header(path)
+    assert header is not None
+    assert header.key == "k"
+
+
+async def _header(path: Path) -> Compaction | None:
+    from yoink._records import JournalDecoder
+
+    decoder = JournalDecoder(str(path))
+    async for _ in decoder.batches(LocalFileStorage(path).read()):
+        pass
+    return None if decoder.header is None else Compaction.from_header(decoder.header)
+
+
+def test_a_policy_with_bad_settings_is_refused() -> None:
+    with pytest.raises(ValueError, match="key"):
+        CompactionPolicy(key="")
+    with pytest.raises(ValueError, match="growth"):
+        CompactionPolicy(key="k", growth=1.0)
+    with pytest.raises(ValueError, match="min_bytes"):
+        CompactionPolicy(key="k", min_bytes=-1)
+    with pytest.raises(TypeError, match="CompactionPolicy"):
+        CheckpointManager(MemoryStorage(), compact="url")  # type: ignore[arg-type]
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+SECOND_WRITER = """
+import asyncio, sys
+from yoink import CheckpointLockedError
+from yoink.storage import LocalFileStorage
+
+async def main():
+    storage = LocalFileStorage(sys.argv[1])
+    try:
+        await storage.write('{"n":-1}\\n')
+    except CheckpointLockedError as exc:
+        print("refused", exc)
+    else:
+        print("wrote")
+    await storage.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_second_process_is_refused_while_a_compaction_runs_and_nothing_is_lost(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "busy.jsonl"
+    attempts: list[str] = []
+
+    async def snapshot() -> AsyncIterator[dict[str, int]]:
+        for n in range(3):
+            yield {"n": n}
+            # Another process tries to write as the new journal is written, then once more.
+            attempts.append(await _run_second_writer(path))
+
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        await checkpoint.append({"old": 1})
+        await checkpoint.compact(snapshot())
+        attempts.append(await _run_second_writer(path))  # and after the swap
+        await checkpoint.append({"n": 3})
+    assert len(attempts) == 4
+    assert all(attempt.startswith("refused") for attempt in attempts), attempts
+    assert await replay(path) == [{"n": 0}, {"n": 1}, {"n": 2}, {"n": 3}]
+
+
+async def _run_second_writer(path: Path) -> str:
+    result = await anyio.run_process([sys.executable, "-c", SECOND_WRITER, str(path)], check=True)
+    return result.stdout.decode().strip()
+
+
+async def test_a_reader_replaying_during_a_compaction_sees_the_old_journal_whole(tmp_path: Path) -> None:
+    path = tmp_path / "read.jsonl"
+    pad = "p" * 200
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        for n in range(50_000):  # about 11 MB: several read chunks
+            await checkpoint.append({"k": n % 10, "n": n, "pad": pad})
+        await checkpoint.flush()
+        async with CheckpointManager.from_uri(path, read_only=True) as reader:
+            records = reader.replay()
+            first = await records.__anext__()
+            await checkpoint.compact(key="k")
+            rest = [record["n"] async for record in records]
+    assert [first["n"], *rest] == list(range(50_000)), "the reader saw part of each journal"
+    assert [record["n"] for record in await replay(path)] == list(range(49_990, 50_000))
+
+
+async def test_compactions_called_together_run_in_turn_each_after_what_was_appended_before_it() -> None:
+    storage = SlowReplace()
+    checkpoint = CheckpointManager(storage, batch_bytes=10, flush_interval=None)
+    await checkpoint.append({"before": 1})
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(checkpoint.compact, [{"snapshot": 1}])
+        await storage.replacing.wait()
+        await checkpoint.append({"between": 1})  # replaced by the second snapshot
+        tasks.start_soon(checkpoint.compact, [{"snapshot": 2}])
+        await anyio.sleep(0.01)
+        await checkpoint.append({"after": 2})  # follows it
+        storage.go.set()
+    await checkpoint.close()
+    assert [record async for record in CheckpointManager(MemoryStorage(storage.name)).replay()] == [
+        {"snapshot": 2},
+        {"after": 2},
+    ]
+
+
+async def test_a_compaction_cancelled_before_it_began_holds_nothing_back(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    async with CheckpointManager.from_uri(path, batch_bytes=10) as checkpoint:
+        await checkpoint.append({"n": 0})
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await checkpoint.compact(key="n")
+        await checkpoint.append({"n": 1})
+        with anyio.fail_after(5):
+            await checkpoint.flush()  # would wait for ever behind a cut left in place
+    assert await replay(path) == [{"n": 0}, {"n": 1}]
+
+
+async def test_a_first_record_never_passes_for_the_header(tmp_path: Path) -> None:
+    path = tmp_path / "lookalike.jsonl"
+    lookalikes = [
+        {"$yoink": {"compaction": {"at": "x", "key": None}}},
+        {"$yoink": {"user": 1}, "url": "a"},
+    ]
+    for first in lookalikes:
+        path.unlink(missing_ok=True)
+        async with CheckpointManager.from_uri(path) as checkpoint:
+            await checkpoint.append(first)
+            await checkpoint.append({"url": "b"})
+        assert await replay(path) == [first, {"url": "b"}], "a flushed record was taken for the header"
+        async with CheckpointManager.from_uri(path) as checkpoint:
+            await checkpoint.compact(key="url")
+        assert await replay(path) == [first, {"url": "b"}], "compaction dropped a record taken for the header"
+
+
+async def test_a_compaction_whose_caller_is_cancelled_before_its_snapshot_ends_keeps_the_old_journal(
+    tmp_path: Path,
+) -> None:
+    # A producer in the caller's task group streams the state; a sibling fails, the group cancels
+    # the producer (whose stream then ends) and compact(): the snapshot is not complete.
+    path = tmp_path / "state.jsonl"
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        for n in range(1000):
+            await checkpoint.append({"n": n})
+        send, receive = anyio.create_memory_object_stream[dict[str, int]](10)
+
+        async def produce() -> None:
+            async with send:
+                for n in range(1000):
+                    await send.send({"state": n})
+                    await anyio.sleep(0.001)
+
+        async def fail() -> None:
+            await anyio.sleep(0.1)
+            raise RuntimeError("another part of the job failed")
+
+        failure: BaseException | None = None
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(produce)
+                tasks.start_soon(fail)
+                async with receive:
+                    await checkpoint.compact(receive)
+        except BaseException as exc:  # the task group's group of errors
+            failure = exc
+        assert "another part of the job failed" in repr(failure)
+        await checkpoint.append({"n": 1000})
+    assert await replay(path) == [{"n": n} for n in range(1001)], "a partial snapshot replaced the journal"
+
+
+async def test_a_cancelled_compaction_stops_waiting_on_every_event_loop(tmp_path: Path) -> None:
+    async def endless() -> AsyncIterator[dict[str, int]]:
+        n = 0
+        while True:
+            await anyio.sleep(0.01)
+            yield {"n": n}
+            n += 1
+
+    async with CheckpointManager.from_uri(tmp_path / "j.jsonl") as checkpoint:
+        await checkpoint.append({"old": 1})
+        started = time.monotonic()
+        with anyio.move_on_after(0.2):
+            await checkpoint.compact(endless())
+        assert time.monotonic() - started < 2, "compact() did not stop waiting when cancelled"
+    assert await replay(tmp_path / "j.jsonl") == [{"old": 1}]
+
+
+async def test_a_snapshot_may_replay_the_journal_it_replaces_to_filter_it(tmp_path: Path) -> None:
+    path = tmp_path / "filter.jsonl"
+    async with CheckpointManager.from_uri(path, batch_bytes=64) as checkpoint:
+        for n in range(10):
+            await checkpoint.append({"n": n})
+        kept = (record async for record in checkpoint.replay() if record["n"] % 3 == 0)
+        with anyio.fail_after(10):
+            result = await checkpoint.compact(kept)
+        await checkpoint.append({"n": 10})
+        assert result.records == 4
+    assert await replay(path) == [{"n": 0}, {"n": 3}, {"n": 6}, {"n": 9}, {"n": 10}]
+
+
+@pytest.mark.parametrize("call", ["flush", "compact", "close"])
+async def test_a_snapshot_that_flushes_compacts_or_closes_its_own_manager_is_refused(
+    tmp_path: Path, call: str
+) -> None:
+    path = tmp_path / "self.jsonl"
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        await checkpoint.append({"n": 0})
+
+        async def snapshot() -> AsyncIterator[dict[str, int]]:
+            yield {"n": 1}
+            if call == "compact":
+                await checkpoint.compact(key="n")
+            else:
+                await getattr(checkpoint, call)()
+            yield {"n": 2}
+
+        with (
+            anyio.fail_after(10),
+            pytest.raises(RuntimeError, match=f"{call}\\(\\) in the records of a compact"),
+        ):
+            await checkpoint.compact(snapshot())
+        await checkpoint.append({"n": 3})
+    assert await replay(path) == [{"n": 0}, {"n": 3}]
+
+
+async def test_close_waits_for_the_compactions_called_before_it() -> None:
+    storage = SlowReplace()
+    checkpoint = CheckpointManager(storage, flush_interval=None)
+    await checkpoint.append({"before": 1})
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(checkpoint.compact, [{"snapshot": 1}])
+        await storage.replacing.wait()
+        tasks.start_soon(checkpoint.compact, [{"snapshot": 2}])  # queued behind the first
+        await anyio.sleep(0.01)
+        tasks.start_soon(checkpoint.close)
+        await anyio.sleep(0.01)
+        storage.go.set()
+    assert [record async for record in CheckpointManager(MemoryStorage(storage.name)).replay()] == [
+        {"snapshot": 2}
+    ], "close() closed the storage under a compaction called before it"
+
+
+async def test_replay_beside_queued_compactions_sees_every_record_appended_before_it() -> None:
+    storage = SlowReplace()
+    checkpoint = CheckpointManager(storage, batch_bytes=10, flush_interval=None)
+    seen: list[dict[str, Any]] = []
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(checkpoint.compact, [{"snapshot": 1}])
+        await storage.replacing.wait()
+        await checkpoint.append({"n": "X"})  # follows the first snapshot
+        tasks.start_soon(checkpoint.compact, [{"snapshot": 1}, {"n": "X"}])  # queued, X in it
+        await anyio.sleep(0.01)
+        await checkpoint.append({"n": "Y"})  # follows the second
+
+        async def read() -> None:
+            seen.extend([record async for record in checkpoint.replay()])
+
+        tasks.start_soon(read)
+        await anyio.sleep(0.01)
+        storage.go.set()
+    await checkpoint.close()
+    assert seen == [{"snapshot": 1}, {"n": "X"}, {"n": "Y"}]
+
+
+def test_a_child_forked_during_a_compaction_is_refused_its_parents_manager(tmp_path: Path) -> None:
+    async def main() -> str:
+        checkpoint = CheckpointManager.from_uri(tmp_path / "j.jsonl", flush_interval=None)
+        await checkpoint.append({"n": 0})
+        answers: list[str] = []
+
+        def snapshot() -> Iterator[dict[str, int]]:
+            yield {"n": 1}
+            answers.append(_in_a_forked_child(checkpoint))  # the parent holds its locks now
+            yield {"n": 2}
+
+        await checkpoint.compact(snapshot())
+        await checkpoint.close()
+        return answers[0]
+
+    answer = anyio.run(main)
+    assert answer.startswith("refused: StorageClosedError"), answer
+    assert "is a fork of it" in answer
+
+
+def _in_a_forked_child(checkpoint: CheckpointManager) -> str:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: use the inherited manager from a thread of its own, with a deadline
+
+        def use() -> str:
+            async def flush() -> None:
+                await checkpoint.append({"n": "child"})
+                await checkpoint.flush()
+
+            try:
+                anyio.run(flush)
+            except Exception as exc:
+                return f"refused: {type(exc).__name__}: {exc}"
+            return "flushed"
+
+        answer: list[str] = []
+        thread = threading.Thread(target=lambda: answer.append(use()), daemon=True)
+        thread.start()
+        thread.join(5)
+        os.write(write, (answer[0] if answer else "hung").encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as answer_pipe:
+        answer = answer_pipe.read().decode()
+    os.waitpid(pid, 0)
+    return answer
+
+
+async def test_a_record_nested_deeper_than_orjson_writes_is_compacted(tmp_path: Path) -> None:
+    path = tmp_path / "deep.jsonl"
+    deep = "[" * 1000 + "]" * 1000
+    path.write_text(f'{{"k":1,"deep":{deep}}}\n{{"k":2}}\n{{"k":1,"deep":{deep}}}\n')
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        await checkpoint.compact(key="k")
+    records = await replay(path)
+    assert [record["k"] for record in records] == [2, 1]

@@ -1,0 +1,210 @@
+"""LocalFileStorage.replace(): the new journal keeps the old one's permissions, its place behind a
+symbolic link, and the promise that a replace() that raises left the old journal."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import spy_on_fsync
+from yoink import CheckpointLockedError, CheckpointManager, StorageError
+from yoink.storage import LocalFileStorage
+from yoink.storage._local import REPLACEMENT_SUFFIX
+
+pytestmark = pytest.mark.usefixtures("async_backend")
+
+
+async def lines(*texts: str, during: Callable[[], None] | None = None) -> AsyncIterator[str]:
+    """The new journal's text, one line a chunk; ``during`` runs before the first one is taken."""
+    if during is not None:
+        during()
+    for text in texts:
+        yield text
+
+
+def mode(path: str | Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+async def test_a_private_journal_stays_private_after_compact(tmp_path: Path) -> None:
+    path = tmp_path / "private.jsonl"
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        await checkpoint.append({"k": 1, "secret": "s3cr3t"})
+        await checkpoint.append({"k": 1, "secret": "n3w"})
+        await checkpoint.flush()
+        os.chmod(path, 0o600)
+        await checkpoint.compact(key="k")
+        assert mode(path) == 0o600, "compaction made a private journal readable by others"
+        await checkpoint.append({"k": 2})
+    assert mode(path) == 0o600
+
+
+async def test_the_new_journal_is_private_before_its_first_byte_is_written(tmp_path: Path) -> None:
+    path = tmp_path / "private.jsonl"
+    path.write_text('{"n":0}\n')
+    os.chmod(path, 0o600)
+    seen: list[int] = []
+    storage = LocalFileStorage(path)
+    await storage.write('{"n":1}\n')
+    await storage.replace(
+        lines('{"n":1}\n', during=lambda: seen.append(mode(str(path) + REPLACEMENT_SUFFIX)))
+    )
+    await storage.close()
+    assert seen == [0o600], "the new journal was readable by others while its text was written"
+    assert path.read_text() == '{"n":1}\n'
+
+
+async def test_a_journal_with_unusual_permission_bits_keeps_them(tmp_path: Path) -> None:
+    path = tmp_path / "odd.jsonl"
+    storage = LocalFileStorage(path)
+    await storage.write('{"n":0}\n')
+    os.chmod(path, 0o2640)  # set-group-id and group-readable: not what a umask would give
+    await storage.replace(lines('{"n":1}\n'))
+    await storage.close()
+    assert mode(path) == 0o2640
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another owner")
+async def test_as_root_the_new_journal_keeps_the_old_ones_owner_and_group(tmp_path: Path) -> None:
+    path = tmp_path / "owned.jsonl"
+    storage = LocalFileStorage(path)
+    await storage.write('{"n":0}\n')
+    os.chown(path, 4321, 8765)
+    os.chmod(path, 0o4600)  # chown clears set-user-id: it must come back after the new file's chown
+    await storage.replace(lines('{"n":1}\n'))
+    await storage.write('{"n":2}\n')
+    await storage.close()
+    info = os.stat(path)
+    assert (info.st_uid, info.st_gid) == (4321, 8765), "the compacted journal changed owner"
+    assert mode(path) == 0o4600
+    assert path.read_text() == '{"n":1}\n{"n":2}\n'
+
+
+async def test_a_journal_behind_a_symlink_is_compacted_where_the_link_points(tmp_path: Path) -> None:
+    real = tmp_path / "real.jsonl"
+    link = tmp_path / "link.jsonl"
+    real.write_text('{"n":0}\n')
+    link.symlink_to(real)
+    first = LocalFileStorage(link)
+    await first.write('{"n":1}\n')
+    await first.replace(lines('{"snapshot":1}\n'))
+    assert link.is_symlink(), "compaction replaced the link with a regular file"
+    assert os.readlink(link) == str(real)
+    assert real.read_text() == '{"snapshot":1}\n', "the file the link points to is not the new journal"
+    assert not Path(str(real) + REPLACEMENT_SUFFIX).exists()
+    assert not Path(str(link) + REPLACEMENT_SUFFIX).exists()
+    for path in (real, link):
+        second = LocalFileStorage(path)
+        with pytest.raises(CheckpointLockedError):
+            await second.write('{"intruder":1}\n')
+        await second.close()
+    await first.write('{"n":2}\n')
+    await first.close()
+    assert real.read_text() == '{"snapshot":1}\n{"n":2}\n'
+    assert [line async for line in LocalFileStorage(link).read()] == [real.read_text()]
+    third = LocalFileStorage(real)  # and once the first is closed, a writer on the target may write
+    await third.write('{"n":3}\n')
+    await third.close()
+
+
+async def test_a_link_pointed_elsewhere_during_replace_keeps_both_files(tmp_path: Path) -> None:
+    real = tmp_path / "real.jsonl"
+    other = tmp_path / "other.jsonl"
+    link = tmp_path / "link.jsonl"
+    other.write_text('{"other":0}\n')
+    link.symlink_to(real)
+    storage = LocalFileStorage(link)
+    await storage.write('{"n":0}\n')
+
+    def repoint() -> None:
+        link.unlink()
+        link.symlink_to(other)
+
+    with pytest.raises(StorageError, match=r"no longer leads to the file this storage writes") as refused:
+        await storage.replace(lines('{"snapshot":1}\n', during=repoint))
+    assert str(refused.value).endswith("the old journal is kept")
+    assert real.read_text() == '{"n":0}\n'
+    assert other.read_text() == '{"other":0}\n'
+    assert not Path(str(real) + REPLACEMENT_SUFFIX).exists()
+    await storage.close()
+
+
+async def test_a_crashed_compactions_leftover_beside_a_links_target_is_removed(tmp_path: Path) -> None:
+    real = tmp_path / "real.jsonl"
+    link = tmp_path / "link.jsonl"
+    real.write_text('{"n":0}\n')
+    link.symlink_to(real)
+    leftover = Path(str(real) + REPLACEMENT_SUFFIX)
+    leftover.write_text('{"half":')
+    storage = LocalFileStorage(link)
+    await storage.write('{"n":1}\n')
+    await storage.close()
+    assert not leftover.exists()
+
+
+async def test_a_failed_directory_fsync_after_the_swap_does_not_fail_replace_and_the_next_flush_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "j.jsonl"
+    fsync = os.fsync
+
+    def failing_directory_fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+        fsync(fd)
+
+    storage = LocalFileStorage(path)
+    await storage.write('{"n":0}\n')
+    await storage.flush()
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", failing_directory_fsync)
+        with caplog.at_level(logging.WARNING, logger="yoink.storage._local"):
+            await storage.replace(lines('{"snapshot":1}\n'))  # the new journal is in place: no raise
+        assert path.read_text() == '{"snapshot":1}\n'
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warnings == [
+            f"the new journal is in place of {path}, but fsync of its directory failed (Input/output "
+            "error): the directory entry may not be durable, and a power cut may bring the old journal "
+            "back; the next flush() fsyncs the directory again"
+        ]
+        with pytest.raises(StorageError) as failed:
+            await storage.flush()  # nothing written since: the directory alone is to sync
+        assert str(failed.value) == (
+            f"fsync of {tmp_path} failed: Input/output error; the compacted journal is in place of "
+            f"{path}, but a power cut may bring the old one back"
+        )
+    with spy_on_fsync(monkeypatch) as fsyncs:
+        await storage.flush()
+        assert fsyncs.directories() == [str(tmp_path)], "the flush did not fsync the directory again"
+        await storage.write('{"n":1}\n')
+        await storage.flush()
+    assert fsyncs.directories() == [str(tmp_path)], "the directory was fsynced again once it had succeeded"
+    await storage.close()
+    assert path.read_text() == '{"snapshot":1}\n{"n":1}\n'
+
+
+async def test_a_failed_directory_fsync_after_the_swap_is_retried_at_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "j.jsonl"
+    fsync = os.fsync
+
+    def failing_directory_fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+        fsync(fd)
+
+    storage = LocalFileStorage(path, fsync=False)  # the swap is made durable all the same
+    await storage.write('{"n":0}\n')
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", failing_directory_fsync)
+        await storage.replace(lines('{"snapshot":1}\n'))
+    with spy_on_fsync(monkeypatch) as fsyncs:
+        await storage.close()
+    assert fsyncs.directories() == [str(tmp_path)], "close() left the swap's directory entry unsynced"

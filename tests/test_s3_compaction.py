@@ -1,0 +1,450 @@
+"""S3Storage.replace() (compaction) over HTTP against moto: both layouts, a writer on another
+machine, readers under way, uploads that fail part-way, and crashes between the steps.
+
+The contract's replace() promises run against S3 in test_storage_contract.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.servers.proxy import Fault, Proxy
+from tests.servers.s3 import MotoServer
+from tests.test_s3 import _Crash, crash_after_the_upload, numbers, records, s3_client, sizes
+from yoink import ConcurrentWriterError, StorageError
+from yoink.storage import S3Storage
+
+LAYOUTS = ["object", "segments"]
+
+OpenS3 = Callable[..., S3Storage]
+
+
+@pytest.fixture
+def open_s3(bucket: str, moto: MotoServer, tmp_path: Path) -> OpenS3:
+    """S3Storage on this test's bucket, on "machine" ``stage`` (its own stage directory)."""
+
+    def open_(layout: str, stage: str = "a", **options: Any) -> S3Storage:
+        options.setdefault("endpoint_url", moto.url)
+        key = "run.jsonl" if layout == "object" else "run"
+        return S3Storage(f"s3://{bucket}/{key}", layout=layout, stage_dir=tmp_path / stage, **options)  # type: ignore[arg-type]
+
+    return open_
+
+
+async def snapshot(
+    first: int, count: int, pad: int = 0, during: Callable[[], Awaitable[None]] | None = None
+) -> AsyncIterator[str]:
+    """``records(first, count, pad)`` in two chunks, as replace() takes it; ``during`` runs between."""
+    yield records(first, count // 2, pad)
+    if during is not None:
+        await during()
+    yield records(first + count // 2, count - count // 2, pad)
+
+
+def uploads_left(moto: MotoServer, bucket: str) -> list[str]:
+    listing = s3_client(moto).list_multipart_uploads(Bucket=bucket)  # type: ignore[attr-defined]
+    return [upload["Key"] for upload in listing.get("Uploads", [])]
+
+
+def parsed(blocks: list[str]) -> list[int]:
+    text = "".join(block if block.endswith("\n") else block + "\n" for block in blocks)
+    return [orjson.loads(line)["n"] for line in text.splitlines()]
+
+
+async def died(storage: S3Storage) -> None:
+    """Let ``storage`` go as a killed process would: its stage is released, nothing is uploaded."""
+    storage._closed = True
+    await storage._stage.close()
+    await storage._release()
+
+
+# -- what a compaction leaves ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_the_managers_compaction_by_key_is_what_a_restart_on_another_machine_replays(
+    bucket: str, moto: MotoServer, tmp_path: Path, layout: str
+) -> None:
+    from yoink import CheckpointManager
+
+    uri = f"s3://{bucket}/crawl?layout={layout}&merge_after=4"
+    options = {"endpoint_url": moto.url, "flush_interval": None}
+    async with CheckpointManager.from_uri(uri, stage_dir=tmp_path / "a", **options) as checkpoint:
+        for n in range(300):
+            await checkpoint.append({"url": f"u{n % 7}", "n": n})
+            if n % 50 == 49:
+                await checkpoint.flush()
+        await checkpoint.compact(key="url")
+        await checkpoint.append({"url": "u0", "n": 300})
+    async with CheckpointManager.from_uri(uri, stage_dir=tmp_path / "b", **options) as restarted:
+        replayed = [record["n"] async for record in restarted.replay()]
+    assert replayed == [*range(293, 300), 300]  # the last record of each of the 7 urls, then the new one
+
+
+@pytest.mark.parametrize("size", ["one request", "multipart"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_a_compaction_replaces_the_journal_and_later_appends_follow_it_for_every_reader(
+    open_s3: OpenS3, moto: MotoServer, bucket: str, small_parts: int, layout: str, size: str
+) -> None:
+    pad = 2000 if size == "multipart" else 0  # 600 records of 2 KB: three parts of 256 KiB and more
+    async with open_s3(layout, merge_after=4, part_size=small_parts) as writer:
+        for n in range(0, 60, 10):  # six flushes: the segments are merged on the way
+            await writer.write(records(n, 10))
+            await writer.flush()
+        await writer.replace(snapshot(1000, 600, pad))
+        assert await numbers(writer) == list(range(1000, 1600))
+        await writer.write(records(60, 1))
+    async with open_s3(layout, "reader") as reader:
+        assert await numbers(reader) == [*range(1000, 1600), 60]
+    assert uploads_left(moto, bucket) == []
+    if layout == "object":  # still one plain JSONL object
+        body = s3_client(moto).get_object(Bucket=bucket, Key="run.jsonl")["Body"].read()  # type: ignore[attr-defined]
+        assert body.decode() == records(1000, 600, pad) + records(60, 1)
+    else:  # the snapshot is a merge from segment 0 through the claimed segment 6
+        assert "run/merged/000000000000-000000000006.jsonl" in sizes(moto, bucket)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_multipart_uploads_an_interrupted_writer_left_are_aborted_by_a_compaction(
+    open_s3: OpenS3, moto: MotoServer, bucket: str, layout: str
+) -> None:
+    key = "run.jsonl" if layout == "object" else "run/merged/000000000000-000000000001.jsonl"
+    s3_client(moto).create_multipart_upload(Bucket=bucket, Key=key)  # type: ignore[attr-defined]
+    for elsewhere in ("elsewhere.jsonl", "run/deeper.jsonl", "run.jsonl.torn"):  # other journals' keys
+        s3_client(moto).create_multipart_upload(Bucket=bucket, Key=elsewhere)  # type: ignore[attr-defined]
+    async with open_s3(layout) as writer:
+        await writer.write(records(0, 3))
+        await writer.flush()
+        assert sorted(uploads_left(moto, bucket)) == sorted(
+            [key, "elsewhere.jsonl", "run/deeper.jsonl", "run.jsonl.torn"]
+        )
+        await writer.replace(snapshot(10, 2))
+    assert sorted(uploads_left(moto, bucket)) == ["elsewhere.jsonl", "run.jsonl.torn", "run/deeper.jsonl"]
+
+
+# -- another writer ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", ["one request", "multipart"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.usefixtures("completes_are_conditional")
+async def test_a_writer_on_another_machine_that_flushes_during_a_compaction_is_detected_and_nothing_is_lost(
+    open_s3: OpenS3, small_parts: int, layout: str, size: str
+) -> None:
+    compactor = open_s3(layout, "a", part_size=small_parts)
+    await compactor.write(records(0, 5))
+    await compactor.flush()
+    other = open_s3(layout, "b")
+
+    async def other_writes() -> None:  # it looked at the journal only now, so it cannot tell
+        await other.write(records(100, 1))
+        await other.flush()
+
+    pad = 2000 if size == "multipart" else 0
+    with pytest.raises(ConcurrentWriterError, match="compaction was not applied"):
+        await compactor.replace(snapshot(1000, 600, pad, during=other_writes))
+    await other.close()
+    async with open_s3(layout, "reader") as reader:
+        assert await numbers(reader) == [0, 1, 2, 3, 4, 100]  # the other writer's record, not overwritten
+    await compactor.write(records(5, 1))
+    with pytest.raises(ConcurrentWriterError):  # and it stays refused: its view is behind
+        await compactor.flush()
+    with pytest.raises(ConcurrentWriterError):
+        await compactor.close()
+    async with open_s3(layout, "a") as recovered:  # its refused record waited in its stage
+        await recovered.flush()
+    async with open_s3(layout, "reader") as reader:
+        assert await numbers(reader) == [0, 1, 2, 3, 4, 100, 5]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_a_compactor_already_behind_another_writer_is_refused_before_it_uploads_anything(
+    open_s3: OpenS3, layout: str
+) -> None:
+    compactor = open_s3(layout, "a")
+    await compactor.write(records(0, 2))
+    await compactor.flush()
+    async with open_s3(layout, "b") as other:
+        assert await numbers(other) == [0, 1]
+        await other.write(records(100, 1))
+    taken: list[str] = []
+
+    async def watched() -> AsyncIterator[str]:
+        taken.append("the snapshot was read")
+        yield records(10, 1)
+
+    with pytest.raises(ConcurrentWriterError, match="compaction was not applied"):
+        await compactor.replace(watched())
+    assert taken == []
+    await died(compactor)  # nothing of its own is staged: closing it would only be refused again
+    async with open_s3(layout, "reader") as reader:
+        assert await numbers(reader) == [0, 1, 100]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_a_compaction_whose_reply_was_lost_is_recognised_as_its_own(
+    open_s3: OpenS3, proxy: Proxy, layout: str
+) -> None:
+    target = "/run.jsonl" if layout == "object" else "/run/merged/"
+    async with open_s3(layout, endpoint_url=proxy.url) as writer:
+        await writer.write(records(0, 3))
+        await writer.flush()
+        proxy.faults.append(
+            Fault(
+                500,
+                "InternalError",
+                after=True,
+                match=lambda method, path: method == "PUT" and target in path,
+            )
+        )
+        await writer.replace(snapshot(10, 4))  # S3 applied it; the retry finds it changed: by this writer
+        assert proxy.faults[0].times == 0, "the fault was not used"
+        await writer.write(records(3, 1))
+    async with open_s3(layout, "reader") as reader:
+        assert await numbers(reader) == [10, 11, 12, 13, 3]
+
+
+# -- readers under way -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_a_reader_on_another_machine_in_the_middle_of_a_compaction_reads_the_old_journal_whole(
+    open_s3: OpenS3, layout: str
+) -> None:
+    old = list(range(800))
+    async with open_s3(layout) as writer:
+        for n in range(0, 800, 100):  # eight segments
+            await writer.write(records(n, 100, pad=300))
+            await writer.flush()
+        reader = open_s3(layout, "reader")
+        blocks = reader.read()
+        got = [await anext(blocks)]
+        await writer.replace(snapshot(1000, 10))
+        await writer.write(records(2000, 1))
+        await writer.flush()
+        got += [block async for block in blocks]
+        await reader.close()
+        assert parsed(got) == old, "promise broken: a read under way yields the old journal whole"
+    async with open_s3(layout, "reader") as again:
+        assert await numbers(again) == [*range(1000, 1010), 2000]
+
+
+async def test_a_reader_slower_than_keep_replaced_is_told_to_read_again_and_never_sees_a_mix(
+    open_s3: OpenS3,
+) -> None:
+    async with open_s3("segments", keep_replaced=0) as writer:
+        for n in range(0, 400, 100):
+            await writer.write(records(n, 100, pad=300))
+            await writer.flush()
+        reader = open_s3("segments", "reader")
+        blocks = reader.read()
+        got = [await anext(blocks)]
+        await writer.replace(snapshot(1000, 10))  # keep_replaced=0: the old segments are emptied at once
+        with pytest.raises(StorageError, match="compacted while it was being read.*Read again"):
+            async for block in blocks:
+                got.append(block)
+        await reader.close()
+    assert parsed(got) == list(range(len(parsed(got)))), "what was yielded is the old journal's start"
+    async with open_s3("segments", "reader") as again:
+        assert await numbers(again) == list(range(1000, 1010))
+
+
+@pytest.mark.parametrize("then", ["it goes on", "it dies"])
+async def test_between_the_claim_and_the_snapshot_readers_see_the_old_journal_and_a_crash_there_leaves_it(
+    open_s3: OpenS3, monkeypatch: pytest.MonkeyPatch, then: str
+) -> None:
+    compactor = open_s3("segments")
+    for n in range(3):
+        await compactor.write(records(n, 1))
+        await compactor.flush()
+    seen: list[list[int]] = []
+    call = compactor._client.call
+
+    async def snapshot_put(operation: str, **params: Any) -> Any:
+        if "/merged/" in params.get("Key", "") and operation == "put_object":
+            async with open_s3("segments", "reader") as reader:  # segment 3 is claimed: an empty object
+                seen.append(await numbers(reader))
+            if then == "it dies":
+                raise _Crash
+        return await call(operation, **params)
+
+    monkeypatch.setattr(compactor._client, "call", snapshot_put)
+    if then == "it dies":
+        with pytest.raises(_Crash):
+            await compactor.replace(snapshot(10, 2))
+        await died(compactor)
+    else:
+        await compactor.replace(snapshot(10, 2))
+        await compactor.close()
+    assert seen == [[0, 1, 2]]
+    expected = [0, 1, 2] if then == "it dies" else [10, 11]
+    async with open_s3("segments", "b") as next_writer:  # a writer elsewhere, after the crash
+        assert await numbers(next_writer) == expected
+        await next_writer.write(records(50, 1))
+        await next_writer.flush()  # segment 4, after the claim
+        assert await numbers(next_writer) == [*expected, 50]
+        await next_writer.replace(snapshot(20, 2))  # and a compaction goes over the dead claim
+    async with open_s3("segments", "reader") as reader:
+        assert await numbers(reader) == [20, 21]
+
+
+# -- what a compaction replaced ----------------------------------------------------------------
+
+
+def replaced_pieces(moto: MotoServer, bucket: str, snapshot_key: str) -> dict[str, int]:
+    """The old journal's objects still holding data: merged objects but the snapshot, and the
+    segments it covers that are not empty."""
+    base = int(snapshot_key.rsplit("-", 1)[1].removesuffix(".jsonl"))
+    return {
+        key: size
+        for key, size in sizes(moto, bucket).items()
+        if (key.startswith("run/merged/") and key != snapshot_key)
+        or (key.startswith("run/segments/") and int(key[13:25]) < base and size)
+    }
+
+
+async def test_what_a_compaction_replaced_stays_for_keep_replaced_then_the_next_writer_deletes_it(
+    open_s3: OpenS3, moto: MotoServer, bucket: str
+) -> None:
+    async with open_s3("segments", merge_after=4) as compactor:
+        for n in range(6):  # segments 0-5: 0-3 merged, 4 and 5 hold data
+            await compactor.write(records(n, 1))
+            await compactor.flush()
+        await compactor.replace(snapshot(10, 3))  # claims segment 6
+    key = "run/merged/000000000000-000000000006.jsonl"
+    kept = replaced_pieces(moto, bucket, key)
+    assert sorted(kept) == [
+        "run/merged/000000000000-000000000003.jsonl",
+        "run/segments/000000000004.jsonl",
+        "run/segments/000000000005.jsonl",
+    ], "kept for readers under way"
+    async with open_s3("segments", "b") as patient:  # keep_replaced (600 s) has not passed
+        await patient.write(records(20, 1))
+        await patient.flush()
+    assert replaced_pieces(moto, bucket, key) == kept
+    async with open_s3("segments", "c", keep_replaced=0) as hasty:  # as if it had: it tidies
+        await hasty.write(records(21, 1))
+        await hasty.flush()
+        assert replaced_pieces(moto, bucket, key) == {}
+        assert await numbers(hasty) == [10, 11, 12, 20, 21]
+    emptied = {k: v for k, v in sizes(moto, bucket).items() if k.startswith("run/segments/")}
+    assert sorted(emptied)[:7] == [f"run/segments/{n:012d}.jsonl" for n in range(7)], "keys stay, as fences"
+
+
+async def test_a_writer_left_behind_by_a_compaction_is_refused_however_far_behind(
+    open_s3: OpenS3, tmp_path: Path
+) -> None:
+    behind = open_s3("segments", "behind")
+    await behind.write(records(0, 1))
+    await behind.flush()  # segment 0: its view ends there
+    async with open_s3("segments", "b", keep_replaced=0) as compactor:
+        await compactor.write(records(1, 1))
+        await compactor.flush()
+        await compactor.replace(snapshot(10, 2))  # segments 0 and 1 emptied at once, their keys kept
+    await behind.write(records(2, 1))
+    with pytest.raises(ConcurrentWriterError):
+        await behind.flush()
+    with pytest.raises(ConcurrentWriterError):
+        await behind.close()
+    async with open_s3("segments", "reader") as reader:
+        assert await numbers(reader) == [10, 11]
+
+
+# -- the stage ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_a_stage_left_by_a_crash_before_a_compaction_elsewhere_is_never_uploaded_on_top_of_it(
+    open_s3: OpenS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    crashed = open_s3(layout, "a")
+    await crashed.write(records(0, 5))
+    await crash_after_the_upload(crashed, monkeypatch)  # uploaded, and still staged
+    async with open_s3(layout, "b", keep_replaced=0) as compactor:
+        assert await numbers(compactor) == [0, 1, 2, 3, 4]
+        await compactor.replace(snapshot(10, 2))
+    async with open_s3(layout, "a") as again:  # the stage's batch is known to be in the old journal
+        assert await numbers(again) == [10, 11]
+        await again.write(records(5, 1))
+        await again.flush()
+    assert not list((tmp_path / "a").glob("*/*.jsonl"))
+    async with open_s3(layout, "reader") as reader:
+        assert await numbers(reader) == [10, 11, 5]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_a_crashed_writers_stage_on_this_machine_is_uploaded_before_the_snapshot_never_after(
+    open_s3: OpenS3, tmp_path: Path, layout: str
+) -> None:
+    crashed = open_s3(layout)
+    await crashed.write(records(0, 2))
+    await crashed.flush()
+    await crashed.write(records(2, 2))  # staged, never uploaded
+    await died(crashed)
+    async with open_s3(layout) as compactor:  # the same stage: it takes the batches over
+        assert await numbers(compactor) == [0, 1, 2, 3]
+        await compactor.replace(snapshot(10, 2))
+        assert await numbers(compactor) == [10, 11]
+    assert not list((tmp_path / "a").glob("*/*.jsonl"))
+    async with open_s3(layout) as again:
+        await again.flush()
+        assert await numbers(again) == [10, 11]
+
+
+# -- failures ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_a_compaction_whose_upload_fails_part_way_leaves_the_old_journal_and_a_usable_writer(
+    open_s3: OpenS3, moto: MotoServer, bucket: str, proxy: Proxy, small_parts: int, layout: str
+) -> None:
+    async with open_s3(layout, endpoint_url=proxy.url, part_size=small_parts, max_attempts=2) as writer:
+        await writer.write(records(0, 5))
+        await writer.flush()
+        proxy.faults.append(
+            Fault(500, "InternalError", times=10, match=lambda method, path: "partNumber=2" in path)
+        )
+        with pytest.raises(StorageError, match="InternalError"):
+            await writer.replace(snapshot(1000, 600, pad=2000))  # three parts and more
+        assert proxy.faults[0].times < 10, "the fault was not used"
+        assert uploads_left(moto, bucket) == []  # aborted
+        assert await numbers(writer) == [0, 1, 2, 3, 4]
+        await writer.write(records(5, 1))
+        await writer.flush()
+        assert await numbers(writer) == [0, 1, 2, 3, 4, 5]
+    async with open_s3(layout, "reader") as reader:
+        assert await numbers(reader) == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_a_snapshot_whose_source_fails_uploads_nothing_and_claims_nothing(
+    open_s3: OpenS3, moto: MotoServer, bucket: str, layout: str
+) -> None:
+    class SourceFailed(Exception):
+        pass
+
+    async def failing() -> AsyncIterator[str]:
+        yield records(100, 10)
+        raise SourceFailed
+
+    async with open_s3(layout) as writer:
+        await writer.write(records(0, 2))
+        await writer.flush()
+        before = sizes(moto, bucket)
+        with pytest.raises(SourceFailed):
+            await writer.replace(failing())
+        assert sizes(moto, bucket) == before
+        await writer.write(records(2, 1))
+    async with open_s3(layout, "reader") as reader:
+        assert await numbers(reader) == [0, 1, 2]
+
+
+def test_keep_replaced_must_be_a_number_of_seconds(bucket: str) -> None:
+    with pytest.raises(ValueError, match="keep_replaced"):
+        S3Storage(f"s3://{bucket}/run.jsonl", keep_replaced=-1)
+    assert S3Storage(f"s3://{bucket}/run?layout=segments&keep_replaced=0")._options.keep_replaced == 0
