@@ -381,8 +381,7 @@ class LocalFileStorage(ClosableStorage):
         if fd is None:
             return
         os.close(fd)  # the child's copy only: the parent keeps its lock
-        self._closed_by_fork()
-        self._lock = anyio.Lock()
+        self._closed_by_fork()  # from now on every call is refused before it would take self._lock
 
 
 def _take_ownership_and_mode(fd: int, old: os.stat_result, replacement: str) -> None:
