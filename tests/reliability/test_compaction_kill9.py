@@ -24,7 +24,7 @@ def test_kill_9_during_compactions_leaves_the_old_journal_or_the_snapshot_and_wh
     rng = random.Random(random_seed())
     acknowledged: set[int] = set()
     compactions = 0
-    for kill in range(kills(12 if journal.name == "local" else 6)):
+    for kill in range(kills(8 if journal.name == "local" else 4)):
         journal.before_start()
         proc = subprocess.Popen(
             [
