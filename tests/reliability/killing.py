@@ -63,9 +63,16 @@ def replayed(journal: Journal) -> list[int]:
 
 def run_and_kill(journal: Journal, seed: int, rng: random.Random) -> tuple[int, set[int]]:
     """Start a writer, kill -9 it after a random time; return (records it resumed, records acknowledged)."""
+    resumed, lines = run_writer_and_kill(WRITER, journal, seed, rng.uniform(0.0, journal.pause))
+    return resumed, acknowledged_in(lines)
+
+
+def run_writer_and_kill(writer: Path, journal: Journal, seed: int, after: float) -> tuple[int, list[str]]:
+    """Start ``writer`` on the journal, kill -9 it ``after`` seconds past its resuming; return
+    (records it resumed, the lines it printed)."""
     journal.before_start()
     proc = subprocess.Popen(
-        [sys.executable, str(WRITER), journal.uri, str(seed), json.dumps(journal.options)],
+        [sys.executable, str(writer), journal.uri, str(seed), json.dumps(journal.options)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -77,16 +84,22 @@ def run_and_kill(journal: Journal, seed: int, rng: random.Random) -> tuple[int, 
         proc.kill()
         proc.wait()
         raise AssertionError(f"the writer did not resume: {proc.stderr.read() or first}")
-    time.sleep(rng.uniform(0.0, journal.pause))
+    time.sleep(after)
     proc.kill()
     proc.wait()
-    acknowledged = set()
-    for line in proc.stdout.read().splitlines():
-        if line.startswith("acked ") and line.endswith(tuple("0123456789")):  # a whole line
-            acknowledged.update(int(n) for n in line.split()[1:])
+    lines = proc.stdout.read().splitlines()
     proc.stdout.close()
     proc.stderr.close()
-    return int(first.split()[1]), acknowledged
+    return int(first.split()[1]), lines
+
+
+def acknowledged_in(lines: list[str]) -> set[int]:
+    """The records a killed writer's whole ``acked n n ...`` lines name."""
+    acknowledged = set()
+    for line in lines:
+        if line.startswith("acked ") and line.endswith(tuple("0123456789")):  # a whole line
+            acknowledged.update(int(n) for n in line.split()[1:])
+    return acknowledged
 
 
 def kill_loop(journal: Journal, count: int, rng: random.Random) -> Outcome:

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from tests.helpers import random_seed
-from tests.reliability.killing import Journal, kills
+from tests.reliability.killing import Journal, acknowledged_in, kills, run_writer_and_kill
 from yoink import CheckpointManager
 
 WRITER = Path(__file__).with_name("compacting_writer.py")
@@ -25,34 +21,10 @@ def test_kill_9_during_compactions_leaves_the_old_journal_or_the_snapshot_and_wh
     acknowledged: set[int] = set()
     compactions = 0
     for kill in range(kills(8 if journal.name == "local" else 4)):
-        journal.before_start()
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(WRITER),
-                journal.uri,
-                str(rng.randrange(1 << 30)),
-                json.dumps(journal.options),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.stdout is not None
-        assert proc.stderr is not None
-        first = proc.stdout.readline()
-        if not first.startswith("resumed "):
-            proc.kill()
-            raise AssertionError(f"kill {kill}: the writer did not resume: {proc.stderr.read() or first}")
-        time.sleep(rng.uniform(0.05, journal.pause * 2))
-        proc.kill()
-        proc.wait()
-        for line in proc.stdout.read().splitlines():
-            if line.startswith("acked ") and line.endswith(tuple("0123456789")):
-                acknowledged.update(int(n) for n in line.split()[1:])
-            compactions += line == "compacted"
-        proc.stdout.close()
-        proc.stderr.close()
+        seed, after = rng.randrange(1 << 30), rng.uniform(0.05, journal.pause * 2)
+        _, lines = run_writer_and_kill(WRITER, journal, seed, after)
+        acknowledged |= acknowledged_in(lines)
+        compactions += lines.count("compacted")
         numbers = _replayed(journal)
         assert numbers == sorted(set(numbers)), f"kill {kill}: records repeated or out of order (a mix?)"
         latest = {}
