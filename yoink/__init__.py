@@ -11,16 +11,21 @@ from __future__ import annotations
 from yoink._compaction import Compaction, CompactionPolicy
 from yoink._exceptions import (
     CheckpointLockedError,
+    ClaimError,
     CompactionNotSupportedError,
     ConcurrentWriterError,
     CorruptCheckpointError,
+    FingerprintMismatchError,
+    LedgerError,
     MissingDependencyError,
+    NotALedgerError,
     ReadOnlyError,
     StorageClosedError,
     StorageError,
     UnknownSchemeError,
     YoinkError,
 )
+from yoink._ledger import Claim, Ledger, Progress
 from yoink._manager import CheckpointManager
 from yoink.storage import CheckpointStorage, StorageFactory
 
@@ -28,12 +33,19 @@ __all__ = [
     "CheckpointLockedError",
     "CheckpointManager",
     "CheckpointStorage",
+    "Claim",
+    "ClaimError",
     "Compaction",
     "CompactionNotSupportedError",
     "CompactionPolicy",
     "ConcurrentWriterError",
     "CorruptCheckpointError",
+    "FingerprintMismatchError",
+    "Ledger",
+    "LedgerError",
     "MissingDependencyError",
+    "NotALedgerError",
+    "Progress",
     "ReadOnlyError",
     "StorageClosedError",
     "StorageError",

@@ -10,6 +10,10 @@
     │   ├── ReadOnlyError             a read-only manager was asked to append or flush
     │   └── StorageClosedError        the storage or manager was used after close()
     ├── CorruptCheckpointError        a line in the middle of the journal is not a record
+    ├── LedgerError                   a work ledger cannot do what was asked
+    │   ├── ClaimError                (also a RuntimeError) a key is done, or claimed already
+    │   ├── FingerprintMismatchError  the journal is another job's ledger
+    │   └── NotALedgerError           the journal holds records that are not a ledger's
     ├── UnknownSchemeError            (also a ValueError) no backend for a URI's scheme
     └── MissingDependencyError        (also an ImportError) a backend's extra is not installed
 
@@ -21,10 +25,14 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointLockedError",
+    "ClaimError",
     "CompactionNotSupportedError",
     "ConcurrentWriterError",
     "CorruptCheckpointError",
+    "FingerprintMismatchError",
+    "LedgerError",
     "MissingDependencyError",
+    "NotALedgerError",
     "ReadOnlyError",
     "StorageClosedError",
     "StorageError",
@@ -78,6 +86,30 @@ class CorruptCheckpointError(YoinkError):
         super().__init__(message)
         self.line = line
         self.offset = offset
+
+
+class LedgerError(YoinkError):
+    """A work ledger (:class:`~yoink.Ledger`) cannot do what was asked."""
+
+
+class ClaimError(LedgerError, RuntimeError):
+    """A key was claimed that is done already, or claimed by another task right now."""
+
+
+class FingerprintMismatchError(LedgerError):
+    """The ledger's journal was written by a job with another fingerprint; the message shows both.
+
+    ``stored`` is the journal's fingerprint, ``given`` the one :meth:`~yoink.Ledger.open` was given.
+    """
+
+    def __init__(self, message: str, *, stored: object, given: object) -> None:
+        super().__init__(message)
+        self.stored = stored
+        self.given = given
+
+
+class NotALedgerError(LedgerError):
+    """The journal holds records that a ledger did not write (it was written by plain appends)."""
 
 
 class UnknownSchemeError(YoinkError, ValueError):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import inspect
 import logging
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -228,6 +229,14 @@ class CheckpointManager:
         :class:`~yoink.CorruptCheckpointError` after every record before it was yielded (or, with
         ``on_corrupt="skip"``, is skipped and counted in :attr:`corrupt_lines_skipped`).
         """
+        async with contextlib.aclosing(self.replay_batches()) as batches:
+            async for records in batches:
+                for record in records:
+                    yield record
+
+    async def replay_batches(self) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """:meth:`replay`, a list of records at a time (those of one read from the storage): faster
+        where a job folds millions of records into its state."""
         self._check_open()
         if not self._read_only and feeding.get() is not self:  # in a snapshot: the journal it replaces
             await self._compactions_done()  # writes wait for them: the records after their cuts too
@@ -236,8 +245,8 @@ class CheckpointManager:
         batches = decoder.batches(self._storage.read())
         try:
             async for records in batches:
-                for record in records:
-                    yield record
+                if records:
+                    yield records
         finally:
             self.corrupt_lines_skipped = decoder.skipped
             await batches.aclose()

@@ -1,0 +1,535 @@
+"""Ledger: keyed units of work that survive a restart, are never done twice, and are retried."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import orjson
+import pytest
+
+from tests.helpers import spy_on_fsync
+from yoink import (
+    CheckpointManager,
+    ClaimError,
+    FingerprintMismatchError,
+    Ledger,
+    LedgerError,
+    NotALedgerError,
+    Progress,
+    StorageClosedError,
+    _ledger,
+)
+from yoink._ledger_state import LedgerState
+from yoink.storage import MemoryStorage
+
+pytestmark = pytest.mark.usefixtures("async_backend")
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+async def work_through(ledger: Ledger, tasks: int = 4, body: Any = None) -> list[Any]:
+    """Claim every pending item from ``tasks`` tasks; what each body ran on, in order."""
+    ran: list[Any] = []
+
+    async def worker() -> None:
+        async for key in ledger.pending():
+            async with ledger.claim(key) as item:
+                ran.append(key)
+                if body is not None:
+                    await body(item)
+                else:
+                    await anyio.lowlevel.checkpoint()
+                    item.result = {"n": key} if isinstance(key, int) else key.upper()
+
+    async with anyio.create_task_group() as group:
+        for _ in range(tasks):
+            group.start_soon(worker)
+    return ran
+
+
+async def test_the_three_lines_do_every_item_once_and_a_restart_does_none_again(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    async with Ledger.open(path, fingerprint={"job": 1}) as ledger:
+        assert await ledger.add(range(50)) == 50
+        ran = await work_through(ledger)
+        assert sorted(ran) == list(range(50))
+        assert ledger.progress == Progress(done=50, failed=0, pending=0, running=0, interrupted=0)
+    async with Ledger.open(path, fingerprint={"job": 1}) as ledger:
+        assert await ledger.add(range(60)) == 10  # the first 50 are known, and done
+        ran = await work_through(ledger)
+        assert sorted(ran) == list(range(50, 60))
+        assert ledger.result(7) == {"n": 7}
+        assert ledger.state(7) == "done"
+        assert ledger.progress.done == 60
+        assert ledger.interrupted == []
+
+
+async def test_pending_offers_items_first_added_first_and_add_during_iteration_grows_the_work(
+    tmp_path: Path,
+) -> None:
+    async with Ledger.open(tmp_path / "crawl.jsonl") as ledger:
+        await ledger.add(["a", "b"])
+        order = []
+        async for key in ledger.pending():
+            async with ledger.claim(key):
+                order.append(key)
+                if key == "a":
+                    assert await ledger.add(["c", "a", "d", "c"]) == 2  # duplicates ignored
+                if key == "b":
+                    await ledger.add("e")  # one key
+        assert order == ["a", "b", "c", "d", "e"]
+
+
+async def test_lifo_order_offers_the_last_added_first(tmp_path: Path) -> None:
+    async with Ledger.open(tmp_path / "crawl.jsonl", order="lifo") as ledger:
+        await ledger.add(["a", "b", "c"])
+        order = []
+        async for key in ledger.pending():
+            async with ledger.claim(key):
+                order.append(key)
+                if key == "c":
+                    await ledger.add(["d", "e"])
+        assert order == ["c", "e", "d", "b", "a"]
+
+
+async def test_many_tasks_claim_each_item_exactly_once(tmp_path: Path) -> None:
+    async with Ledger.open(tmp_path / "jobs.jsonl", durable=False) as ledger:
+        await ledger.add(range(300))
+
+        async def body(item: Any) -> None:
+            for _ in range(random.randrange(3)):
+                await anyio.lowlevel.checkpoint()
+            if item.key % 7 == 0 and item.key < 140:
+                await ledger.add(1000 + item.key)  # work found while working
+
+        ran = await work_through(ledger, tasks=16, body=body)
+    assert sorted(ran) == [*range(300), *(1000 + n for n in range(0, 140, 7))]
+
+
+async def test_a_key_is_claimed_once_at_a_time_and_a_done_key_never_again(tmp_path: Path) -> None:
+    async with Ledger.open(tmp_path / "jobs.jsonl") as ledger:
+        await ledger.add("x")
+        async with ledger.claim("x"):
+            with pytest.raises(ClaimError, match="claimed already"):
+                async with ledger.claim("x"):
+                    pass
+            assert ledger.state("x") == "running"
+            assert ledger.progress.running == 1
+        with pytest.raises(ClaimError, match="done already"):
+            async with ledger.claim("x"):
+                pass
+        assert ledger.state("x") == "done"
+
+
+async def test_a_claim_of_a_key_never_added_adds_it(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    async with Ledger.open(path) as ledger, ledger.claim("new") as item:
+        item.result = 1
+    async with Ledger.open(path) as ledger:
+        assert ledger.state("new") == "done"
+        assert ledger.result("new") == 1
+
+
+async def test_a_failing_body_is_retried_then_given_up_with_its_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "jobs.jsonl"
+    tries: dict[int, int] = {}
+
+    async def body(item: Any) -> None:
+        tries[item.key] = tries.get(item.key, 0) + 1
+        assert item.attempt == tries[item.key]
+        if item.key == 3 or (item.key == 5 and item.attempt == 1):
+            raise ConnectionError(f"refused for {item.key}")
+
+    with caplog.at_level(logging.WARNING, logger="yoink"):
+        async with Ledger.open(path, max_attempts=2) as ledger:
+            await ledger.add(range(8))
+            await work_through(ledger, tasks=3, body=body)
+            assert tries[3] == 2
+            assert tries[5] == 2
+            assert tries[0] == 1
+            assert ledger.given_up == {3: "ConnectionError: refused for 3"}
+            assert ledger.state(3) == "failed"
+            assert ledger.state(5) == "done"
+            assert ledger.progress == Progress(done=7, failed=1, pending=0, running=0, interrupted=0)
+    assert "attempt 1 at 3 failed: ConnectionError: refused for 3" in caplog.text
+    async with Ledger.open(path, max_attempts=2) as ledger:  # given up stays given up
+        assert [key async for key in ledger.pending()] == []
+        assert ledger.given_up == {3: "ConnectionError: refused for 3"}
+    async with Ledger.open(path, max_attempts=3) as ledger:  # a higher limit tries it again
+        ran = await work_through(ledger, body=lambda item: anyio.lowlevel.checkpoint())
+        assert ran == [3]
+        assert ledger.progress.failed == 0
+        assert ledger.state(3) == "done"
+
+
+async def test_reraise_records_the_failure_and_raises_it(tmp_path: Path) -> None:
+    async with Ledger.open(tmp_path / "jobs.jsonl") as ledger:
+        with pytest.raises(KeyError, match="gone"):
+            async with ledger.claim("a", reraise=True) as item:
+                raise KeyError("gone")
+        assert item.error == "KeyError: 'gone'"
+        assert ledger.state("a") == "pending"
+
+
+async def test_a_result_that_cannot_be_stored_fails_the_attempt_and_raises(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    async with Ledger.open(path) as ledger:
+        with pytest.raises(TypeError, match="nothing was appended"):
+            async with ledger.claim("a") as item:
+                item.result = object()
+        assert ledger.state("a") == "pending"
+        async with ledger.claim("a") as item:
+            assert item.attempt == 2
+            item.result = "fine"
+    async with Ledger.open(path) as ledger:
+        assert ledger.result("a") == "fine"
+
+
+async def test_a_cancelled_claim_is_offered_again_and_after_a_restart_reported_interrupted(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "jobs.jsonl"
+    async with Ledger.open(path) as ledger:
+        await ledger.add(["a", "b"])
+        with anyio.move_on_after(0.05):
+            async with ledger.claim("a"):
+                await anyio.sleep(10)
+        assert ledger.state("a") == "pending"
+        assert [key async for key in _first(ledger.pending(), 1)] == ["a"]  # first again
+    async with Ledger.open(path) as ledger:
+        assert ledger.interrupted == ["a"]
+        assert ledger.progress.interrupted == 1
+        async with ledger.claim("a") as item:
+            assert item.attempt == 2  # the interrupted attempt counts
+    async with Ledger.open(path) as ledger:
+        assert ledger.interrupted == []
+
+
+async def test_asyncio_cancellation_of_a_claim_at_each_await_leaves_a_consistent_ledger(
+    tmp_path: Path, async_backend: str
+) -> None:
+    if async_backend != "asyncio":
+        pytest.skip("task.cancel() is asyncio's")
+    path = tmp_path / "jobs.jsonl"
+    for step in range(6):
+        async with Ledger.open(path) as ledger:
+            key = f"k{step}"
+
+            async def claim_it(key: str = key, ledger: Ledger = ledger) -> None:
+                async with ledger.claim(key) as item:
+                    await asyncio.sleep(0)
+                    item.result = key
+
+            task = asyncio.create_task(claim_it())
+            for _ in range(step):
+                await asyncio.sleep(0)
+            task.cancel()
+            try:
+                await task
+                finished = True
+            except asyncio.CancelledError:
+                finished = False
+            state = ledger.state(key)  # None: cancelled before the claim began
+            assert state in ("done", "pending", None), state
+            assert finished <= (state == "done")
+        async with Ledger.open(path) as reopened:  # memory and journal agree
+            assert reopened.state(key) == state
+
+
+async def test_breaking_out_of_pending_offers_the_item_again(tmp_path: Path) -> None:
+    async with Ledger.open(tmp_path / "jobs.jsonl") as ledger:
+        await ledger.add(["a", "b"])
+        async for key in ledger.pending():
+            assert key == "a"
+            break
+        assert [key async for key in _first(ledger.pending(), 2)] == ["a", "b"]
+
+
+async def test_an_item_handed_to_a_task_stays_its_own_until_claimed(tmp_path: Path) -> None:
+    async with Ledger.open(tmp_path / "jobs.jsonl") as ledger:
+        await ledger.add(range(20))
+        ran: list[int] = []
+        limiter = anyio.CapacityLimiter(3)
+
+        async def work(key: int) -> None:
+            async with limiter, ledger.claim(key):
+                await anyio.sleep(0.001)
+                ran.append(key)
+
+        async with anyio.create_task_group() as group:
+            async for key in ledger.pending():
+                group.start_soon(work, key)  # claimed later, in its task: not offered twice
+        assert sorted(ran) == list(range(20))
+
+
+async def test_pending_waits_while_items_run_and_ends_when_none_is_left(tmp_path: Path) -> None:
+    async with Ledger.open(tmp_path / "jobs.jsonl") as ledger:
+        await ledger.add("seed")
+        seen = []
+
+        async def slow_claim(key: str) -> None:
+            async with ledger.claim(key):
+                await anyio.sleep(0.05)
+                if key == "seed":
+                    await ledger.add("found")
+
+        async with anyio.create_task_group() as group:
+            async for key in ledger.pending():
+                seen.append(key)
+                group.start_soon(slow_claim, key)
+        assert seen == ["seed", "found"]
+
+
+async def test_start_is_durable_before_the_body_and_done_when_the_claim_exits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "jobs.jsonl"
+    with spy_on_fsync(monkeypatch) as fsyncs:
+        async with Ledger.open(path) as ledger:
+            await ledger.add("a")
+            async with ledger.claim("a"):
+                assert lines(path)[-1] == {"$ledger": "start", "key": "a", "attempt": 1}
+                assert fsyncs.sizes(path)[-1] == path.stat().st_size
+            assert lines(path)[-1] == {"$ledger": "done", "key": "a"}
+            assert fsyncs.sizes(path)[-1] == path.stat().st_size
+
+
+async def test_durable_false_leaves_the_flush_to_the_interval(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    async with Ledger.open(path, durable=False, flush_interval=None) as ledger:
+        await ledger.add("a")
+        async with ledger.claim("a"):
+            pass
+        assert not path.exists() or path.stat().st_size == 0
+    assert lines(path)[-1] == {"$ledger": "done", "key": "a"}
+
+
+async def test_a_changed_fingerprint_is_refused_naming_both_and_the_journal_is_unchanged(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "jobs.jsonl"
+    async with Ledger.open(path, fingerprint={"input": "abc", "v": 1}) as ledger:
+        await ledger.add("a")
+    before = path.read_bytes()
+    with pytest.raises(FingerprintMismatchError) as raised:
+        async with Ledger.open(path, fingerprint={"input": "abd", "v": 1}):
+            pass
+    message = str(raised.value)
+    assert '{"input":"abc","v":1}' in message
+    assert '{"input":"abd","v":1}' in message
+    assert raised.value.stored == {"input": "abc", "v": 1}
+    assert path.read_bytes() == before
+    async with Ledger.open(path, fingerprint={"v": 1, "input": "abc"}) as ledger:  # key order is not identity
+        assert "a" in ledger
+    async with Ledger.open(path, fingerprint="v2", on_fingerprint_change="continue") as ledger:
+        assert ledger.state("a") == "pending"
+    async with Ledger.open(path, fingerprint="v2") as ledger:  # the new one is the journal's now
+        assert ledger.fingerprint == "v2"
+
+
+async def test_a_journal_of_plain_records_is_not_a_ledger_and_is_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "crawl.jsonl"
+    async with CheckpointManager.from_uri(path) as manager:
+        await manager.append({"url": "https://example.com/", "status": 200})
+    before = path.read_bytes()
+    with pytest.raises(NotALedgerError, match=r'its first record is \{"url":"https://example.com/"'):
+        async with Ledger.open(path):
+            pass
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"$ledger": "start", "key": "a"},
+        {"$ledger": "add", "keys": 5},
+        {"$ledger": "fail", "key": "a", "attempt": "one", "error": "x"},
+        {"$ledger": "start", "key": "a", "attempt": [1]},
+        {"$ledger": "mystery"},
+        {"other": 1},
+    ],
+)
+async def test_a_hostile_record_after_the_first_is_named_in_a_clear_error(
+    tmp_path: Path, record: dict[str, Any]
+) -> None:
+    path = tmp_path / "jobs.jsonl"
+    async with Ledger.open(path) as ledger:
+        await ledger.add(["a", "b"])
+    async with CheckpointManager.from_uri(path) as manager:
+        await manager.append(record)
+    with pytest.raises(NotALedgerError, match=r"record 3 is not a ledger's"):
+        async with Ledger.open(path):
+            pass
+
+
+async def test_a_ledger_of_another_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    path.write_bytes(b'{"$ledger":"open","v":2,"fingerprint":null}\n')
+    with pytest.raises(LedgerError, match="version 2"):
+        async with Ledger.open(path):
+            pass
+
+
+@pytest.mark.parametrize("key", [True, 1.5, None, ("a",), b"a"])
+async def test_keys_are_str_or_int(tmp_path: Path, key: Any) -> None:
+    async with Ledger.open(tmp_path / "jobs.jsonl") as ledger:
+        with pytest.raises(TypeError, match="keys are str or int"):
+            await ledger.add([key])
+        with pytest.raises(TypeError, match="keys are str or int"):
+            ledger.claim(key)
+        assert len(ledger) == 0
+
+
+async def test_int_and_str_keys_stay_apart(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    async with Ledger.open(path) as ledger:
+        await ledger.add([1, "1"])
+        async with ledger.claim(1):
+            pass
+    async with Ledger.open(path) as ledger:
+        assert (ledger.state(1), ledger.state("1")) == ("done", "pending")
+
+
+async def test_results_are_kept_in_memory_only_on_request(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    async with Ledger.open(path, keep_results=False) as ledger:
+        async with ledger.claim("a") as item:
+            item.result = [1, 2]
+        with pytest.raises(ValueError, match="keep_results=False"):
+            ledger.result("a")
+    async with Ledger.open(path) as ledger:  # the journal has it
+        assert ledger.result("a") == [1, 2]
+        with pytest.raises(KeyError):
+            ledger.result("nope")
+
+
+async def test_a_closed_ledger_refuses_work(tmp_path: Path) -> None:
+    async with Ledger.open(tmp_path / "jobs.jsonl") as ledger:
+        pass
+    with pytest.raises(StorageClosedError):
+        await ledger.add("a")
+    with pytest.raises(StorageClosedError):
+        async with ledger.claim("a"):
+            pass
+
+
+async def test_compact_keeps_the_live_state_and_nothing_else(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    keys: list[Any] = [*range(100), "r", "i", "x", "y"]
+    async with Ledger.open(path, fingerprint="f", max_attempts=3) as ledger:
+        await ledger.add(range(100))
+
+        async def body(item: Any) -> None:
+            if item.key % 10 == 0:
+                raise RuntimeError("no")
+            item.result = item.key if item.key < 50 else None
+
+        await work_through(ledger, body=body)  # multiples of 10 given up, the rest done
+        async with ledger.claim("r"):
+            raise RuntimeError("once")  # failed once: pending
+        with anyio.move_on_after(0.01):
+            async with ledger.claim("i"):  # cancelled: interrupted, pending
+                await anyio.sleep(1)
+        await ledger.add(["x", "y"])
+        before = (ledger.progress, {key: ledger.state(key) for key in keys}, ledger.given_up)
+        size = path.stat().st_size
+        await ledger.compact()
+        assert path.stat().st_size < size / 2
+    async with Ledger.open(path, fingerprint="f", max_attempts=3) as ledger:
+        assert (ledger.progress, {key: ledger.state(key) for key in keys}, ledger.given_up) == before
+        assert ledger.result(3) == 3
+        assert ledger.result(71) is None
+        assert ledger.interrupted == []  # "i" was reported before the compaction, not again
+        attempts = {}
+        async for key in ledger.pending():
+            async with ledger.claim(key) as item:
+                attempts[key] = item.attempt
+        assert attempts == {"r": 2, "i": 2, "x": 1, "y": 1}
+        assert list(attempts) == ["r", "i", "x", "y"]
+
+
+async def test_claims_during_a_compaction_end_up_in_the_journal(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    async with Ledger.open(path) as ledger:
+        await ledger.add(range(400))
+
+        async def compact_often() -> None:
+            for _ in range(5):
+                await ledger.compact()
+                await anyio.sleep(0.005)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(compact_often)
+            await work_through(ledger, tasks=8)
+        expected = {key: ledger.state(key) for key in range(400)}
+    async with Ledger.open(path) as ledger:
+        assert {key: ledger.state(key) for key in range(400)} == expected
+        assert set(expected.values()) == {"done"}
+        assert ledger.interrupted == []
+
+
+async def test_the_ledger_compacts_itself_as_its_journal_grows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_ledger, "COMPACT_MIN_RECORDS", 50)
+    path = tmp_path / "jobs.jsonl"
+    async with Ledger.open(path) as ledger:
+        await ledger.add(range(200))
+        await work_through(ledger, body=lambda item: anyio.lowlevel.checkpoint())  # no results
+    records = lines(path)
+    assert records[0][0] == "$yoink"  # the header of a compacted journal
+    assert len(records) < 200  # 401 records without compaction: "start" and "done" per item
+    async with Ledger.open(path) as ledger:
+        assert ledger.progress.done == 200
+
+
+async def test_the_ledger_runs_on_any_storage(async_backend: str) -> None:
+    storage = MemoryStorage(f"ledger-{async_backend}-{os.getpid()}-{random.random()}")
+    async with Ledger.open(storage) as ledger:
+        await ledger.add(["a", "b"])
+        await work_through(ledger)
+    async with Ledger.open(MemoryStorage(storage.name)) as ledger:
+        assert ledger.progress.done == 2
+
+
+def test_the_fold_is_monotone_so_a_snapshot_may_run_ahead_of_the_records_that_follow() -> None:
+    state = LedgerState("test")
+    state.fold(
+        [
+            {"$ledger": "open", "v": 1, "fingerprint": None},
+            {"$ledger": "done", "keys": ["a"]},
+            {"$ledger": "fail", "key": "b", "attempt": 2, "error": "e"},
+            {"$ledger": "start", "key": "a", "attempt": 1},  # after the snapshot: older
+            {"$ledger": "start", "key": "b", "attempt": 2},
+            {"$ledger": "fail", "key": "b", "attempt": 1, "error": "old"},
+            {"$ledger": "add", "keys": ["a", "b", "c"]},
+        ]
+    )
+    assert state.items["a"] is _ledger.DONE
+    assert repr(state.items["b"]) == "Failed(2, 'e')"
+    assert state.items["c"] is _ledger.PENDING
+    assert state.interrupted() == []
+
+
+async def _first(iterator: Any, n: int) -> Any:
+    """The first ``n`` items of an async iterator, closing it after."""
+    count = 0
+    try:
+        async for item in iterator:
+            yield item
+            count += 1
+            if count >= n:
+                return
+    finally:
+        await iterator.aclose()
