@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -38,7 +39,8 @@ def key(i: int) -> str:
 
 
 async def claims(path: str, n: int) -> dict[str, Any]:
-    async with Ledger.open(path, fingerprint="bench", compact=False) as ledger:
+    durable = os.environ.get("BENCH_DURABLE", "1") == "1"
+    async with Ledger.open(path, fingerprint="bench", compact=False, durable=durable) as ledger:
         await ledger.add(key(i) for i in range(n))
         started = time.perf_counter()
 

@@ -117,7 +117,8 @@ class Ledger:
         self._offered: dict[Key, object] = {}  # handed out by pending(), not claimed yet: to whom
         self._running: set[Key] = set()
         self._done = self._given_up = 0
-        self._changed = anyio.Event()  # set (and replaced) whenever work is taken, ends or is added
+        self._changed = anyio.Event()  # set (and replaced) when work is added or ends, if waited on
+        self._waiting = 0  # iterators waiting on it
         self._appended = 0  # records appended since the journal was opened or compacted
         self._live = 0  # records in the journal then
         self._compactor: anyio.CancelScope | None = None
@@ -387,8 +388,10 @@ class Ledger:
         return bool(self._running or self._offered)
 
     def _wake(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        if self._waiting:  # iterators wait on it: an Event made only then
+            self._waiting = 0
+            self._changed.set()
+            self._changed = anyio.Event()
 
     def _attempt(self, key: Key, item: Any) -> int:
         """The number of the attempt at ``key`` that a claim begins, or ClaimError."""
@@ -538,11 +541,11 @@ class _Pending:
                 if len(self._mine) > self._prune_at:  # drop those claimed since: amortised O(1)
                     self._mine = [mine for mine in self._mine if ledger._offered.get(mine) is self._token]
                     self._prune_at = 2 * len(self._mine) + 64
-                await anyio.lowlevel.checkpoint()  # a long run of offers lets other tasks run
-                return key
+                return key  # no checkpoint: the claim that follows awaits the journal
             if not ledger._in_flight():
                 self._release()
                 raise StopAsyncIteration
+            ledger._waiting += 1
             await ledger._changed.wait()
 
     async def aclose(self) -> None:
