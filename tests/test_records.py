@@ -21,7 +21,7 @@ import pytest
 from yoink import CheckpointManager, CorruptCheckpointError, _json, _records
 from yoink._json import LARGE_LINE, MAX_DEPTH
 from yoink._lines import tail_reads, whole_lines, without_torn_tail
-from yoink._records import MAX_LINE_BYTES
+from yoink._records import MAX_LINE_BYTES, LineTooLongToRead
 from yoink.storage import LocalFileStorage, MemoryStorage
 
 PAD = "x" * (LARGE_LINE + 1)
@@ -402,3 +402,68 @@ async def test_a_first_line_of_exactly_the_limit_split_across_chunks_is_read(
         yield b"\n"
 
     assert [block async for block in whole_lines(chunks(), describe="j")] == [line.decode() + "\n"]
+
+
+async def _lines_of(*items: bytes, keep_tail: bool = False) -> list[str]:
+    async def chunks() -> AsyncGenerator[bytes, None]:
+        for item in items:
+            yield item
+
+    return [block async for block in whole_lines(chunks(), describe="j", keep_tail=keep_tail)]
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        (b"x" * 100,),  # the first chunk: nothing waits before it
+        (b'{"a":1}\n', b"x" * 100),  # after a chunk that ended in a newline: nothing waits either
+        (b'{"a":1}\n' + b"x" * 60, b"x" * 40),  # the line's start, then its rest: 60 + 40 bytes
+    ],
+    ids=["first", "after-a-newline", "across-chunks"],
+)
+async def test_a_line_waiting_for_its_newline_is_counted_to_the_byte(
+    monkeypatch: pytest.MonkeyPatch, items: tuple[bytes, ...]
+) -> None:
+    monkeypatch.setattr(_records, "MAX_LINE_BYTES", 100)
+    # 100 bytes wait for a newline: at the limit, not past it, so reading goes on
+    assert await _lines_of(*items, b"\n") == [*([] if len(items) == 1 else ['{"a":1}\n']), "x" * 100 + "\n"]
+    with pytest.raises(LineTooLongToRead):
+        await _lines_of(*items, b"y")  # 101 bytes: past the limit
+
+
+async def test_a_last_line_kept_whole_is_the_chunks_it_spans_joined(caplog: pytest.LogCaptureFixture) -> None:
+    assert await _lines_of(b'{"a":1}\n{"b"', b':2,"c":', b'"\xff"}', keep_tail=True) == [
+        '{"a":1}\n',
+        '{"b":2,"c":"\udcff"}',  # not UTF-8: kept as the bytes it was, for the decoder to judge
+    ]
+    with caplog.at_level(logging.WARNING, logger="yoink"):
+        assert await _lines_of(b'{"a":1}\n{"b"', b":2", keep_tail=False) == ['{"a":1}\n']
+    assert "j ends in 6 bytes without a newline" in caplog.text
+
+
+async def test_whole_lines_reads_an_async_iterator_that_has_no_aclose() -> None:
+    class Chunks:
+        def __init__(self) -> None:
+            self.items = [b'{"a":1}\n', b'{"b":2}\n']
+
+        def __aiter__(self) -> Chunks:
+            return self
+
+        async def __anext__(self) -> bytes:
+            if not self.items:
+                raise StopAsyncIteration
+            return self.items.pop(0)
+
+    assert [block async for block in whole_lines(Chunks(), describe="j")] == ['{"a":1}\n', '{"b":2}\n']
+
+
+async def test_a_block_of_whole_lines_is_passed_on_even_when_it_holds_no_record(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    header = '["$yoink",{"compaction":{}}]\n'
+    with caplog.at_level(logging.WARNING, logger="yoink"):
+        assert [block async for block in without_torn_tail(blocks(header, "garbage\n"), "j")] == [
+            header,
+            "garbage\n",
+        ]
+    assert caplog.text == ""
