@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ import pytest
 
 from tests.helpers import spy_on_fsync
 from yoink import (
+    CheckpointLockedError,
     CheckpointManager,
     ClaimError,
     FingerprintMismatchError,
@@ -26,7 +30,7 @@ from yoink import (
     StorageClosedError,
     _ledger,
 )
-from yoink._ledger_state import LedgerState
+from yoink._ledger_state import LedgerState, Tries, check_key
 from yoink.storage import MemoryStorage
 
 pytestmark = pytest.mark.usefixtures("async_backend")
@@ -308,10 +312,11 @@ async def test_start_is_durable_before_the_body_and_done_when_the_claim_exits(
 async def test_durable_false_leaves_the_flush_to_the_interval(tmp_path: Path) -> None:
     path = tmp_path / "jobs.jsonl"
     async with Ledger.open(path, durable=False, flush_interval=None) as ledger:
+        opened = path.stat().st_size  # the opening is flushed: it takes the lock
         await ledger.add("a")
         async with ledger.claim("a"):
             pass
-        assert not path.exists() or path.stat().st_size == 0
+        assert path.stat().st_size == opened
     assert lines(path)[-1] == {"$ledger": "done", "key": "a"}
 
 
@@ -352,6 +357,12 @@ async def test_a_journal_of_plain_records_is_not_a_ledger_and_is_left_alone(tmp_
 @pytest.mark.parametrize(
     "record",
     [
+        {"$ledger": "add", "keys": [None, "real"]},
+        {"$ledger": "add", "keys": "abc"},  # a string, not a list: not its letters
+        {"$ledger": "done", "key": True},  # not the item 1
+        {"$ledger": "start", "key": 2.0, "attempt": 1},
+        {"$ledger": "fail", "key": "a", "attempt": 1, "failures": 1, "error": 5},
+        {"$ledger": "stop", "key": "a", "attempt": 0},
         {"$ledger": "start", "key": "a"},
         {"$ledger": "add", "keys": 5},
         {"$ledger": "fail", "key": "a", "attempt": "one", "error": "x"},
@@ -381,14 +392,15 @@ async def test_a_ledger_of_another_version_is_refused(tmp_path: Path) -> None:
             pass
 
 
-@pytest.mark.parametrize("key", [True, 1.5, None, ("a",), b"a"])
+@pytest.mark.parametrize("key", [True, 1.5, None, ("a",), b"a", "caf\udce9"])
 async def test_keys_are_str_or_int(tmp_path: Path, key: Any) -> None:
     async with Ledger.open(tmp_path / "jobs.jsonl") as ledger:
-        with pytest.raises(TypeError, match="keys are str or int"):
-            await ledger.add([key])
-        with pytest.raises(TypeError, match="keys are str or int"):
+        await ledger.add(1)
+        with pytest.raises(TypeError, match="key"):
+            await ledger.add(["fine", key])
+        with pytest.raises(TypeError, match="key"):
             ledger.claim(key)
-        assert len(ledger) == 0
+        assert list(ledger._state.items) == [1]  # nothing of a refused add() is taken
 
 
 async def test_int_and_str_keys_stay_apart(tmp_path: Path) -> None:
@@ -509,17 +521,148 @@ def test_the_fold_is_monotone_so_a_snapshot_may_run_ahead_of_the_records_that_fo
         [
             {"$ledger": "open", "v": 1, "fingerprint": None},
             {"$ledger": "done", "keys": ["a"]},
-            {"$ledger": "fail", "key": "b", "attempt": 2, "error": "e"},
-            {"$ledger": "start", "key": "a", "attempt": 1},  # after the snapshot: older
+            {"$ledger": "stop", "key": "b", "attempt": 2, "failures": 1, "error": "e"},
+            {"$ledger": "start", "key": "c", "attempt": 3, "failures": 2},
+            # what followed the cut, older than the snapshot: nothing moves back
+            {"$ledger": "start", "key": "a", "attempt": 1},
             {"$ledger": "start", "key": "b", "attempt": 2},
-            {"$ledger": "fail", "key": "b", "attempt": 1, "error": "old"},
-            {"$ledger": "add", "keys": ["a", "b", "c"]},
+            {"$ledger": "fail", "key": "b", "attempt": 1, "failures": 1, "error": "old"},
+            {"$ledger": "start", "key": "c", "attempt": 3, "failures": 2},
+            {"$ledger": "add", "keys": ["a", "b", "c", "d"]},
         ]
     )
     assert state.items["a"] is _ledger.DONE
-    assert repr(state.items["b"]) == "Failed(2, 'e')"
-    assert state.items["c"] is _ledger.PENDING
-    assert state.interrupted() == []
+    assert state.items["b"] == Tries(2, failures=1, error="e", running=False)
+    assert state.items["c"] == Tries(3, failures=2, error=None, running=True)
+    assert state.items["d"] is _ledger.PENDING
+    assert state.interrupted() == ["c"]
+
+
+async def test_keys_added_while_a_compaction_runs_are_all_kept(tmp_path: Path) -> None:
+    # add() appends a record per batch of keys; each append can wait for a full batch to be
+    # written, and a compaction called then must find, in memory, the keys of the records before
+    # its cut (found by an attacker: they were lost).
+    path = tmp_path / "jobs.jsonl"
+    keys = [f"{n:04d}-" + "x" * 2000 for n in range(1500)]
+    async with Ledger.open(path, batch_bytes=8192) as ledger:
+        await ledger.add("seed")
+        async with anyio.create_task_group() as group:
+            group.start_soon(ledger.add, keys)
+            await anyio.lowlevel.checkpoint()
+            group.start_soon(ledger.compact)
+        assert len(ledger) == 1501
+    async with Ledger.open(path) as ledger:
+        assert len(ledger) == 1501
+
+
+async def test_a_new_key_claimed_from_two_tasks_at_once_runs_once(tmp_path: Path) -> None:
+    ran = []
+
+    async def claim_it(ledger: Ledger) -> None:
+        with contextlib.suppress(ClaimError):
+            async with ledger.claim("new"):
+                ran.append(1)
+                await anyio.sleep(0.01)
+
+    # batch_bytes=1: every append waits for its write
+    async with Ledger.open(tmp_path / "j.jsonl", batch_bytes=1) as ledger, anyio.create_task_group() as group:
+        group.start_soon(claim_it, ledger)
+        group.start_soon(claim_it, ledger)
+    assert ran == [1]
+
+
+async def test_a_cancelled_attempt_is_no_failure_and_the_item_comes_back_even_on_its_last(
+    tmp_path: Path,
+) -> None:
+    async with Ledger.open(tmp_path / "jobs.jsonl", max_attempts=1) as ledger:
+        await ledger.add("a")
+        for _ in range(3):
+            with anyio.move_on_after(0.01):
+                async with ledger.claim("a"):
+                    await anyio.sleep(1)
+        assert ledger.state("a") == "pending"
+        assert ledger.progress == Progress(done=0, failed=0, pending=1, running=0, interrupted=0)
+        async with ledger.claim("a") as item:
+            assert item.attempt == 4
+            raise RuntimeError("the one failure allowed")
+        assert ledger.given_up == {"a": "RuntimeError: the one failure allowed"}
+        with anyio.move_on_after(0.01):
+            async with ledger.claim("a"):  # claimed by hand, cancelled: given up as before
+                await anyio.sleep(1)
+        assert ledger.state("a") == "failed"
+        assert ledger.progress == Progress(done=0, failed=1, pending=0, running=0, interrupted=0)
+
+
+async def test_items_in_flight_at_every_crash_come_back_however_many(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(
+        '{"$ledger":"open","v":1,"fingerprint":null}\n{"$ledger":"add","keys":["a"]}\n'
+        + "".join(
+            f'{{"$ledger":"open","v":1,"fingerprint":null}}\n{{"$ledger":"start","key":"a","attempt":{n}}}\n'
+            for n in range(1, 6)
+        )
+    )
+    async with Ledger.open(path, max_attempts=2) as ledger:  # five crashes, no failure
+        assert ledger.interrupted == ["a"]
+        assert ledger.state("a") == "pending"
+        async with ledger.claim("a") as item:
+            assert item.attempt == 6
+
+
+async def test_an_error_message_that_is_not_unicode_is_recorded_and_the_item_retried(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    name = b"caf\xe9.csv".decode("utf-8", "surrogateescape")  # a file name as os.listdir() gives it
+    async with Ledger.open(path) as ledger:
+        async with ledger.claim("a") as item:
+            raise FileNotFoundError(f"no {name}")
+        assert item.error == "FileNotFoundError: no caf\\udce9.csv"
+        assert ledger.state("a") == "pending"
+    async with Ledger.open(path) as ledger, ledger.claim("a") as item:
+        assert item.attempt == 2
+
+
+async def test_many_long_keys_go_in_records_of_a_bounded_size(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    keys = [f"{n:04d}" + "k" * 70_000 for n in range(1000)]  # 70 MB in all: over the line limit
+    async with Ledger.open(path) as ledger:
+        await ledger.add(keys)
+        await ledger.compact()
+    assert max(len(line) for line in path.read_bytes().splitlines()) < 4 << 20
+    async with Ledger.open(path) as ledger:
+        assert list(ledger._state.items) == keys
+    with pytest.raises(ValueError, match="at most 1,048,576 bytes"):
+        check_key("k" * (1 << 20 + 1))
+
+
+def test_a_second_job_on_the_same_ledger_is_refused_when_it_opens(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)], stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "holding\n"
+
+        async def second() -> None:
+            async with Ledger.open(path):
+                raise AssertionError("opened beside another job")
+
+        with pytest.raises(CheckpointLockedError):
+            anyio.run(second)
+    finally:
+        holder.communicate("")
+    assert holder.returncode == 0
+
+
+HOLDER = """
+import anyio, sys
+from yoink import Ledger
+async def main():
+    async with Ledger.open(sys.argv[1]) as ledger:
+        print("holding", flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.read)
+anyio.run(main)
+"""
 
 
 async def _first(iterator: Any, n: int) -> Any:

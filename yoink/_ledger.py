@@ -24,20 +24,20 @@ import orjson
 from yoink import _json
 from yoink._exceptions import ClaimError, FingerprintMismatchError, StorageClosedError
 from yoink._ledger_state import (
-    BATCH_KEYS,
     DONE,
     FIELD,
-    INTERRUPTED,
     PENDING,
-    Failed,
     Key,
     LedgerState,
-    attempts,
+    Tries,
+    attempt_of,
     check_key,
+    key_batches,
     open_record,
     snapshot_records,
 )
 from yoink._manager import CheckpointManager
+from yoink._records import encode_record
 from yoink._tasks import start_background
 from yoink.storage import CheckpointStorage
 
@@ -196,10 +196,9 @@ class Ledger:
             async for records in batches:
                 state.fold(records)
         self._live = state.records
-        if not state.opened:
-            state.fingerprint = self._fingerprint
-            await self._manager.append(open_record(self._fingerprint))
-        elif _json.dumps(state.fingerprint, sort_keys=True) != _json.dumps(self._fingerprint, sort_keys=True):
+        if state.opened and _json.dumps(state.fingerprint, sort_keys=True) != _json.dumps(
+            self._fingerprint, sort_keys=True
+        ):
             if on_fingerprint_change == "raise":
                 raise FingerprintMismatchError(
                     f"{self._manager.storage!r} is the ledger of a job with the fingerprint "
@@ -214,13 +213,16 @@ class Ledger:
                 _shown(state.fingerprint),
                 _shown(self._fingerprint),
             )
-            state.fingerprint = self._fingerprint
-            await self._manager.append(open_record(self._fingerprint))
+        # Each opening is recorded and flushed at once: that takes the journal's lock (or lease),
+        # so a second job on the same ledger is refused here, before it runs any work.
+        state.fingerprint = self._fingerprint
+        await self._manager.append(open_record(self._fingerprint))
+        await self._manager.flush()
         self.interrupted = state.interrupted()
         for key, item in state.items.items():
             if item is DONE:
                 self._done += 1
-            elif attempts(item) >= self._max_attempts:
+            elif self._gives_up(item):
                 self._given_up += 1
             else:
                 self._queue.append(key)
@@ -238,19 +240,18 @@ class Ledger:
         self._check_open()
         items = self._state.items
         each: Iterable[Key] = (keys,) if isinstance(keys, (str, int)) else keys
-        new: list[Key] = []
-        seen: set[Key] = set()
+        new: dict[Key, None] = {}  # in order, once each
         for key in each:
-            if key not in items and key not in seen:
-                seen.add(check_key(key))
-                new.append(key)
-        for start in range(0, len(new), BATCH_KEYS):
-            await self._append({FIELD: "add", "keys": new[start : start + BATCH_KEYS]})
-        for key in new:  # after the appends, which can raise: memory never runs ahead of the journal
-            items[key] = PENDING
-        self._queue.extend(new)
-        if new:
+            if check_key(key) not in items:
+                new[key] = None
+        for batch in key_batches(new):
+            # Memory first, with no await before the record is appended: a compaction whose cut
+            # falls between two records sees, in memory, the keys of those before it.
+            for key in batch:
+                items[key] = PENDING
+            self._queue.extend(batch)
             self._wake()
+            await self._append({FIELD: "add", "keys": batch})
         return len(new)
 
     def pending(self) -> AsyncIterator[Key]:
@@ -297,9 +298,9 @@ class Ledger:
     def given_up(self) -> dict[Key, str]:
         """The items given up on after ``max_attempts`` failed attempts, with the last error."""
         return {
-            key: item.error if type(item) is Failed else INTERRUPTED
+            key: item.error or ""
             for key, item in self._state.items.items()
-            if item is not DONE and attempts(item) >= self._max_attempts and key not in self._running
+            if type(item) is Tries and item.failures >= self._max_attempts and key not in self._running
         }
 
     def state(self, key: Key) -> Literal["pending", "running", "done", "failed"] | None:
@@ -311,7 +312,7 @@ class Ledger:
             return "done"
         if key in self._running:
             return "running"
-        if attempts(item) >= self._max_attempts:
+        if self._gives_up(item):
             return "failed"
         return "pending"
 
@@ -350,7 +351,7 @@ class Ledger:
         if self._closed:
             raise StorageClosedError(f"{self!r} is closed")
 
-    async def _append(self, record: dict[str, Any]) -> None:
+    async def _append(self, record: dict[str, Any] | orjson.Fragment) -> None:
         await self._manager.append(record)
         self._appended += 1
         if (
@@ -380,9 +381,13 @@ class Ledger:
             if key in self._running or key in self._offered:
                 continue
             item = items[key]
-            if item is not DONE and attempts(item) < self._max_attempts:
+            if item is not DONE and not self._gives_up(item):
                 return key
         return None
+
+    def _gives_up(self, item: Any) -> bool:
+        """Whether an item (not running now) is given up on: it failed ``max_attempts`` times."""
+        return type(item) is Tries and item.failures >= self._max_attempts
 
     def _in_flight(self) -> bool:
         return bool(self._running or self._offered)
@@ -399,7 +404,7 @@ class Ledger:
             raise ClaimError(f"{key!r} is claimed already, by another task; a key is claimed once at a time")
         if item is DONE:
             raise ClaimError(f"{key!r} is done already; done items are never done again")
-        return 1 if item is None else attempts(item) + 1
+        return 1 if item is None else attempt_of(item) + 1
 
     async def _close(self) -> None:
         self._closed = True
@@ -431,19 +436,25 @@ class Claim:
         state = ledger._state
         item = state.items.get(key)
         attempt = ledger._attempt(key, item)
+        failures = item.failures if type(item) is Tries else 0
+        # Memory first, with no await until the records are appended: a second claim of the key
+        # meanwhile is refused, a compaction's snapshot sees the item, and a cancelled append()
+        # has appended its record (the claim is then interrupted like any other).
         if item is None:
-            await ledger._append({FIELD: "add", "keys": [key]})
             state.items[key] = PENDING
-        elif item is not PENDING and attempts(item) >= ledger._max_attempts:
+        elif ledger._gives_up(item):
             ledger._given_up -= 1  # given up on, and claimed by hand: tried again
-        # Memory first, with no await before the record is appended: a cancelled append() has
-        # appended its record, and the claim is then interrupted like any other.
-        state.start(key, attempt)
+        state.start(key, attempt, failures)
         self.attempt = attempt
         ledger._running.add(key)
         ledger._offered.pop(key, None)
+        start = {FIELD: "start", "key": key, "attempt": attempt}
+        if failures:
+            start["failures"] = failures
         try:
-            await ledger._append({FIELD: "start", "key": key, "attempt": attempt})
+            if item is None:
+                await ledger._append({FIELD: "add", "keys": [key]})
+            await ledger._append(start)
             await ledger._flush()  # the start is durable before the work: a crash now lists it
         except BaseException:
             self._interrupted()
@@ -473,43 +484,49 @@ class Claim:
         record = {FIELD: "done", "key": key, "result": self.result}
         if self.result is None:
             del record["result"]
-        try:
-            await ledger._append(record)
-        except (TypeError, ValueError) as error:  # not appended: the result cannot be stored
+        try:  # encoded first: memory says done only once the record is sure to be appended
+            line = encode_record(record, ledger._manager._default)
+        except (TypeError, ValueError) as error:
             await self._fail(f"its result cannot be stored: {error}")
             raise
-        finally:  # appended, even by an append() that was cancelled, or failed to write its batch
-            if self.error is None:
-                ledger._state.items[key] = DONE
-                if ledger._state.keep_results and self.result is not None:
-                    ledger._state.results[key] = self.result
-                ledger._done += 1
-                ledger._running.discard(key)
-                ledger._wake()
+        state = ledger._state
+        state.items[key] = DONE
+        if state.keep_results and self.result is not None:
+            state.results[key] = self.result
+        ledger._done += 1
+        ledger._running.discard(key)
+        ledger._wake()
+        await ledger._append(orjson.Fragment(line[:-1]))
         await ledger._flush()
 
     async def _fail(self, error: str) -> None:
         ledger, key = self._ledger, self.key
-        self.error = error = error[:ERROR_CHARS]
-        try:
-            await ledger._append({FIELD: "fail", "key": key, "attempt": self.attempt, "error": error})
-        finally:  # appended, even by an append() that was cancelled
-            ledger._state.fail(key, self.attempt, error)
-            ledger._running.discard(key)
-            if self.attempt >= ledger._max_attempts:
-                ledger._given_up += 1
-            elif ledger._lifo:
-                ledger._queue.appendleft(key)  # tried again after the others
-            else:
-                ledger._queue.append(key)
-            ledger._wake()
+        # JSON carries no lone surrogate (a file name that is not UTF-8 leaves them in messages)
+        error = error[:ERROR_CHARS].encode("utf-8", "backslashreplace").decode()
+        self.error = error
+        item = ledger._state.items[key]
+        failures = (item.failures if type(item) is Tries else 0) + 1
+        record = {FIELD: "fail", "key": key, "attempt": self.attempt, "failures": failures, "error": error}
+        ledger._state.end(key, self.attempt, failures, error)
+        ledger._running.discard(key)
+        if failures >= ledger._max_attempts:
+            ledger._given_up += 1
+        elif ledger._lifo:
+            ledger._queue.appendleft(key)  # tried again after the others
+        else:
+            ledger._queue.append(key)
+        ledger._wake()
+        await ledger._append(record)  # memory first, as in __aenter__
 
     def _interrupted(self) -> None:
-        """The attempt stops without a verdict (a cancellation): the item is offered again, first."""
+        """The attempt stops without a verdict (a cancellation): the item is offered again, first
+        (an attempt with no verdict is not a failure)."""
         ledger, key = self._ledger, self.key
         if key in ledger._running:
             ledger._running.discard(key)
-            if ledger._lifo:
+            if ledger._gives_up(ledger._state.items[key]):  # given up before, claimed by hand
+                ledger._given_up += 1
+            elif ledger._lifo:
                 ledger._queue.append(key)
             else:
                 ledger._queue.appendleft(key)

@@ -4,16 +4,20 @@ The ledger (:mod:`yoink._ledger`) writes these records to its journal; replaying
 :class:`LedgerState` rebuilds its state after a restart, and ``yoink stats`` reads a ledger's
 progress the same way. Every record names its kind in the ``"$ledger"`` field::
 
-    {"$ledger": "open", "v": 1, "fingerprint": {...}}      the first record: the job's identity
-    {"$ledger": "add", "keys": ["a", "b"]}                  work to do, in the order it was added
-    {"$ledger": "start", "key": "a", "attempt": 1}          a claim began (attempts count from 1)
-    {"$ledger": "done", "key": "a", "result": ...}          it ended well ("result" if there is one)
-    {"$ledger": "fail", "key": "a", "attempt": 1, "error": "TimeoutError: ..."}
-    {"$ledger": "done", "keys": ["a", "b"]}                 in a compacted journal: done, no results
+    {"$ledger": "open", "v": 1, "fingerprint": {...}}   each time a job opens it: the job's identity
+    {"$ledger": "add", "keys": ["a", "b"]}               work to do, in the order it was added
+    {"$ledger": "start", "key": "a", "attempt": 2, "failures": 1}   an attempt began ("failures"
+                                                         before it, when there were any)
+    {"$ledger": "done", "key": "a", "result": ...}       it ended well ("result" if there is one)
+    {"$ledger": "fail", "key": "a", "attempt": 2, "failures": 2, "error": "TimeoutError: ..."}
+    {"$ledger": "stop", "key": "a", "attempt": 2, ...}   in a compacted journal: an attempt that
+                                                         ended without a verdict (cancelled)
+    {"$ledger": "done", "keys": ["a", "b"]}              in a compacted journal: done, no results
 
-The fold is monotone: a record moves an item forward (pending, started 1, failed 1, started 2, ...,
-done) and never back, so a compaction's snapshot, taken from live state a little after its cut,
-may be followed by records it already holds without changing the outcome.
+Keys are strings or integers. The fold is monotone: a record moves an item forward (pending, then
+attempt 1 running, ended, attempt 2 running, ..., done) and never back, so a compaction's
+snapshot, taken from live state a little after its cut, may be followed by records it already
+holds without changing the outcome.
 """
 
 from __future__ import annotations
@@ -27,12 +31,11 @@ from yoink._exceptions import LedgerError, NotALedgerError
 
 __all__ = [
     "DONE",
-    "INTERRUPTED",
     "PENDING",
-    "Failed",
     "Key",
     "LedgerState",
-    "attempts",
+    "Tries",
+    "attempt_of",
     "check_key",
     "open_record",
     "snapshot_records",
@@ -41,8 +44,9 @@ __all__ = [
 Key = str | int
 FIELD = "$ledger"
 VERSION = 1
-BATCH_KEYS = 1000  # keys per "add" (or compacted "done") record
-INTERRUPTED = "interrupted: the attempt never ended"
+BATCH_KEYS = 1000  # keys per "add" (or compacted "done") record, at most
+BATCH_BYTES = 1 << 20  # and about this many bytes of them
+MAX_KEY_BYTES = 1 << 20  # a key's limit, in UTF-8
 
 
 class _Mark:
@@ -59,40 +63,76 @@ PENDING = _Mark("PENDING")  # added, never started
 DONE = _Mark("DONE")
 
 
-class Failed:
-    """An item whose last attempt failed: its number (from 1), and the error it ended with."""
+class Tries:
+    """An item tried before, not done: its last attempt's number, how many attempts failed (and the
+    last error), and whether the last attempt is still ``running`` (in a replayed journal: it was
+    in flight when the writer stopped). An item whose last attempt failed is given up on once
+    ``failures`` reaches the ledger's ``max_attempts``; an attempt that ended without a verdict
+    (cancelled, or in flight at a crash) is not a failure."""
 
-    __slots__ = ("count", "error")
+    __slots__ = ("attempt", "error", "failures", "running")
 
-    def __init__(self, count: int, error: str) -> None:
-        self.count = count
+    def __init__(self, attempt: int, failures: int, error: str | None, running: bool) -> None:
+        self.attempt = attempt
+        self.failures = failures
         self.error = error
+        self.running = running
 
     def __repr__(self) -> str:
-        return f"Failed({self.count}, {self.error!r})"
+        return (
+            f"Tries({self.attempt}, failures={self.failures}, error={self.error!r}, running={self.running})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Tries):
+            return NotImplemented
+        return (self.attempt, self.failures, self.error, self.running) == (
+            other.attempt,
+            other.failures,
+            other.error,
+            other.running,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
 
 
-# An item's state: PENDING, DONE, Failed, or an int: the number of an attempt that began and has
-# not ended (in a replayed journal: one in flight when the writer stopped). A small int is shared,
-# so a million items in flight or done cost no object of their own.
-State = _Mark | Failed | int
+# An item's state: PENDING, DONE, Tries, or an int: the number of an attempt that began, with no
+# failure before it, and has not ended (in a replayed journal: it was in flight when the writer
+# stopped). A small int is shared, so the common case costs no object of its own.
+State = _Mark | Tries | int
 
 
-def attempts(item: State) -> int:
-    """How many attempts an item (not done) has had."""
+def attempt_of(item: State) -> int:
+    """The number of an item's last attempt (0 if it never began one); not for a done item."""
     if item is PENDING:
         return 0
-    return item if type(item) is int else item.count  # type: ignore[union-attr]
+    return item if type(item) is int else item.attempt  # type: ignore[union-attr]
 
 
 def check_key(key: object) -> Key:
-    """``key`` if it can be a ledger's key (a str or an int, as JSON keeps them apart), else TypeError."""
-    if type(key) is str or type(key) is int:
+    """``key`` if it can be a ledger's key, else TypeError (or ValueError, for one too long).
+
+    A key is a str or an int (JSON keeps them apart, and they come back as they went in); a str
+    must be valid Unicode (no lone surrogate, which JSON cannot carry) and at most MAX_KEY_BYTES.
+    """
+    if type(key) is int:
         return key
-    raise TypeError(
-        f"a ledger's keys are str or int (JSON keeps them apart, and they come back as they went in), "
-        f"got {type(key).__name__}: {key!r:.100}"
-    )
+    if type(key) is not str:
+        raise TypeError(
+            f"a ledger's keys are str or int (JSON keeps them apart, and they come back as they "
+            f"went in), got {type(key).__name__}: {key!r:.100}"
+        )
+    try:
+        size = len(key.encode())
+    except UnicodeEncodeError as exc:
+        raise TypeError(
+            f"a ledger's key must be valid Unicode (JSON cannot carry a lone surrogate): {key!r:.100}"
+        ) from exc
+    if size > MAX_KEY_BYTES:
+        raise ValueError(
+            f"a ledger's key is at most {MAX_KEY_BYTES:,} bytes, got one of {size:,}: {key[:50]!r}..."
+        )
+    return key
 
 
 class LedgerState:
@@ -113,7 +153,7 @@ class LedgerState:
 
     def fold(self, records: Iterable[dict[str, Any]]) -> None:
         """Apply records, in journal order. Raises :class:`~yoink.NotALedgerError` on a record that is
-        not a ledger's (the journal was written by something else)."""
+        not a ledger's (the journal was written by something else, or damaged by hand)."""
         items, results, keep = self.items, self.results, self.keep_results
         records = iter(records)
         if not self.opened:
@@ -124,6 +164,7 @@ class LedgerState:
                 self._open(first)
                 break
         count = self.records
+        record: Any = None
         try:
             for record in records:  # the hot path of a resume: a million records a second
                 count += 1
@@ -131,26 +172,35 @@ class LedgerState:
                 if kind == "done":
                     if "key" in record:
                         key = record["key"]
+                        if type(key) is not str and type(key) is not int:
+                            raise TypeError(key)
                         items[key] = DONE
                         if keep and "result" in record:
                             results[key] = record["result"]
                     else:
-                        for key in record["keys"]:
+                        for key in _keys(record):
                             items[key] = DONE
                 elif kind == "start":
                     key, attempt = record["key"], record["attempt"]
                     item = items.get(key, PENDING)
-                    if item is PENDING or (item is not DONE and attempt > attempts(item)):
-                        if type(attempt) is not int:
+                    if item is PENDING and "failures" not in record:
+                        if type(attempt) is not int or (type(key) is not str and type(key) is not int):
                             raise TypeError(attempt)
                         items[key] = attempt
+                    elif item is not DONE:
+                        self.start(key, attempt, record.get("failures", 0))
                 elif kind == "add":
-                    for key in record["keys"]:
+                    for key in _keys(record):
                         if key not in items:
                             items[key] = PENDING
                 elif kind == "fail":
-                    self.fail(record["key"], record["attempt"], record["error"])
-                elif kind == "open":  # a fingerprint changed: the job carried on under the new one
+                    error = record["error"]
+                    if type(error) is not str:
+                        raise TypeError(error)
+                    self.end(record["key"], record["attempt"], record["failures"], error)
+                elif kind == "stop":
+                    self.end(record["key"], record["attempt"], record.get("failures", 0), record.get("error"))
+                elif kind == "open":  # each time a job opened the ledger
                     self._open(record)
                 else:
                     raise KeyError(FIELD)
@@ -168,20 +218,38 @@ class LedgerState:
         self.opened = True
         self.fingerprint = record.get("fingerprint")
 
-    def start(self, key: Key, attempt: int) -> None:
+    def start(self, key: Key, attempt: int, failures: int = 0) -> None:
+        """Attempt ``attempt`` at ``key`` began, after ``failures`` failed ones."""
+        _check(key, attempt, failures)
         item = self.items.get(key, PENDING)
-        if item is PENDING or (item is not DONE and attempt > attempts(item)):
+        if item is DONE or attempt <= attempt_of(item):
+            return
+        if type(item) is Tries:
+            failures = max(failures, item.failures)
+            self.items[key] = Tries(attempt, failures, item.error, True)
+        elif failures:
+            self.items[key] = Tries(attempt, failures, None, True)
+        else:
             self.items[key] = attempt
 
-    def fail(self, key: Key, attempt: int, error: str) -> None:
+    def end(self, key: Key, attempt: int, failures: int, error: str | None) -> None:
+        """Attempt ``attempt`` at ``key`` ended without success: failed (``error``, and ``failures``
+        counts it), or stopped without a verdict."""
+        _check(key, attempt, failures)
+        if error is not None and type(error) is not str:
+            raise TypeError(error)
         item = self.items.get(key, PENDING)
-        if item is PENDING or (item is not DONE and attempt >= attempts(item)):
-            if type(attempt) is not int or type(error) is not str:
-                raise TypeError(attempt)
-            self.items[key] = Failed(attempt, error)
+        if item is DONE or attempt < attempt_of(item):
+            return
+        if type(item) is Tries and attempt == item.attempt and not item.running:
+            return  # that attempt's end is known already
+        self.items[key] = Tries(attempt, failures, error, False)
 
     def _not_a_ledger(self, record: Any) -> NotALedgerError:
-        shown = orjson.dumps(record)[:200].decode(errors="replace")
+        try:
+            shown = orjson.dumps(record)[:200].decode(errors="replace")
+        except TypeError:
+            shown = repr(record)[:200]
         if self.records == 1:
             return NotALedgerError(
                 f"{self.source} is not a ledger: its first record is {shown}, not a ledger's "
@@ -191,47 +259,93 @@ class LedgerState:
 
     def interrupted(self) -> list[Key]:
         """The items whose last attempt never ended: in flight when the journal's writer stopped."""
-        return [key for key, item in self.items.items() if type(item) is int]
+        return [
+            key
+            for key, item in self.items.items()
+            if type(item) is int or (type(item) is Tries and item.running)
+        ]
+
+    def given_up(self, max_attempts: int) -> bool:
+        """Whether any item has failed ``max_attempts`` times (a quick test, for ``yoink stats``)."""
+        return any(type(item) is Tries and item.failures >= max_attempts for item in self.items.values())
+
+
+def _keys(record: dict[str, Any]) -> list[Key]:
+    keys = record["keys"]
+    if type(keys) is not list:
+        raise TypeError(keys)
+    for key in keys:
+        if type(key) is not str and type(key) is not int:
+            raise TypeError(key)
+    return keys
+
+
+def _check(key: Any, attempt: Any, failures: Any) -> None:
+    if type(key) is not str and type(key) is not int:
+        raise TypeError(key)
+    if type(attempt) is not int or type(failures) is not int or attempt < 1 or failures < 0:
+        raise TypeError(attempt)
 
 
 def open_record(fingerprint: Any) -> dict[str, Any]:
     return {FIELD: "open", "v": VERSION, "fingerprint": fingerprint}
 
 
-def snapshot_records(
-    state: LedgerState, keys: list[Key], running: set[Key] | frozenset[Key]
-) -> Iterator[dict[str, Any]]:
+def key_batches(keys: Iterable[Key]) -> Iterator[list[Key]]:
+    """``keys`` in lists of at most BATCH_KEYS keys and about BATCH_BYTES: one record each."""
+    batch: list[Key] = []
+    size = 0
+    for key in keys:
+        batch.append(key)
+        size += len(key) if type(key) is str else 20  # characters: bytes, give or take
+        if len(batch) >= BATCH_KEYS or size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def snapshot_records(state: LedgerState, keys: list[Key], running: set[Key]) -> Iterator[dict[str, Any]]:
     """The records of a compacted ledger: its identity, then each item's state, in ``keys``' order.
 
     ``keys`` is a copy of ``state.items``' keys, taken once compaction's cut is in: the state read
     for each is that of the moment it is read, never older than at the cut (the fold is monotone).
-    An item started and no longer ``running`` (interrupted before, or its claim cancelled) is
-    written as failed: its attempt counts, and it is offered again. Nothing is reported as
-    interrupted twice.
+    An item not running now is written as stopped, with its failures and last error: one whose
+    attempt was cancelled, or interrupted before, is offered again, and not reported as
+    interrupted a second time.
     """
     yield open_record(state.fingerprint)
-    kind: str | None = None
-    batch: list[Key] = []
+    runs: list[tuple[str, list[Key]]] = []  # consecutive items pending, or done without a result
+
+    def batched() -> Iterator[dict[str, Any]]:
+        for kind, run in runs:
+            for batch in key_batches(run):
+                yield {FIELD: kind, "keys": batch}
+        runs.clear()
+
     for key in keys:
         item = state.items[key]
         if item is PENDING or (item is DONE and key not in state.results):
-            batched = "add" if item is PENDING else "done"
-            if kind != batched or len(batch) >= BATCH_KEYS:
-                if batch:
-                    yield {FIELD: kind, "keys": batch}
-                kind, batch = batched, []
-            batch.append(key)
+            kind = "add" if item is PENDING else "done"
+            if not runs or runs[-1][0] != kind:
+                runs.append((kind, []))
+            runs[-1][1].append(key)
+            if len(runs[-1][1]) >= BATCH_KEYS:
+                yield from batched()
             continue
-        if batch:
-            yield {FIELD: kind, "keys": batch}
-            kind, batch = None, []
+        yield from batched()
         if item is DONE:
             yield {FIELD: "done", "key": key, "result": state.results[key]}
-        elif type(item) is Failed:
-            yield {FIELD: "fail", "key": key, "attempt": item.count, "error": item.error}
-        elif key in running:
-            yield {FIELD: "start", "key": key, "attempt": item}
-        else:
-            yield {FIELD: "fail", "key": key, "attempt": item, "error": INTERRUPTED}
-    if batch:
-        yield {FIELD: kind, "keys": batch}
+            continue
+        record: dict[str, Any] = {
+            FIELD: "start" if key in running else "stop",
+            "key": key,
+            "attempt": attempt_of(item),
+        }
+        if type(item) is Tries:
+            if item.failures:
+                record["failures"] = item.failures
+            if item.error is not None and key not in running:
+                record["error"] = item.error
+        yield record
+    yield from batched()
