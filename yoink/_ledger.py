@@ -82,12 +82,14 @@ class Ledger:
     Each item is a key (a str or an int) in one of these states: pending, running (claimed),
     done, or failed. :meth:`claim` records the start of an attempt, and at its end "done" (with
     ``item.result``) or "failed" (with the error). After a restart, done items are never offered
-    again; items whose claim never ended are offered again and listed in :attr:`interrupted`;
-    failed items are offered again until they have failed ``max_attempts`` times, then given up
-    (:attr:`given_up`).
+    again; items whose attempt never ended (in flight at a crash) are offered again and listed
+    in :attr:`interrupted`; failed items are offered again until they have failed
+    ``max_attempts`` times, then given up (:attr:`given_up`).
 
-    Open it with :meth:`open`. The ledger owns its journal: it writes every record, and refuses
-    a journal with records that are not a ledger's.
+    Open it with :meth:`open`. The ledger owns its journal: it writes every record, refuses a
+    journal with records that are not a ledger's, and holds the journal's lock (or lease) from
+    the moment it opens, so that a second job on the same ledger is refused before it runs any
+    work.
     """
 
     def __init__(
@@ -124,8 +126,9 @@ class Ledger:
         self._compactor: anyio.CancelScope | None = None
         self._closed = False
         self.interrupted: list[Key] = []
-        """The items whose claim never ended when the journal's last writer stopped (a crash, a
-        kill, a cancelled claim): they are offered again. Work with side effects checks them."""
+        """The items whose attempt never ended when the journal's last writer stopped (a crash, a
+        kill): they are offered again, as often as it happens (an attempt with no verdict is not a
+        failure). Work with side effects checks them: their side effects may have happened."""
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -149,10 +152,11 @@ class Ledger:
         with an equal one, or :class:`~yoink.FingerprintMismatchError` names both, unless
         ``on_fingerprint_change="continue"``, which records the new one and goes on.
 
-        ``max_attempts``: how many times an item is tried before it is given up on (a claim that
-        never ended, at a crash, counts as an attempt). ``keep_results=False`` keeps done items'
-        results in the journal only, not in memory (:meth:`result` then raises), so a ledger of
-        millions of items stays small; compaction then leaves them out of the journal too.
+        ``max_attempts``: how many failed attempts give an item up (the body raised, each time;
+        an attempt cancelled, or in flight at a crash, is not a failure). ``keep_results=False``
+        keeps done items' results in the journal only, not in memory (:meth:`result` then
+        raises), so a ledger of millions of items stays small; compaction then leaves them out of
+        the journal too.
 
         ``durable=True``: a claim's start is durable before its body runs, and its end when its
         ``async with`` exits (claims that end together share one flush). ``durable=False``
@@ -257,10 +261,13 @@ class Ledger:
     def pending(self) -> AsyncIterator[Key]:
         """Offer the items to do, each once, until none is left and none is running.
 
-        An item is handed out to this iterator alone: claim it with :meth:`claim` (now or in a
-        task of its own). One not claimed when the iterator ends (a ``break``) is offered again.
-        While no item is pending but some are running, the iterator waits: a claim may add work,
-        or fail and be tried again. Many tasks may iterate at once.
+        An item is handed out to this iterator alone, and stays reserved for it until it is
+        claimed with :meth:`claim` (at once, or in a task of its own) or the iterator ends (a
+        ``break``, which offers it again). While no item is pending but some are running or
+        reserved, the iterator waits: a claim may add work, or fail and be tried again. So every
+        item it yields must be claimed: an iterator that only lists the work waits for its own
+        items forever (:attr:`progress` and :meth:`state` tell what is pending). Many tasks may
+        iterate at once.
         """
         self._check_open()
         return _Pending(self)
@@ -272,9 +279,10 @@ class Ledger:
         ``durable=True``). If the body ends well, the item is done, with ``item.result`` as its
         result. If it raises an ``Exception``, the attempt failed with that error, which is
         logged and, unless ``reraise=True``, not raised further: the item is offered again until
-        it has failed ``max_attempts`` times. If the body is cancelled, the attempt is
-        interrupted: the item is offered again (and, after a restart, listed in
-        :attr:`interrupted`).
+        it has failed ``max_attempts`` times. If the body is cancelled, the attempt ends with no
+        verdict: the item is offered again, first (nothing is written; after a restart, it is
+        listed in :attr:`interrupted`). A result that cannot be stored (not JSON, or over the
+        line limit) fails the attempt, and its ``TypeError`` or ``ValueError`` is raised.
 
         A key not added before is added. Raises :class:`~yoink.ClaimError` if the item is done,
         or claimed now by another task.
