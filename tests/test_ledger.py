@@ -31,7 +31,7 @@ from yoink import (
     _ledger,
 )
 from yoink._ledger_state import LedgerState, Tries, check_key
-from yoink.storage import MemoryStorage
+from yoink.storage import CheckpointStorage, MemoryStorage
 
 pytestmark = pytest.mark.usefixtures("async_backend")
 
@@ -504,6 +504,24 @@ async def test_the_ledger_compacts_itself_as_its_journal_grows(
     assert len(records) < 200  # 401 records without compaction: "start" and "done" per item
     async with Ledger.open(path) as ledger:
         assert ledger.progress.done == 200
+
+
+async def test_a_storage_that_cannot_compact_is_not_asked_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, async_backend: str
+) -> None:
+    monkeypatch.setattr(_ledger, "COMPACT_MIN_RECORDS", 20)
+
+    class Uncompactable(MemoryStorage):
+        replace = CheckpointStorage.replace  # the default: CompactionNotSupportedError
+
+    storage = Uncompactable(f"uncompactable-{async_backend}-{random.random()}")
+    with caplog.at_level(logging.INFO, logger="yoink"):
+        async with Ledger.open(storage) as ledger:
+            await ledger.add(range(100))
+            await work_through(ledger, body=lambda item: anyio.lowlevel.checkpoint())  # no results
+    assert caplog.text.count("is not compacted as it grows") == 1
+    async with Ledger.open(MemoryStorage(storage.name)) as ledger:
+        assert ledger.progress.done == 100
 
 
 async def test_the_ledger_runs_on_any_storage(async_backend: str) -> None:

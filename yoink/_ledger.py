@@ -22,7 +22,12 @@ import anyio.lowlevel
 import orjson
 
 from yoink import _json
-from yoink._exceptions import ClaimError, FingerprintMismatchError, StorageClosedError
+from yoink._exceptions import (
+    ClaimError,
+    CompactionNotSupportedError,
+    FingerprintMismatchError,
+    StorageClosedError,
+)
 from yoink._ledger_state import (
     DONE,
     FIELD,
@@ -121,8 +126,8 @@ class Ledger:
         self._done = self._given_up = 0
         self._changed = anyio.Event()  # set (and replaced) when work is added or ends, if waited on
         self._waiting = 0  # iterators waiting on it
-        self._appended = 0  # records appended since the journal was opened or compacted
-        self._live = 0  # records in the journal then
+        self._records = 0  # in the journal, as far as this ledger knows
+        self._compact_at = COMPACT_MIN_RECORDS  # records from which a compaction may be due
         self._compactor: anyio.CancelScope | None = None
         self._closed = False
         self.interrupted: list[Key] = []
@@ -199,7 +204,7 @@ class Ledger:
         async with contextlib.aclosing(self._manager.replay_batches()) as batches:
             async for records in batches:
                 state.fold(records)
-        self._live = state.records
+        self._records = state.records
         if state.opened and _json.dumps(state.fingerprint, sort_keys=True) != _json.dumps(
             self._fingerprint, sort_keys=True
         ):
@@ -347,11 +352,10 @@ class Ledger:
         ``compact=True``; a storage that cannot compact raises
         :class:`~yoink.CompactionNotSupportedError`."""
         self._check_open()
-        self._appended = 0
         keys = list(self._state.items)  # the order is kept; each item's state is read as it is written
-        records = snapshot_records(self._state, keys, self._running)
-        result = await self._manager.compact(records)
-        self._live = result.records or 0
+        before = self._records
+        result = await self._manager.compact(snapshot_records(self._state, keys, self._running))
+        self._records += (result.records or 0) - before  # and those appended meanwhile
 
     # -- inside ---------------------------------------------------------------------------------
 
@@ -361,18 +365,22 @@ class Ledger:
 
     async def _append(self, record: dict[str, Any] | orjson.Fragment) -> None:
         await self._manager.append(record)
-        self._appended += 1
-        if (
-            self._compact
-            and self._compactor is None
-            and self._appended >= max(COMPACT_MIN_RECORDS, COMPACT_GROWTH * self._live)
-        ):
-            self._compactor = start_background(self._compact_in_background)
+        self._records += 1
+        if self._compact and self._compactor is None and self._records >= self._compact_at:
+            # what a snapshot would hold, about: a record per item tried and not done, or done with
+            # a result, and a record per thousand of the others
+            live = len(self._state.results) + self._given_up + len(self._running) + len(self) // 1000
+            if self._records >= COMPACT_GROWTH * live:
+                self._compactor = start_background(self._compact_in_background)
 
     async def _compact_in_background(self) -> None:
         try:
             await self.compact()
+        except CompactionNotSupportedError as exc:
+            self._compact = False
+            logger.info("%r is not compacted as it grows: %s", self, exc)
         except Exception as exc:  # the journal is unchanged; appending goes on
+            self._compact_at = self._records * 3 // 2  # tried again once it has grown by half
             logger.warning("compacting %r failed; it is tried again as the journal grows: %s", self, exc)
         finally:
             self._compactor = None
