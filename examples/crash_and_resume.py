@@ -3,7 +3,7 @@
     python examples/crash_and_resume.py [--jobs N] [--kill-at FRACTION] [--dir DIR]
 
 Starts examples/resume_job.py, kills it with SIGKILL part-way through, starts it again, and reports
-what the checkpoint kept.
+what its ledger kept, and which jobs ran twice: only those the resumed ledger listed as interrupted.
 """
 
 from __future__ import annotations
@@ -29,12 +29,19 @@ def start(journal: Path, work_log: Path, jobs: int) -> subprocess.Popen[str]:
 
 
 def relay(line: str) -> None:
-    print(f"    | {line.rstrip()}", flush=True)
+    line = line.rstrip()
+    print(f"    | {line if len(line) <= 100 else line[:96] + ' ...'}", flush=True)
 
 
 async def journal_jobs(journal: Path) -> list[int]:
-    async with CheckpointManager.from_uri(journal) as checkpoint:
-        return [record["job"] async for record in checkpoint.replay()]
+    """The jobs of the journal's "done" records, one per record: read as plain records, not through
+    a ledger, so that a job recorded done twice would show."""
+    jobs: list[int] = []
+    async with CheckpointManager.from_uri(journal, read_only=True) as checkpoint:
+        async for record in checkpoint.replay():
+            if record.get("$ledger") == "done":  # {"key": n}, or {"keys": [...]} once compacted
+                jobs.extend(record.get("keys", [record.get("key")]))
+    return jobs
 
 
 def main() -> None:
@@ -69,11 +76,13 @@ def main() -> None:
     started = time.perf_counter()
     second = start(journal, work_log, args.jobs)
     assert second.stdout is not None
-    resume_line = ""
+    resume_line, interrupted = "", set()
     for line in second.stdout:
         relay(line)
         if line.startswith("resumed:"):
             resume_line = line
+        if line.startswith("interrupted:"):
+            interrupted = {int(n) for n in line.split()[1:] if n != "none"}
     second.wait()
     second.stdout.close()
     elapsed = time.perf_counter() - started
@@ -82,17 +91,22 @@ def main() -> None:
 
     recorded = asyncio.run(journal_jobs(journal))
     runs = collections.Counter(int(n) for n in work_log.read_text().split())
+    run_again = {n for n, count in runs.items() if count > 1}
     recorded_twice = sum(1 for count in collections.Counter(recorded).values() if count > 1)
-    print("3. What the checkpoint kept")
+    print("3. What the ledger kept")
     print(f"   jobs done before the kill:     {before}")
     print(f"   jobs done after the resume:    {len(recorded) - before}")
     print(f"   jobs recorded twice:           {recorded_twice}")
     print(f"   jobs missing:                  {args.jobs - len(set(recorded))}")
-    print(f"   jobs run again after the kill: {sum(1 for c in runs.values() if c > 1)}"
-          "  (finished, but killed before their flush returned)")  # fmt: skip
-    print(f"   resume: {resume_line.split('(')[-1].rstrip(')').strip()}, whole second run {elapsed:.1f} s")
+    print(f"   jobs run again after the kill: {len(run_again)}"
+          "  (running at the kill, their claim not ended)")  # fmt: skip
+    print(f"   of them listed as interrupted: {len(run_again & interrupted)}"
+          f"  (the resumed ledger listed {len(interrupted)})")  # fmt: skip
+    print(f"   resume: {resume_line.split('(')[-1].strip().rstrip(')')}, whole second run {elapsed:.1f} s")
     if recorded_twice or len(set(recorded)) != args.jobs:
-        sys.exit("the checkpoint lost or duplicated work")
+        sys.exit("the ledger lost or duplicated work")
+    if not run_again <= interrupted:
+        sys.exit(f"jobs run again but not listed as interrupted: {sorted(run_again - interrupted)}")
 
 
 if __name__ == "__main__":

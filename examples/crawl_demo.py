@@ -3,8 +3,9 @@
     python examples/crawl_demo.py [--pages 3000] [--kill-at 0.4] [--dir demo-run]
 
 Serves a generated site on 127.0.0.1 (examples/crawler_site.py), starts the crawler
-(examples/crawler.py) with a local-file checkpoint, kills it with SIGKILL part-way through, starts
-it again, and compares what the site served with what the checkpoint recorded.
+(examples/crawler.py) with a local-file ledger, kills it with SIGKILL part-way through, starts it
+again, and compares what the site served with what the ledger recorded done, and with the pages the
+resumed ledger listed as interrupted. The crawler's log (its failed attempts) goes to crawler.log.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -67,25 +70,46 @@ def wait_for_answers(start: str, log: Path, delay: float, timeout: float = 30.0)
             size, since = log.stat().st_size, time.monotonic()
 
 
-async def recorded(checkpoint: Path) -> set[str]:
-    async with CheckpointManager.from_uri(checkpoint) as manager:
-        return {urlsplit(r["url"]).path or "/" async for r in manager.replay() if r["t"] == "done"}
+def path(url: str) -> str:
+    return urlsplit(url).path or "/"
 
 
-def crawl(start: str, checkpoint: Path, pages: int, kill_at: int | None) -> tuple[int, str]:
+async def recorded(checkpoint: Path) -> tuple[set[str], int]:
+    """The pages the journal holds a "done" record of, and its number of "fail" records: read as
+    plain records, not through a ledger."""
+    done, failed = set(), 0
+    async with CheckpointManager.from_uri(checkpoint, read_only=True) as journal:
+        async for record in journal.replay():
+            if record.get("$ledger") == "done":  # {"key": url}, or {"keys": [...]} once compacted
+                done.update(path(url) for url in record.get("keys", [record.get("key")]))
+            failed += record.get("$ledger") == "fail"
+    return done, failed
+
+
+@dataclass
+class Run:
+    status: int
+    resumed: str = ""  # what the ledger held when the crawler opened it
+    interrupted: list[str] = field(default_factory=list)  # pages the ledger listed as in flight
+
+
+def crawl(start: str, checkpoint: Path, log: Path, pages: int, kill_at: int | None) -> Run:
     """Run the crawler, relaying its progress; SIGKILL it once ``kill_at`` pages are done."""
     command = [sys.executable, str(HERE / "crawler.py"), start, "--checkpoint", str(checkpoint)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    with log.open("a") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
     assert process.stdout is not None
-    resumed, shown = "", 0.0
+    run, shown = Run(status=0), 0.0
     for line in process.stdout:
         kind, *values = line.split()
         if kind == "resumed":
-            done, frontier, seconds = int(values[0]), int(values[1]), float(values[2])
-            resumed = (
-                f"{done:,} pages done and {frontier:,} links to visit, rebuilt in {seconds * 1000:.1f} ms"
+            done, pending, seconds = int(values[0]), int(values[1]), float(values[2])
+            run.resumed = (
+                f"{done:,} pages done and {pending:,} links to visit, rebuilt in {seconds * 1000:.1f} ms"
             )
-            print(f"    resumed from the checkpoint: {resumed}", flush=True)
+            print(f"    resumed from the ledger: {run.resumed}", flush=True)
+        elif kind == "interrupted":
+            run.interrupted.append(path(values[0]))
         elif kind == "progress":
             done = int(values[0])
             if time.monotonic() - shown > 0.5:
@@ -98,7 +122,10 @@ def crawl(start: str, checkpoint: Path, pages: int, kill_at: int | None) -> tupl
             print(f"    finished: {int(values[2]):,} pages done", flush=True)
     process.wait()
     process.stdout.close()
-    return process.returncode, resumed
+    run.status = process.returncode
+    if run.status not in (0, -signal.SIGKILL):
+        raise SystemExit(f"the crawler failed (exit status {run.status}):\n{log.read_text()[-3000:]}")
+    return run
 
 
 def main() -> int:
@@ -116,6 +143,7 @@ def main() -> int:
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     checkpoint, log = directory / "crawl.jsonl", directory / "served.log"
+    crawler_log = directory / "crawler.log"
     total = 2 * args.pages + 1  # the home page, each page, and each page's one broken link
     port, delay = free_port(), 0.02
     site_options = ["--pages", str(args.pages), "--port", str(port), "--log", str(log), "--delay", str(delay)]
@@ -134,42 +162,57 @@ def main() -> int:
         print(f"yoink crawl demo: a site of {args.pages:,} pages at {start}, checkpoint {checkpoint}\n")
 
         print("1. crawling, to be killed with SIGKILL part-way through", flush=True)
-        status, _ = crawl(start, checkpoint, total, kill_at=int(total * args.kill_at))
-        print(f"    killed (exit status {status})\n", flush=True)
+        first = crawl(start, checkpoint, crawler_log, total, kill_at=int(total * args.kill_at))
+        print(f"    killed (exit status {first.status})\n", flush=True)
         wait_for_answers(start, log, delay)  # the site finishes answering the requests under way
         before = served(log)
-        done_before = asyncio.run(recorded(checkpoint))
+        done_before, _ = asyncio.run(recorded(checkpoint))
 
-        print("2. the same command again: it resumes from the checkpoint", flush=True)
-        _, resumed = crawl(start, checkpoint, total, kill_at=None)
+        print("2. the same command again: it resumes from the ledger", flush=True)
+        second = crawl(start, checkpoint, crawler_log, total, kill_at=None)
         after = served(log)[len(before) :]
-        done = asyncio.run(recorded(checkpoint))
+        done, failed = asyncio.run(recorded(checkpoint))
     finally:
         site.terminate()
         site.wait()
 
     counts = collections.Counter(before + after)
+    twice = {page for page, count in counts.items() if count > 1}
     recorded_again = done_before & set(after)
     in_flight = (set(before) - done_before) & set(after)
+    listed = set(second.interrupted)
+    shown = " ".join(sorted(listed, key=_in_order)) or "none"
     missing = total - len(done)
     print(
         f"""
 what happened
-    pages fetched before the kill:            {len(set(before)):,} ({len(done_before):,} of them recorded)
+    pages fetched before the kill:            {len(set(before)):,} ({len(done_before):,} of them done)
     pages fetched after the restart:          {len(set(after)):,}
     recorded pages fetched again:             {len(recorded_again)}
-    pages fetched twice in all:               {sum(1 for n in counts.values() if n > 1)}
-      of which in flight at the kill, with no record yet: {len(in_flight)}
+    pages fetched twice in all:               {len(twice)}
+      of which in flight at the kill, not recorded done: {len(in_flight)}
+      of which the ledger listed as interrupted: {len(twice & listed)} (it listed {len(listed)})
     pages never fetched:                      {missing}
-    the resume rebuilt its state:             {resumed}
+    failed attempts recorded:                 {failed} (the site's 503s, in crawler.log too)
+    the resume rebuilt its state:             {second.resumed}
+
+the pages the resumed ledger listed as interrupted (claimed, and not done, at the kill):
+{textwrap.fill(shown, initial_indent="    ", subsequent_indent="    ")}
 """
     )
     print(
-        "A page that was being fetched when the process died had no record, so it is fetched again;\n"
-        "no page the checkpoint recorded is. `yoink stats` shows the checkpoint:"
-        f"  .venv/bin/yoink stats {checkpoint}"
+        "A page being fetched when the process died was not recorded done, so it is fetched again,\n"
+        "and the resumed ledger lists it in `interrupted`: a page it lists may also have been claimed\n"
+        "without reaching the site. No page recorded done is fetched again. `yoink stats` shows the\n"
+        f"ledger's progress:  .venv/bin/yoink stats {checkpoint}"
     )
-    return 1 if recorded_again or missing or len(set(before) & set(after)) != len(in_flight) else 0
+    return 1 if recorded_again or missing or twice != in_flight or not twice <= listed else 0
+
+
+def _in_order(page: str) -> tuple[str, int]:
+    """/page/9 before /page/10."""
+    head, _, number = page.rpartition("/")
+    return (head, int(number)) if number.isdigit() else (page, -1)
 
 
 if __name__ == "__main__":

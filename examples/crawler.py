@@ -1,33 +1,35 @@
-"""A resumable asynchronous web crawler on a yoink checkpoint, as on the storage reference page.
+"""A resumable asynchronous web crawler on a yoink work ledger.
 
     python examples/crawler.py http://127.0.0.1:8765/ --checkpoint ./crawl.jsonl --max-pages 3000
 
-Any checkpoint URI works: a path, ``s3://bucket/crawl.jsonl``, ``redis://localhost/0?key=crawl``.
-Kill it at any moment and start it again: it replays the checkpoint to rebuild the set of pages it
-fetched and the frontier of links it found, and carries on without fetching a recorded page again.
-A page that was being fetched when the process died had no record yet, so it is fetched again.
+Any journal URI works: a path, ``s3://bucket/crawl.jsonl``, ``redis://localhost/0?key=crawl``.
+Kill it at any moment and start it again: the ledger knows which pages are done (never fetched
+again), which links are still to visit, and which pages were being fetched when the process died
+(fetched again, and listed on an ``interrupted`` line). Needs aiohttp.
 
-The checkpoint holds two kinds of record, in this order for each page:
-``{"t": "seen", "url": ..., "from": ...}`` for each link found for the first time, then
-``{"t": "done", "url": ..., "status": ..., "links": ...}`` for the page. The checkpoint is compacted
-by ``url`` in the background as it grows (``CompactionPolicy``): a page's "done" record replaces its
-"seen" one, so it stays the size of the crawl's state. Needs aiohttp.
+Each URL is a key of the ledger: added when a link to it is first found, claimed by one of the
+workers, and done with the page's HTTP status as its result. A fetch that fails (a connection
+error, a timeout, a 5xx) fails its claim, and the ledger tries the page again later, three times
+in all. The ledger's journal compacts itself to the crawl's live state as it grows.
+
+It prints a line for each of these, for examples/crawl_demo.py to read:
+``resumed DONE PENDING SECONDS``, then ``interrupted URL`` for each page in flight at the last stop;
+``progress DONE PENDING`` four times a second; ``finished FETCHED FAILED DONE`` at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import re
-import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import urldefrag, urljoin, urlsplit
 
 import aiohttp
 import anyio
 
-from yoink import CheckpointManager, CompactionPolicy
+from yoink import Ledger
 
 HREF = re.compile(rb"""href\s*=\s*["']([^"'#][^"']*|#[^"']*)["']""", re.IGNORECASE)
 
@@ -35,153 +37,80 @@ HREF = re.compile(rb"""href\s*=\s*["']([^"'#][^"']*|#[^"']*)["']""", re.IGNORECA
 @dataclass
 class CrawlConfig:
     start_urls: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8765/"])
-    max_pages: int = 10_000  # pages fetched in all, across restarts
+    max_pages: int = 10_000  # pages fetched in all (done or given up), across restarts
     concurrency: int = 16
-    retries: int = 3  # more attempts after a failed one (connection error, timeout, 5xx)
     timeout: float = 10.0
     same_site: bool = True  # follow links to the start URLs' sites only
 
+    def fingerprint(self) -> dict[str, object]:
+        """What makes two runs the same crawl: where it starts and which links it follows.
 
-@dataclass
-class CrawlStats:
-    resumed_pages: int = 0  # pages the checkpoint already held
-    resumed_frontier: int = 0
-    rebuild_seconds: float = 0.0
-    fetched: int = 0  # pages fetched by this run
-    failed: int = 0  # pages given up on after every retry
+        The page budget and the concurrency are left out, so a crawl can be resumed with a larger
+        budget; ``v`` is the link extraction's version, raised when it changes what is followed.
+        """
+        return {"start_urls": self.start_urls, "same_site": self.same_site, "v": 1}
 
 
-class Crawler:
-    """Crawls from ``config.start_urls``, recording every page and every new link in the checkpoint."""
+async def crawl(ledger: Ledger, config: CrawlConfig) -> int:
+    """Crawl until no link is left or the budget is spent; the number of pages this run fetched."""
+    sites = {urlsplit(url)[:2] for url in config.start_urls}
+    timeout = aiohttp.ClientTimeout(total=config.timeout)
+    fetched = 0
 
-    def __init__(self, config: CrawlConfig, checkpoint_manager: CheckpointManager) -> None:
-        self.config = config
-        self.checkpoint = checkpoint_manager
-        self.stats = CrawlStats()
-        self.seen: set[str] = set()
-        self.done: set[str] = set()
-        self.frontier: deque[str] = deque()
-        self._sites = {urlsplit(url)[:2] for url in config.start_urls}
-        self._active = 0
-        self._wake = anyio.Event()
-        self._resumed = False
-
-    async def resume(self) -> None:
-        """Rebuild the seen set, the done set and the frontier from the checkpoint."""
-        started = time.perf_counter()
-        order: list[str] = []
-        async for record in self.checkpoint.replay():
-            if record["t"] == "seen":
-                order.append(record["url"])
-            else:
-                self.done.add(record["url"])
-        self.seen |= self.done  # a compacted checkpoint keeps a fetched page's "done" record alone
-        for url in [*self.config.start_urls, *order]:
-            if url not in self.seen:
-                self.seen.add(url)
-                if url not in self.done:
-                    self.frontier.append(url)
-        self.stats.resumed_pages = len(self.done)
-        self.stats.resumed_frontier = len(self.frontier)
-        self.stats.rebuild_seconds = time.perf_counter() - started
-        self._resumed = True
-
-    async def run(self) -> CrawlStats:
-        """Resume (unless :meth:`resume` was called), then crawl until the frontier or the budget is spent."""
-        if not self._resumed:
-            await self.resume()
-        timeout = aiohttp.ClientTimeout(total=self.config.timeout)
-        async with aiohttp.ClientSession(timeout=timeout) as session, anyio.create_task_group() as tg:
-            for _ in range(self.config.concurrency):
-                tg.start_soon(self._worker, session)
-        return self.stats
-
-    async def _worker(self, session: aiohttp.ClientSession) -> None:
-        while True:
-            if not self.frontier:
-                if self._active == 0 or self._budget() <= 0:
-                    self._wake.set()  # nothing in flight can add work: every worker stops
-                    return
-                await self._wake.wait()
-                continue
-            if self._budget() <= 0:
-                return
-            url = self.frontier.popleft()
-            self._active += 1
-            try:
-                await self._crawl(session, url)
-            finally:
-                self._active -= 1
-                self._wake.set()
-                self._wake = anyio.Event()
-
-    def _budget(self) -> int:
-        return self.config.max_pages - len(self.done) - self._active
-
-    async def _crawl(self, session: aiohttp.ClientSession, url: str) -> None:
-        status, body = await self._fetch(session, url)
-        found = []
-        for link in self._links(url, body):
-            if link not in self.seen:
-                self.seen.add(link)
-                self.frontier.append(link)
-                found.append({"t": "seen", "url": link, "from": url})
-        # The links first, then the page: once the page's record is durable, so are its links.
-        await self.checkpoint.append_many(
-            [*found, {"t": "done", "url": url, "status": status, "links": len(found)}]
-        )
-        await self.checkpoint.flush()  # tasks flushing together share one write
-        self.done.add(url)
-        self.stats.fetched += 1
-        self.stats.failed += status == 0
-
-    async def _fetch(self, session: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
-        """GET with retries; (0, b"") when every attempt failed."""
-        for attempt in range(self.config.retries + 1):
-            try:
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal fetched
+        async for url in ledger.pending():
+            progress = ledger.progress
+            if progress.done + progress.failed + progress.running >= config.max_pages:
+                break  # the budget is spent; the page stays pending for a later run
+            async with ledger.claim(url) as page:
+                if page.attempt > 1:  # the ledger retries a failed page: wait a little first
+                    await anyio.sleep(min(0.05 * 2**page.attempt, 2.0))
                 async with session.get(url) as response:
-                    body = await response.read()
-                    if response.status < 500:
-                        return response.status, body if response.status == 200 else b""
-            except (aiohttp.ClientError, TimeoutError):
-                pass
-            await anyio.sleep(min(0.05 * 2**attempt, 2.0))
-        return 0, b""
+                    if response.status >= 500:
+                        response.raise_for_status()
+                    body = await response.read() if response.status == 200 else b""
+                await ledger.add(links(url, body, sites if config.same_site else None))
+                page.result = response.status
+                fetched += 1
 
-    def _links(self, base: str, body: bytes) -> list[str]:
-        links = []
-        for match in HREF.finditer(body):
-            link, _ = urldefrag(urljoin(base, match[1].decode("utf-8", "replace")))
-            parts = urlsplit(link)
-            if parts.scheme in ("http", "https") and (not self.config.same_site or parts[:2] in self._sites):
-                links.append(link)
-        return links
+    async with aiohttp.ClientSession(timeout=timeout) as session, anyio.create_task_group() as group:
+        for _ in range(config.concurrency):
+            group.start_soon(worker, session)
+    return fetched
+
+
+def links(base: str, body: bytes, sites: set[tuple[str, str]] | None) -> list[str]:
+    """The http(s) links of a page, without fragments; only those to ``sites``, unless None."""
+    found = []
+    for match in HREF.finditer(body):
+        link, _ = urldefrag(urljoin(base, match[1].decode("utf-8", "replace")))
+        parts = urlsplit(link)
+        if parts.scheme in ("http", "https") and (sites is None or parts[:2] in sites):
+            found.append(link)
+    return found
 
 
 async def main(start: str, checkpoint_uri: str, max_pages: int, concurrency: int) -> None:
     config = CrawlConfig(start_urls=[start], max_pages=max_pages, concurrency=concurrency)
-    # Compacted by URL in the background as it grows: a page's last record stays, and a link not
-    # yet fetched keeps its "seen" record, so a long crawl's checkpoint stays the size of its state.
-    policy = CompactionPolicy(key="url")
-    async with CheckpointManager.from_uri(checkpoint_uri, compact=policy) as checkpoint:
-        crawler = Crawler(config=config, checkpoint_manager=checkpoint)
-        async with anyio.create_task_group() as tg:
+    started = time.perf_counter()
+    async with Ledger.open(checkpoint_uri, fingerprint=config.fingerprint()) as ledger:
+        await ledger.add(config.start_urls)  # known already after a restart: ignored
+        progress = ledger.progress
+        print(f"resumed {progress.done} {progress.pending} {time.perf_counter() - started:.6f}", flush=True)
+        for url in ledger.interrupted:  # fetched again: a page with side effects would check them
+            print(f"interrupted {url}", flush=True)
+        async with anyio.create_task_group() as group:
 
             async def report() -> None:
                 while True:
                     await anyio.sleep(0.25)
-                    print(f"progress {len(crawler.done)} {len(crawler.frontier)}", flush=True)
+                    print(f"progress {ledger.progress.done} {ledger.progress.pending}", flush=True)
 
-            tg.start_soon(report)
-            await crawler.resume()
-            print(
-                f"resumed {crawler.stats.resumed_pages} {crawler.stats.resumed_frontier} "
-                f"{crawler.stats.rebuild_seconds:.6f}",
-                flush=True,
-            )
-            stats = await crawler.run()
-            tg.cancel_scope.cancel()
-    print(f"finished {stats.fetched} {stats.failed} {len(crawler.done)}", flush=True)
+            group.start_soon(report)
+            fetched = await crawl(ledger, config)
+            group.cancel_scope.cancel()
+        print(f"finished {fetched} {ledger.progress.failed} {ledger.progress.done}", flush=True)
 
 
 if __name__ == "__main__":
@@ -193,5 +122,5 @@ if __name__ == "__main__":
     parser.add_argument("--max-pages", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
+    logging.basicConfig(format="crawler: %(levelname)s: %(message)s")  # the ledger's failed attempts
     anyio.run(main, args.start, args.checkpoint, args.max_pages, args.concurrency)
-    sys.exit(0)

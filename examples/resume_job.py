@@ -1,10 +1,11 @@
-"""Run a batch of async jobs that picks up where it stopped.
+"""Run a batch of async jobs that picks up where it stopped, on a yoink work ledger.
 
     python examples/resume_job.py [CHECKPOINT] [--jobs N] [--concurrency N]
 
-Kill it at any moment (Ctrl-C, kill -9, a deploy) and run it again: jobs the checkpoint holds are
-skipped, and the rest run. Each job's result is appended and flushed as it finishes; tasks that
-flush at the same moment share one fsync, so this costs little.
+Kill it at any moment (Ctrl-C, kill -9, a deploy) and run it again: jobs the ledger holds as done
+are skipped, and the rest run. A job's "done" is durable when its claim exits; claims that end
+together share one fsync, so this costs little. The jobs that were running at the kill are run
+again, and the ledger lists them (``interrupted``): a job with side effects would check them.
 """
 
 from __future__ import annotations
@@ -17,44 +18,41 @@ import time
 
 import anyio
 
-from yoink import CheckpointManager
+from yoink import Ledger
 
 
-async def run_job(n: int, work_log: int | None) -> dict[str, int]:
+async def run_job(n: int, work_log: int | None) -> int:
     await anyio.sleep(random.uniform(0.01, 0.05))  # stands in for an API call or a query
     if work_log is not None:  # what an outside system would see: one line per job run
         os.write(work_log, f"{n}\n".encode())
-    return {"job": n, "result": n * n}
+    return n * n
 
 
 async def main(checkpoint_uri: str, jobs: int, concurrency: int, work_log_path: str | None) -> None:
     work_log = os.open(work_log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT) if work_log_path else None
-    async with CheckpointManager.from_uri(checkpoint_uri) as checkpoint:
-        started = time.perf_counter()
-        done = {record["job"] async for record in checkpoint.replay()}
-        replay_ms = (time.perf_counter() - started) * 1000
-        print(
-            f"resumed: {len(done)} of {jobs} jobs already done (replayed in {replay_ms:.0f} ms)", flush=True
-        )
+    started = time.perf_counter()
+    async with Ledger.open(checkpoint_uri, fingerprint={"job": "squares", "v": 1}) as ledger:
+        await ledger.add(range(jobs))  # the jobs the ledger has already are ignored
+        opened_ms = (time.perf_counter() - started) * 1000
+        done = ledger.progress.done
+        print(f"resumed: {done} of {jobs} jobs already done (opened in {opened_ms:.0f} ms)", flush=True)
+        print(f"interrupted: {' '.join(map(str, ledger.interrupted)) or 'none'}", flush=True)
 
-        finished = len(done)
-        limiter = anyio.CapacityLimiter(concurrency)
+        async def worker() -> None:
+            nonlocal done
+            async for n in ledger.pending():
+                async with ledger.claim(n) as job:
+                    job.result = await run_job(n, work_log)
+                if job.error is None:  # done, and durable: a failed job is tried again later
+                    done += 1
+                    if done % 250 == 0:
+                        print(f"progress: {done} of {jobs} jobs done", flush=True)
 
-        async def job(n: int) -> None:
-            nonlocal finished
-            async with limiter:
-                result = await run_job(n, work_log)
-            await checkpoint.append(result)
-            await checkpoint.flush()  # durable before we count it as done
-            finished += 1
-            if finished % 250 == 0:
-                print(f"progress: {finished} of {jobs} jobs done", flush=True)
-
-        async with anyio.create_task_group() as tg:
-            for n in range(jobs):
-                if n not in done:
-                    tg.start_soon(job, n)
-    print(f"finished: all {jobs} jobs done", flush=True)
+        async with anyio.create_task_group() as group:
+            for _ in range(concurrency):
+                group.start_soon(worker)
+        progress = ledger.progress
+    print(f"finished: {progress.done} of {jobs} jobs done, {progress.failed} given up", flush=True)
 
 
 if __name__ == "__main__":

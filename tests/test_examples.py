@@ -29,10 +29,15 @@ def test_the_demo_kills_a_job_and_the_resume_neither_loses_nor_duplicates(tmp_pa
     assert "jobs missing:                  0" in result.stdout
     before = int(result.stdout.split("jobs done before the kill:")[1].split()[0])
     assert 0 < before < 800
+    run_again = int(result.stdout.split("jobs run again after the kill:")[1].split()[0])
+    listed = int(result.stdout.split("of them listed as interrupted:")[1].split()[0])
+    assert listed == run_again  # every job run twice was one the resumed ledger listed
 
 
 @pytest.mark.needs("aiohttp")
-def test_the_crawl_demo_kills_a_crawl_and_the_resume_fetches_no_recorded_page_again(tmp_path: Path) -> None:
+def test_the_crawl_demo_kills_a_crawl_and_the_resume_fetches_again_only_what_the_ledger_lists(
+    tmp_path: Path,
+) -> None:
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "crawl_demo.py"), "--pages", "400", "--dir", str(tmp_path)],
         capture_output=True,
@@ -47,8 +52,11 @@ def test_the_crawl_demo_kills_a_crawl_and_the_resume_fetches_no_recorded_page_ag
     before = int(result.stdout.split("pages fetched before the kill:")[1].split()[0].replace(",", ""))
     assert 0 < before < 801
     twice = int(result.stdout.split("pages fetched twice in all:")[1].split()[0])
-    in_flight = int(result.stdout.split("in flight at the kill, with no record yet:")[1].split()[0])
+    in_flight = int(result.stdout.split("in flight at the kill, not recorded done:")[1].split()[0])
+    listed = result.stdout.split("of which the ledger listed as interrupted:")[1].split()
     assert twice == in_flight <= 16  # only pages under way at the kill, at most one per worker
+    assert int(listed[0]) == twice  # each of them listed by the ledger itself
+    assert int(listed[3].rstrip(")")) <= 16  # "(it listed N)": the claims under way, one per worker
 
 
 @pytest.mark.needs("aiohttp")
