@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from tests.servers.s3 import MotoServer
+from yoink import Ledger
 from yoink.storage import LocalFileStorage
 
 YOINK = str(Path(sys.executable).with_name("yoink"))
@@ -374,7 +375,7 @@ def test_a_bug_is_an_internal_error_with_a_traceback_hint_not_a_usage_error(
 ) -> None:
     from yoink import cli
 
-    async def broken(storage: object, uri: str) -> None:
+    async def broken(storage: object, uri: str, **options: object) -> None:
         raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
 
     monkeypatch.setattr(cli, "scan", broken)
@@ -439,3 +440,168 @@ def test_stats_of_a_header_yoink_does_not_know_says_so_and_does_not_fail(tmp_pat
     assert result.returncode == 0, result.stderr
     assert "records:  1\n" in result.stdout
     assert "compacted: a header yoink does not know (not shown)\n" in result.stdout
+
+
+LEDGER = [
+    {"$ledger": "open", "v": 1, "fingerprint": {"site": "a"}},
+    {"$ledger": "add", "keys": ["a", "b", "c", "d", "e", 7]},
+    {"$ledger": "start", "key": "a", "attempt": 1},
+    {"$ledger": "done", "key": "a", "result": 200},
+    *(
+        record
+        for attempt in (1, 2, 3)
+        for record in (
+            {"$ledger": "start", "key": "b", "attempt": attempt},
+            {"$ledger": "fail", "key": "b", "attempt": attempt, "error": f"TimeoutError: slow {attempt}"},
+        )
+    ),
+    {"$ledger": "start", "key": "c", "attempt": 1},  # never ended
+    {"$ledger": "start", "key": "d", "attempt": 1},
+    {"$ledger": "fail", "key": "d", "attempt": 1, "error": "ConnectionError: refused"},
+    {"$ledger": "start", "key": 7, "attempt": 1},  # never ended
+]
+
+
+def ledger_part(stats: str) -> str:
+    """What ``yoink stats`` says of a ledger: its lines from "ledger:" on."""
+    return stats[stats.index("\nledger:") + 1 :]
+
+
+def test_stats_shows_a_ledgers_progress_its_given_up_items_and_its_interrupted_ones(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(jsonl(LEDGER))
+    result = yoink("stats", str(path))
+    assert result.returncode == 0, result.stderr
+    assert f"records:  {len(LEDGER)}\n" in result.stdout
+    assert ledger_part(result.stdout) == (
+        "ledger:   yes\n"
+        '  fingerprint: {"site":"a"}\n'
+        "  items:       6\n"
+        "  done:        1\n"
+        "  failed:      1 (given up after 3 attempts; set with --max-attempts)\n"
+        '    "b": "TimeoutError: slow 3"\n'
+        "  pending:     4 (of which 3 tried before)\n"
+        "  interrupted: 2 (started, not ended: in flight when a writer stopped, or running now)\n"
+        '    "c"\n'
+        "    7\n"
+    )
+
+
+def test_stats_gives_up_on_a_ledgers_items_after_max_attempts_as_the_ledger_would(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(jsonl(LEDGER))
+    once = ledger_part(yoink("stats", "--max-attempts", "1", str(path)).stdout)
+    assert "  failed:      4 (given up after 1 attempt; set with --max-attempts)\n" in once
+    assert '    "c": "interrupted: the attempt never ended"\n' in once  # an attempt that never ended counts
+    assert '    "d": "ConnectionError: refused"\n' in once
+    assert "  pending:     1 (of which 0 tried before)\n" in once
+    assert "  failed:      0 " in yoink("stats", "--max-attempts", "4", str(path)).stdout
+    refused = yoink("stats", "--max-attempts", "0", str(path))
+    assert refused.returncode == 2
+    assert "'0' is not a whole number of 1 or more" in refused.stderr
+
+
+def test_stats_lists_the_first_ten_of_many_and_counts_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    started = [{"$ledger": "start", "key": n, "attempt": 1} for n in range(25)]
+    path.write_text(jsonl([LEDGER[0], *started]))
+    part = ledger_part(yoink("stats", str(path)).stdout)
+    assert part.endswith("".join(f"    {n}\n" for n in range(10)) + "    ... and 15 more\n")
+    assert "  fingerprint: " in part
+
+
+def test_stats_of_a_ledger_with_a_corrupt_line_says_it_is_not_valid_and_counts_the_rest(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(jsonl(LEDGER) + "not json\n" + jsonl([{"$ledger": "done", "key": "e"}]))
+    result = yoink("stats", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    part = ledger_part(result.stdout)
+    assert part.startswith(
+        "ledger:   not a valid ledger: 1 corrupt line, which Ledger.open refuses unless given "
+        "on_corrupt='skip'; the figures below leave it out\n"
+    )
+    assert "  done:        2\n" in part  # "e", after the corrupt line
+
+
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        (
+            [*LEDGER[:4], {"url": "https://example.com/"}],
+            'record 5 is not a ledger\'s: {"url":"https://example.com/"}',
+        ),
+        ([*LEDGER[:4], {"$ledger": "start", "key": "a"}], "record 5 is not a ledger's"),
+        ([*LEDGER[:4], {"$ledger": "mystery"}], "record 5 is not a ledger's"),
+        ([{"$ledger": "open", "v": 2}], "is a ledger of version 2, written by another yoink"),
+    ],
+    ids=["a-plain-record", "a-field-missing", "an-unknown-kind", "another-version"],
+)
+def test_stats_of_a_journal_that_opens_a_ledger_and_breaks_its_rules_says_it_is_not_valid(
+    tmp_path: Path, records: list[dict[str, object]], message: str
+) -> None:
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(jsonl(records))
+    result = yoink("stats", str(path))
+    assert (result.returncode, result.stderr) == (0, "")
+    assert f"records:  {len(records)}\n" in result.stdout
+    part = ledger_part(result.stdout)
+    assert part.startswith("ledger:   not a valid ledger: ")
+    assert message in part
+    assert part.count("\n") == 1  # no figures: the ledger would not open
+
+
+def test_stats_of_a_journal_that_is_not_a_ledger_says_nothing_of_ledgers(journal: Path) -> None:
+    result = yoink("stats", str(journal))
+    assert result.returncode == 0
+    assert "ledger" not in result.stdout
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="LedgerState's NotALedgerError shows the record with orjson, which refuses an int beyond 64 bits",
+)
+def test_stats_of_a_ledger_with_a_record_holding_a_huge_int_says_it_is_not_valid(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(jsonl(LEDGER[:2]) + '{"$ledger":"add","keys":99999999999999999999999}\n')
+    result = yoink("stats", str(path))
+    assert (result.returncode, result.stderr) == (0, "")
+    assert "ledger:   not a valid ledger: " in result.stdout
+
+
+def test_stats_reads_a_ledger_beside_its_live_writer_and_after_it_compacts(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+
+    async def beside_a_writer() -> tuple[subprocess.CompletedProcess[str], bytes, bytes]:
+        async with Ledger.open(path, fingerprint="job-1", max_attempts=2) as ledger:
+            await ledger.add(["a", "b", "c"])
+            async with ledger.claim("a") as item:
+                item.result = 1
+            async with ledger.claim("b"):
+                raise ValueError("bad input")
+            async with ledger.claim("c"):  # the writer holds the journal's lock, and "c" runs
+                before = path.read_bytes()
+                running = await anyio.to_thread.run_sync(yoink, "stats", "--max-attempts", "2", str(path))
+                after = path.read_bytes()
+            await ledger.compact()
+        return running, before, after
+
+    running, before, after = anyio.run(beside_a_writer)
+    assert (running.returncode, running.stderr) == (0, "")
+    assert before == after  # stats wrote nothing, beside a writer that holds the lock
+    assert ledger_part(running.stdout) == (
+        "ledger:   yes\n"
+        '  fingerprint: "job-1"\n'
+        "  items:       3\n"
+        "  done:        1\n"
+        "  failed:      0 (given up after 2 attempts; set with --max-attempts)\n"
+        "  pending:     2 (of which 2 tried before)\n"
+        "  interrupted: 1 (started, not ended: in flight when a writer stopped, or running now)\n"
+        '    "c"\n'
+    )
+    compacted = yoink("stats", str(path)).stdout
+    assert re.search(r"compacted: \S+ to a snapshot", compacted), compacted
+    assert "  done:        2\n  failed:      0 " in ledger_part(compacted)
+    assert "  pending:     1 (of which 1 tried before)\n" in ledger_part(compacted)

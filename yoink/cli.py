@@ -1,7 +1,8 @@
 """The ``yoink`` command: look into a journal, check it, copy it to another backend.
 
     yoink cat URI            the records, as JSONL on stdout
-    yoink stats URI          records, bytes, the first and last record, problems found
+    yoink stats URI          records, bytes, the first and last record, problems found; a
+                             ledger's progress (done, failed, pending, interrupted)
     yoink verify URI         exit status 0 for a clean journal, 1 with each problem
     yoink copy SRC DST       stream a journal from one backend to another
     yoink compact URI --key FIELD   keep the last record for each value of FIELD
@@ -33,7 +34,8 @@ import orjson
 
 from yoink import __version__
 from yoink._compaction import Compaction
-from yoink._exceptions import CorruptCheckpointError, YoinkError
+from yoink._exceptions import CorruptCheckpointError, LedgerError, YoinkError
+from yoink._ledger_state import DONE, FIELD, INTERRUPTED, Failed, Key, LedgerState, attempts
 from yoink._manager import CheckpointManager
 from yoink._records import BadLine, JournalDecoder, Problem, TornTail
 from yoink.storage import CheckpointStorage, StorageFactory
@@ -86,17 +88,28 @@ class Scan:
     problems: list[Problem] = field(default_factory=list)
     header: dict[str, Any] | None = None  # the journal's header line, if it has one
     compaction: Compaction | None = None  # the last compaction, as the header tells it
+    ledger: LedgerState | None = None  # a ledger's state, folded, if the first record opens one
+    not_a_ledger: str | None = None  # why the fold stopped, if it did
 
 
-async def scan(storage: CheckpointStorage, uri: str) -> Scan:
-    """Read the whole journal once, skipping and noting every problem."""
+async def scan(storage: CheckpointStorage, uri: str, *, ledger: bool = False) -> Scan:
+    """Read the whole journal once, skipping and noting every problem; with ``ledger``, fold the
+    records of a journal whose first record opens a ledger into its state."""
     result = Scan()
     decoder = JournalDecoder(uri, on_corrupt="skip", on_problem=result.problems.append)
     async for records in decoder.batches(storage.read()):
         if records:
-            result.first = result.first or records[0]
+            if result.first is None:
+                result.first = records[0]
+                if ledger and result.first.get(FIELD) == "open":
+                    result.ledger = LedgerState(uri)
             result.last = records[-1]
             result.records += len(records)
+            if result.ledger is not None and result.not_a_ledger is None:
+                try:
+                    result.ledger.fold(records)
+                except LedgerError as exc:  # the rest is still counted, and its problems noted
+                    result.not_a_ledger = str(exc)
     left_out = sum(problem.left_out for problem in result.problems if isinstance(problem, TornTail))
     result.bytes = decoder.offset + left_out
     result.header = decoder.header
@@ -122,10 +135,10 @@ async def cat(uri: str, skip_corrupt: bool, out: BinaryIO) -> int:
     return 0
 
 
-async def stats(uri: str) -> int:
+async def stats(uri: str, max_attempts: int = 3) -> int:
     async with _storage(uri) as storage:
         await _require(storage, uri)
-        result = await scan(storage, redact(uri))
+        result = await scan(storage, redact(uri), ledger=True)
     print(f"journal:  {redact(uri)}")
     print(f"records:  {result.records:,}")
     print(f"bytes:    {result.bytes:,}")
@@ -140,7 +153,62 @@ async def stats(uri: str) -> int:
         print(f"  {problem}")
     if len(corrupt) > 10:
         print(f"  ... and {len(corrupt) - 10} more (yoink verify lists them all)")
+    if result.ledger is not None:
+        _ledger_stats(result, len(corrupt), max_attempts)
     return 0
+
+
+def _ledger_stats(result: Scan, corrupt: int, max_attempts: int) -> None:
+    """A ledger's progress, as :class:`~yoink.Ledger` would find it, opened with ``max_attempts``."""
+    state = result.ledger
+    assert state is not None
+    if result.not_a_ledger is not None:
+        print(f"ledger:   not a valid ledger: {result.not_a_ledger}")
+        return
+    if corrupt:
+        them = "it" if corrupt == 1 else "them"
+        print(
+            f"ledger:   not a valid ledger: {corrupt} corrupt line{'s' * (corrupt > 1)}, which Ledger.open "
+            f"refuses unless given on_corrupt='skip'; the figures below leave {them} out"
+        )
+    else:
+        print("ledger:   yes")
+    done = failed = tried_before = 0
+    interrupted: list[Key] = []
+    given_up: list[str] = []
+    for key, item in state.items.items():
+        if item is DONE:
+            done += 1
+            continue
+        tried = attempts(item)
+        if type(item) is int:
+            interrupted.append(key)
+        if tried >= max_attempts:
+            failed += 1
+            if len(given_up) < 10:
+                given_up.append(f"{_show(key)}: {_show(item.error if type(item) is Failed else INTERRUPTED)}")
+        elif tried:
+            tried_before += 1
+    fingerprint = "none given" if state.fingerprint is None else _show(state.fingerprint)
+    print(f"  fingerprint: {fingerprint}")
+    print(f"  items:       {len(state.items):,}")
+    print(f"  done:        {done:,}")
+    limit = f"{max_attempts} attempt{'s' * (max_attempts > 1)}"
+    print(f"  failed:      {failed:,} (given up after {limit}; set with --max-attempts)")
+    _some(given_up, failed)
+    pending = len(state.items) - done - failed
+    print(f"  pending:     {pending:,} (of which {tried_before:,} tried before)")
+    stopped = "in flight when a writer stopped, or running now"
+    print(f"  interrupted: {len(interrupted):,} (started, not ended: {stopped})")
+    _some([_show(key) for key in interrupted[:10]], len(interrupted))
+
+
+def _some(lines: list[str], total: int) -> None:
+    """The first lines of a list of ``total``, indented, and how many more there are."""
+    for line in lines:
+        print(f"    {line}")
+    if total > len(lines):
+        print(f"    ... and {total - len(lines):,} more")
 
 
 def _compacted(result: Scan) -> str:
@@ -222,7 +290,7 @@ async def _batches(records: AsyncIterator[dict[str, Any]], size: int) -> AsyncIt
         yield batch
 
 
-def _jsonl(record: dict[str, Any]) -> bytes:
+def _jsonl(record: Any) -> bytes:
     """A record as one JSONL line; integers beyond 64 bits, which replay reads exactly, kept so."""
     try:
         return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
@@ -230,11 +298,22 @@ def _jsonl(record: dict[str, Any]) -> bytes:
         return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
-def _show(record: dict[str, Any] | None) -> str:
+def _show(record: Any) -> str:
+    """A record (or any JSON value) on one line of at most 200 characters; None as "-"."""
     if record is None:
         return "-"
     text = _jsonl(record).decode().rstrip("\n")
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -248,9 +327,16 @@ def _parser() -> argparse.ArgumentParser:
     command.add_argument("uri")
     command.add_argument("--skip-corrupt", action="store_true", help="skip corrupt lines instead of stopping")
     command = commands.add_parser(
-        "stats", help="count records and bytes, show the first and last, and problems"
+        "stats", help="count records and bytes, show the first and last, problems, and a ledger's progress"
     )
     command.add_argument("uri")
+    command.add_argument(
+        "--max-attempts",
+        type=_positive,
+        default=3,
+        metavar="N",
+        help="a ledger's limit, which its journal does not hold: an item tried N times is given up (3)",
+    )
     command = commands.add_parser("verify", help="exit 0 if the journal is clean, else 1 with each problem")
     command.add_argument("uri")
     command = commands.add_parser("copy", help="copy a journal to another URI (any backend to any other)")
@@ -277,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "cat":
             return anyio.run(cat, args.uri, args.skip_corrupt, sys.stdout.buffer)
         if args.command == "stats":
-            return anyio.run(stats, args.uri)
+            return anyio.run(stats, args.uri, args.max_attempts)
         if args.command == "verify":
             return anyio.run(verify, args.uri)
         if args.command == "compact":
