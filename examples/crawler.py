@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urldefrag, urljoin, urlsplit
@@ -29,7 +30,7 @@ from urllib.parse import urldefrag, urljoin, urlsplit
 import aiohttp
 import anyio
 
-from yoink import Ledger
+from yoink import FingerprintMismatchError, Ledger, NotALedgerError
 
 HREF = re.compile(rb"""href\s*=\s*["']([^"'#][^"']*|#[^"']*)["']""", re.IGNORECASE)
 
@@ -123,4 +124,7 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
     logging.basicConfig(format="crawler: %(levelname)s: %(message)s")  # the ledger's failed attempts
-    anyio.run(main, args.start, args.checkpoint, args.max_pages, args.concurrency)
+    try:
+        anyio.run(main, args.start, args.checkpoint, args.max_pages, args.concurrency)
+    except (FingerprintMismatchError, NotALedgerError) as exc:  # the journal is not this crawl's
+        sys.exit(f"crawler: {exc}")
