@@ -102,7 +102,7 @@ async def scan(storage: CheckpointStorage, uri: str, *, ledger: bool = False) ->
             if result.first is None:
                 result.first = records[0]
                 if ledger and result.first.get(FIELD) == "open":
-                    result.ledger = LedgerState(uri)
+                    result.ledger = LedgerState(uri, keep_results=False)  # counts, not results
             result.last = records[-1]
             result.records += len(records)
             if result.ledger is not None and result.not_a_ledger is None:
