@@ -35,7 +35,7 @@ import orjson
 from yoink import __version__
 from yoink._compaction import Compaction
 from yoink._exceptions import CorruptCheckpointError, LedgerError, YoinkError
-from yoink._ledger_state import DONE, FIELD, INTERRUPTED, Failed, Key, LedgerState, attempts
+from yoink._ledger_state import DONE, FIELD, PENDING, LedgerState, Tries
 from yoink._manager import CheckpointManager
 from yoink._records import BadLine, JournalDecoder, Problem, TornTail
 from yoink.storage import CheckpointStorage, StorageFactory
@@ -174,30 +174,26 @@ def _ledger_stats(result: Scan, corrupt: int, max_attempts: int) -> None:
     else:
         print("ledger:   yes")
     done = failed = tried_before = 0
-    interrupted: list[Key] = []
     given_up: list[str] = []
     for key, item in state.items.items():
         if item is DONE:
             done += 1
-            continue
-        tried = attempts(item)
-        if type(item) is int:
-            interrupted.append(key)
-        if tried >= max_attempts:
+        elif type(item) is Tries and item.failures >= max_attempts:
             failed += 1
             if len(given_up) < 10:
-                given_up.append(f"{_show(key)}: {_show(item.error if type(item) is Failed else INTERRUPTED)}")
-        elif tried:
+                given_up.append(f"{_show(key)}: {_show(item.error or '')}")
+        elif item is not PENDING:
             tried_before += 1
     fingerprint = "none given" if state.fingerprint is None else _show(state.fingerprint)
     print(f"  fingerprint: {fingerprint}")
     print(f"  items:       {len(state.items):,}")
     print(f"  done:        {done:,}")
-    limit = f"{max_attempts} attempt{'s' * (max_attempts > 1)}"
+    limit = f"{max_attempts} failed attempt{'s' * (max_attempts > 1)}"
     print(f"  failed:      {failed:,} (given up after {limit}; set with --max-attempts)")
     _some(given_up, failed)
     pending = len(state.items) - done - failed
     print(f"  pending:     {pending:,} (of which {tried_before:,} tried before)")
+    interrupted = state.interrupted()
     stopped = "in flight when a writer stopped, or running now"
     print(f"  interrupted: {len(interrupted):,} (started, not ended: {stopped})")
     _some([_show(key) for key in interrupted[:10]], len(interrupted))
