@@ -9,8 +9,8 @@ again), which links are still to visit, and which pages were being fetched when 
 
 Each URL is a key of the ledger: added when a link to it is first found, claimed by one of the
 workers, and done with the page's HTTP status as its result. A fetch that fails (a connection
-error, a timeout, a 5xx) fails its claim, and the ledger tries the page again later, three times
-in all. The ledger's journal compacts itself to the crawl's live state as it grows.
+error, a timeout, a 5xx) fails its claim, and the ledger tries the page again later, until it
+has failed three times. The ledger's journal compacts itself to the crawl's live state as it grows.
 
 It prints a line for each of these, for examples/crawl_demo.py to read:
 ``resumed DONE PENDING SECONDS``, then ``interrupted URL`` for each page in flight at the last stop;
