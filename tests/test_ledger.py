@@ -672,6 +672,22 @@ def test_a_second_job_on_the_same_ledger_is_refused_when_it_opens(tmp_path: Path
     assert holder.returncode == 0
 
 
+async def test_a_second_ledger_on_the_same_journal_is_refused_quietly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "jobs.jsonl"
+    async with Ledger.open(path) as ledger:
+        await ledger.add("a")
+        with caplog.at_level(logging.WARNING, logger="yoink"), pytest.raises(CheckpointLockedError):
+            async with Ledger.open(path):
+                pass
+        assert caplog.text == ""  # its refused opening record is not tried again at close
+        async with ledger.claim("a"):
+            pass
+    async with Ledger.open(path) as ledger:
+        assert ledger.state("a") == "done"
+
+
 HOLDER = """
 import anyio, sys
 from yoink import Ledger

@@ -23,8 +23,10 @@ import orjson
 
 from yoink import _json
 from yoink._exceptions import (
+    CheckpointLockedError,
     ClaimError,
     CompactionNotSupportedError,
+    ConcurrentWriterError,
     FingerprintMismatchError,
     StorageClosedError,
 )
@@ -62,6 +64,8 @@ class Progress:
     ``failed`` counts the items given up on (they failed ``max_attempts`` times); an item that
     failed and will be tried again is ``pending``. ``interrupted`` counts the items that were in
     flight when the journal's last writer stopped (:attr:`Ledger.interrupted` lists them).
+    The counts are the ledger's memory: an item is done from the moment its claim's body ended,
+    a little before its record is durable (the claim's exit waits for that, with ``durable=True``).
     """
 
     done: int
@@ -193,7 +197,11 @@ class Ledger:
             compact=compact,
         )
         async with manager:
-            await ledger._load(on_fingerprint_change)
+            try:
+                await ledger._load(on_fingerprint_change)
+            except (CheckpointLockedError, ConcurrentWriterError):
+                manager._forget_unwritten()  # its opening record: refused, and not to be tried again
+                raise
             try:
                 yield ledger
             finally:

@@ -580,6 +580,12 @@ class CheckpointManager:
                     exc_info=True,
                 )
 
+    def _forget_unwritten(self) -> None:
+        """Drop the records no write has taken yet: for a writer the storage refused (the ledger's
+        opening record, whose flush met another writer's lock), so that close() does not try again."""
+        if not self._cuts:
+            del self._buffer[:]
+
     def _drop_after_fork(self) -> None:
         """In a forked child: a task of the parent's may hold this manager's locks, and never will
         let go of them here. Refuse everything, as the storage does, instead of waiting for them."""
