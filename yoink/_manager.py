@@ -37,6 +37,10 @@ __all__ = ["CheckpointManager"]
 logger = logging.getLogger(__name__)
 
 _dumps = orjson.dumps  # a global, not an attribute: one lookup fewer per append()
+# While a compaction runs, append() lets it have the event loop once per this many bytes appended:
+# its swap takes tens of turns of the loop (frames from the worker, writes in threads), which at
+# one per batch_bytes would keep records waiting in memory for seconds in a loop that appends flat out.
+_HELD_STEP = 64 << 10
 
 
 class CheckpointManager:
@@ -437,7 +441,7 @@ class CheckpointManager:
                 raise self._refusal()
             raise record_too_long(appended)
         if self._cuts:  # held in memory until the compaction ends; let it run meanwhile
-            self._full_at = len(self._buffer) + self._batch_bytes
+            self._full_at = len(self._buffer) + min(self._batch_bytes, _HELD_STEP)
             await anyio.lowlevel.checkpoint()
             return
         await self._write_batch(if_full=True)
