@@ -17,13 +17,15 @@ fresh process (peak memory is that process's, less what it held once yoink was i
   measured with tracemalloc in a process of their own): what the process grew by, and the peak
   of its worker process, if the fold ran in one (the whole process, its interpreter included);
 - the policy: append throughput with ``CompactionPolicy(key="url")`` against runs without it,
-  ``--policy-rounds`` of each in turn (the median of each round's ratio), two ways. "Appending":
+  ``--policy-rounds`` of each in turn (the median of each round's ratio), three ways. "Appending":
   the appends and the final flush's writing and fsync, leaving out only the flush's wait for the
   compaction under way at the end (how much the policy slows the appends themselves; every record
   is written within it, those held during a compaction too). "To close": to the end of
-  ``close()``, every wait included. ``--against REVISION`` takes the same figures with yoink at that
-  git revision (from ``git archive``) in turn with these, in the same run: before and after,
-  under the same load.
+  ``close()``, every wait included. "Per CPU second": records per second of the CPU time the
+  appending process used to the end of ``close()`` (its threads' included, a worker process's
+  not): what the policy costs the process that appends, whatever else keeps the machine busy.
+  ``--against REVISION`` takes the same figures with yoink at that git revision (from
+  ``git archive``) in turn with these, in the same run: before and after, under the same load.
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ def record(i: int, keys: int) -> dict[str, Any]:
 
 def rss(who: int = resource.RUSAGE_SELF) -> int:
     return resource.getrusage(who).ru_maxrss * 1024
+
+
+def cpu_seconds() -> float:
+    """The CPU time this process has used, its threads' included, its children's (a worker) not."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 # Each phase runs in its own process, gets (uri, options, records, keys) and returns a dict.
@@ -139,6 +147,7 @@ async def append_rate(uri: str, options: dict[str, Any], n: int, keys: int) -> d
     compactions = Compactions()
     logging.getLogger("yoink").addHandler(compactions)
     logging.getLogger("yoink").setLevel(logging.INFO)
+    cpu = cpu_seconds()
     start = time.perf_counter()
     async with CheckpointManager.from_uri(uri, flush_interval=None, **options) as manager:
         for i in range(n):
@@ -152,6 +161,7 @@ async def append_rate(uri: str, options: dict[str, Any], n: int, keys: int) -> d
     return {
         "appending": n / (appended - start + flushed - waited),
         "to_close": n / (closed - start),
+        "per_cpu_second": n / (cpu_seconds() - cpu),
         "compactions": compactions.count,
         "peak_bytes": rss(),
     }
@@ -232,7 +242,11 @@ def policy_rounds(
 
 def policy_rows(label: str, runs: list[dict[str, Any]], n: int) -> list[tuple[str, str]]:
     rows = []
-    for figure, what in [("appending", "appending"), ("to_close", "to close")]:
+    for figure, what in [
+        ("appending", "appending"),
+        ("to_close", "to close"),
+        ("per_cpu_second", "per CPU second"),
+    ]:
         ratios = [run["policy"][figure] / run["plain"][figure] for run in runs]
         plain = statistics.median(run["plain"][figure] for run in runs)
         policy = statistics.median(run["policy"][figure] for run in runs)
