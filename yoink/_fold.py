@@ -65,8 +65,9 @@ TEXT = b"T"  # from the worker: kept records, as lines
 ERROR = b"X"  # from the worker: why it could not fold (JSON)
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the yoink this one is
-# The worker's command: this yoink first on its path (not the working directory's), then its main().
-_BOOT = "import sys; sys.path[0] = sys.argv[1]; from yoink._fold_worker import main; main()"
+# The worker's command: this yoink first on its path (before any in the working directory), then its
+# main(). Inserted, not put in place of sys.path[0]: under PYTHONSAFEPATH that is the standard library.
+_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from yoink._fold_worker import main; main()"
 
 
 def frame(kind: bytes, payload: bytes = b"") -> bytes:
