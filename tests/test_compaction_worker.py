@@ -27,7 +27,7 @@ import pytest
 
 from tests.helpers import random_seed
 from yoink import CheckpointManager, Compaction, CorruptCheckpointError, StorageError, _fold
-from yoink._records import MAX_LINE_BYTES
+from yoink._records import MAX_LINE_BYTES, OnCorrupt
 from yoink.storage import CheckpointStorage, LocalFileStorage, MemoryStorage
 
 pytestmark = pytest.mark.usefixtures("async_backend")
@@ -164,7 +164,7 @@ async def compact_with(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     *,
-    on_corrupt: str = "raise",
+    on_corrupt: OnCorrupt = "raise",
 ) -> Outcome:
     """Write ``text`` as the journal and compact it by "k", in a worker or not (``worker_from``)."""
     await journal.write(text)
@@ -172,7 +172,7 @@ async def compact_with(
     caplog.clear()
     result = error = None
     with caplog.at_level(logging.DEBUG, logger="yoink"):
-        async with CheckpointManager(journal.storage(), on_corrupt=on_corrupt) as checkpoint:  # type: ignore[arg-type]
+        async with CheckpointManager(journal.storage(), on_corrupt=on_corrupt) as checkpoint:
             try:
                 result = await checkpoint.compact(key="k")
             except (CorruptCheckpointError, StorageError) as exc:
@@ -234,7 +234,7 @@ async def test_a_worker_folds_a_random_journal_into_the_same_snapshot_as_the_eve
 ) -> None:
     rng = random.Random(random_seed())
     text = random_journal(rng, rng.randrange(5_000, 20_000), corrupt=corrupt)
-    on_corrupt = "skip" if corrupt else "raise"
+    on_corrupt: OnCorrupt = "skip" if corrupt else "raise"
     here = await compact_with(journal, text, NEVER, monkeypatch, caplog, on_corrupt=on_corrupt)
     there = await compact_with(journal, text, ALWAYS, monkeypatch, caplog, on_corrupt=on_corrupt)
     assert here.error is None, here.error
