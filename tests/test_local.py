@@ -22,7 +22,6 @@ from tests.helpers import spy_on_fsync
 from yoink import CheckpointLockedError, CheckpointManager, StorageClosedError, StorageError
 from yoink.storage import LocalFileStorage
 from yoink.storage import _files as files_module
-from yoink.storage import _local as local_module
 from yoink.storage._files import READ_CHUNK, file_chunks, path_chunks
 
 TORN = '{"url":"https://example.com/3","sta'
@@ -528,12 +527,12 @@ async def test_a_local_journal_whose_read_fails_part_way_names_itself(
 ) -> None:
     path = tmp_path / "j.jsonl"
     path.write_text('{"n":1}\n')
-    monkeypatch.setattr(local_module, "open", lambda *args: FailingRead(open(*args)), raising=False)  # noqa: SIM115
+    # A local journal is opened by _files.open_journal, as a compaction's worker opens it.
+    monkeypatch.setattr(files_module, "open", lambda *args: FailingRead(open(*args)), raising=False)  # noqa: SIM115
     with pytest.raises(StorageError) as failed:
         async for _ in LocalFileStorage(path).read():
             pass
     assert str(failed.value) == f"cannot read {path}: Input/output error"
-    monkeypatch.setattr(files_module, "open", lambda *args: FailingRead(open(*args)), raising=False)  # noqa: SIM115
     with pytest.raises(StorageError) as failed:
         async for _ in path_chunks(str(path), 8):  # a staged batch is read so
             pass

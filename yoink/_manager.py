@@ -17,18 +17,10 @@ import anyio.lowlevel
 import orjson
 
 from yoink import _records
-from yoink._compaction import (
-    Compaction,
-    CompactionPolicy,
-    KeyFold,
-    SnapshotFeed,
-    encode_replayed,
-    feeding,
-    now,
-    snapshot_text,
-)
+from yoink._compaction import Compaction, CompactionPolicy, SnapshotFeed, feeding, now
 from yoink._compat import Self
 from yoink._exceptions import ReadOnlyError, StorageClosedError, StorageError
+from yoink._fold import fold_by_key
 from yoink._fork import drop_in_forked_children, forked_note
 from yoink._records import (
     JournalDecoder,
@@ -46,6 +38,10 @@ __all__ = ["CheckpointManager"]
 logger = logging.getLogger(__name__)
 
 _dumps = orjson.dumps  # a global, not an attribute: one lookup fewer per append()
+# While a compaction runs, append() lets it have the event loop once per this many bytes appended:
+# its swap takes tens of turns of the loop (frames from the worker, writes in threads), which at
+# one per batch_bytes would keep records waiting in memory for seconds in a loop that appends flat out.
+_HELD_STEP = 64 << 10
 
 
 class CheckpointManager:
@@ -339,29 +335,29 @@ class CheckpointManager:
         handed = self._handed
         await self._storage.flush()
         self._durable = max(self._durable, handed)
-        info = Compaction(at=now(), key=key, records_before=None, bytes_before=None, records=None)
-        size: list[int] = []
+        at = now()
         if key is not None:
-            fold = KeyFold(key)
-            decoder = JournalDecoder(repr(self._storage), on_corrupt=self._on_corrupt)
-            async for batch in decoder.batches(self._storage.read()):
-                fold.add(batch)
-            info = Compaction(info.at, key, fold.records, decoder.offset, len(fold))
-            header = info.header_line()
-            text = snapshot_text(header, fold, encode_replayed, lambda *counts: size.extend(counts))
+            # Read and folded in a worker process if the journal is large, so appends go on meanwhile.
+            async with fold_by_key(self._storage, key, self._on_corrupt) as fold:
+                info = Compaction(at, key, fold.records_before, fold.bytes_before, fold.kept)
+                await self._replace(fold.text(info.header_line()))
+            records, written = fold.kept, fold.bytes
         else:
             assert feed is not None
-            header = info.header_line()
-            text = feed.text(header)
+            info = Compaction(at, key, records_before=None, bytes_before=None, records=None)
+            text = feed.text(info.header_line())
             feed.ready.set()  # the journal before the cut is durable: a replay in the snapshot reads it
+            await self._replace(text)
+            records, written = feed.records, feed.bytes
+        self._grown = 0
+        self._base = written + len(info.header_line().encode())
+        return Compaction(info.at, key, info.records_before, info.bytes_before, records, written)
+
+    async def _replace(self, text: AsyncGenerator[str, None]) -> None:
         try:
             await self._storage.replace(text)
         finally:
             await text.aclose()
-        records, written = size if size else (feed.records, feed.bytes)  # type: ignore[union-attr]
-        self._grown = 0
-        self._base = written + len(header.encode())
-        return Compaction(info.at, key, info.records_before, info.bytes_before, records, written)
 
     async def _compactions_done(self) -> None:
         """Return once no compaction is under way or waiting."""
@@ -454,7 +450,7 @@ class CheckpointManager:
                 raise self._refusal()
             raise record_too_long(appended)
         if self._cuts:  # held in memory until the compaction ends; let it run meanwhile
-            self._full_at = len(self._buffer) + self._batch_bytes
+            self._full_at = len(self._buffer) + min(self._batch_bytes, _HELD_STEP)
             await anyio.lowlevel.checkpoint()
             return
         await self._write_batch(if_full=True)

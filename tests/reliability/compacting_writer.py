@@ -6,7 +6,8 @@ Prints ``resumed N`` once the journal is replayed, then ``acked n n ...`` after 
 returned (those records are durable) and ``compacted`` after each compaction that returned.
 Records are ``{"n": n, "k": n % KEYS}``, numbered on from the journal's last: a compaction by
 ``"k"`` keeps the last of each key, so a sound journal holds its ``n`` in increasing order, and
-for every acknowledged record either that record or a later one of its key.
+for every acknowledged record either that record or a later one of its key. Half the writers fold
+every journal in a worker process, however small, so that kills land in those compactions too.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 
 import anyio
 
-from yoink import CheckpointManager
+from yoink import CheckpointManager, _fold
 
 KEYS = 50
 
@@ -26,6 +27,8 @@ KEYS = 50
 async def main(uri: str, seed: int, options: dict[str, object]) -> None:
     rng = random.Random(seed)
     batch_bytes = rng.choice([256, 4096, 65536])
+    if rng.random() < 0.5:
+        _fold.WORKER_FROM_BYTES = 0
     async with CheckpointManager.from_uri(
         uri, batch_bytes=batch_bytes, flush_interval=None, **options
     ) as manager:

@@ -1,22 +1,33 @@
 """What the backends that read local files share: how much to read at once, and reading in chunks.
 
 Local journals, staged batches and the bodies of remote objects are all read ``READ_CHUNK`` bytes
-at a time, so that a replay's memory is bounded by a chunk, not by the journal.
+at a time, so that a replay's memory is bounded by a chunk, not by the journal. A local journal is
+read by :func:`open_journal` and :func:`journal_lines`: by its storage's ``read()``, and by a
+compaction's worker process (:mod:`yoink._fold`), which reads it the same way.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import BinaryIO
 
 import anyio
 import anyio.to_thread
 
 from yoink._exceptions import StorageError
+from yoink._lines import whole_lines
 
-__all__ = ["READ_CHUNK", "TORN_SUFFIX", "file_chunks", "path_chunks", "set_aside_torn_tail"]
+__all__ = [
+    "READ_CHUNK",
+    "TORN_SUFFIX",
+    "file_chunks",
+    "journal_lines",
+    "open_journal",
+    "path_chunks",
+    "set_aside_torn_tail",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +49,30 @@ async def file_chunks(file: BinaryIO, size: int, *, describe: str) -> AsyncItera
             return
         size -= len(chunk)
         yield chunk
+
+
+def open_journal(path: str) -> tuple[BinaryIO, int] | None:
+    """Open the journal at ``path`` for reading, with its size now; None if there is none.
+
+    What a read reads is that size: a batch appended meanwhile is not half-seen. Call it in the
+    event loop's thread, not in a worker thread, so that a cancelled caller cannot drop an open file.
+    """
+    try:
+        file = open(path, "rb")  # noqa: SIM115 (the caller closes it)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        return file, os.fstat(file.fileno()).st_size
+    except OSError as exc:
+        file.close()
+        raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def journal_lines(file: BinaryIO, size: int, describe: str) -> AsyncGenerator[str, None]:
+    """The first ``size`` bytes of a journal ``file`` as blocks of whole lines, a torn tail left out."""
+    return whole_lines(file_chunks(file, size, describe=describe), describe=describe)
 
 
 async def path_chunks(path: str, size: int) -> AsyncIterator[bytes]:

@@ -17,9 +17,8 @@ import anyio.to_thread
 from yoink._compat import Self
 from yoink._exceptions import CheckpointLockedError, StorageError
 from yoink._fork import close_locked, drop_in_forked_children, forks_wait
-from yoink._lines import whole_lines
 from yoink._tasks import uninterrupted
-from yoink.storage._files import file_chunks, set_aside_torn_tail
+from yoink.storage._files import journal_lines, open_journal, set_aside_torn_tail
 from yoink.storage._lifecycle import ClosableStorage
 from yoink.storage._uri import take_uri_options
 
@@ -126,18 +125,12 @@ class LocalFileStorage(ClosableStorage):
             await uninterrupted(functools.partial(self._write, data.encode("utf-8")))
 
     async def read(self) -> AsyncIterator[str]:
-        try:  # opened here, not in a thread, so that a cancelled caller cannot drop an open file
-            file = open(self._path, "rb")  # noqa: SIM115, ASYNC230 (closed below, at once)
-        except FileNotFoundError:
+        opened = open_journal(self._path)  # up to its size now: a batch appended meanwhile is not half-seen
+        if opened is None:
             return
-        except OSError as exc:
-            raise StorageError(f"cannot read {self._path}: {exc.strerror}") from exc
+        file, size = opened
         try:
-            # Read up to the size at the start: a batch appended meanwhile is not half-seen.
-            size = os.fstat(file.fileno()).st_size
-            async with contextlib.aclosing(
-                whole_lines(file_chunks(file, size, describe=self._path), describe=self._path)
-            ) as blocks:
+            async with contextlib.aclosing(journal_lines(file, size, self._path)) as blocks:
                 async for block in blocks:
                     yield block
         finally:

@@ -1,0 +1,401 @@
+"""compact(key=...) folds a large journal in a worker process, with real processes throughout.
+
+The worker gives the snapshot and the errors that folding on the event loop gives; a worker that
+dies is an error that keeps the journal, and the manager appends on; a worker never outlives its
+parent, killed or closed. Workers are found in /proc: children of the parent whose command line
+names ``yoink._fold_worker``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+
+from tests.helpers import random_seed
+from yoink import CheckpointManager, Compaction, CorruptCheckpointError, StorageError, _fold
+from yoink._records import MAX_LINE_BYTES, OnCorrupt
+from yoink.storage import CheckpointStorage, LocalFileStorage, MemoryStorage
+
+pytestmark = pytest.mark.usefixtures("async_backend")
+
+WORKER = b"yoink._fold_worker"  # in every worker's command line
+ALWAYS, NEVER = 0, 1 << 62  # WORKER_FROM_BYTES: fold every journal in a worker, or none
+
+
+def workers_of(parent: int) -> list[int]:
+    """The worker processes of ``parent`` that are running (not zombies)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _stat(int(entry))[1:] == ("running", parent):
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if WORKER in cmdline:
+                found.append(int(entry))
+    return found
+
+
+def _stat(pid: int) -> tuple[int, str, int]:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return pid, "gone", 0
+    return pid, "zombie" if fields[0] in "ZX" else "running", int(fields[1])
+
+
+def running(pid: int) -> bool:
+    return _stat(pid)[1] == "running"
+
+
+def read_position(pid: int, path: Path) -> int:
+    """How far process ``pid`` has read the file at ``path`` (0 if it has it open nowhere)."""
+    target = os.path.realpath(path)
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return 0
+    for fd in descriptors:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+                return int(info.split("pos:", 1)[1].split()[0])
+        except (OSError, IndexError, ValueError):
+            continue
+    return 0
+
+
+async def a_worker_of(parent: int, reading: Path | None = None) -> int:
+    """Wait for a worker of ``parent``; with ``reading``, until it has read part of that file."""
+    with anyio.fail_after(60):
+        while True:
+            for pid in workers_of(parent):
+                if reading is None or read_position(pid, reading) > 0:
+                    return pid
+            await anyio.sleep(0.001)
+
+
+def big_journal(records: int, keys: int = 1000) -> str:
+    """A journal of about 100 bytes a record, as yoink writes it: over WORKER_FROM_BYTES for 200,000."""
+    return b"".join(
+        orjson.dumps({"k": f"key-{n % keys}", "n": n, "pad": "p" * 60}) + b"\n" for n in range(records)
+    ).decode()
+
+
+class Journal:
+    """One journal on a backend, written as raw text (as another tool could), reopened at will."""
+
+    def __init__(self, kind: str, tmp_path: Path) -> None:
+        self.kind = kind
+        self.path = tmp_path / "journal.jsonl"
+        self._name = f"worker-{tmp_path.name}"
+        self._stage = tmp_path / "stage"
+
+    def storage(self) -> CheckpointStorage:
+        if self.kind == "local":
+            return LocalFileStorage(self.path)
+        if self.kind == "memory":
+            return MemoryStorage(self._name)
+        from yoink.storage import FsspecStorage
+
+        return FsspecStorage(f"fsspec+file://{self.path}", stage_dir=self._stage)
+
+    async def write(self, text: str) -> None:
+        """Make the journal ``text``, whatever it held."""
+        if self.kind == "memory":
+            async with self.storage() as storage:
+
+                async def whole() -> AsyncIterator[str]:
+                    yield text
+
+                await storage.replace(whole())
+        else:
+            self.path.write_bytes(text.encode("utf-8", "surrogateescape"))
+
+    async def text(self) -> str:
+        async with self.storage() as storage:
+            return "".join([item async for item in storage.read()])
+
+
+@pytest.fixture(params=["local", "memory", "fsspec"])
+def journal(request: pytest.FixtureRequest, tmp_path: Path) -> Journal:
+    """A local journal (the worker reads the file), or a journal of another backend (it is piped)."""
+    if request.param == "fsspec":
+        pytest.importorskip("fsspec")
+    return Journal(request.param, tmp_path)
+
+
+class Outcome:
+    """What compact(key=...) did to a journal: its result or error, the journal after, the warnings."""
+
+    def __init__(
+        self, result: Compaction | None, error: BaseException | None, text: str, warnings: list[str]
+    ):
+        self.result, self.error, self.text, self.warnings = result, error, text, warnings
+
+    def snapshot(self) -> tuple[dict[str, Any] | None, str]:
+        """The header without its time, and the records' text: what two compactions must share."""
+        first, _, rest = self.text.partition("\n")
+        if not first.startswith('["$yoink"'):
+            return None, self.text
+        header = json.loads(first)[1]["compaction"]
+        del header["at"]
+        return header, rest
+
+
+async def compact_with(
+    journal: Journal,
+    text: str,
+    worker_from: int,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    *,
+    on_corrupt: OnCorrupt = "raise",
+) -> Outcome:
+    """Write ``text`` as the journal and compact it by "k", in a worker or not (``worker_from``)."""
+    await journal.write(text)
+    monkeypatch.setattr(_fold, "WORKER_FROM_BYTES", worker_from)
+    caplog.clear()
+    result = error = None
+    with caplog.at_level(logging.DEBUG, logger="yoink"):
+        async with CheckpointManager(journal.storage(), on_corrupt=on_corrupt) as checkpoint:
+            try:
+                result = await checkpoint.compact(key="k")
+            except (CorruptCheckpointError, StorageError) as exc:
+                error = exc
+    folded_there = any("in worker process" in r.getMessage() for r in caplog.records)
+    assert folded_there == (worker_from == ALWAYS), "the fold did not run where it was meant to"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    return Outcome(result, error, await journal.text(), warnings)
+
+
+def random_journal(rng: random.Random, records: int, *, corrupt: bool) -> str:
+    """Records of every JSON type of key, some without it, in the spacing of other tools; with
+    ``corrupt``, bad lines among them; and, at random, a torn last line."""
+    keys: list[Any] = [
+        *range(30),
+        *(float(n) for n in range(10)),
+        True,
+        False,
+        None,
+        *(str(n) for n in range(10)),
+        "ünïcödé ☃",
+        "\u2028",
+        [1],
+        [1.0],
+        {"a": 1, "b": [2]},
+        {"b": [2], "a": 1},  # the same object as the one before, as JSON tells them apart
+        2**70,
+        -(2**70),
+    ]
+    lines = []
+    for n in range(records):
+        record: dict[str, Any] = {"n": n, "pad": "é" * rng.randrange(0, 40) + "x" * rng.randrange(0, 300)}
+        if rng.random() < 0.9:
+            record["k"] = rng.choice(keys)
+        if rng.random() < 0.5:
+            record = dict(reversed(list(record.items())))
+        style = rng.random()
+        if style < 0.8:
+            line = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+        elif style < 0.9:
+            line = json.dumps(record)  # another tool's spacing, ASCII escapes
+        else:
+            line = " " + json.dumps(record, indent=None, separators=(" , ", " : ")) + " \r"
+        lines.append(line)
+        if rng.random() < 0.01:
+            lines.append(rng.choice(["", "   "]))  # blank lines are no records, and no corruption
+        if corrupt and rng.random() < 0.005:
+            lines.append(rng.choice(["not json", "[1,2]", '{"k":', '"a string"', "NaN", "{\udcff}"]))
+    lines.append('{"k":[' + "[" * 900 + "]" * 900 + '],"deep":true}')  # parsed by the json module
+    text = "\n".join(lines) + "\n"
+    if rng.random() < 0.5:
+        text += '{"k": 1, "n": "torn'  # a write torn by a crash: left out of the snapshot
+    return text
+
+
+@pytest.mark.parametrize("corrupt", [False, True], ids=["clean", "corrupt-skipped"])
+async def test_a_worker_folds_a_random_journal_into_the_same_snapshot_as_the_event_loop(
+    journal: Journal, corrupt: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = random.Random(random_seed())
+    text = random_journal(rng, rng.randrange(5_000, 20_000), corrupt=corrupt)
+    on_corrupt: OnCorrupt = "skip" if corrupt else "raise"
+    here = await compact_with(journal, text, NEVER, monkeypatch, caplog, on_corrupt=on_corrupt)
+    there = await compact_with(journal, text, ALWAYS, monkeypatch, caplog, on_corrupt=on_corrupt)
+    assert here.error is None, here.error
+    assert there.error is None, there.error
+    assert here.result is not None
+    assert there.result is not None
+    assert here.snapshot() == there.snapshot(), "the worker's snapshot differs from the event loop's"
+    assert 0 < (here.result.records or 0) < (here.result.records_before or 0), "the test compacted nothing"
+    assert dataclasses.replace(there.result, at=here.result.at) == here.result, "the worker's counts differ"
+    assert there.warnings == here.warnings, "the worker's log records differ from the event loop's"
+
+
+async def test_a_corrupt_line_raises_the_same_error_from_a_worker_and_the_journal_is_kept(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = big_journal(3000)
+    text = good + "not json\n" + good
+    here = await compact_with(journal, text, NEVER, monkeypatch, caplog)
+    there = await compact_with(journal, text, ALWAYS, monkeypatch, caplog)
+    assert isinstance(here.error, CorruptCheckpointError)
+    assert isinstance(there.error, CorruptCheckpointError), there.error
+    assert (there.error.line, there.error.offset) == (here.error.line, here.error.offset) == (3001, len(good))
+    assert str(there.error) == str(here.error)
+    assert there.text == text, "the journal changed although its compaction failed"
+    async with CheckpointManager(journal.storage()) as checkpoint:
+        await checkpoint.append({"k": "after"})
+    assert (await journal.text()).endswith("not json\n" + good + '{"k":"after"}\n')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["local", "fsspec"])
+async def test_a_line_too_long_to_read_raises_the_same_error_from_a_worker(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The local worker meets the line in the file; the fsspec storage meets it in this process,
+    # and tells the worker where it is.
+    if kind == "fsspec":
+        pytest.importorskip("fsspec")
+    journal = Journal(kind, tmp_path)
+    good = big_journal(2000)
+    text = good + '{"long":"' + "x" * MAX_LINE_BYTES + '"}\n' + good
+    here = await compact_with(journal, text, NEVER, monkeypatch, caplog)
+    there = await compact_with(journal, text, ALWAYS, monkeypatch, caplog)
+    assert isinstance(here.error, CorruptCheckpointError)
+    assert isinstance(there.error, CorruptCheckpointError), there.error
+    assert (there.error.line, there.error.offset) == (here.error.line, here.error.offset) == (2001, len(good))
+    assert str(there.error) == str(here.error)
+    assert journal.path.stat().st_size == len(text), "the journal changed although its compaction failed"
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+async def test_a_worker_killed_mid_fold_is_a_clear_error_the_journal_is_kept_and_appending_goes_on(
+    kind: str, tmp_path: Path
+) -> None:
+    journal = Journal(kind, tmp_path)
+    text = big_journal(250_000)  # over WORKER_FROM_BYTES: folded in a worker as it stands
+    assert len(text) > _fold.WORKER_FROM_BYTES
+    await journal.write(text)
+    failure: list[BaseException] = []
+    async with CheckpointManager(journal.storage()) as checkpoint:
+        async with anyio.create_task_group() as tasks:
+
+            async def compact() -> None:
+                try:
+                    await checkpoint.compact(key="k")
+                except StorageError as exc:
+                    failure.append(exc)
+
+            tasks.start_soon(compact)
+            # The local worker has read part of the journal; the piped one is being sent it.
+            worker = await a_worker_of(os.getpid(), journal.path if kind == "local" else None)
+            os.kill(worker, signal.SIGKILL)
+        assert failure, "the compaction succeeded although its worker was killed"
+        message = str(failure[0])
+        assert f"(pid {worker}) was killed by SIGKILL before it had folded" in message, message
+        assert message.endswith("the journal is unchanged"), message
+        assert await journal.text() == text
+        await checkpoint.append({"k": "after", "n": -1})
+        await checkpoint.flush()
+        assert await journal.text() == text + '{"k":"after","n":-1}\n', "appending did not go on"
+        result = await checkpoint.compact(key="k")  # and the next compaction, with a worker of its own
+    assert (result.records_before, result.records) == (250_001, 1001)
+    assert not workers_of(os.getpid()), "a worker outlived its compaction"
+
+
+async def test_close_waits_for_a_worker_whose_caller_stopped_waiting_and_leaves_no_process(
+    tmp_path: Path,
+) -> None:
+    journal = Journal("local", tmp_path)
+    await journal.write(big_journal(250_000))
+    checkpoint = CheckpointManager(journal.storage())
+    with anyio.CancelScope() as scope:
+
+        async def cancel_once_a_worker_reads() -> None:
+            await a_worker_of(os.getpid(), journal.path)
+            scope.cancel()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(cancel_once_a_worker_reads)
+            await checkpoint.compact(key="k")
+            pytest.fail("compact() returned before its worker had read the journal: the test proved nothing")
+    assert workers_of(os.getpid()), "the compaction stopped with its caller"
+    await checkpoint.close()  # waits for the compaction, and so for its worker
+    assert not workers_of(os.getpid()), "a worker outlived close()"
+    assert (await journal.text()).count("\n") == 1001, "close() did not wait for the compaction to swap"
+
+
+async def test_without_a_worker_to_start_a_large_journal_is_folded_on_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = Journal("local", tmp_path)
+    await journal.write(big_journal(1000))
+    monkeypatch.setattr(_fold, "WORKER_FROM_BYTES", ALWAYS)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python-here"))
+    with caplog.at_level(logging.WARNING, logger="yoink._fold"):
+        async with CheckpointManager(journal.storage()) as checkpoint:
+            result = await checkpoint.compact(key="k")
+    assert result.records == 1000
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        f"cannot start a worker process to fold {journal.storage()!r}"
+    ]
+
+
+PARENT = """
+import sys
+import anyio
+from yoink import CheckpointManager
+from yoink.storage import LocalFileStorage, MemoryStorage
+
+async def main(kind, path):
+    if kind == "local":
+        storage = LocalFileStorage(path)
+    else:
+        storage = MemoryStorage("journal")
+        with open(path) as file:
+            await storage.write(file.read())
+    async with CheckpointManager(storage) as checkpoint:
+        await checkpoint.compact(key="k")
+    print("compacted", flush=True)
+
+anyio.run(main, *sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_a_parent_killed_mid_fold_leaves_no_worker_behind(kind: str, tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    text = big_journal(400_000)
+    path.write_text(text)
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, kind, str(path)], stdout=subprocess.PIPE)
+    try:
+        worker = anyio.run(a_worker_of, parent.pid, path if kind == "local" else None)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while running(worker) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not running(worker), f"worker {worker} outlived its parent, killed with SIGKILL"
+    finally:
+        parent.kill()
+        parent.wait()
+        assert parent.stdout is not None
+        parent.stdout.close()
+    assert path.read_text() == text, "the journal changed under a compaction killed mid-fold"

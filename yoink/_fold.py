@@ -1,0 +1,403 @@
+"""The fold of ``compact(key=...)``: the last record per key, in a worker process for a large journal.
+
+Folding reads the whole journal, decodes every line and keeps the last record per key
+(:class:`~yoink._compaction.KeyFold`). On the event loop that appends, it takes about as much of
+the loop's time as the appends do. So a journal of :data:`WORKER_FROM_BYTES` or more is folded in
+a worker process, on another core, while the loop goes on appending::
+
+    this process (the event loop)                  the worker (yoink._fold_worker)
+    local journal: opens it, passes the fd  ----->  reads it as LocalFileStorage.read() does
+    other storages: storage.read()'s items  ----->  (or takes them, framed, on its stdin)
+                                                    JournalDecoder + KeyFold, as here
+                                            <-----  its log records, the counts, then the kept
+                                                    records encoded as here, in ~1 MiB frames
+    storage.replace(header + kept records)
+
+Both ways run the same decoder and fold and encode the kept records with the same function, so the
+snapshot is the same text; a corrupt line raises the same ``CorruptCheckpointError`` (line, offset,
+message). The worker ends with this process: it exits when its stdin, whose write end only this
+process holds, reaches its end, or when its parent is no longer the process that started it.
+A worker that dies (killed, crashed) raises :class:`~yoink.StorageError`: the journal is
+unchanged, and appending goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import struct
+import sys
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from yoink._compaction import KeyFold, encode_replayed, snapshot_text
+from yoink._exceptions import CorruptCheckpointError, StorageError
+from yoink._records import JournalDecoder, LineTooLongToRead, OnCorrupt
+from yoink.storage import CheckpointStorage, LocalFileStorage
+from yoink.storage._files import open_journal
+
+__all__ = ["WORKER_FROM_BYTES", "Fold", "fold_by_key", "fold_items", "frame", "read_frame"]
+
+logger = logging.getLogger(__name__)
+
+WORKER_FROM_BYTES = 16 << 20
+"""A journal this large or larger is folded in a worker process, a smaller one on the event loop.
+
+A worker takes about 0.2 s to start (an interpreter and yoink's imports), about as long as the loop
+takes to fold 16 MiB (see docs/performance.md). A smaller journal would wait longer for its worker
+than the worker spares the loop; a larger one spares the loop more, the more so the larger it is."""
+
+# Frames, both ways: a kind (one byte), the payload's size, the payload.
+HEAD = struct.Struct(">cQ")
+CONFIG = b"C"  # to the worker, first: what to fold (JSON)
+ITEM = b"I"  # to the worker: one item of storage.read(), UTF-8 (surrogatepass: any str comes back whole)
+TOO_LONG = b"O"  # to the worker: storage.read() met a line too long to read, at this byte offset
+END = b"E"  # to the worker: storage.read() ended; from it: the kept records ended
+LOG = b"L"  # from the worker: a log record of yoink's, [logger name, level, message]
+COUNTS = b"S"  # from the worker: the journal's records and bytes, and the records kept
+TEXT = b"T"  # from the worker: kept records, as lines
+ERROR = b"X"  # from the worker: why it could not fold (JSON)
+
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the yoink this one is
+# The worker's command: this yoink first on its path (before any in the working directory), then its
+# main(). Inserted, not put in place of sys.path[0]: under PYTHONSAFEPATH that is the standard library.
+_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from yoink._fold_worker import main; main()"
+
+
+def frame(kind: bytes, payload: bytes = b"") -> bytes:
+    return HEAD.pack(kind, len(payload)) + payload
+
+
+def read_frame(read: Callable[[int], bytes]) -> tuple[bytes, bytes] | None:
+    """The next frame from a binary file's ``read``, or None at its end."""
+    head = read(HEAD.size)
+    if len(head) < HEAD.size:
+        return None
+    kind, size = HEAD.unpack(head)
+    payload = read(size) if size else b""
+    return None if len(payload) < size else (kind, payload)
+
+
+async def fold_items(
+    items: AsyncIterator[str], key: str, on_corrupt: OnCorrupt, source: str
+) -> tuple[KeyFold, JournalDecoder]:
+    """Fold a storage's ``read()`` items by ``key``; the decoder says how much it read."""
+    fold = KeyFold(key)
+    decoder = JournalDecoder(source, on_corrupt=on_corrupt)
+    async for batch in decoder.batches(items):
+        fold.add(batch)
+    return fold, decoder
+
+
+class Fold:
+    """A journal folded by key: its counts, then the snapshot's text from :meth:`text`."""
+
+    def __init__(self, records_before: int, bytes_before: int, kept: int) -> None:
+        self.records_before = records_before
+        self.bytes_before = bytes_before
+        self.kept = kept
+        self.bytes = 0  # the kept records' bytes, once text() has ended
+
+    def text(self, header: str) -> AsyncGenerator[str, None]:
+        """``header``, then the kept records as lines, in pieces of about a mebibyte."""
+        raise NotImplementedError
+
+
+@contextlib.asynccontextmanager
+async def fold_by_key(storage: CheckpointStorage, key: str, on_corrupt: OnCorrupt) -> AsyncIterator[Fold]:
+    """Fold ``storage``'s journal by ``key``: here, or in a worker process if it is large.
+
+    The worker, if one was started, is ended and waited for on the way out, whatever happened.
+    """
+    source = repr(storage)
+    path = _local_journal(storage)
+    if path is not None:  # the worker reads the file itself, through a descriptor of it
+        opened = open_journal(path)
+        if opened is None or opened[1] < WORKER_FROM_BYTES:
+            if opened is not None:
+                opened[0].close()
+            yield await _fold_here(storage.read(), key, on_corrupt, source)
+            return
+        file, size = opened
+        with file:
+            config = {"fd": file.fileno(), "size": size, "path": path}
+            worker = await _Worker.start(_config(key, on_corrupt, source, config), source, file.fileno())
+        if worker is None:
+            yield await _fold_here(storage.read(), key, on_corrupt, source)
+            return
+        async with worker:
+            yield await worker.fold()
+        return
+    items = storage.read()
+    try:
+        prefix, too_long, ended = await _read_up_to(items, WORKER_FROM_BYTES)
+        worker = None if ended else await _Worker.start(_config(key, on_corrupt, source, {}), source)
+    except BaseException:
+        await _aclose(items)
+        raise
+    if worker is None:  # ended (a small journal), or no worker could be started
+        yield await _fold_here(_replayed(prefix, too_long, items), key, on_corrupt, source)
+        return
+    async with worker:
+        await worker.send_journal(prefix, items)
+        yield await worker.fold()
+
+
+def _local_journal(storage: CheckpointStorage) -> str | None:
+    """The path of a journal that another process may read as ``storage.read()`` would, if it is one."""
+    if isinstance(storage, LocalFileStorage) and type(storage).read is LocalFileStorage.read:
+        return storage.path
+    return None
+
+
+def _config(key: str, on_corrupt: OnCorrupt, source: str, local: dict[str, Any]) -> dict[str, Any]:
+    return {"key": key, "on_corrupt": on_corrupt, "source": source, "parent": os.getpid(), **local}
+
+
+async def _fold_here(items: AsyncIterator[str], key: str, on_corrupt: OnCorrupt, source: str) -> Fold:
+    fold, decoder = await fold_items(items, key, on_corrupt, source)
+    return _FoldedHere(fold, decoder.offset)
+
+
+class _FoldedHere(Fold):
+    def __init__(self, fold: KeyFold, bytes_before: int) -> None:
+        super().__init__(fold.records, bytes_before, len(fold))
+        self._fold = fold
+
+    async def text(self, header: str) -> AsyncGenerator[str, None]:
+        def counted(records: int, size: int) -> None:
+            self.bytes = size
+
+        async with contextlib.aclosing(snapshot_text(header, self._fold, encode_replayed, counted)) as text:
+            async for piece in text:
+                yield piece
+
+
+async def _read_up_to(
+    items: AsyncIterator[str], size: int
+) -> tuple[list[str], LineTooLongToRead | None, bool]:
+    """The first items of a storage's read(), about ``size`` characters; and whether it ended there."""
+    prefix: list[str] = []
+    read = 0
+    while read < size:
+        try:
+            item = await items.__anext__()
+        except StopAsyncIteration:
+            return prefix, None, True
+        except LineTooLongToRead as exc:  # the decoder says which line it is, after those before it
+            return prefix, exc, True
+        prefix.append(item)
+        read += len(item)
+    return prefix, None, False
+
+
+async def _replayed(
+    prefix: list[str], too_long: LineTooLongToRead | None, rest: AsyncIterator[str]
+) -> AsyncGenerator[str, None]:
+    """The items read ahead, then (at the same place) what ended them, then the rest of the read."""
+    try:
+        for item in prefix:
+            yield item
+        if too_long is not None:
+            raise too_long
+        async for item in rest:
+            yield item
+    finally:
+        await _aclose(rest)
+
+
+async def _aclose(items: AsyncIterator[str]) -> None:
+    aclose = getattr(items, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+class _Worker:
+    """A worker process folding a journal, and the frames it sends back."""
+
+    def __init__(self, process: anyio.abc.Process, source: str) -> None:
+        self._process = process
+        self._source = source
+        self._received = bytearray()
+        self._done = False  # it sent its last frame
+
+    @classmethod
+    async def start(cls, config: dict[str, Any], source: str, *fds: int) -> _Worker | None:
+        """Start a worker and send it ``config``; None, with a WARNING, if it cannot be started."""
+        try:
+            if not sys.executable:
+                raise OSError("sys.executable is empty: no Python interpreter to run")
+            process = await anyio.open_process(
+                [sys.executable, "-c", _BOOT, _PACKAGE_ROOT], stderr=None, pass_fds=fds
+            )
+        except OSError as exc:
+            logger.warning(
+                "cannot start a worker process to fold %s (%s); folding it on the event loop, which "
+                "slows appends meanwhile",
+                source,
+                exc,
+            )
+            return None
+        worker = cls(process, source)
+        logger.debug("folding %s by %r in worker process %d", source, config["key"], process.pid)
+        try:
+            await worker._send(CONFIG, json.dumps(config).encode())
+        except BaseException:
+            await worker.__aexit__(None, None, None)
+            raise
+        return worker
+
+    async def __aenter__(self) -> _Worker:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Let the worker end, or kill it if it has not finished; wait for it either way."""
+        process = self._process
+        with anyio.CancelScope(shield=True):
+            if not self._done:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+            with anyio.move_on_after(10):
+                await process.aclose()  # closes its stdin: a worker that finished exits at that end
+                return
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+
+    async def send_journal(self, prefix: list[str], items: AsyncIterator[str]) -> None:
+        """Send the items read ahead, then the rest of ``storage.read()``; stop if the worker stops."""
+        try:
+            for item in prefix:
+                if not await self._send(ITEM, item.encode("utf-8", "surrogatepass")):
+                    return
+            prefix.clear()
+            try:
+                async for item in items:
+                    if not await self._send(ITEM, item.encode("utf-8", "surrogatepass")):
+                        return
+            except LineTooLongToRead as exc:
+                await self._send(TOO_LONG, str(exc.offset).encode())
+                return
+            await self._send(END)
+        finally:
+            await _aclose(items)
+
+    async def fold(self) -> Fold:
+        """Wait for the worker's counts; raise the error it reports, or its death."""
+        while True:
+            kind, payload = await self._receive()
+            if kind == COUNTS:
+                counts = json.loads(payload)
+                return _FoldedThere(self, counts["records"], counts["bytes"], counts["kept"])
+            raise self._unexpected(kind, payload)
+
+    async def kept(self) -> AsyncGenerator[bytes, None]:
+        """The kept records' frames, as lines, until the worker says they ended."""
+        while True:
+            kind, payload = await self._receive()
+            if kind == TEXT:
+                yield payload
+            elif kind == END:
+                self._done = True
+                return
+            else:
+                raise self._unexpected(kind, payload)
+
+    async def _send(self, kind: bytes, payload: bytes = b"") -> bool:
+        """Send a frame; False if the worker no longer reads (it ended: its frames say why)."""
+        stdin = self._process.stdin
+        assert stdin is not None
+        try:
+            await stdin.send(HEAD.pack(kind, len(payload)))
+            if payload:
+                await stdin.send(payload)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            return False
+        return True
+
+    async def _receive(self) -> tuple[bytes, bytes]:
+        """The worker's next frame other than a log record's (those are logged here)."""
+        stdout = self._process.stdout
+        assert stdout is not None
+        received = self._received
+        while True:
+            if len(received) >= HEAD.size:
+                kind, size = HEAD.unpack_from(received)
+                end = HEAD.size + size
+                if len(received) >= end:
+                    payload = bytes(received[HEAD.size : end])
+                    del received[:end]
+                    if kind != LOG:
+                        return kind, payload
+                    _log(payload)
+                    continue
+            try:
+                received += await stdout.receive(1 << 20)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                raise await self._died() from None
+
+    def _unexpected(self, kind: bytes, payload: bytes) -> Exception:
+        if kind != ERROR:
+            return StorageError(
+                f"the compaction's worker process sent {kind!r} out of turn while folding {self._source}; "
+                "the journal is unchanged"
+            )
+        error = json.loads(payload)
+        if error["kind"] == "corrupt":
+            return CorruptCheckpointError(error["message"], line=error["line"], offset=error["offset"])
+        if error["kind"] == "storage":
+            return StorageError(error["message"])
+        return StorageError(
+            f"the compaction's worker process failed while folding {self._source}: {error['message']}; "
+            "the journal is unchanged"
+        )
+
+    async def _died(self) -> StorageError:
+        with anyio.move_on_after(10):
+            await self._process.wait()
+        status = self._process.returncode
+        if status is None:
+            how = "closed its output"
+        elif status < 0:
+            how = f"was killed by {_signal_name(-status)}"
+        else:
+            how = f"exited with status {status}"
+        return StorageError(
+            f"the compaction's worker process (pid {self._process.pid}) {how} before it had folded "
+            f"{self._source}; the journal is unchanged"
+        )
+
+
+class _FoldedThere(Fold):
+    def __init__(self, worker: _Worker, records_before: int, bytes_before: int, kept: int) -> None:
+        super().__init__(records_before, bytes_before, kept)
+        self._worker = worker
+
+    async def text(self, header: str) -> AsyncGenerator[str, None]:
+        yield header
+        async with contextlib.aclosing(self._worker.kept()) as kept:
+            async for lines in kept:
+                self.bytes += len(lines)
+                yield lines.decode()
+
+
+def _log(payload: bytes) -> None:
+    """Log here a record the worker logged: the same logger, level and message."""
+    name, level, message = json.loads(payload)
+    target = logging.getLogger(name)
+    if target.isEnabledFor(level):
+        fields = {"name": name, "levelno": level, "levelname": logging.getLevelName(level), "msg": message}
+        target.handle(logging.makeLogRecord(fields))
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
