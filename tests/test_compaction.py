@@ -25,6 +25,7 @@ from yoink import (
     CorruptCheckpointError,
     ReadOnlyError,
     StorageClosedError,
+    StorageError,
 )
 from yoink._compaction import Compaction, CompactionPolicy
 from yoink.storage import LocalFileStorage, MemoryStorage
@@ -378,6 +379,53 @@ async def test_the_policy_compacts_in_the_background_as_the_journal_grows(
     header = await _header(path)
     assert header is not None
     assert header.key == "k"
+
+
+@pytest.mark.parametrize("error", [StorageError("the disk is full"), RuntimeError("a bug")])
+async def test_a_failed_background_compaction_is_logged_and_tried_again_once_the_journal_grew_again(
+    caplog: pytest.LogCaptureFixture, error: Exception, async_backend: str
+) -> None:
+    failures = [error]
+
+    class FailingOnce(MemoryStorage):
+        async def replace(self, text: Any) -> None:
+            if failures:
+                raise failures.pop()
+            await super().replace(text)
+
+    caplog.set_level(logging.INFO, logger="yoink._manager")
+    storage = FailingOnce(f"failing-once-{async_backend}-{id(error)}")
+    policy = CompactionPolicy(key="k", growth=2.0, min_bytes=20_000)
+    async with CheckpointManager(storage, batch_bytes=1024, compact=policy) as checkpoint:
+        n, failed_at = 0, 0
+        while not [r for r in caplog.records if r.getMessage().startswith("compacted")] and n < 100_000:
+            await checkpoint.append({"k": n % 50, "n": n})
+            n += 1
+            if n % 100 == 0:
+                await anyio.lowlevel.checkpoint()
+                failed_at = failed_at or (n if caplog.records else 0)
+        await checkpoint.flush()
+        numbers = [record["n"] async for record in checkpoint.replay()]
+    assert numbers == sorted(numbers)
+    assert {number % 50: number for number in numbers} == {k: n - 50 + (k - n) % 50 for k in range(50)}
+    failed, compacted = caplog.records[0], caplog.records[-1]
+    if isinstance(error, StorageError):
+        assert (failed.levelname, failed.getMessage()) == (
+            "WARNING",
+            f"background compaction of {checkpoint!r} failed; appending goes on: the disk is full",
+        )
+        assert failed.exc_info is None
+    else:
+        assert (failed.levelname, failed.getMessage()) == (
+            "ERROR",
+            f"background compaction of {checkpoint!r} failed; appending goes on",
+        )
+        assert failed.exc_info is not None
+        assert failed.exc_info[1] is error
+    assert compacted.getMessage() == f"compacted {checkpoint!r} by 'k': {compacted.args[2]} records to 50"
+    # tried again only once the journal grew by min_bytes again (a record is at most 22 bytes)
+    assert compacted.args[2] - failed_at > 20_000 // 22
+    assert len(caplog.records) == 2
 
 
 async def _header(path: Path) -> Compaction | None:
