@@ -86,6 +86,33 @@ async def test_as_root_the_new_journal_keeps_the_old_ones_owner_and_group(tmp_pa
     assert path.read_text() == '{"n":1}\n{"n":2}\n'
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another owner")
+async def test_a_writer_that_cannot_give_the_new_journal_its_owner_says_so_and_keeps_its_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A writer that may not chown (not root, where the old journal is another user's): simulated,
+    # as a process of another user cannot run this interpreter (it lives in root's home).
+    def refused(fd: int, uid: int, gid: int) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    path = tmp_path / "theirs.jsonl"
+    storage = LocalFileStorage(path)
+    await storage.write('{"n":0}\n')
+    os.chown(path, 4321, 8765)
+    os.chmod(path, 0o640)
+    monkeypatch.setattr(os, "fchown", refused)
+    with caplog.at_level(logging.WARNING, logger="yoink"):
+        await storage.replace(lines('{"n":1}\n'))
+    await storage.close()
+    assert caplog.messages == [
+        f"the new journal {path}{REPLACEMENT_SUFFIX} is owned by 0:0, not 4321:8765 as the old one was "
+        "(Operation not permitted); it has the old one's permission bits"
+    ]
+    info = os.stat(path)
+    assert (info.st_uid, info.st_gid, mode(path)) == (0, 0, 0o640)
+    assert path.read_text() == '{"n":1}\n'
+
+
 async def test_a_journal_behind_a_symlink_is_compacted_where_the_link_points(tmp_path: Path) -> None:
     real = tmp_path / "real.jsonl"
     link = tmp_path / "link.jsonl"
