@@ -15,6 +15,7 @@ import pytest
 from tests.helpers import spy_on_fsync
 from yoink import CheckpointLockedError, CheckpointManager, StorageError
 from yoink.storage import LocalFileStorage
+from yoink.storage import _local as local_module
 from yoink.storage._local import REPLACEMENT_SUFFIX
 
 pytestmark = pytest.mark.usefixtures("async_backend")
@@ -58,6 +59,29 @@ async def test_the_new_journal_is_private_before_its_first_byte_is_written(tmp_p
     await storage.close()
     assert seen == [0o600], "the new journal was readable by others while its text was written"
     assert path.read_text() == '{"n":1}\n'
+
+
+async def test_a_snapshot_of_many_mebibytes_is_written_whole_in_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "big.jsonl"
+    storage = LocalFileStorage(path)
+    await storage.write('{"n":0}\n')
+    texts = [f'{{"n":{n},"pad":"{"x" * (n % 3000)}"}}\n' for n in range(3000)]  # 4.5 MB, chunks of 0 to 3 kB
+    writes: list[int] = []
+    write_all = local_module._write_all
+
+    def counting(fd: int, payload: bytes) -> None:
+        writes.append(len(payload))
+        write_all(fd, payload)
+
+    monkeypatch.setattr(local_module, "_write_all", counting)
+    await storage.replace(lines(*texts))
+    await storage.close()
+    assert path.read_text() == "".join(texts)
+    assert len(writes) == 5  # 1 MiB at a time, then the rest
+    assert all(size >= 1 << 20 for size in writes[:-1])
+    assert all(size < (1 << 20) + 3100 for size in writes)
 
 
 async def test_a_journal_with_unusual_permission_bits_keeps_them(tmp_path: Path) -> None:
