@@ -208,6 +208,25 @@ async def test_every_append_during_close_is_flushed_by_it_or_refused(open_storag
     assert sorted(await numbers(open_storage)) == sorted(returned)
 
 
+@pytest.mark.usefixtures("async_backend")
+async def test_a_flush_called_in_a_cancelled_scope_leaves_the_next_flush_and_close_working(
+    tmp_path: Path,
+) -> None:
+    # On trio, such a flush() was refused its round after it had said one was under way: every
+    # flush after it, and close(), waited for that round forever (found by an attacker).
+    path = tmp_path / "j.jsonl"
+    manager = CheckpointManager.from_uri(path, flush_interval=None)
+    await manager.append({"n": 1})
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await manager.flush()
+    await manager.append({"n": 2})
+    with anyio.fail_after(10):
+        await manager.flush()
+        assert path.read_text() == '{"n":1}\n{"n":2}\n'
+        await manager.close()
+
+
 # -- async with: cancelled bodies, close() inside, fixtures ------------------------------------
 
 

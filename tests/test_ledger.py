@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -358,6 +359,7 @@ async def test_a_journal_of_plain_records_is_not_a_ledger_and_is_left_alone(tmp_
     "record",
     [
         {"$ledger": "add", "keys": [None, "real"]},
+        {"$ledger": "add", "keys": [2**64]},  # no 64-bit int: orjson could not write it back
         {"$ledger": "add", "keys": "abc"},  # a string, not a list: not its letters
         {"$ledger": "done", "key": True},  # not the item 1
         {"$ledger": "start", "key": 2.0, "attempt": 1},
@@ -377,8 +379,8 @@ async def test_a_hostile_record_after_the_first_is_named_in_a_clear_error(
     path = tmp_path / "jobs.jsonl"
     async with Ledger.open(path) as ledger:
         await ledger.add(["a", "b"])
-    async with CheckpointManager.from_uri(path) as manager:
-        await manager.append(record)
+    with path.open("a") as journal:  # by another tool: json writes any int
+        journal.write(json.dumps(record) + "\n")
     with pytest.raises(NotALedgerError, match=r"record 3 is not a ledger's"):
         async with Ledger.open(path):
             pass
@@ -392,7 +394,7 @@ async def test_a_ledger_of_another_version_is_refused(tmp_path: Path) -> None:
             pass
 
 
-@pytest.mark.parametrize("key", [True, 1.5, None, ("a",), b"a", "caf\udce9"])
+@pytest.mark.parametrize("key", [True, 1.5, None, ("a",), b"a", "caf\udce9", 2**64, -(2**63) - 1])
 async def test_keys_are_str_or_int(tmp_path: Path, key: Any) -> None:
     async with Ledger.open(tmp_path / "jobs.jsonl") as ledger:
         await ledger.add(1)

@@ -47,6 +47,7 @@ VERSION = 1
 BATCH_KEYS = 1000  # keys per "add" (or compacted "done") record, at most
 BATCH_BYTES = 1 << 20  # and about this many bytes of them
 MAX_KEY_BYTES = 1 << 20  # a key's limit, in UTF-8
+INT_KEYS = (-(1 << 63), 1 << 64)  # the ints a key may be: those orjson writes
 
 
 class _Mark:
@@ -116,6 +117,8 @@ def check_key(key: object) -> Key:
     must be valid Unicode (no lone surrogate, which JSON cannot carry) and at most MAX_KEY_BYTES.
     """
     if type(key) is int:
+        if not INT_KEYS[0] <= key < INT_KEYS[1]:
+            raise TypeError(f"a ledger's int key is a 64-bit one, as JSON tools read them, got {key!r:.100}")
         return key
     if type(key) is not str:
         raise TypeError(
@@ -172,7 +175,9 @@ class LedgerState:
                 if kind == "done":
                     if "key" in record:
                         key = record["key"]
-                        if type(key) is not str and type(key) is not int:
+                        if type(key) is not str and (
+                            type(key) is not int or not INT_KEYS[0] <= key < INT_KEYS[1]
+                        ):
                             raise TypeError(key)
                         items[key] = DONE
                         if keep and "result" in record:
@@ -184,8 +189,7 @@ class LedgerState:
                     key, attempt = record["key"], record["attempt"]
                     item = items.get(key, PENDING)
                     if item is PENDING and "failures" not in record:
-                        if type(attempt) is not int or (type(key) is not str and type(key) is not int):
-                            raise TypeError(attempt)
+                        _check(key, attempt, 0)
                         items[key] = attempt
                     elif item is not DONE:
                         self.start(key, attempt, record.get("failures", 0))
@@ -275,13 +279,13 @@ def _keys(record: dict[str, Any]) -> list[Key]:
     if type(keys) is not list:
         raise TypeError(keys)
     for key in keys:
-        if type(key) is not str and type(key) is not int:
+        if type(key) is not str and (type(key) is not int or not INT_KEYS[0] <= key < INT_KEYS[1]):
             raise TypeError(key)
     return keys
 
 
 def _check(key: Any, attempt: Any, failures: Any) -> None:
-    if type(key) is not str and type(key) is not int:
+    if type(key) is not str and (type(key) is not int or not INT_KEYS[0] <= key < INT_KEYS[1]):
         raise TypeError(key)
     if type(attempt) is not int or type(failures) is not int or attempt < 1 or failures < 0:
         raise TypeError(attempt)

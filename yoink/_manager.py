@@ -533,6 +533,9 @@ class CheckpointManager:
             if self._flushing is not None:
                 await self._flushing.wait()
                 continue
+            # A cancelled caller starts no round: on trio, uninterrupted() would refuse to run it,
+            # and leave the Event below unset for every flush after.
+            await anyio.lowlevel.checkpoint_if_cancelled()
             self._flushing = anyio.Event()  # before the round starts, so that others join it
             await uninterrupted(self._flush_round)
 
