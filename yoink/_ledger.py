@@ -500,7 +500,6 @@ class Claim:
         error = f"{type(exc).__qualname__}: {exc}"
         logger.warning("%r: attempt %d at %r failed: %s", self._ledger, self.attempt, self.key, error)
         await self._fail(error)
-        await self._ledger._flush()
         return not self._reraise
 
     async def _done(self) -> None:
@@ -524,23 +523,29 @@ class Claim:
         await ledger._flush()
 
     async def _fail(self, error: str) -> None:
+        """Record the attempt as failed; the item is offered again (or given up) once that is
+        durable and this claim has all but exited, never while its ``async with`` is still open."""
         ledger, key = self._ledger, self.key
         # JSON carries no lone surrogate (a file name that is not UTF-8 leaves them in messages)
         error = error[:ERROR_CHARS].encode("utf-8", "backslashreplace").decode()
         self.error = error
         item = ledger._state.items[key]
         failures = (item.failures if type(item) is Tries else 0) + 1
-        record = {FIELD: "fail", "key": key, "attempt": self.attempt, "failures": failures, "error": error}
-        ledger._state.end(key, self.attempt, failures, error)
-        ledger._running.discard(key)
-        if failures >= ledger._max_attempts:
-            ledger._given_up += 1
-        elif ledger._lifo:
-            ledger._queue.appendleft(key)  # tried again after the others
-        else:
-            ledger._queue.append(key)
-        ledger._wake()
-        await ledger._append(record)  # memory first, as in __aenter__
+        ledger._state.end(key, self.attempt, failures, error)  # memory first, as in __aenter__
+        try:
+            await ledger._append(
+                {FIELD: "fail", "key": key, "attempt": self.attempt, "failures": failures, "error": error}
+            )
+            await ledger._flush()
+        finally:
+            ledger._running.discard(key)
+            if failures >= ledger._max_attempts:
+                ledger._given_up += 1
+            elif ledger._lifo:
+                ledger._queue.appendleft(key)  # tried again after the others
+            else:
+                ledger._queue.append(key)
+            ledger._wake()
 
     def _interrupted(self) -> None:
         """The attempt stops without a verdict (a cancellation): the item is offered again, first

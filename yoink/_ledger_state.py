@@ -341,15 +341,18 @@ def snapshot_records(state: LedgerState, keys: list[Key], running: set[Key]) -> 
         if item is DONE:
             yield {FIELD: "done", "key": key, "result": state.results[key]}
             continue
+        # in flight: its claim is running and its attempt has not ended (a failed one has, though
+        # its claim is still recording that)
+        in_flight = key in running and (type(item) is int or item.running)  # type: ignore[union-attr]
         record: dict[str, Any] = {
-            FIELD: "start" if key in running else "stop",
+            FIELD: "start" if in_flight else "stop",
             "key": key,
             "attempt": attempt_of(item),
         }
         if type(item) is Tries:
             if item.failures:
                 record["failures"] = item.failures
-            if item.error is not None and key not in running:
+            if item.error is not None and not in_flight:
                 record["error"] = item.error
         yield record
     yield from batched()
