@@ -32,7 +32,7 @@ from yoink import (
     _ledger,
 )
 from yoink._ledger_state import LedgerState, Tries, check_key
-from yoink.storage import CheckpointStorage, MemoryStorage
+from yoink.storage import CheckpointStorage, LocalFileStorage, MemoryStorage
 
 pytestmark = pytest.mark.usefixtures("async_backend")
 
@@ -335,7 +335,9 @@ async def test_a_changed_fingerprint_is_refused_naming_both_and_the_journal_is_u
     assert '{"input":"abc","v":1}' in message
     assert '{"input":"abd","v":1}' in message
     assert raised.value.stored == {"input": "abc", "v": 1}
-    assert path.read_bytes() == before
+    # all it wrote is an opening that says nothing of a job: the lock it took to read the journal
+    assert path.read_bytes() == before + b'{"$ledger":"open","v":1}\n'
+    before = path.read_bytes()
     async with Ledger.open(path, fingerprint={"v": 1, "input": "abc"}) as ledger:  # key order is not identity
         assert "a" in ledger
     async with Ledger.open(path, fingerprint="v2", on_fingerprint_change="continue") as ledger:
@@ -381,7 +383,7 @@ async def test_a_hostile_record_after_the_first_is_named_in_a_clear_error(
         await ledger.add(["a", "b"])
     with path.open("a") as journal:  # by another tool: json writes any int
         journal.write(json.dumps(record) + "\n")
-    with pytest.raises(NotALedgerError, match=r"record 3 is not a ledger's"):
+    with pytest.raises(NotALedgerError, match=r"record 4 is not a ledger's"):  # after two openings
         async with Ledger.open(path):
             pass
 
@@ -688,6 +690,94 @@ async def test_a_second_ledger_on_the_same_journal_is_refused_quietly(
             pass
     async with Ledger.open(path) as ledger:
         assert ledger.state("a") == "done"
+
+
+async def test_an_error_whose_str_fails_is_recorded_as_failed_all_the_same(tmp_path: Path) -> None:
+    class Upstream(Exception):
+        def __str__(self) -> str:
+            return self.detail  # type: ignore[attr-defined, no-any-return]  # never set
+
+    async with Ledger.open(tmp_path / "jobs.jsonl", max_attempts=2) as ledger:
+        await ledger.add("a")
+
+        async def body(item: Any) -> None:
+            raise Upstream
+
+        await work_through(ledger, body=body)  # ends: the item is not left running
+        assert list(ledger.given_up) == ["a"]
+        assert ledger.given_up["a"].endswith("Upstream: (its str() raised AttributeError)")
+
+
+async def test_compactions_come_as_the_journal_grows_not_one_after_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Items tried and not done each keep a record in a snapshot: the next compaction is due at
+    # four times what the last one wrote, not at once (found by an attacker: back to back).
+    monkeypatch.setattr(_ledger, "COMPACT_MIN_RECORDS", 100)
+    compactions = 0
+    compact = Ledger.compact
+
+    async def counted(self: Ledger) -> None:
+        nonlocal compactions
+        compactions += 1
+        await compact(self)
+
+    monkeypatch.setattr(Ledger, "compact", counted)
+    async with Ledger.open(tmp_path / "jobs.jsonl", durable=False) as ledger:
+        await ledger.add(range(1000))
+
+        async def body(item: Any) -> None:
+            raise RuntimeError("an outage")  # each fails once: 1,000 items pending a retry
+
+        async for key in _first(ledger.pending(), 1000):
+            async with ledger.claim(key) as item:
+                await body(item)
+        while ledger._compactor is not None:
+            await anyio.sleep(0.01)
+        before = compactions
+        assert before >= 1
+        for n in range(300):
+            await ledger.add(f"new-{n}")
+        while ledger._compactor is not None:
+            await anyio.sleep(0.01)
+        assert compactions == before
+
+
+async def test_a_job_that_opens_as_the_last_one_ends_reads_all_it_did(
+    tmp_path: Path, async_backend: str
+) -> None:
+    if async_backend != "asyncio":
+        pytest.skip("the scenario is timed with asyncio events")
+    # The new job takes the lock before it reads: refused while the old one holds it, and never
+    # working from a journal read before the old job's last records (found by an attacker).
+    path = tmp_path / "jobs.jsonl"
+    async with Ledger.open(path) as ledger:
+        await ledger.add(["a", "b"])
+    reading, go_on = asyncio.Event(), asyncio.Event()
+
+    class SlowRead(LocalFileStorage):
+        async def read(self) -> Any:
+            async for block in super().read():
+                yield block
+            reading.set()
+            await go_on.wait()  # the rest of a long replay
+
+    ran = []
+    async with Ledger.open(path) as old, old.claim("a"):
+        ran.append("old a")
+
+        async def new_job() -> None:
+            async with Ledger.open(SlowRead(str(path))) as new:
+                async for key in new.pending():
+                    async with new.claim(key):
+                        ran.append(f"new {key}")
+
+        task = asyncio.create_task(new_job())
+        await asyncio.wait([task, asyncio.create_task(reading.wait())], return_when=asyncio.FIRST_COMPLETED)
+    go_on.set()
+    with contextlib.suppress(CheckpointLockedError):
+        await task
+    assert "new a" not in ran
 
 
 HOLDER = """

@@ -210,12 +210,38 @@ class Ledger:
     async def _load(self, on_fingerprint_change: str) -> None:
         state = self._state
         async with contextlib.aclosing(self._manager.replay_batches()) as batches:
+            async for records in batches:  # the first record only: is this a ledger?
+                LedgerState(state.source).fold(records[:1])
+                break
+        # The journal's lock (or lease) is taken before it is read: a second job on the same ledger
+        # is refused here, before it runs any work, and one that opens as the last job ends reads
+        # all it did. The opening record says nothing of the job yet: it may be another's ledger.
+        await self._manager.append(open_record())
+        await self._manager.flush()
+        async with contextlib.aclosing(self._manager.replay_batches()) as batches:
             async for records in batches:
                 state.fold(records)
         self._records = state.records
-        if state.opened and _json.dumps(state.fingerprint, sort_keys=True) != _json.dumps(
-            self._fingerprint, sort_keys=True
-        ):
+        self.interrupted = state.interrupted()
+        own = 0  # items with a record of their own in a snapshot; the others go a thousand a record
+        for key, item in state.items.items():
+            if item is DONE:
+                self._done += 1
+                own += key in state.results
+            elif self._gives_up(item):
+                self._given_up += 1
+                own += 1
+            else:
+                self._queue.append(key)
+                own += item is not PENDING
+        if self._lifo:
+            self._queue.reverse()
+        live = own + (len(state.items) - own) // 1000
+        self._compact_at = max(COMPACT_MIN_RECORDS, COMPACT_GROWTH * live)
+        fingerprint = _json.dumps(self._fingerprint, sort_keys=True)
+        if not state.fingerprinted:
+            await self._append(open_record(self._fingerprint))
+        elif _json.dumps(state.fingerprint, sort_keys=True) != fingerprint:
             if on_fingerprint_change == "raise":
                 raise FingerprintMismatchError(
                     f"{self._manager.storage!r} is the ledger of a job with the fingerprint "
@@ -230,21 +256,8 @@ class Ledger:
                 _shown(state.fingerprint),
                 _shown(self._fingerprint),
             )
-        # Each opening is recorded and flushed at once: that takes the journal's lock (or lease),
-        # so a second job on the same ledger is refused here, before it runs any work.
+            await self._append(open_record(self._fingerprint))
         state.fingerprint = self._fingerprint
-        await self._manager.append(open_record(self._fingerprint))
-        await self._manager.flush()
-        self.interrupted = state.interrupted()
-        for key, item in state.items.items():
-            if item is DONE:
-                self._done += 1
-            elif self._gives_up(item):
-                self._given_up += 1
-            else:
-                self._queue.append(key)
-        if self._lifo:
-            self._queue.reverse()
 
     # -- the work -----------------------------------------------------------------------------
 
@@ -364,6 +377,7 @@ class Ledger:
         before = self._records
         result = await self._manager.compact(snapshot_records(self._state, keys, self._running))
         self._records += (result.records or 0) - before  # and those appended meanwhile
+        self._compact_at = max(COMPACT_MIN_RECORDS, COMPACT_GROWTH * (result.records or 0))
 
     # -- inside ---------------------------------------------------------------------------------
 
@@ -375,11 +389,7 @@ class Ledger:
         await self._manager.append(record)
         self._records += 1
         if self._compact and self._compactor is None and self._records >= self._compact_at:
-            # what a snapshot would hold, about: a record per item tried and not done, or done with
-            # a result, and a record per thousand of the others
-            live = len(self._state.results) + self._given_up + len(self._running) + len(self) // 1000
-            if self._records >= COMPACT_GROWTH * live:
-                self._compactor = start_background(self._compact_in_background)
+            self._compactor = start_background(self._compact_in_background)
 
     async def _compact_in_background(self) -> None:
         try:
@@ -497,7 +507,7 @@ class Claim:
         if not isinstance(exc, Exception):  # cancelled, or the process is stopping: no verdict
             self._interrupted()
             return False
-        error = f"{type(exc).__qualname__}: {exc}"
+        error = f"{type(exc).__qualname__}: {_text(exc)}"
         logger.warning("%r: attempt %d at %r failed: %s", self._ledger, self.attempt, self.key, error)
         await self._fail(error)
         return not self._reraise
@@ -614,6 +624,14 @@ class _Pending:
     def __del__(self) -> None:
         if self._mine:
             self._release()
+
+
+def _text(exc: BaseException) -> str:
+    """``str(exc)``, or what can be said of it when its ``__str__`` fails."""
+    try:
+        return str(exc)
+    except Exception as failure:
+        return f"(its str() raised {type(failure).__qualname__})"
 
 
 def _shown(value: Any) -> str:

@@ -4,7 +4,8 @@ The ledger (:mod:`yoink._ledger`) writes these records to its journal; replaying
 :class:`LedgerState` rebuilds its state after a restart, and ``yoink stats`` reads a ledger's
 progress the same way. Every record names its kind in the ``"$ledger"`` field::
 
-    {"$ledger": "open", "v": 1, "fingerprint": {...}}   each time a job opens it: the job's identity
+    {"$ledger": "open", "v": 1}                          each time a job opens it (its lock taken)
+    {"$ledger": "open", "v": 1, "fingerprint": {...}}   the job's identity, when new or changed
     {"$ledger": "add", "keys": ["a", "b"]}               work to do, in the order it was added
     {"$ledger": "start", "key": "a", "attempt": 2, "failures": 1}   an attempt began ("failures"
                                                          before it, when there were any)
@@ -151,6 +152,7 @@ class LedgerState:
         self.items: dict[Key, State] = {}
         self.results: dict[Key, Any] = {}
         self.fingerprint: Any = None
+        self.fingerprinted = False  # an opening has said which job the ledger is
         self.opened = False
         self.records = 0
 
@@ -220,7 +222,9 @@ class LedgerState:
                 f"this one reads version {VERSION}"
             )
         self.opened = True
-        self.fingerprint = record.get("fingerprint")
+        if "fingerprint" in record:  # an opening without one only took the journal's lock
+            self.fingerprint = record["fingerprint"]
+            self.fingerprinted = True
 
     def start(self, key: Key, attempt: int, failures: int = 0) -> None:
         """Attempt ``attempt`` at ``key`` began, after ``failures`` failed ones."""
@@ -291,8 +295,12 @@ def _check(key: Any, attempt: Any, failures: Any) -> None:
         raise TypeError(attempt)
 
 
-def open_record(fingerprint: Any) -> dict[str, Any]:
-    return {FIELD: "open", "v": VERSION, "fingerprint": fingerprint}
+def open_record(*fingerprint: Any) -> dict[str, Any]:
+    """An opening: with the job's fingerprint, or without (a job taking the journal's lock)."""
+    record = {FIELD: "open", "v": VERSION}
+    if fingerprint:
+        record["fingerprint"] = fingerprint[0]
+    return record
 
 
 def key_batches(keys: Iterable[Key]) -> Iterator[list[Key]]:
