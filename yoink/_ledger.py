@@ -222,18 +222,25 @@ class Ledger:
             async for records in batches:
                 state.fold(records)
         self._records = state.records
-        self.interrupted = state.interrupted()
         own = 0  # items with a record of their own in a snapshot; the others go a thousand a record
-        for key, item in state.items.items():
+        done = 0
+        results, queue, interrupted = state.results, self._queue, self.interrupted
+        for key, item in state.items.items():  # one pass: a million items or more
             if item is DONE:
-                self._done += 1
-                own += key in state.results
-            elif self._gives_up(item):
-                self._given_up += 1
-                own += 1
+                done += 1
+                if results:
+                    own += key in results
+            elif item is PENDING:
+                queue.append(key)
             else:
-                self._queue.append(key)
-                own += item is not PENDING
+                own += 1
+                if type(item) is int or item.running:  # type: ignore[union-attr]
+                    interrupted.append(key)
+                if self._gives_up(item):
+                    self._given_up += 1
+                else:
+                    queue.append(key)
+        self._done = done
         if self._lifo:
             self._queue.reverse()
         live = own + (len(state.items) - own) // 1000

@@ -190,8 +190,11 @@ class LedgerState:
                 elif kind == "start":
                     key, attempt = record["key"], record["attempt"]
                     item = items.get(key, PENDING)
-                    if item is PENDING and "failures" not in record:
-                        _check(key, attempt, 0)
+                    if item is PENDING and type(attempt) is int and attempt > 0 and "failures" not in record:
+                        if type(key) is not str and (
+                            type(key) is not int or not INT_KEYS[0] <= key < INT_KEYS[1]
+                        ):
+                            raise TypeError(key)
                         items[key] = attempt
                     elif item is not DONE:
                         self.start(key, attempt, record.get("failures", 0))
