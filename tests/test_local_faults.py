@@ -41,6 +41,43 @@ async def test_a_reader_names_a_torn_tail_by_its_size_and_offset_across_read_chu
     ) in caplog.text
 
 
+@pytest.mark.parametrize(
+    "last",
+    [b"\0" * 40 + b"\n", b'{"n": 2, "cut sh\n', b"[1, 2]\n"],
+    ids=["zeros", "cut-short", "not-an-object"],
+)
+@pytest.mark.parametrize("torn", [b"", b'{"n":'], ids=["whole", "then-torn"])
+async def test_a_last_line_that_is_not_a_record_is_set_aside_before_a_writer_appends(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, last: bytes, torn: bytes
+) -> None:
+    # Replay skips such a line, as it skips a torn write; appended to, it would be a corrupt line in
+    # the middle, and the journal would never replay again (found by an attacker of the ledger).
+    path = tmp_path / "j.jsonl"
+    path.write_bytes(b'{"n":0}\n{"n":1}\n' + last + torn)
+    with caplog.at_level(logging.WARNING, logger="yoink"):
+        async with CheckpointManager.from_uri(path) as manager:
+            await manager.append({"n": 3})
+    async with CheckpointManager.from_uri(path, read_only=True) as reader:
+        assert [record["n"] async for record in reader.replay()] == [0, 1, 3]
+    assert Path(f"{path}.torn").read_bytes() == last + torn + b"\n"
+    assert (
+        f"{path} ended in a torn write (its last line is not a record): moved its last "
+        f"{len(last + torn)} bytes (from offset 16)"
+    ) in caplog.text
+
+
+async def test_a_compacted_journal_of_its_header_alone_keeps_it_when_appended_to(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    async with CheckpointManager.from_uri(path) as manager:
+        await manager.append({"n": 0})
+        await manager.compact([])  # nothing left but the header
+    header = path.read_bytes()
+    async with CheckpointManager.from_uri(path) as manager:
+        await manager.append({"n": 1})
+    assert path.read_bytes() == header + b'{"n":1}\n'
+    assert not Path(f"{path}.torn").exists()
+
+
 @pytest.mark.parametrize("torn_size", [20, 70_000, 200_000], ids=["short", "over-64KiB", "over-128KiB"])
 async def test_a_writer_sets_a_torn_tail_aside_and_names_its_size_and_offset(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, torn_size: int

@@ -137,7 +137,9 @@ class Ledger:
         self.interrupted: list[Key] = []
         """The items whose attempt never ended when the journal's last writer stopped (a crash, a
         kill): they are offered again, as often as it happens (an attempt with no verdict is not a
-        failure). Work with side effects checks them: their side effects may have happened."""
+        failure), except one given up on before (its failures reached ``max_attempts``) and tried
+        again by hand, which stays given up. Work with side effects checks them: their side effects
+        may have happened."""
 
     @classmethod
     @contextlib.asynccontextmanager

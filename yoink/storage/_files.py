@@ -17,7 +17,8 @@ import anyio
 import anyio.to_thread
 
 from yoink._exceptions import StorageError
-from yoink._lines import whole_lines
+from yoink._lines import is_record_tail, whole_lines
+from yoink._records import HEADER_START
 
 __all__ = [
     "READ_CHUNK",
@@ -89,24 +90,27 @@ async def path_chunks(path: str, size: int) -> AsyncIterator[bytes]:
 
 
 def set_aside_torn_tail(path: str, fd: int, *, fsync: bool = True) -> int:
-    """Move the bytes after the last newline of the file open as ``fd`` to ``path + ".torn"``.
+    """Move the bytes after the last newline of the file open as ``fd`` to ``path + ".torn"``, with
+    the last line before them if it is not a record either (replay skips it as it skips them).
 
-    Return the size of what is left: whole lines. The moved bytes are appended to the sidecar
-    with a newline, fsynced with ``fsync``, before the file is cut; the WARNING names the offset.
-    For a local journal before its writer appends, and for a staged batch a crash left.
+    Return the size of what is left: whole lines, the last of them a record (or the header of a
+    compacted journal). The moved bytes are appended to the sidecar with a newline, fsynced with
+    ``fsync``, before the file is cut; the WARNING names the offset. For a local journal before
+    its writer appends (what it appends would make a skipped last line a corrupt one in the
+    middle), and for a staged batch a crash left.
     """
     size = os.fstat(fd).st_size
     with open(path, "rb") as journal:
-        end = size
-        clean = 0
-        while end > 0:
-            start = max(0, end - 65536)
+        clean = _after_last_newline(journal, size)
+        start = _after_last_newline(journal, clean - 1) if clean else 0
+        bad_line = False
+        if clean - start <= _JUDGED_LINE:
             journal.seek(start)
-            newline = journal.read(end - start).rfind(b"\n")
-            if newline >= 0:
-                clean = start + newline + 1
-                break
-            end = start
+            line = journal.read(clean - start)
+            header = start == 0 and line.startswith(HEADER_START.encode())
+            bad_line = not header and not is_record_tail(line.decode("utf-8", "surrogateescape"))
+            if bad_line:
+                clean = start  # a whole line that is not a record: replay skips it, as a torn tail
         if clean == size:
             return size
         sidecar = path + TORN_SUFFIX
@@ -122,10 +126,26 @@ def set_aside_torn_tail(path: str, fd: int, *, fsync: bool = True) -> int:
     if fsync:
         os.fsync(fd)
     logger.warning(
-        "%s ended in a torn write: moved its last %d bytes (from offset %d) to %s",
+        "%s ended in a torn write%s: moved its last %d bytes (from offset %d) to %s",
         path,
+        " (its last line is not a record)" if bad_line else "",
         size - clean,
         clean,
         sidecar,
     )
     return clean
+
+
+_JUDGED_LINE = 1 << 20  # a last line longer than this is left as it is: replay judges it
+
+
+def _after_last_newline(journal: BinaryIO, end: int) -> int:
+    """The offset just after the last newline before ``end`` (0 if there is none)."""
+    while end > 0:
+        start = max(0, end - 65536)
+        journal.seek(start)
+        newline = journal.read(end - start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0
