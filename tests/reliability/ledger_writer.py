@@ -2,16 +2,15 @@
 
 Usage: python tests/reliability/ledger_writer.py URI SEED [OPTIONS_JSON]
 
-OPTIONS_JSON's ``"items"`` is the size of the job (``ITEMS`` if not given), and ``"rate"`` the items
-a second it aims at (``RATE``): an item's work takes a random time, ``tasks / rate`` on average (and
-so does the pause after it), so that a run does about as much work in a second on any machine,
-while its backend keeps up. The
-other options go to ``Ledger.open``.
+OPTIONS_JSON's ``"items"`` is the size of the job (``ITEMS`` if not given), ``"rate"`` the most
+claims a second its tasks make (``RATE``), so that a run does about as much work in a second on
+any machine while its backend keeps up, and ``"work"`` how long an item's work takes on average
+(``WORK`` seconds). The other options go to ``Ledger.open``.
 
 The job is a crawl over the keys ``0 .. items - 1``: it adds the first ``SEEDS``, and item ``k``
 finds its children ``k*BRANCHING+1 ..`` (like a page's links), so the rest are added while the
-work runs. Some items fail on their first attempt (``fails``), a few on every
-attempt, until they are given up. The same keys, failures and fingerprint on every run, whatever
+work runs. Some items fail on their first attempt (``fails``), a few on every attempt, until they
+are given up. The same keys, failures and fingerprint on every run, whatever
 its seed; the seed chooses the number of tasks, the order, the batch size and whether to compact.
 
 It prints, each line flushed as it happens (the outside world that sees what was done twice):
@@ -40,6 +39,7 @@ from yoink import Ledger
 
 ITEMS = 1000
 RATE = 500
+WORK = 0.005
 SEEDS = 10
 BRANCHING = 3
 MAX_ATTEMPTS = 12  # no item is interrupted this often in a row: only ALWAYS_FAILS are given up
@@ -71,8 +71,8 @@ def say(*words: object) -> None:
 
 async def main(uri: str, seed: int, options: dict[str, Any]) -> None:
     rng = random.Random(seed)
-    items, rate = options.pop("items", ITEMS), options.pop("rate", RATE)
-    tasks = rng.choice([1, 4, 8, 16])  # one task: no other claim's flush makes its "done" durable
+    items, rate, work = options.pop("items", ITEMS), options.pop("rate", RATE), options.pop("work", WORK)
+    tasks = rng.choice([1, 4, 8, 16])
     async with Ledger.open(
         uri,
         fingerprint=fingerprint(items),
@@ -85,25 +85,33 @@ async def main(uri: str, seed: int, options: dict[str, Any]) -> None:
         say(f"resumed {ledger.progress.done}\ninterrupted {interrupted}".rstrip())  # one write: both lines
         await ledger.add(range(min(SEEDS, items)))
 
-        async def work(task_rng: random.Random) -> None:
+        start = anyio.current_time()
+
+        async def paced() -> None:
+            """Wait for the next of the job's starts, ``1 / rate`` after the one before."""
+            nonlocal start
+            mine = start = max(start + 1 / rate, anyio.current_time())
+            await anyio.sleep_until(mine)
+
+        async def task(task_rng: random.Random) -> None:
             async for key in ledger.pending():
                 assert isinstance(key, int)
+                await paced()  # with one task, no other claim's flush makes the last "done" durable
                 say("claiming", key)
                 async with ledger.claim(key) as item:
                     say("ran", key, item.attempt)
                     found = children(key, items)
                     if found:
                         await ledger.add(found)
-                    await anyio.sleep(task_rng.uniform(0, 2 * tasks / rate))  # the work itself
+                    await anyio.sleep(task_rng.uniform(0, 2 * work))  # the work itself
                     if fails(key, item.attempt):
                         raise RuntimeError(f"{key} fails on attempt {item.attempt}")
                     item.result = {"run": seed, "attempt": item.attempt}
                 say("exited", key, item.attempt, "failed" if item.error else "done")
-                await anyio.sleep(task_rng.uniform(0, tasks / rate))  # between items
 
         async def compact_now_and_then() -> None:
             while True:
-                await anyio.sleep(rng.uniform(0, 0.1))
+                await anyio.sleep(rng.uniform(0, 0.03))
                 await ledger.compact()
                 say("compacted")
 
@@ -112,7 +120,7 @@ async def main(uri: str, seed: int, options: dict[str, Any]) -> None:
                 job.start_soon(compact_now_and_then)
             async with anyio.create_task_group() as workers:
                 for _ in range(tasks):
-                    workers.start_soon(work, random.Random(rng.random()))
+                    workers.start_soon(task, random.Random(rng.random()))
             job.cancel_scope.cancel()
         progress = ledger.progress
         say("finished", progress.done, progress.failed)

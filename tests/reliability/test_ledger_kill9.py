@@ -27,7 +27,7 @@ from yoink import CheckpointManager, Ledger, Progress
 
 WRITER = Path(__file__).with_name("ledger_writer.py")
 # The items a second a job aims at on each backend: about what it keeps up with on a loaded machine.
-RATE = {"local": 400, "redis": 400, "fsspec": 250, "s3-object": 25, "s3-segments": 10}
+RATE = {"local": 400, "redis": 300, "fsspec": 200, "s3-object": 20, "s3-segments": 8}
 
 
 @dataclass
@@ -160,7 +160,9 @@ def test_a_job_killed_at_random_and_resumed_does_every_item_and_again_only_those
     count = kills(8 if journal.name == "local" else 3)
     rate = RATE[journal.name]
     items = max(50, round(count * rate * (0.05 + journal.pause * 2) / 2))  # about the work of the killed runs
-    writing = dataclasses.replace(journal, options={**journal.options, "items": items, "rate": rate})
+    work = min(journal.pause / 4, 4 / rate)  # an item's work: a few in flight at a time, most end in a run
+    job_options = {"items": items, "rate": rate, "work": work}
+    writing = dataclasses.replace(journal, options={**journal.options, **job_options})
     check = Check(items)
     seeds: set[int] = set()
     made = 0
