@@ -157,7 +157,7 @@ def test_a_job_killed_at_random_and_resumed_does_every_item_and_again_only_those
 ) -> None:
     rng = random.Random(random_seed())
     log = tmp_path / "runs.log"  # every line each run printed, for a failure's post-mortem
-    count = kills(8 if journal.name == "local" else 3)
+    count = kills(8 if journal.name == "local" else 4)
     rate = RATE[journal.name]
     items = max(50, round(count * rate * (0.05 + journal.pause * 2) / 2))  # about the work of the killed runs
     work = min(journal.pause / 4, 4 / rate)  # an item's work: a few in flight at a time, most end in a run
