@@ -15,8 +15,9 @@ its seed; the seed chooses the number of tasks, the order, the batch size and wh
 
 It prints, each line flushed as it happens (the outside world that sees what was done twice):
 
-- ``resumed D`` and ``interrupted k k ...`` together, first: the items done when it opened the
-  ledger, and those the ledger reports in flight when the last writer stopped;
+- ``resumed D``, ``known K`` and ``interrupted k k ...`` together, first: the items done when it
+  opened the ledger, all the items it knew, and those it reports in flight when the last writer
+  stopped;
 - ``claiming k`` before a claim, ``ran k A`` first thing in its body (attempt A; the "start" is
   durable by then), ``exited k A done`` or ``exited k A failed`` once the claim's ``async with``
   has exited (the verdict is durable by then);
@@ -82,7 +83,8 @@ async def main(uri: str, seed: int, options: dict[str, Any]) -> None:
         **options,
     ) as ledger:
         interrupted = " ".join(str(key) for key in ledger.interrupted)
-        say(f"resumed {ledger.progress.done}\ninterrupted {interrupted}".rstrip())  # one write: both lines
+        opened = f"resumed {ledger.progress.done}\nknown {len(ledger)}\ninterrupted {interrupted}"
+        say(opened.rstrip())  # one write: all three lines, or none
         await ledger.add(range(min(SEEDS, items)))
 
         start = anyio.current_time()
@@ -109,9 +111,11 @@ async def main(uri: str, seed: int, options: dict[str, Any]) -> None:
                     item.result = {"run": seed, "attempt": item.attempt}
                 say("exited", key, item.attempt, "failed" if item.error else "done")
 
+        every = rng.choice([0.03, 0.3])  # compactions back to back, or one that stands for a while
+
         async def compact_now_and_then() -> None:
             while True:
-                await anyio.sleep(rng.uniform(0, 0.03))
+                await anyio.sleep(rng.uniform(0, every))
                 await ledger.compact()
                 say("compacted")
 

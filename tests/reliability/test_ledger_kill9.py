@@ -1,11 +1,13 @@
 """kill -9 a ledger's job at random moments, on every backend, and resume it until it is finished.
 
 The job (ledger_writer.py) prints what the outside world sees: each attempt's body as it begins
-(``ran``), each claim that exited, and, as it resumes, the items the ledger reports interrupted.
-Across all its runs: every item's body ran; no item whose claim exited done ran again; every item
-that ran again either failed (as the job makes some do) or was in flight at a kill and is listed
-in the next run's ``interrupted``; the finished ledger has every item done once (its journal
-holds one completion per item: the attempt whose body ran last), and the failing ones given up.
+(``ran``), each claim that exited, and, as it resumes, what the ledger knows and reports
+interrupted. Across all its runs: every item's body ran; no item whose claim exited done ran
+again; every item that ran again either failed (as the job makes some do) or was in flight at a
+kill and is listed in the next run's ``interrupted``, which lists nothing else; no resumed run
+knows fewer items, or fewer done, than claims that exited had begun, found or done; the finished
+ledger has every item done once (its journal holds one completion per item: the attempt whose
+body ran last), and those that always fail given up.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Run:
     seed: int
     killed: bool
     resumed: int = -1
+    known: int = -1
     interrupted: set[int] = field(default_factory=set)
     events: list[tuple[str, int, int, str]] = field(default_factory=list)  # (what, key, attempt, verdict)
     compactions: int = 0
@@ -50,6 +53,8 @@ class Run:
             what, *words = line.split()
             if what == "resumed":
                 run.resumed = int(words[0])
+            elif what == "known":
+                run.known = int(words[0])
             elif what == "interrupted":
                 run.interrupted = {int(key) for key in words}
             elif what == "claiming":
@@ -65,6 +70,7 @@ class Run:
             else:
                 raise AssertionError(f"run {seed}: the job printed {line!r}")
         assert run.resumed >= 0, f"run {seed}: no resumed line"
+        assert run.known >= 0, f"run {seed}: no known line"
         return run
 
 
@@ -76,6 +82,7 @@ class Check:
     problems: list[str] = field(default_factory=list)
     ran: dict[int, list[tuple[int, int]]] = field(default_factory=lambda: defaultdict(list))  # seed, attempt
     exited_done: dict[int, tuple[int, int]] = field(default_factory=dict)
+    added: set[int] = field(default_factory=set)  # begun, or found by a claim that exited: in the journal
     done_unseen: dict[int, tuple[int, int]] = field(default_factory=dict)  # in flight at a kill, unreported
     repeats: int = 0  # bodies that ran again after a kill, each reported interrupted
     in_flight_at_kills: int = 0
@@ -93,6 +100,9 @@ class Check:
         if run.resumed < len(self.exited_done):
             exited = len(self.exited_done)
             self.problem(run, f"resumed with {run.resumed} items done, {exited} claims had exited done")
+        if run.known < len(self.added):
+            added = len(self.added)
+            self.problem(run, f"resumed knowing {run.known} items; claims that exited began or found {added}")
         if stray := run.interrupted - self._still_interrupted - self._claimed_in_flight:
             self.problem(run, f"reports interrupted items that were not in flight: {sorted(stray)[:10]}")
         if done := run.interrupted & self.exited_done.keys():
@@ -109,6 +119,7 @@ class Check:
                 claimed[key] += 1
             elif what == "ran":
                 self._ran(run, key, attempt)
+                self.added.add(key)  # its "start" was durable before its body ran
                 running.add((key, attempt))
             else:
                 claimed[key] -= 1
@@ -120,6 +131,7 @@ class Check:
                     self.problem(run, f"{key}'s attempt {attempt} {verdict}, not {expected}")
                 if verdict == "done":
                     self.exited_done[key] = (run.seed, attempt)
+                self.added.update(job.children(key, self.items))  # the body added them before its verdict
         if run.finished and running:
             self.problem(run, f"finished with bodies that never exited: {sorted(running)[:10]}")
         self.in_flight_at_kills += len(running) if run.killed else 0
