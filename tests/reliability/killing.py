@@ -93,6 +93,19 @@ def run_writer_and_kill(writer: Path, journal: Journal, seed: int, after: float)
     return int(first.split()[1]), lines
 
 
+def run_writer_to_the_end(writer: Path, journal: Journal, seed: int, timeout: float) -> list[str]:
+    """Start ``writer`` on the journal and let it stop by itself; return the lines it printed."""
+    journal.before_start()
+    ended = subprocess.run(
+        [sys.executable, str(writer), journal.uri, str(seed), json.dumps(journal.options)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert ended.returncode == 0, f"the writer failed ({ended.returncode}): {ended.stderr[-3000:]}"
+    return ended.stdout.splitlines()
+
+
 def acknowledged_in(lines: list[str]) -> set[int]:
     """The records a killed writer's whole ``acked n n ...`` lines name."""
     acknowledged = set()
