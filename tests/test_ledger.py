@@ -18,7 +18,7 @@ import anyio.lowlevel
 import orjson
 import pytest
 
-from tests.helpers import spy_on_fsync
+from tests.helpers import RecordingStorage, spy_on_fsync
 from yoink import (
     CheckpointLockedError,
     CheckpointManager,
@@ -778,6 +778,38 @@ async def test_a_job_that_opens_as_the_last_one_ends_reads_all_it_did(
     with contextlib.suppress(CheckpointLockedError):
         await task
     assert "new a" not in ran
+
+
+async def test_a_key_added_while_a_compaction_begins_is_in_the_journal_after_it() -> None:
+    storage = RecordingStorage(delay=0.05)  # a write takes 50 ms, as a remote one may
+    async with Ledger.open(storage, batch_bytes=1) as ledger:  # each append writes its batch
+        async with anyio.create_task_group() as group:
+            group.start_soon(ledger.add, "found")  # appended, then waits for its batch to be written
+            await anyio.sleep(0.01)
+            await ledger.compact()
+        assert "found" in ledger
+    async with Ledger.open(MemoryStorage(storage.name)) as ledger:  # after a restart
+        assert "found" in ledger, "a key the job added is gone: it will never be done"
+
+
+async def test_a_failed_attempts_retry_begins_after_the_failed_claim_has_exited() -> None:
+    storage = RecordingStorage(delay=0.05)  # a flush takes 50 ms, as a remote one may
+    events: list[str] = []
+    async with Ledger.open(storage) as ledger:
+        await ledger.add("a")
+
+        async def worker() -> None:
+            async for key in ledger.pending():
+                async with ledger.claim(key) as item:
+                    events.append(f"body {item.attempt}")
+                    if item.attempt == 1:
+                        raise RuntimeError("the first attempt fails")
+                events.append(f"exited {item.attempt}")
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(worker)
+            group.start_soon(worker)
+    assert events == ["body 1", "exited 1", "body 2", "exited 2"]
 
 
 HOLDER = """

@@ -238,9 +238,9 @@ def test_a_job_killed_at_random_and_resumed_does_every_item_and_again_only_those
     found = (progress.done, progress.failed, progress.pending, progress.running, known)
     assert found == expected, f"the finished ledger: {progress}, {known} items (see {log.parent})"
     assert failed == given_up
-    assert interrupted <= given_up  # given up while in flight, at its last attempt
-    for key in given_up:
-        assert len(ran[key]) <= job.MAX_ATTEMPTS
+    assert not interrupted  # the last run ended every claim it began
+    for key in given_up:  # MAX_ATTEMPTS failures, and attempts cut by a kill, which are none
+        assert job.MAX_ATTEMPTS <= len(ran[key]) <= job.MAX_ATTEMPTS + made
 
 
 def _log(log: Path, seed: int, lines: list[str], how: str) -> None:
