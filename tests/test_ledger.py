@@ -812,6 +812,94 @@ async def test_a_failed_attempts_retry_begins_after_the_failed_claim_has_exited(
     assert events == ["body 1", "exited 1", "body 2", "exited 2"]
 
 
+def test_a_crash_after_a_compactions_swap_leaves_no_item_done_without_the_work_it_found(
+    tmp_path: Path,
+) -> None:
+    # The snapshot is the state at the cut: an item that ends after it is not written done there,
+    # since the keys its body added after the cut are only in the records that follow the snapshot,
+    # which a crash right after the swap loses (found by an attacker's kill loop).
+    path = tmp_path / "crawl.jsonl"
+    job = subprocess.Popen(
+        [sys.executable, "-c", CRASH_AFTER_SWAP, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert job.stdout is not None
+    assert job.stdout.readline() == "swapped\n"
+    job.kill()  # the machine dies before what followed the cut is written
+    job.wait()
+    job.stdout.close()
+
+    async def reopened() -> tuple[Any, ...]:
+        async with Ledger.open(path) as ledger:
+            return ledger.state("page"), ledger.state("link"), ledger.interrupted
+
+    assert anyio.run(reopened) == ("pending", None, ["page"])  # in flight: done again, and finds it
+
+
+CRASH_AFTER_SWAP = """
+import asyncio, sys
+from yoink import Ledger
+from yoink.storage import LocalFileStorage
+
+class CrashAfterSwap(LocalFileStorage):
+    swapped = False
+    async def replace(self, text):
+        await super().replace(text)
+        self.swapped = True
+    async def write(self, data):
+        if self.swapped:
+            print("swapped", flush=True)
+            await asyncio.sleep(3600)
+        await super().write(data)
+
+async def main():
+    async with Ledger.open(CrashAfterSwap(sys.argv[1])) as ledger:
+        await ledger.add(["page", "other"])
+        claim = ledger.claim("page")
+        item = await claim.__aenter__()
+        compaction = asyncio.create_task(ledger.compact())
+        await asyncio.sleep(0)  # its cut is taken
+        await ledger.add("link")  # found by the body, after the cut
+        item.result = {"links": 1}
+        ending = asyncio.create_task(claim.__aexit__(None, None, None))
+        await compaction
+        await ending
+asyncio.run(main())
+"""
+
+
+async def test_claims_cancelled_again_and_again_do_not_grow_the_queue(tmp_path: Path) -> None:
+    async with Ledger.open(tmp_path / "jobs.jsonl", durable=False) as ledger:
+        await ledger.add(["a", "b"])
+        for _ in range(2000):
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                async with ledger.claim("a"):
+                    await anyio.lowlevel.checkpoint()
+        assert len(ledger._queue) < 100
+        assert [key async for key in _first(ledger.pending(), 2)] == ["a", "b"]
+
+
+@pytest.mark.parametrize("fingerprint", [{1: "a"}, 2**64, float("nan") * 0 + 1j])
+async def test_a_fingerprint_the_journal_cannot_hold_is_refused_before_anything_is_written(
+    tmp_path: Path, fingerprint: Any
+) -> None:
+    with pytest.raises(TypeError):
+        async with Ledger.open(tmp_path / "jobs.jsonl", fingerprint=fingerprint):
+            pass
+    assert not (tmp_path / "jobs.jsonl").exists()
+
+
+async def test_long_fingerprints_that_differ_late_are_shown_where_they_differ(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    async with Ledger.open(path, fingerprint={"inputs": ["x" * 50] * 20 + ["old"]}):
+        pass
+    with pytest.raises(FingerprintMismatchError) as raised:
+        async with Ledger.open(path, fingerprint={"inputs": ["x" * 50] * 20 + ["new"]}):
+            pass
+    assert '"old"' in str(raised.value)
+    assert '"new"' in str(raised.value)
+
+
 HOLDER = """
 import anyio, sys
 from yoink import Ledger

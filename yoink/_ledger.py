@@ -116,7 +116,7 @@ class Ledger:
             raise ValueError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
         if order not in ("fifo", "lifo"):
             raise ValueError(f"order must be 'fifo' or 'lifo', got {order!r}")
-        _json.dumps(fingerprint)  # TypeError now, not once the journal is open
+        orjson.dumps(fingerprint)  # TypeError now, as the journal would raise it once open
         self._manager = manager
         self._fingerprint = fingerprint
         self._max_attempts = max_attempts
@@ -254,7 +254,8 @@ class Ledger:
             if on_fingerprint_change == "raise":
                 raise FingerprintMismatchError(
                     f"{self._manager.storage!r} is the ledger of a job with the fingerprint "
-                    f"{_shown(state.fingerprint)}, not {_shown(self._fingerprint)}; open another journal, "
+                    f"{_shown(state.fingerprint, self._fingerprint)}, not "
+                    f"{_shown(self._fingerprint, state.fingerprint)}; open another journal, "
                     'or pass on_fingerprint_change="continue" to carry on this one under the new fingerprint',
                     stored=state.fingerprint,
                     given=self._fingerprint,
@@ -382,9 +383,15 @@ class Ledger:
         ``compact=True``; a storage that cannot compact raises
         :class:`~yoink.CompactionNotSupportedError`."""
         self._check_open()
-        keys = list(self._state.items)  # the order is kept; each item's state is read as it is written
+        # The state at the cut, copied before the manager takes it (no await between): the records
+        # after the cut follow the snapshot, and a crash after the swap may leave the journal without
+        # them, so the snapshot must hold no later state (an item done, and not the keys it added).
+        # Shallow: an item's state is never changed in place, only replaced.
+        state = LedgerState(self._state.source, keep_results=self._state.keep_results)
+        state.items, state.results = dict(self._state.items), dict(self._state.results)
+        state.fingerprint = self._state.fingerprint
         before = self._records
-        result = await self._manager.compact(snapshot_records(self._state, keys, self._running))
+        result = await self._manager.compact(snapshot_records(state, set(self._running)))
         self._records += (result.records or 0) - before  # and those appended meanwhile
         self._compact_at = max(COMPACT_MIN_RECORDS, COMPACT_GROWTH * (result.records or 0))
 
@@ -427,6 +434,24 @@ class Ledger:
             if item is not DONE and not self._gives_up(item):
                 return key
         return None
+
+    def _requeue(self, key: Key, *, first: bool) -> None:
+        """Offer ``key`` again, first or after the others. The queue may hold stale keys (see
+        _take()); once they are most of it (claims cancelled again and again, with nobody taking
+        from it), it is rebuilt without them."""
+        queue = self._queue
+        if first != self._lifo:
+            queue.appendleft(key)
+        else:
+            queue.append(key)
+        if len(queue) > 2 * (len(self._state.items) - self._done - self._given_up) + 64:
+            waiting = dict.fromkeys(
+                k
+                for k in queue
+                if k not in self._running and k not in self._offered and self._state.items[k] is not DONE
+            )
+            queue.clear()
+            queue.extend(waiting)
 
     def _gives_up(self, item: Any) -> bool:
         """Whether an item (not running now) is given up on: it failed ``max_attempts`` times."""
@@ -560,10 +585,8 @@ class Claim:
             ledger._running.discard(key)
             if failures >= ledger._max_attempts:
                 ledger._given_up += 1
-            elif ledger._lifo:
-                ledger._queue.appendleft(key)  # tried again after the others
             else:
-                ledger._queue.append(key)
+                ledger._requeue(key, first=False)  # tried again after the others
             ledger._wake()
 
     def _interrupted(self) -> None:
@@ -574,10 +597,8 @@ class Claim:
             ledger._running.discard(key)
             if ledger._gives_up(ledger._state.items[key]):  # given up before, claimed by hand
                 ledger._given_up += 1
-            elif ledger._lifo:
-                ledger._queue.append(key)
             else:
-                ledger._queue.appendleft(key)
+                ledger._requeue(key, first=True)
             ledger._wake()
 
 
@@ -643,6 +664,16 @@ def _text(exc: BaseException) -> str:
         return f"(its str() raised {type(failure).__qualname__})"
 
 
-def _shown(value: Any) -> str:
+def _shown(value: Any, other: Any = None) -> str:
+    """A fingerprint as JSON, cut at 300 characters, or around where it differs from ``other``."""
     text = orjson.dumps(value, option=orjson.OPT_SORT_KEYS, default=repr).decode()
-    return text if len(text) <= 300 else text[:300] + "..."
+    if len(text) <= 300:
+        return text
+    if other is None:
+        return text[:300] + "..."
+    theirs = orjson.dumps(other, option=orjson.OPT_SORT_KEYS, default=repr).decode()
+    differ = next(
+        (n for n, (a, b) in enumerate(zip(text, theirs, strict=False)) if a != b), min(len(text), len(theirs))
+    )
+    start = max(0, differ - 100)
+    return f"{'...' if start else ''}{text[start : start + 300]}{'...' if start + 300 < len(text) else ''}"

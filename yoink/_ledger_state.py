@@ -320,14 +320,13 @@ def key_batches(keys: Iterable[Key]) -> Iterator[list[Key]]:
         yield batch
 
 
-def snapshot_records(state: LedgerState, keys: list[Key], running: set[Key]) -> Iterator[dict[str, Any]]:
-    """The records of a compacted ledger: its identity, then each item's state, in ``keys``' order.
+def snapshot_records(state: LedgerState, running: set[Key]) -> Iterator[dict[str, Any]]:
+    """The records of a compacted ledger: its identity, then each item's state, in order.
 
-    ``keys`` is a copy of ``state.items``' keys, taken once compaction's cut is in: the state read
-    for each is that of the moment it is read, never older than at the cut (the fold is monotone).
-    An item not running now is written as stopped, with its failures and last error: one whose
-    attempt was cancelled, or interrupted before, is offered again, and not reported as
-    interrupted a second time.
+    ``state`` and ``running`` are the ledger's at the compaction's cut (copies: the snapshot is
+    written while the job goes on). An item not running then is written as stopped, with its
+    failures and last error: one whose attempt was cancelled, or interrupted before, is offered
+    again, and not reported as interrupted a second time.
     """
     yield open_record(state.fingerprint)
     runs: list[tuple[str, list[Key]]] = []  # consecutive items pending, or done without a result
@@ -338,8 +337,7 @@ def snapshot_records(state: LedgerState, keys: list[Key], running: set[Key]) -> 
                 yield {FIELD: kind, "keys": batch}
         runs.clear()
 
-    for key in keys:
-        item = state.items[key]
+    for key, item in state.items.items():
         if item is PENDING or (item is DONE and key not in state.results):
             kind = "add" if item is PENDING else "done"
             if not runs or runs[-1][0] != kind:
