@@ -43,7 +43,7 @@ RATE = 500
 WORK = 0.005
 SEEDS = 10
 BRANCHING = 3
-MAX_ATTEMPTS = 20  # no item is interrupted this often in a row: only those that always fail are given up
+MAX_ATTEMPTS = 5  # an attempt cut by a kill is no failure: only the items that always fail are given up
 
 
 def fingerprint(items: int) -> dict[str, Any]:

@@ -239,7 +239,7 @@ def test_a_job_killed_at_random_and_resumed_does_every_item_and_again_only_those
     assert found == expected, f"the finished ledger: {progress}, {known} items (see {log.parent})"
     assert failed == given_up
     assert not interrupted  # the last run ended every claim it began
-    for key in given_up:  # MAX_ATTEMPTS failures, and attempts cut by a kill, which are none
+    for key in given_up:  # MAX_ATTEMPTS failures, and at most one attempt cut by each kill
         assert job.MAX_ATTEMPTS <= len(ran[key]) <= job.MAX_ATTEMPTS + made
 
 
