@@ -12,7 +12,7 @@ from yoink import CheckpointManager
 
 def test_kill_9_never_loses_a_flushed_record_nor_replays_one_twice_or_corrupt(journal: Journal) -> None:
     rng = random.Random(random_seed())
-    outcome = kill_loop(journal, kills(20 if journal.name == "local" else 10), rng)
+    outcome = kill_loop(journal, kills(20 if journal.name == "local" else 6), rng)
     assert not outcome.failures, outcome.failures[:5]
     assert not outcome.lost, f"{len(outcome.lost)} flushed records lost, e.g. {sorted(outcome.lost)[:5]}"
     assert not outcome.duplicated, f"replayed twice: {sorted(outcome.duplicated)[:5]}"
