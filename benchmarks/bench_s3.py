@@ -50,6 +50,10 @@ def lines(first: int, count: int, pad: int = 0) -> str:
 
 @contextlib.contextmanager
 def moto_server() -> Iterator[str]:
+    """moto's S3 server in a process of its own; its URL. Sets the (fake) credentials it takes."""
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -209,9 +213,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller workloads, for a smoke run")
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     if args.one:
         endpoint, name, rest = args.one
         print(json.dumps(asyncio.run(MEASUREMENTS[name](endpoint, *json.loads(rest)))))

@@ -189,9 +189,6 @@ def main() -> None:
         print(json.dumps(asyncio.run(replay_once(path, int(n)))))
         return
 
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     replay_sizes = (
         [10_000, 100_000] if args.quick else [10_000, 30_000, 100_000, 300_000, 1_000_000, 3_000_000]
     )
