@@ -399,3 +399,45 @@ def test_a_parent_killed_mid_fold_leaves_no_worker_behind(kind: str, tmp_path: P
         assert parent.stdout is not None
         parent.stdout.close()
     assert path.read_text() == text, "the journal changed under a compaction killed mid-fold"
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "".join(f'{{"n": {i}, "pad": "{"p" * (i % 97)}"}}\n' for i in range(5000)),  # many pieces
+        '{"n": 1}\n' + '{"long": "' + "x" * 200_000 + '"}\n' + '{"n": 2}\n',  # a line longer than a piece
+        '{"n": 1}\n' * 20_000 + '{"torn": ',  # a torn tail kept: no newline at the end
+        '{"n": 1}\n',
+        "",
+    ],
+)
+def test_a_fold_decodes_an_item_in_pieces_of_whole_lines(item: str) -> None:
+    """A fold decodes at most a piece's records at a time (a file is read a mebibyte an item):
+    pieces of whole lines, about PIECE characters, that make up the item again."""
+    pieces = list(_fold._pieces(item))
+    PIECE = _fold.PIECE
+    assert "".join(pieces) == item
+    assert all(piece.endswith("\n") for piece in pieces[:-1])
+    assert all(len(piece) <= PIECE + max(map(len, piece.splitlines(True))) for piece in pieces)
+    if len(item) > 2 * PIECE and max(map(len, item.splitlines())) < PIECE:
+        assert len(pieces) >= len(item) // (2 * PIECE)  # not one piece for the whole item
+
+
+@pytest.mark.parametrize("worker_from", [ALWAYS, NEVER], ids=["worker", "here"])
+async def test_a_kept_record_is_written_as_it_was_read_where_its_line_is_known(
+    journal: Journal, worker_from: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fold keeps a kept record's line (a third of the dict's memory), so the snapshot holds it
+    as it was, spacing and all. Where the decoder read a piece line by line (a blank line in it, an
+    integer beyond 64 bits), it cannot tell lines from records and they are written as yoink would."""
+    lines = ['{"k": "a", "n": 1}', '{"k":"b","n":2}', '{"k": "a",  "n": 3}', '{"k": "c"}']
+    outcome = await compact_with(journal, "\n".join(lines) + "\n", worker_from, monkeypatch, caplog)
+    assert outcome.snapshot()[1] == "\n".join(lines[1:]) + "\n"
+
+    canonical = '{"k":"b","n":2}\n{"k":"a","n":3}\n{"k":"c"}\n'
+    with_a_blank = "\n".join([lines[0], "", *lines[1:]]) + "\n"
+    outcome = await compact_with(journal, with_a_blank, worker_from, monkeypatch, caplog)
+    assert outcome.snapshot()[1] == canonical
+    with_a_long_integer = "\n".join([*lines[:3], '{"k": "c", "n": 18446744073709551616}']) + "\n"
+    outcome = await compact_with(journal, with_a_long_integer, worker_from, monkeypatch, caplog)
+    assert outcome.snapshot()[1] == canonical.replace('{"k":"c"}', '{"k":"c","n":18446744073709551616}')

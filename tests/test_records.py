@@ -467,3 +467,24 @@ async def test_a_block_of_whole_lines_is_passed_on_even_when_it_holds_no_record(
             "garbage\n",
         ]
     assert caplog.text == ""
+
+
+def test_a_decoder_gives_each_records_line_where_every_line_of_an_item_was_one() -> None:
+    """``texts``: what a compaction keeps of a record it keeps, so it must match the records one to
+    one, or be None; never the lines of an earlier item."""
+    decoder = _records.JournalDecoder("j", on_corrupt="skip")
+    assert decoder.texts is None
+    header = '["$yoink", {"compaction": {}}]\n'
+    fed = [
+        (header + '{"a": 1}\n{"b":2}', ['{"a": 1}', '{"b":2}']),  # the header is no record's; no newline
+        ("", []),
+        ('{"c": 3}\n\n{"d": 4}\n', None),  # a blank line
+        ('{"e": 5}\n', ['{"e": 5}']),
+        ('{"f": 6}\n[1]\n{"g": 7}\n', None),  # a bad line, skipped
+        ('{"n": 18446744073709551616}\n', None),  # read by the json module, line by line
+    ]
+    for item, texts in fed:
+        records = decoder.feed(item)
+        assert decoder.texts == texts, item
+        if texts is not None:
+            assert [orjson.loads(text) for text in texts] == records

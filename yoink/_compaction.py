@@ -115,17 +115,20 @@ class KeyFold:
     def __init__(self, key: str) -> None:
         self.key = key
         self.records = 0  # records folded in
-        self._latest: dict[Any, dict[str, Any]] = {}
+        self._latest: dict[Any, str | dict[str, Any]] = {}  # each key's last record, or its line
         self._unkeyed = 0
 
-    def add(self, records: list[dict[str, Any]]) -> None:
+    def add(self, records: list[dict[str, Any]], lines: list[str] | None = None) -> None:
+        """Fold ``records`` in; keep ``lines[i]`` (its text, without the newline) for ``records[i]``
+        if given: a third of the memory of the record, and written as it was read."""
         latest, key = self._latest, self.key
-        for record in records:
+        texts: list[Any] = records if lines is None else lines
+        for record, kept in zip(records, texts, strict=True):
             value = record.get(key, _MISSING)
             if type(value) is not str:
                 value = self._identity(value)
             latest.pop(value, None)  # then at the end: the order is the last record's place
-            latest[value] = record
+            latest[value] = kept
         self.records += len(records)
 
     def _identity(self, value: Any) -> Any:
@@ -137,8 +140,10 @@ class KeyFold:
     def __len__(self) -> int:
         return len(self._latest)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self._latest.values())
+    def lines(self) -> Iterator[bytes]:
+        """The kept records as lines, in journal order."""
+        for kept in self._latest.values():
+            yield (kept + "\n").encode() if isinstance(kept, str) else encode_replayed(kept)
 
 
 _MISSING = object()

@@ -8,12 +8,12 @@ a worker process, on another core, while the loop goes on appending::
     this process (the event loop)                  the worker (yoink._fold_worker)
     local journal: opens it, passes the fd  ----->  reads it as LocalFileStorage.read() does
     other storages: storage.read()'s items  ----->  (or takes them, framed, on its stdin)
-                                                    JournalDecoder + KeyFold, as here
+                                                    fold_items(), as here
                                             <-----  its log records, the counts, then the kept
-                                                    records encoded as here, in ~1 MiB frames
+                                                    lines (KeyFold.lines()), in ~1 MiB frames
     storage.replace(header + kept records)
 
-Both ways run the same decoder and fold and encode the kept records with the same function, so the
+Both ways run the same fold (:func:`fold_items`) and write the kept records the same way, so the
 snapshot is the same text; a corrupt line raises the same ``CorruptCheckpointError`` (line, offset,
 message). The worker ends with this process: it exits when its stdin, whose write end only this
 process holds, reaches its end, or when its parent is no longer the process that started it.
@@ -30,13 +30,13 @@ import os
 import signal
 import struct
 import sys
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
 import anyio.abc
 
-from yoink._compaction import KeyFold, encode_replayed, snapshot_text
+from yoink._compaction import KeyFold, snapshot_text
 from yoink._exceptions import CorruptCheckpointError, StorageError
 from yoink._records import JournalDecoder, LineTooLongToRead, OnCorrupt
 from yoink.storage import CheckpointStorage, LocalFileStorage
@@ -51,7 +51,13 @@ WORKER_FROM_BYTES = 16 << 20
 
 A worker takes about 0.2 s to start (an interpreter and yoink's imports), about as long as the loop
 takes to fold 16 MiB (see docs/performance.md). A smaller journal would wait longer for its worker
-than the worker spares the loop; a larger one spares the loop more, the more so the larger it is."""
+than the worker spares the loop; a larger one spares the loop more, the more so the larger it is.
+
+A journal that is not a local file is read through ``storage.read()`` before its size is known, and
+what is read is held until a worker takes it: one is started once a quarter of this is read, so
+the loop holds 4 MiB of it, not 16 (a worker's start is small beside reading that much remotely)."""
+
+PIECE = 64 << 10  # characters of an item decoded at a time
 
 # Frames, both ways: a kind (one byte), the payload's size, the payload.
 HEAD = struct.Struct(">cQ")
@@ -87,12 +93,39 @@ def read_frame(read: Callable[[int], bytes]) -> tuple[bytes, bytes] | None:
 async def fold_items(
     items: AsyncIterator[str], key: str, on_corrupt: OnCorrupt, source: str
 ) -> tuple[KeyFold, JournalDecoder]:
-    """Fold a storage's ``read()`` items by ``key``; the decoder says how much it read."""
+    """Fold a storage's ``read()`` items by ``key``; the decoder says how much it read.
+
+    Items are decoded in pieces of whole lines of about PIECE characters: the records of one piece
+    are all it holds besides the fold, however large the items (a file's are a mebibyte). The fold
+    keeps the text of each line it keeps, where the decoder tells which line a record was read from
+    (:attr:`~yoink._records.JournalDecoder.texts`).
+    """
     fold = KeyFold(key)
     decoder = JournalDecoder(source, on_corrupt=on_corrupt)
-    async for batch in decoder.batches(items):
-        fold.add(batch)
+
+    async def pieces() -> AsyncGenerator[str, None]:
+        try:
+            async for item in items:
+                for piece in _pieces(item):
+                    yield piece
+        finally:
+            await _aclose(items)
+
+    async for batch in decoder.batches(pieces()):
+        fold.add(batch, decoder.texts)
     return fold, decoder
+
+
+def _pieces(item: str) -> Iterator[str]:
+    start = 0
+    while len(item) - start > PIECE:
+        end = item.find("\n", start + PIECE) + 1
+        if end == 0:  # one line to the end
+            break
+        yield item[start:end]
+        start = end
+    if start < len(item):
+        yield item[start:]
 
 
 class Fold:
@@ -136,7 +169,7 @@ async def fold_by_key(storage: CheckpointStorage, key: str, on_corrupt: OnCorrup
         return
     items = storage.read()
     try:
-        prefix, too_long, ended = await _read_up_to(items, WORKER_FROM_BYTES)
+        prefix, too_long, ended = await _read_up_to(items, WORKER_FROM_BYTES // 4)
         worker = None if ended else await _Worker.start(_config(key, on_corrupt, source, {}), source)
     except BaseException:
         await _aclose(items)
@@ -174,9 +207,14 @@ class _FoldedHere(Fold):
         def counted(records: int, size: int) -> None:
             self.bytes = size
 
-        async with contextlib.aclosing(snapshot_text(header, self._fold, encode_replayed, counted)) as text:
+        lines = snapshot_text(header, self._fold.lines(), _as_is, counted)
+        async with contextlib.aclosing(lines) as text:
             async for piece in text:
                 yield piece
+
+
+def _as_is(line: bytes) -> bytes:
+    return line
 
 
 async def _read_up_to(

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 
 import anyio
 
-from yoink._compaction import CHUNK_BYTES, KeyFold, encode_replayed
+from yoink._compaction import CHUNK_BYTES, KeyFold
 from yoink._exceptions import CorruptCheckpointError, StorageError
 from yoink._fold import (
     CONFIG,
@@ -82,8 +82,7 @@ def main() -> None:
     _send(out, *logs.frames, frame(COUNTS, json.dumps(counts).encode()))
     pieces: list[bytes] = []
     size = 0
-    for record in fold:
-        line = encode_replayed(record)
+    for line in fold.lines():
         pieces.append(line)
         size += len(line)
         if size >= CHUNK_BYTES:

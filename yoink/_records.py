@@ -192,6 +192,9 @@ class JournalDecoder:
         self.skipped = 0
         self.header: dict[str, Any] | None = None
         """The journal's header (the object in ``["$yoink", {...}]``), once read: what compacted it."""
+        self.texts: list[str] | None = None
+        """The text of each record :meth:`feed` returned last, without its newline, where every line
+        of its item was one (as a plain journal's are); else None."""
         self._on_problem = on_problem
         self._suspect: BadLine | None = None  # a bad line that is torn if nothing follows it
         self._error: CorruptCheckpointError | None = None
@@ -228,6 +231,7 @@ class JournalDecoder:
         if not self.lines and item.startswith(HEADER_START):
             item = self._take_header(item)
         if not item:
+            self.texts = []
             return []
         lines = item.split("\n")
         if not lines[-1]:
@@ -242,6 +246,9 @@ class JournalDecoder:
                 records = [orjson.loads(line) for line in lines]
         if records is None or set(map(type, records)) != {dict}:
             records = self._decode_slowly(lines)
+            self.texts = None
+        else:
+            self.texts = lines
         self.lines += len(lines)
         self.offset += utf8_len(item) + (not item.endswith("\n"))
         if too_long is not None and self._error is None:
