@@ -205,6 +205,28 @@ async def test_a_record_that_cannot_be_encoded_leaves_the_journal_as_it_was(tmp_
     assert not Path(str(path) + REPLACEMENT_SUFFIX).exists()
 
 
+@pytest.mark.parametrize("error", [ValueError, anyio.ClosedResourceError, anyio.BrokenResourceError])
+async def test_the_records_own_error_comes_out_of_compact_and_the_journal_stays(
+    tmp_path: Path, error: type[Exception]
+) -> None:
+    """Whatever the records raise is compact()'s error, even an error of anyio's streams (a closed
+    stream they read), which the hand-over to the compaction's task raises too (attack B4: it was
+    taken for the compaction's end, and compact() said it was cancelled)."""
+    path = tmp_path / "j.jsonl"
+
+    async def records() -> AsyncIterator[dict[str, int]]:
+        for n in range(10):
+            yield {"state": n}
+        raise error("the producer's own")
+
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        await checkpoint.append({"n": 0})
+        with pytest.raises(error, match="the producer's own"):
+            await checkpoint.compact(records())
+        await checkpoint.append({"n": 1})
+    assert await replay(path) == [{"n": 0}, {"n": 1}]
+
+
 async def test_compact_takes_records_or_a_key(tmp_path: Path) -> None:
     async with CheckpointManager.from_uri(tmp_path / "j.jsonl") as checkpoint:
         with pytest.raises(TypeError, match="one of the two"):
@@ -600,6 +622,65 @@ async def test_a_compaction_whose_caller_is_cancelled_before_its_snapshot_ends_k
         assert "another part of the job failed" in repr(failure)
         await checkpoint.append({"n": 1000})
     assert await replay(path) == [{"n": n} for n in range(1001)], "a partial snapshot replaced the journal"
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio tasks count their cancellations from 3.11")
+@pytest.mark.parametrize("how", ["task.cancel", "asyncio.timeout", "TaskGroup"])
+def test_a_snapshot_ended_by_a_swallowed_asyncio_cancellation_keeps_the_old_journal(
+    tmp_path: Path, how: str
+) -> None:
+    """A producer that ends its stream when cancelled (a queue consumer that returns on
+    CancelledError) swallows asyncio's cancellation, which is delivered once: its end is still not
+    the snapshot's, and compact() is cancelled (attack B1: the journal became a partial snapshot)."""
+    path = tmp_path / "j.jsonl"
+
+    async def main() -> None:
+        async with CheckpointManager.from_uri(path) as checkpoint:
+            for n in range(100):
+                await checkpoint.append({"old": n})
+            await checkpoint.flush()
+            queue: asyncio.Queue[dict[str, int]] = asyncio.Queue()
+            for n in range(10):
+                queue.put_nowait({"state": n})
+
+            async def from_queue() -> AsyncIterator[dict[str, int]]:
+                while True:
+                    try:
+                        item = await queue.get()
+                    except asyncio.CancelledError:
+                        return
+                    yield item
+
+            if how == "task.cancel":
+                task = asyncio.create_task(checkpoint.compact(from_queue()))
+                while queue.qsize():  # the producer waits for more once it has taken these
+                    await asyncio.sleep(0.01)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            elif how == "asyncio.timeout":
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.2):
+                        await checkpoint.compact(from_queue())
+            else:
+
+                async def fail() -> None:
+                    await asyncio.sleep(0.2)
+                    raise RuntimeError("another part of the job failed")
+
+                failure: BaseException | None = None
+                try:
+                    async with asyncio.TaskGroup() as group:
+                        group.create_task(fail())
+                        await checkpoint.compact(from_queue())
+                except BaseException as exc:  # the task group's group of errors
+                    failure = exc
+                assert "another part of the job failed" in repr(failure)
+            await checkpoint.append({"old": 100})
+
+    asyncio.run(main())
+    records = anyio.run(replay, path)
+    assert records == [{"old": n} for n in range(101)], "a partial snapshot replaced the journal"
 
 
 async def test_a_cancelled_compaction_stops_waiting_on_every_event_loop(tmp_path: Path) -> None:

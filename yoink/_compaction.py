@@ -8,6 +8,7 @@ with, the last record per key in journal order, and the snapshot streamed to
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import datetime
@@ -206,6 +207,17 @@ async def _each(records: Iterable[Any] | AsyncIterable[Any]) -> AsyncGenerator[A
 feeding: contextvars.ContextVar[object | None] = contextvars.ContextVar("feeding", default=None)
 
 
+def _asyncio_cancels() -> int:
+    """How many cancellations of the current asyncio task are under way (``Task.cancelling()``,
+    Python 3.11 and later); 0 outside asyncio."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no asyncio loop runs this task: trio
+        return 0
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling() if cancelling is not None else 0
+
+
 class SnapshotAbandoned(Exception):
     """compact()'s caller stopped (it was cancelled) before its snapshot was complete."""
 
@@ -233,6 +245,7 @@ class SnapshotFeed:
     async def feed(self, records: Iterable[Any] | AsyncIterable[Any]) -> None:
         """Encode and hand over ``records`` (in the caller's task); return early if the compaction ended."""
         token = feeding.set(self._owner)
+        cancels = _asyncio_cancels()
         try:
             await self.ready.wait()  # a replay in the records' iterator sees what it replaces
             async with contextlib.aclosing(_each(records)) as each:
@@ -244,19 +257,32 @@ class SnapshotFeed:
                     size += len(line)
                     self.records += 1
                     if size >= CHUNK_BYTES:
-                        await self._send.send(b"".join(pieces).decode())
+                        if not await self._hand(b"".join(pieces).decode()):
+                            return
                         self.bytes += size
                         pieces, size = [], 0
             self.bytes += size
-            if pieces:
-                await self._send.send(b"".join(pieces).decode())
-            await anyio.lowlevel.checkpoint()  # a cancellation of the caller comes before the end
-            await self._send.send(_End())
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            return  # the compaction ended without it (it failed): compact() raises its error
+            if pieces and not await self._hand(b"".join(pieces).decode()):
+                return
+            # A cancellation of the caller comes before the end: anyio's and trio's at this checkpoint;
+            # asyncio's, which is delivered once, may have been swallowed by the records' iterator,
+            # ending them early (a queue consumer that returns when cancelled): it is counted.
+            await anyio.lowlevel.checkpoint()
+            if _asyncio_cancels() > cancels:
+                raise anyio.get_cancelled_exc_class()()
+            await self._hand(_End())
         finally:
             feeding.reset(token)
             self._send.close()
+
+    async def _hand(self, item: str | _End) -> bool:
+        """Hand ``item`` to the compaction; False if it ended without it (it failed: compact() raises
+        its error)."""
+        try:
+            await self._send.send(item)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return False
+        return True
 
     async def text(self, header: str) -> AsyncGenerator[str, None]:
         """The header, then the fed text, until the end the caller sent (in the compaction's task)."""
