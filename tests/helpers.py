@@ -1,4 +1,5 @@
-"""Helpers for tests: storages that show or slow down what the manager does, an fsync spy, seeds."""
+"""Helpers for tests: storages that show or slow down what the manager does, an fsync spy, seeds,
+a Python child."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import dataclasses
 import os
 import secrets
 import stat
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -18,6 +22,17 @@ from yoink import StorageError
 from yoink.storage import MemoryStorage
 
 SEED_VARIABLE = "YOINK_TEST_SEED"
+
+
+def run_python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` (dedented) in a Python process of its own, with ``args``; its output as text."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def random_seed() -> int:

@@ -430,6 +430,12 @@ def test_compact_needs_a_key_and_a_journal(tmp_path: Path) -> None:
         f"yoink: error: no journal at {tmp_path / 'j.jsonl'}\n",
     )
     assert not (tmp_path / "j.jsonl").exists()
+    (tmp_path / "j.jsonl").write_text('{"url": "a"}\n')
+    empty = yoink("compact", str(tmp_path / "j.jsonl"), "--key", "")  # attack B6: "a bug in yoink", exit 1
+    assert empty.returncode == 2, empty.stderr
+    assert "argument --key: the name of a record field, not empty" in empty.stderr
+    assert "bug" not in empty.stderr
+    assert (tmp_path / "j.jsonl").read_text() == '{"url": "a"}\n'
 
 
 def test_stats_of_a_header_yoink_does_not_know_says_so_and_does_not_fail(tmp_path: Path) -> None:

@@ -10,15 +10,12 @@ import os
 import pickle
 import re
 import stat
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import spy_on_fsync
+from tests.helpers import run_python, spy_on_fsync
 from yoink import CheckpointLockedError, CheckpointManager, StorageClosedError, StorageError
 from yoink.storage import LocalFileStorage
 from yoink.storage import _files as files_module
@@ -30,16 +27,6 @@ TORN = '{"url":"https://example.com/3","sta'
 async def replay_all(path: Path) -> list[dict[str, object]]:
     async with CheckpointManager.from_uri(path) as manager:
         return [record async for record in manager.replay()]
-
-
-def run_python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 async def test_the_file_and_missing_parent_directories_appear_on_first_write(tmp_path: Path) -> None:

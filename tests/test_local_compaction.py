@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import spy_on_fsync
+from tests.helpers import run_python, spy_on_fsync
 from yoink import CheckpointLockedError, CheckpointManager, StorageError
 from yoink.storage import LocalFileStorage
 from yoink.storage import _local as local_module
@@ -69,13 +69,13 @@ async def test_a_snapshot_of_many_mebibytes_is_written_whole_in_pieces(
     await storage.write('{"n":0}\n')
     texts = [f'{{"n":{n},"pad":"{"x" * (n % 3000)}"}}\n' for n in range(3000)]  # 4.5 MB, chunks of 0 to 3 kB
     writes: list[int] = []
-    write_all = local_module._write_all
+    write_replacement = local_module._write_replacement
 
-    def counting(fd: int, payload: bytes) -> None:
+    def counting(fd: int, payload: bytes, journal: str) -> None:
         writes.append(len(payload))
-        write_all(fd, payload)
+        write_replacement(fd, payload, journal)
 
-    monkeypatch.setattr(local_module, "_write_all", counting)
+    monkeypatch.setattr(local_module, "_write_replacement", counting)
     await storage.replace(lines(*texts))
     await storage.close()
     assert path.read_text() == "".join(texts)
@@ -259,3 +259,58 @@ async def test_a_failed_directory_fsync_after_the_swap_is_retried_at_close(
     with spy_on_fsync(monkeypatch) as fsyncs:
         await storage.close()
     assert fsyncs.directories() == [str(tmp_path)], "close() left the swap's directory entry unsynced"
+
+
+def test_a_snapshot_the_disk_refuses_part_way_is_a_storage_error_that_keeps_the_old_journal(
+    tmp_path: Path,
+) -> None:
+    """RLIMIT_FSIZE makes the kernel refuse the new journal's write past 64 KiB (as a full disk
+    would): a StorageError that says the old journal is kept (attack B5: a bare OSError), and it is."""
+    child = run_python(
+        """
+        import asyncio, glob, resource, signal, sys
+        from yoink import CheckpointManager, StorageError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        async def main():
+            async with CheckpointManager.from_uri(sys.argv[1]) as manager:
+                await manager.append_many({"old": n} for n in range(1000))
+                await manager.flush()
+                resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
+                try:
+                    await manager.compact({"new": n, "pad": "x" * 100} for n in range(5000))
+                except StorageError as exc:
+                    print("error:", exc)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+                await manager.append({"old": 1000})
+            print("left beside it:", glob.glob(sys.argv[1] + ".*"))
+        asyncio.run(main())
+        """,
+        str(tmp_path / "j.jsonl"),
+    )
+    assert child.returncode == 0, child.stderr
+    new_journal = f"{tmp_path / 'j.jsonl'}{REPLACEMENT_SUFFIX}"
+    assert (
+        f"error: cannot write the new journal {new_journal}: File too large; the old one is kept"
+        in child.stdout
+    )
+    assert "left beside it: []" in child.stdout
+    assert (tmp_path / "j.jsonl").read_text() == "".join(f'{{"old":{n}}}\n' for n in range(1001))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a device node takes root")
+async def test_a_journal_that_is_not_a_regular_file_is_not_compacted_and_stays_as_it_is(
+    tmp_path: Path,
+) -> None:
+    """A rename would put a regular file in place of a device (attack B3: `yoink compact /dev/null`
+    made /dev/null a file, and a policy did it in the background)."""
+    null = tmp_path / "null"
+    os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    async with CheckpointManager.from_uri(f"file://{null}?fsync=false") as checkpoint:
+        await checkpoint.append({"k": 1})
+        await checkpoint.flush()
+        for compaction in (checkpoint.compact(key="k"), checkpoint.compact([{"k": 2}])):
+            with pytest.raises(StorageError, match=f"cannot compact {null}: .* is not a regular file"):
+                await compaction
+        await checkpoint.append({"k": 3})
+    assert stat.S_ISCHR(os.stat(null).st_mode)
+    assert not Path(f"{null}{REPLACEMENT_SUFFIX}").exists()

@@ -312,6 +312,12 @@ def _positive(text: str) -> int:
     return value
 
 
+def _field(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("the name of a record field, not empty")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="yoink", description="Look into, check, copy and compact yoink journals."
@@ -344,7 +350,9 @@ def _parser() -> argparse.ArgumentParser:
         "compact", help="keep the last record for each value of a field (a writer: takes the lock)"
     )
     command.add_argument("uri")
-    command.add_argument("--key", required=True, metavar="FIELD", help="the record field that names a unit")
+    command.add_argument(
+        "--key", required=True, type=_field, metavar="FIELD", help="the record field that names a unit"
+    )
     return parser
 
 

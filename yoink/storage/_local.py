@@ -7,6 +7,7 @@ import fcntl
 import functools
 import logging
 import os
+import stat
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
@@ -166,9 +167,9 @@ class LocalFileStorage(ClosableStorage):
                     pending.append(chunk.encode("utf-8"))
                     size += len(pending[-1])
                     if size >= _REPLACE_WRITE:
-                        await anyio.to_thread.run_sync(_write_all, fd, b"".join(pending))
+                        await anyio.to_thread.run_sync(_write_replacement, fd, b"".join(pending), journal)
                         pending, size = [], 0
-                await anyio.to_thread.run_sync(_write_all, fd, b"".join(pending))
+                await anyio.to_thread.run_sync(_write_replacement, fd, b"".join(pending), journal)
                 await anyio.to_thread.run_sync(self._swap, fd, journal)
             except BaseException:
                 if self._replacement is not None:  # not swapped in: the old journal stays
@@ -189,6 +190,10 @@ class LocalFileStorage(ClosableStorage):
             old = os.fstat(self._fd)
         except OSError as exc:
             raise StorageError(f"cannot compact {self._path}: {exc}; the old journal is kept") from exc
+        if not stat.S_ISREG(old.st_mode):  # a device (/dev/null), a FIFO: a rename would put a file there
+            raise StorageError(
+                f"cannot compact {self._path}: {journal} is not a regular file; it is left as it is"
+            )
         with forks_wait():  # a child forked meanwhile drops it, as it drops the journal's descriptor
             try:
                 with contextlib.suppress(FileNotFoundError):
@@ -403,10 +408,15 @@ def _drop_replacement(fd: int, journal: str) -> None:
         os.unlink(journal + REPLACEMENT_SUFFIX)
 
 
-def _write_all(fd: int, payload: bytes) -> None:
+def _write_replacement(fd: int, payload: bytes, journal: str) -> None:
     view = memoryview(payload)
-    while view:
-        view = view[os.write(fd, view) :]
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError as exc:  # a full disk, a file size limit
+        raise StorageError(
+            f"cannot write the new journal {journal}{REPLACEMENT_SUFFIX}: {exc.strerror}; the old one is kept"
+        ) from exc
 
 
 def _is_the_journal(fd: int, path: str) -> bool:
