@@ -1,11 +1,13 @@
-"""A pytest plugin for ``scripts/mutate``: run a mutant's tests quickest first.
+"""A pytest plugin for ``scripts/mutate``: run a mutant's own tests first, then the others, quickest first.
 
-mutmut runs the tests that call a mutated function, with ``-x``, in no particular order. Sorted
-by the time each took in mutmut's clean run, a killed mutant costs about its quickest failing
-test rather than whichever came first (a kill -9 loop, a fuzzer). With ``YOINK_MUTATION_QUICK``
-set to a number of seconds, the tests slower than that are left out, and the mutant is given three
-times the time of the tests it runs (mutmut's own time-out counts them all): ``scripts/mutate``
-runs such a quick pass first, then gives the mutants that survived it every test.
+mutmut runs the tests that call a mutated function, with ``-x``, in no particular order. The
+tests of the mutated module come first (``OWN_TESTS``), each group sorted by the time its tests
+took in mutmut's clean run: a killed mutant costs about its quickest failing test rather than
+whichever came first (a kill -9 loop, a fuzzer), or the whole suite's quick tests. With
+``YOINK_MUTATION_QUICK`` set to a number of seconds, the tests slower than that are left out, and
+the mutant is given three times the time of the tests it runs (mutmut's own time-out counts them
+all): ``scripts/mutate`` runs such a quick pass first, then gives the mutants that survived it
+every test.
 
 It acts only while mutmut runs a mutant (``MUTANT_UNDER_TEST`` names one): the clean run that
 times the tests and learns which test calls what is left whole.
@@ -21,21 +23,40 @@ import time
 
 import pytest
 
+# The test modules of each core module: a mutant's tests there run first, as they most likely kill it.
+OWN_TESTS = {
+    "_manager": ("test_manager", "test_cancellation"),
+    "_records": ("test_records", "test_odd_journals"),
+    "_json": ("test_records", "test_odd_journals"),
+    "_lines": ("test_records", "test_odd_journals"),
+    "_local": ("test_local", "test_local_faults", "test_local_compaction"),
+    "_files": ("test_local", "test_local_faults", "test_local_compaction"),
+}
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if "__mutmut_" not in os.environ.get("MUTANT_UNDER_TEST", ""):
+    mutant = os.environ.get("MUTANT_UNDER_TEST", "")
+    if "__mutmut_" not in mutant:
         return
     try:
         with open("mutmut-stats.json") as file:  # mutmut runs the tests in mutants/
             durations: dict[str, float] = json.load(file)["duration_by_test"]
     except (OSError, ValueError, KeyError):
         return
-    items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
+    module = mutant.split(".x", 1)[0].rsplit(".", 1)[-1]  # yoink.storage._local.xǁ...: _local
+    own = OWN_TESTS.get(module, ())
+
+    def order(item: pytest.Item) -> tuple[bool, float]:
+        test_module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+        return test_module not in own, durations.get(item.nodeid, 0.0)
+
+    items.sort(key=order)
     quick = os.environ.get("YOINK_MUTATION_QUICK")
     if not quick:
         return
     keep = [item for item in items if durations.get(item.nodeid, 0.0) <= float(quick)] or items[:1]
-    left_out = items[len(keep) :]  # sorted: the slow ones are last
+    kept = set(map(id, keep))
+    left_out = [item for item in items if id(item) not in kept]
     if left_out:
         config.hook.pytest_deselected(items=left_out)
         items[:] = keep
