@@ -293,6 +293,51 @@ async def test_between_the_claim_and_the_snapshot_readers_see_the_old_journal_an
         assert await numbers(reader) == [20, 21]
 
 
+@pytest.mark.parametrize("first", ["the other writer writes", "the paused compaction goes on"])
+async def test_a_compaction_paused_after_its_claim_never_swaps_its_snapshot_in_under_a_writer_that_took_over(
+    open_s3: OpenS3, monkeypatch: pytest.MonkeyPatch, first: str
+) -> None:
+    """Attack B2: a writer paused between its claim and its snapshot (a GC pause, a frozen VM) while
+    a writer on another machine opens, reads the journal and writes after the claim. Whichever
+    goes on first, one of them is refused and the journal is never the paused snapshot with the
+    other's records after it (a prefix the other never read)."""
+    compactor = open_s3("segments", "a")
+    for n in range(3):
+        await compactor.write(records(n, 1))
+        await compactor.flush()
+    other = open_s3("segments", "b")
+    call = compactor._client.call
+
+    async def paused_snapshot(operation: str, **params: Any) -> Any:
+        if "/merged/" in params.get("Key", "") and operation == "put_object":  # claim 3 is taken
+            assert await numbers(other) == [0, 1, 2]  # the other writer reads the journal now
+            await other.write(records(50, 1))
+            if first == "the other writer writes":
+                await other.flush()  # segment 4, after the claim: the claim's snapshot is ruled out
+        return await call(operation, **params)
+
+    monkeypatch.setattr(compactor._client, "call", paused_snapshot)
+    if first == "the other writer writes":
+        with pytest.raises(ConcurrentWriterError, match="ruled its snapshot out"):
+            await compactor.replace(snapshot(10, 2))
+        await died(compactor)
+        await other.close()
+        expected = [0, 1, 2, 50]
+    else:
+        await compactor.replace(snapshot(10, 2))  # before the other writer's first upload
+        await compactor.close()
+        with pytest.raises(ConcurrentWriterError, match="it compacted the journal, to segment 3"):
+            await other.flush()  # it read the journal the snapshot replaced
+        await died(other)
+        expected = [10, 11]
+    async with open_s3("segments", "reader") as reader:
+        assert await numbers(reader) == expected
+    async with open_s3("segments", "c") as writer:  # and the journal goes on
+        await writer.write(records(60, 1))
+    async with open_s3("segments", "reader") as reader:
+        assert await numbers(reader) == [*expected, 60]
+
+
 # -- what a compaction replaced ----------------------------------------------------------------
 
 

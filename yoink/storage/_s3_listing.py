@@ -7,7 +7,10 @@ readers under way), and the last of its own batches in S3.
 A compaction's snapshot is a merged object from segment 0, ``merged/000000000000-<n>.jsonl``, that
 holds the new journal instead of segments 0 to n; its metadata says so (``yoink-base: n``). Segment
 n is claimed first (an empty object, ``yoink-claim``): until the snapshot exists, the claim is a
-segment without records; once it does, everything up to n is the snapshot's.
+segment without records; once it does, everything up to n is the snapshot's. A writer that writes
+after a claim whose snapshot does not exist rules the snapshot out first, by writing an empty
+``merged/000000000000-<n>.jsonl`` (``yoink-void``) in its place: the compaction, paused there or
+dead, can then never swap its snapshot in under that writer's records. Readers pass it over.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from yoink.storage._stage import Stage
 if TYPE_CHECKING:
     from yoink.storage._s3_layout import S3Options
 
-__all__ = ["ListingChanged", "SegmentListing", "Segments"]
+__all__ = ["VOID", "ListingChanged", "SegmentListing", "Segments"]
 
 _SEGMENT = re.compile(r"(\d{12})\.jsonl")  # under <prefix>/segments/
 _MERGED = re.compile(r"(\d{12})-(\d{12})\.jsonl")  # under <prefix>/merged/
+VOID = "yoink-void"  # the metadata of an empty merged/0-n: claim n's snapshot, ruled out
 
 
 @dataclass
@@ -43,6 +47,7 @@ class Segments:
     unburied: list[Segment] = field(default_factory=list)  # merged segments a crash left holding data
     landed: int = 0  # the last of this writer's batches that a segment holds
     keep_until: float = 0.0  # time.monotonic() before which hidden and unburied stay: a snapshot's
+    claims: list[int] = field(default_factory=list)  # pending claims: compactions under way, or dead
 
     @property
     def next(self) -> int:
@@ -128,6 +133,8 @@ class SegmentListing(Layout):
         for name, size, etag in await self._list(f"{self._key}/merged/"):
             if match := _MERGED.fullmatch(name):
                 key = f"{self._key}/merged/{name}"
+                if not size and await self._is_void(key):
+                    continue  # a claim's snapshot that a writer taking over ruled out: no journal
                 merged.append(Segment(key, int(match[1]), int(match[2]), size, etag, merged=True))
         for segment in sorted(merged, key=lambda s: (s.start, -s.end)):
             if segment.end < state.next:
@@ -167,17 +174,25 @@ class SegmentListing(Layout):
                 raise ListingChanged  # emptied by a merge that the merged listing did not show
             else:
                 state.live.append(segment)
+                if not size:
+                    state.claims.append(number)
         if base is not None and (state.hidden or state.unburied):
             state.keep_until = await self._keep_until(base)
         return state
 
     async def _pending_claim(self, number: int) -> bool:
         """Whether empty segment ``number`` is a compaction's claim whose snapshot does not exist
-        (not yet, or never: a compaction that failed or crashed), so a segment without records."""
+        (not yet, or never: a compaction that failed or crashed, or was ruled out), so a segment
+        without records."""
         head = await self._head_metadata(self._segment_key(number))
         if head is None or head[1] or "yoink-claim" not in head[0] or "yoink-merged-into" in head[0]:
             return False
-        return await self._head_metadata(self._merged_key(0, number)) is None
+        snapshot = await self._head_metadata(self._merged_key(0, number))
+        return snapshot is None or (not snapshot[1] and VOID in snapshot[0])
+
+    async def _is_void(self, key: str) -> bool:
+        head = await self._head_metadata(key)
+        return head is not None and not head[1] and VOID in head[0]
 
     async def _keep_until(self, base: int) -> float:
         """When what the snapshot claimed as segment ``base`` replaced may go: ``keep_replaced``

@@ -12,9 +12,11 @@ A compaction (:meth:`SegmentsLayout.replace`) claims the next segment number n (
 ``segments/n``, ``If-None-Match: *``), then writes the new journal as
 ``merged/000000000000-<n>.jsonl`` (``If-None-Match: *``): from the moment that object exists,
 readers take it as the journal's base, as they take any merge from segment 0, and read the
-segments after n. What it replaced stays ``keep_replaced`` seconds for readers under way, then a
-writer empties the old segments (keeping their keys, as a merge does) and deletes the old merged
-objects.
+segments after n. A writer that finds a claim without its snapshot and writes after it puts an
+empty ``merged/000000000000-<n>.jsonl`` there first (``yoink-void``): a compaction paused
+between its claim and its snapshot, by a writer taken over, can then never apply it. What a
+snapshot replaced stays ``keep_replaced`` seconds for readers under way, then a writer empties
+the old segments (keeping their keys, as a merge does) and deletes the old merged objects.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import anyio.to_thread
 from yoink._exceptions import ConcurrentWriterError, StorageError
 from yoink.storage._s3_client import Conflict, Missing, S3Client
 from yoink.storage._s3_layout import ATTEMPTS, Segment, staged_chunks
-from yoink.storage._s3_listing import SegmentListing, Segments
+from yoink.storage._s3_listing import VOID, SegmentListing, Segments
 from yoink.storage._stage import Batch, Stage
 
 if TYPE_CHECKING:
@@ -73,6 +75,7 @@ class SegmentsLayout(SegmentListing):
             batches = await self._drop_landed(batches, state.landed)
             if not batches:
                 return
+            await self._rule_out_claims(state, batches)
             # The fence is this PutObject's condition. A segment key, once written, exists for
             # good (a merge empties it, never deletes it), so a writer whose view is stale, by a
             # moment or a day, asks for a number that is taken, and S3 refuses it.
@@ -145,6 +148,11 @@ class SegmentsLayout(SegmentListing):
             )
         except Conflict:
             head = await self._head_metadata(key)
+            if head is not None and VOID in head[0]:
+                raise self._compaction_refused(
+                    f"it wrote after segment {number}, which this compaction had claimed, and so "
+                    "ruled its snapshot out"
+                ) from None
             if head is None or head[0].get("yoink-claim") != token:
                 raise self._compaction_refused(
                     f"it wrote after segment {number}, which this compaction claimed, and merged it"
@@ -155,6 +163,21 @@ class SegmentsLayout(SegmentListing):
         state.live = [Segment(key, 0, number, size, etag, merged=True)]
         state.keep_until = time.monotonic() + self._keep_replaced
         await self._tidy(state)  # at once if keep_replaced is 0, else at a flush once it has passed
+
+    async def _rule_out_claims(self, state: Segments, batches: list[Batch]) -> None:
+        """Rule out the snapshot of each claim this writer listed and is to write after: a compaction
+        paused between its claim and its snapshot (a writer taken over) or dead there must never
+        swap its snapshot in under this writer's segments. A snapshot already there was written
+        after this writer read the journal: it is refused, its batches kept."""
+        for number in state.claims:
+            key = self._merged_key(0, number)
+            try:
+                metadata = {VOID: str(number), "yoink-writer": self._stage.writer}
+                await self._client.call("put_object", Key=key, Body=b"", Metadata=metadata, IfNoneMatch="*")
+            except Conflict:
+                if not await self._is_void(key):
+                    self._raise_conflict(f"it compacted the journal, to segment {number}", batches)
+        state.claims.clear()
 
     def _compaction_refused(self, what: str) -> ConcurrentWriterError:
         return ConcurrentWriterError(
