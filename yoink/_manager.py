@@ -19,7 +19,7 @@ import orjson
 from yoink import _records
 from yoink._compaction import Compaction, CompactionPolicy, SnapshotFeed, feeding, now
 from yoink._compat import Self
-from yoink._exceptions import ReadOnlyError, StorageClosedError, StorageError
+from yoink._exceptions import CorruptCheckpointError, ReadOnlyError, StorageClosedError, StorageError
 from yoink._fold import fold_by_key
 from yoink._fork import drop_in_forked_children, forked_note
 from yoink._records import (
@@ -509,7 +509,7 @@ class CheckpointManager:
         assert self._policy is not None
         try:
             result = await self.compact(key=self._policy.key)
-        except StorageError as exc:
+        except (StorageError, CorruptCheckpointError) as exc:  # the storage's failure, or the journal's
             if self._writable:  # not a close under way
                 logger.warning("background compaction of %r failed; appending goes on: %s", self, exc)
             self._grown = 0  # tried again once the journal has grown as much again
