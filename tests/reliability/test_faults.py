@@ -21,7 +21,7 @@ from yoink import CheckpointManager, StorageError
 from yoink.storage import RedisStreamStorage, S3Storage
 from yoink.testing._contract import _text as read_text
 
-ROUNDS = 300 if LONG else 40
+ROUNDS = 300 if LONG else 25
 
 
 def records(first: int, count: int) -> list[dict[str, int]]:
