@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -17,7 +19,7 @@ import anyio.lowlevel
 import orjson
 import pytest
 
-from tests.helpers import spy_on_fsync
+from tests.helpers import RecordingStorage, spy_on_fsync
 from yoink import (
     CheckpointLockedError,
     CheckpointManager,
@@ -192,6 +194,28 @@ async def test_appends_never_wait_for_a_compaction_and_flushes_do() -> None:
     ]
 
 
+async def test_once_a_compaction_is_over_appends_stop_waiting_for_writes_under_way() -> None:
+    """After a compaction, an append() to a batch that is not full returns at once again, as before
+    it: it does not queue for the storage behind a flush's slow write."""
+    storage = RecordingStorage(delay=0.05)
+    checkpoint = CheckpointManager(storage, batch_bytes=1 << 20, flush_interval=None)
+    await checkpoint.append({"before": 1})
+    await checkpoint.compact([{"snapshot": 1}])
+    await checkpoint.append({"after": 1})
+    async with anyio.create_task_group() as tasks:
+        storage.write_began = began = anyio.Event()
+        tasks.start_soon(checkpoint.flush)
+        await began.wait()
+        await checkpoint.append({"after": 2})
+        assert storage.writing == 1, "append() waited for the flush's write to end"
+    await checkpoint.close()
+    assert [record async for record in CheckpointManager(MemoryStorage(storage.name)).replay()] == [
+        {"snapshot": 1},
+        {"after": 1},
+        {"after": 2},
+    ]
+
+
 async def test_a_record_that_cannot_be_encoded_leaves_the_journal_as_it_was(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     async with CheckpointManager.from_uri(path) as checkpoint:
@@ -203,6 +227,17 @@ async def test_a_record_that_cannot_be_encoded_leaves_the_journal_as_it_was(tmp_
         await checkpoint.append({"n": 1})
     assert await replay(path) == [{"n": 0}, {"n": 1}]
     assert not Path(str(path) + REPLACEMENT_SUFFIX).exists()
+
+
+async def test_a_snapshots_records_are_encoded_with_the_managers_default(tmp_path: Path) -> None:
+    """compact(records) encodes as append() does: a type only the manager's default= converts (a
+    set) is written, not refused."""
+    path = tmp_path / "default.jsonl"
+    async with CheckpointManager.from_uri(path, default=sorted) as checkpoint:
+        await checkpoint.append({"tags": {"b", "a"}})
+        result = await checkpoint.compact([{"tags": {"c", "a"}}, {"tags": set()}])
+        assert result.records == 2
+    assert await replay(path) == [{"tags": ["a", "c"]}, {"tags": []}]
 
 
 @pytest.mark.parametrize("error", [ValueError, anyio.ClosedResourceError, anyio.BrokenResourceError])
@@ -227,11 +262,85 @@ async def test_the_records_own_error_comes_out_of_compact_and_the_journal_stays(
     assert await replay(path) == [{"n": 0}, {"n": 1}]
 
 
+class SlowToGiveBack(MemoryStorage):
+    """A memory journal whose replace(), once its snapshot failed, waits for ``go`` before it ends:
+    a storage undoing a swap (removing the new journal it began) takes a while."""
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(name)
+        self.giving_back = anyio.Event()
+        self.go = anyio.Event()
+        self.given_back = False
+
+    async def replace(self, text: Any) -> None:
+        try:
+            await super().replace(text)
+        except BaseException:
+            self.giving_back.set()
+            await self.go.wait()
+            self.given_back = True
+            raise
+
+
+@pytest.mark.parametrize("when", ["as the records fail", "while it waits"])
+async def test_compact_whose_records_failed_returns_once_the_old_journal_is_back_even_if_cancelled(
+    when: str,
+) -> None:
+    """When the records raise, compact() waits for the compaction to give the old journal back
+    before it returns, even if its caller is cancelled (as the records fail, or meanwhile): a
+    caller that went on (or an event loop that ended) while the storage was still undoing the swap
+    would cut that short."""
+    storage = SlowToGiveBack()
+    checkpoint = CheckpointManager(storage, flush_interval=None)
+    await checkpoint.append({"old": 1})
+    returned = anyio.Event()
+
+    async def records() -> AsyncIterator[dict[str, int]]:
+        yield {"state": 1}
+        if when == "as the records fail":
+            scope.cancel()
+        raise ValueError("the producer's own")
+
+    scope = anyio.CancelScope()
+    async with anyio.create_task_group() as tasks:
+
+        async def compact(scope: anyio.CancelScope) -> None:
+            with scope, contextlib.suppress(ValueError):  # the records' error, unless cancelled first
+                await checkpoint.compact(records())
+            returned.set()
+
+        tasks.start_soon(compact, scope)
+        with anyio.fail_after(10):
+            await storage.giving_back.wait()
+        scope.cancel()
+        await anyio.sleep(0.05)
+        try:
+            assert not returned.is_set(), (
+                "compact() returned while the storage was giving the old journal back"
+            )
+        finally:
+            storage.go.set()
+        with anyio.fail_after(10):
+            await returned.wait()
+    assert storage.given_back
+    await checkpoint.append({"old": 2})
+    await checkpoint.close()
+    assert [record async for record in CheckpointManager(MemoryStorage(storage.name)).replay()] == [
+        {"old": 1},
+        {"old": 2},
+    ]
+
+
 async def test_compact_takes_records_or_a_key(tmp_path: Path) -> None:
+    """The refusal says both ways to call it, in full: the caller learns what to pass."""
+    both_ways = re.escape(
+        "compact() takes the snapshot's records, or key=FIELD to keep the last record for each "
+        "value of a field; one of the two"
+    )
     async with CheckpointManager.from_uri(tmp_path / "j.jsonl") as checkpoint:
-        with pytest.raises(TypeError, match="one of the two"):
+        with pytest.raises(TypeError, match=f"^{both_ways}$"):
             await checkpoint.compact()
-        with pytest.raises(TypeError, match="one of the two"):
+        with pytest.raises(TypeError, match=f"^{both_ways}$"):
             await checkpoint.compact([], key="url")
         with pytest.raises(ValueError, match="name of a record field"):
             await checkpoint.compact(key="")
@@ -401,6 +510,35 @@ async def test_the_policy_compacts_in_the_background_as_the_journal_grows(
     header = await _header(path)
     assert header is not None
     assert header.key == "k"
+
+
+async def test_the_policy_counts_the_journal_replayed_at_opening_as_its_size(
+    caplog: pytest.LogCaptureFixture, async_backend: str
+) -> None:
+    """A journal replayed when the job opened it is compacted only once it has grown by ``growth``
+    times that size, not as soon as min_bytes were appended."""
+    caplog.set_level(logging.INFO, logger="yoink._manager")
+    storage = MemoryStorage(f"policy-base-{async_backend}-{os.getpid()}-{id(caplog)}")
+
+    def record(n: int) -> dict[str, str]:
+        return {"k": f"{n % 50:02}", "n": f"{n:06}"}  # every record the same size
+
+    before = 2000
+    async with CheckpointManager(storage, flush_interval=None) as checkpoint:
+        await checkpoint.append_many(record(n) for n in range(before))
+    policy = CompactionPolicy(key="k", growth=2.0, min_bytes=1000)
+    async with CheckpointManager(MemoryStorage(storage.name), batch_bytes=1024, compact=policy) as checkpoint:
+        assert len([r async for r in checkpoint.replay()]) == before
+        n = before
+        while not [r for r in caplog.records if r.getMessage().startswith("compacted")] and n < 20_000:
+            await checkpoint.append(record(n))
+            n += 1
+            if n % 100 == 0:
+                await anyio.sleep(0.001)  # the compaction's turns
+    compacted = [r for r in caplog.records if r.getMessage().startswith("compacted")]
+    assert compacted, "the policy never compacted"
+    records_before = compacted[0].args[2]
+    assert records_before >= 2 * before, f"compacted at {records_before} records, before the journal doubled"
 
 
 @pytest.mark.parametrize(
@@ -738,7 +876,15 @@ async def test_a_snapshot_that_flushes_compacts_or_closes_its_own_manager_is_ref
 
         with (
             anyio.fail_after(10),
-            pytest.raises(RuntimeError, match=f"{call}\\(\\) in the records of a compact"),
+            pytest.raises(
+                RuntimeError,
+                match="^"
+                + re.escape(
+                    f"{call}() in the records of a compact() of the same manager would wait for that "
+                    "compaction, which waits for its records; append() and replay() may be called there"
+                )
+                + "$",
+            ),
         ):
             await checkpoint.compact(snapshot())
         await checkpoint.append({"n": 3})
@@ -760,6 +906,24 @@ async def test_close_waits_for_the_compactions_called_before_it() -> None:
     assert [record async for record in CheckpointManager(MemoryStorage(storage.name)).replay()] == [
         {"snapshot": 2}
     ], "close() closed the storage under a compaction called before it"
+
+
+async def test_appends_are_refused_after_a_close_that_waited_for_a_compaction() -> None:
+    """close() refuses appends from the moment it is called; a compaction that ends while close()
+    waits for it does not open the manager to appends again (they would be lost, never written)."""
+    storage = SlowReplace()
+    checkpoint = CheckpointManager(storage, flush_interval=None)
+    await checkpoint.append({"before": 1})
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(checkpoint.compact, [{"snapshot": 1}])
+        await storage.replacing.wait()
+        tasks.start_soon(checkpoint.close)
+        await anyio.sleep(0.01)
+        storage.go.set()
+    with pytest.raises(StorageClosedError, match="is closed"):
+        await checkpoint.append({"after": 1})
+    with pytest.raises(StorageClosedError, match="is closed"):
+        await checkpoint.append_many([{"after": 2}])
 
 
 async def test_replay_beside_queued_compactions_sees_every_record_appended_before_it() -> None:
@@ -801,7 +965,8 @@ def test_a_child_forked_during_a_compaction_is_refused_its_parents_manager(tmp_p
 
     answer = anyio.run(main)
     assert answer.startswith("refused: StorageClosedError"), answer
-    assert "is a fork of it" in answer
+    # the child is told which process opened the manager: this one, its parent
+    assert f"it was opened by process {os.getpid()}, and this process is a fork of it" in answer, answer
 
 
 def _in_a_forked_child(checkpoint: CheckpointManager) -> str:

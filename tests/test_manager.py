@@ -128,6 +128,19 @@ async def test_the_first_flush_reaches_the_storage_even_with_nothing_appended() 
         assert storage.flushes == 1
 
 
+async def test_a_flush_or_close_with_nothing_to_write_hands_the_storage_no_empty_write() -> None:
+    """The storage is flushed, not written to, when no record waits: a flush costs a backend no
+    write("") call (the built-in backends ignore one; a custom backend may make a request for it)."""
+    storage = RecordingStorage()
+    manager = CheckpointManager(storage, flush_interval=None)
+    await manager.flush()
+    assert (storage.writes, storage.flushes) == ([], 1)
+    await manager.append({"n": 1})
+    await manager.flush()
+    await manager.close()
+    assert storage.writes == ['{"n":1}\n']
+
+
 def flusher_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The delays that code in yoink._manager (its background flusher) passes to anyio.sleep."""
     sleeps: list[float] = []
@@ -458,7 +471,11 @@ async def test_a_failing_background_flush_is_logged_and_retried(caplog: pytest.L
     assert failed[0].getMessage() == (
         f"periodic flush of {manager!r} failed; the records stay buffered for the next flush"
     )
-    assert failed[0].exc_info is not None, "the log says why the flush failed"
+    # the log says why the flush failed: the storage's error, with its traceback (exc_info=False
+    # would leave False there, which is not None)
+    assert failed[0].exc_info, "the log does not say why the flush failed"
+    assert isinstance(failed[0].exc_info[1], StorageError)
+    assert str(failed[0].exc_info[1]) == "injected write failure"
 
 
 async def test_from_uri_gives_the_manager_its_options_and_the_storage_the_rest(tmp_path: Path) -> None:
