@@ -356,9 +356,13 @@ async def test_a_writer_that_locks_the_file_compaction_renamed_away_is_refused(
 
     second = LocalFileStorage(path)
     monkeypatch.setattr(fcntl, "flock", flock_after_a_compaction)
-    with pytest.raises(CheckpointLockedError, match="compacted by another writer"):
+    with pytest.raises(CheckpointLockedError, match="compacted by another writer") as refused:
         await second.write('{"n":99}\n')
     monkeypatch.undo()
+    assert str(refused.value) == (
+        f"{path} was compacted by another writer as this one opened it; yoink allows one writer at a "
+        "time, and nothing was written"
+    )
     await second.close()
     assert path.read_text() == '{"n":1}\n', "the refused writer wrote to the journal"
     await first.close()
@@ -849,10 +853,9 @@ async def test_a_record_decoded_line_by_line_is_written_back_as_yoink_writes_a_l
     write the record (an integer beyond 64 bits) and the json module does."""
     path = tmp_path / "mixed.jsonl"
     big = 2**64
-    path.write_text(
-        '{"k": 1, "v": "é", "x": 1e16, "y": 1e-7}\n\n{"k": 2, "id": ' + str(big) + ', "v": "é", "z": [1, {"a": 2}]}\n',
-        encoding="utf-8",
-    )
+    first = '{"k": 1, "v": "é", "x": 1e16, "y": 1e-7}'
+    second = '{"k": 2, "id": ' + str(big) + ', "v": "é", "z": [1, {"a": 2}]}'
+    path.write_text(f"{first}\n\n{second}\n", encoding="utf-8")
     async with CheckpointManager.from_uri(path) as checkpoint:
         await checkpoint.compact(key="k")
     lines = path.read_bytes().splitlines()

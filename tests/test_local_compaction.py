@@ -7,9 +7,11 @@ import errno
 import logging
 import os
 import stat
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import anyio
 import pytest
 
 from tests.helpers import run_python, spy_on_fsync
@@ -322,7 +324,9 @@ async def failing_after(text: str, failure: Callable[[], None]) -> AsyncIterator
     failure()
 
 
-async def test_a_failed_replace_whose_new_journal_someone_removed_raises_its_own_error(tmp_path: Path) -> None:
+async def test_a_failed_replace_whose_new_journal_someone_removed_raises_its_own_error(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "j.jsonl"
     storage = LocalFileStorage(path)
     await storage.write('{"n":0}\n')
@@ -506,3 +510,61 @@ def test_a_write_undone_after_a_compaction_leaves_the_next_one_at_the_end_of_the
     assert b"\0" not in journal, "the retried write left a hole of zeros in the journal"
     late = b"".join(b'{"late":%d,"pad":"%s"}\n' % (n, b"x" * 100) for n in range(100))
     assert journal.endswith(b"".join(b'{"new":%d}\n' % n for n in range(10)) + late)
+
+
+def in_a_forked_child(storage: LocalFileStorage) -> str:
+    """Fork; the child writes to its copy of ``storage`` (in a thread, with a deadline) and says how
+    that went."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            answer: list[str] = []
+
+            def use() -> None:
+                try:
+                    anyio.run(storage.write, '{"n":"child"}\n')
+                    answer.append("written")
+                except Exception as exc:
+                    answer.append(f"refused: {type(exc).__name__}")
+
+            thread = threading.Thread(target=use, daemon=True)
+            thread.start()
+            thread.join(5)
+            os.write(write, (answer[0] if answer else "hung").encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as answer_pipe:
+        said = answer_pipe.read().decode()
+    os.waitpid(pid, 0)
+    return said
+
+
+@pytest.mark.parametrize("when", ["while-it-is-written", "after-a-failed-compaction"])
+async def test_a_child_forked_around_a_compaction_is_refused_its_parents_storage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """A child lets go of its copies of the journal's and the new journal's descriptors, and its
+    storage is closed: it never writes to its parent's journal."""
+    path = tmp_path / "j.jsonl"
+    storage = LocalFileStorage(path)
+    await storage.write('{"n":0}\n')
+    answers: list[str] = []
+    if when == "after-a-failed-compaction":
+
+        def refused(fd: int, mode: int) -> None:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "fchmod", refused)
+            with pytest.raises(StorageError, match="the permissions of"):
+                await storage.replace(lines('{"n":1}\n'))
+        answers.append(in_a_forked_child(storage))
+        await storage.replace(lines('{"n":1}\n'))
+    else:
+        await storage.replace(lines('{"n":1}\n', during=lambda: answers.append(in_a_forked_child(storage))))
+    await storage.write('{"n":2}\n')
+    await storage.close()
+    assert answers == ["refused: StorageClosedError"]
+    assert path.read_text() == '{"n":1}\n{"n":2}\n'
