@@ -465,9 +465,13 @@ async def test_a_writer_that_locks_the_file_compaction_renamed_away_is_refused(
 
     second = LocalFileStorage(path)
     monkeypatch.setattr(fcntl, "flock", flock_after_a_compaction)
-    with pytest.raises(CheckpointLockedError, match="compacted by another writer"):
+    with pytest.raises(CheckpointLockedError, match="compacted by another writer") as refused:
         await second.write('{"n":99}\n')
     monkeypatch.undo()
+    assert str(refused.value) == (
+        f"{path} was compacted by another writer as this one opened it; yoink allows one writer at a "
+        "time, and nothing was written"
+    )
     await second.close()
     assert path.read_text() == '{"n":1}\n', "the refused writer wrote to the journal"
     await first.close()
@@ -1006,3 +1010,41 @@ async def test_a_record_nested_deeper_than_orjson_writes_is_compacted(tmp_path: 
         await checkpoint.compact(key="k")
     records = await replay(path)
     assert [record["k"] for record in records] == [2, 1]
+
+
+async def test_a_record_decoded_line_by_line_is_written_back_as_yoink_writes_a_line(tmp_path: Path) -> None:
+    """Where the decoder read an item line by line (here a blank line in it), the fold keeps records,
+    not lines, and writes them again: compact UTF-8, as orjson writes, even where orjson cannot
+    write the record (an integer beyond 64 bits) and the json module does."""
+    path = tmp_path / "mixed.jsonl"
+    big = 2**64
+    first = '{"k": 1, "v": "é", "x": 1e16, "y": 1e-7}'
+    second = '{"k": 2, "id": ' + str(big) + ', "v": "é", "z": [1, {"a": 2}]}'
+    path.write_text(f"{first}\n\n{second}\n", encoding="utf-8")
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        await checkpoint.compact(key="k")
+    lines = path.read_bytes().splitlines()
+    assert lines[1:] == [
+        orjson.dumps({"k": 1, "v": "é", "x": 1e16, "y": 1e-7}),  # 1e16 and 1e-7, as orjson writes them
+        b'{"k":2,"id":18446744073709551616,"v":"\xc3\xa9","z":[1,{"a":2}]}',
+    ]
+    assert await replay(path) == [
+        {"k": 1, "v": "é", "x": 1e16, "y": 1e-7},
+        {"k": 2, "id": big, "v": "é", "z": [1, {"a": 2}]},
+    ]
+
+
+async def test_keys_holding_an_integer_beyond_64_bits_are_one_key_whatever_the_order_of_their_fields(
+    tmp_path: Path,
+) -> None:
+    """A key is compared as JSON with its fields sorted; orjson cannot write such a key, the json
+    module does, and must sort them too."""
+    path = tmp_path / "keys.jsonl"
+    big = 2**64
+    path.write_text(
+        f'{{"k":{{"a":1,"id":{big}}},"n":1}}\n{{"k":{{"id":{big},"a":1}},"n":2}}\n{{"k":{{"id":{big},"a":2}},"n":3}}\n'
+    )
+    async with CheckpointManager.from_uri(path) as checkpoint:
+        result = await checkpoint.compact(key="k")
+    assert [record["n"] for record in await replay(path)] == [2, 3]
+    assert (result.records_before, result.records) == (3, 2)

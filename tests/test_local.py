@@ -11,6 +11,7 @@ import pickle
 import re
 import stat
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -546,3 +547,26 @@ def test_an_empty_path_is_refused_with_the_reason() -> None:
     with pytest.raises(ValueError, match=r"^LocalFileStorage needs") as refused:
         LocalFileStorage("")
     assert str(refused.value) == "LocalFileStorage needs a file path, got an empty string"
+
+
+async def test_a_journal_whose_size_cannot_be_read_says_why_and_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_fstat(fd: int) -> os.stat_result:
+        raise OSError(errno.EIO, "Input/output error")
+
+    path = tmp_path / "j.jsonl"
+    path.write_text('{"n":1}\n')
+    opened: list[io.BufferedReader] = []
+
+    def recording_open(*args: str) -> io.BufferedReader:
+        opened.append(open(*args))  # noqa: SIM115 (the code under test closes it)
+        return opened[-1]
+
+    monkeypatch.setattr(files_module, "open", recording_open, raising=False)
+    monkeypatch.setattr(files_module, "os", types.SimpleNamespace(fstat=failing_fstat))  # _files' os alone
+    with pytest.raises(StorageError) as failed:
+        async for _ in LocalFileStorage(path).read():
+            pass
+    assert str(failed.value) == f"cannot read {path}: Input/output error"
+    assert [file.closed for file in opened] == [True], "the journal was left open"

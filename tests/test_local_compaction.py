@@ -7,9 +7,11 @@ import errno
 import logging
 import os
 import stat
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import anyio
 import pytest
 
 from tests.helpers import run_python, spy_on_fsync
@@ -314,3 +316,255 @@ async def test_a_journal_that_is_not_a_regular_file_is_not_compacted_and_stays_a
         await checkpoint.append({"k": 3})
     assert stat.S_ISCHR(os.stat(null).st_mode)
     assert not Path(f"{null}{REPLACEMENT_SUFFIX}").exists()
+
+
+async def failing_after(text: str, failure: Callable[[], None]) -> AsyncIterator[str]:
+    """The new journal's text: ``text``, then ``failure`` runs (and raises)."""
+    yield text
+    failure()
+
+
+async def test_a_failed_replace_whose_new_journal_someone_removed_raises_its_own_error(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.jsonl"
+    storage = LocalFileStorage(path)
+    await storage.write('{"n":0}\n')
+
+    def remove_then_fail() -> None:
+        os.unlink(f"{path}{REPLACEMENT_SUFFIX}")  # another process cleans up meanwhile
+        raise ValueError("the snapshot failed")
+
+    with pytest.raises(ValueError, match="^the snapshot failed$"):
+        await storage.replace(failing_after('{"n":1}\n', remove_then_fail))
+    await storage.write('{"n":2}\n')
+    await storage.close()
+    assert path.read_text() == '{"n":0}\n{"n":2}\n'
+
+
+async def test_a_journal_deleted_under_its_writer_is_not_compacted_back_into_place(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    storage = LocalFileStorage(path)
+    await storage.write('{"n":0}\n')
+    path.unlink()
+    with pytest.raises(StorageError) as refused:
+        await storage.replace(lines('{"n":1}\n'))
+    assert str(refused.value) == (
+        f"{path} no longer leads to the file this storage writes ({path}): it was moved, deleted or its "
+        "link pointed elsewhere; nothing was replaced, the old journal is kept"
+    )
+    assert sorted(os.listdir(tmp_path)) == [], "a journal appeared where the deleted one was"
+    await storage.close()
+
+
+async def test_a_journal_whose_path_cannot_be_looked_up_is_not_compacted_and_says_why(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    path = tmp_path / "run" / "j.jsonl"
+    storage = LocalFileStorage(path)
+    await storage.write('{"n":0}\n')
+    (tmp_path / "run").rename(tmp_path / "moved")
+    (tmp_path / "run").write_text("a file where the directory was")
+    with pytest.raises(StorageError) as refused:
+        await storage.replace(lines('{"n":1}\n'))
+    assert str(refused.value) == (
+        f"cannot compact {path}: [Errno 20] Not a directory: '{path}'; the old journal is kept"
+    )
+    await storage.close()
+    assert (tmp_path / "moved" / "j.jsonl").read_text() == '{"n":0}\n'
+
+
+async def test_a_new_journal_that_cannot_be_created_says_why_and_keeps_the_old_one(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    storage = LocalFileStorage(path)
+    await storage.write('{"n":0}\n')
+    Path(f"{path}{REPLACEMENT_SUFFIX}").mkdir()  # in the new journal's way, and not removable as a file
+    with pytest.raises(StorageError) as refused:
+        await storage.replace(lines('{"n":1}\n'))
+    assert str(refused.value) == (
+        f"cannot write the new journal {path}{REPLACEMENT_SUFFIX}: Is a directory; the old one is kept"
+    )
+    await storage.write('{"n":2}\n')
+    await storage.close()
+    assert path.read_text() == '{"n":0}\n{"n":2}\n'
+
+
+async def test_a_new_journal_that_cannot_take_the_old_ones_mode_is_removed_and_the_old_one_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fchmod fails where the file system refuses modes: simulated, as every local one here allows them.
+    def refused(fd: int, mode: int) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    path = tmp_path / "j.jsonl"
+    storage = LocalFileStorage(path)
+    await storage.write('{"n":0}\n')
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fchmod", refused)
+        with pytest.raises(StorageError) as failed:
+            await storage.replace(lines('{"n":1}\n'))
+    assert str(failed.value) == (
+        f"cannot give the new journal {path}{REPLACEMENT_SUFFIX} the permissions of {path}: Operation not "
+        "permitted; the old one is kept"
+    )
+    assert not Path(f"{path}{REPLACEMENT_SUFFIX}").exists()
+    await storage.replace(lines('{"n":1}\n'))  # and the next compaction works
+    await storage.write('{"n":2}\n')
+    await storage.close()
+    assert path.read_text() == '{"n":1}\n{"n":2}\n'
+
+
+async def test_a_new_journal_whose_fsync_fails_is_not_swapped_in_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    path = tmp_path / "j.jsonl"
+    storage = LocalFileStorage(path, fsync=False)  # the new journal is fsynced all the same
+    await storage.write('{"n":0}\n')
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", failing_fsync)
+        with pytest.raises(StorageError) as failed:
+            await storage.replace(lines('{"n":1}\n'))
+    assert str(failed.value) == (
+        f"cannot put the new journal in place of {path}: [Errno 5] Input/output error; the old one is kept"
+    )
+    assert not Path(f"{path}{REPLACEMENT_SUFFIX}").exists()
+    await storage.write('{"n":2}\n')
+    await storage.close()
+    assert path.read_text() == '{"n":0}\n{"n":2}\n'
+
+
+async def test_a_flush_after_a_compaction_with_nothing_appended_fsyncs_nothing_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The swap fsynced the new journal: it is durable, and the next flush has nothing to do."""
+    path = tmp_path / "j.jsonl"
+    storage = LocalFileStorage(path)
+    await storage.write('{"n":0}\n')
+    with spy_on_fsync(monkeypatch) as fsyncs:
+        await storage.replace(lines('{"n":1}\n'))
+        await storage.flush()
+        assert fsyncs.sizes(f"{path}{REPLACEMENT_SUFFIX}") == [8]  # the swap's, before the rename
+        assert fsyncs.sizes(path) == [], "the journal was fsynced again with nothing written to it"
+        await storage.write('{"n":2}\n')
+        await storage.flush()
+    assert fsyncs.sizes(path) == [16]
+    await storage.close()
+
+
+async def test_a_compaction_succeeds_when_closing_the_old_journal_reports_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() releases a descriptor whatever it reports (EIO on a network file system): the new
+    journal is in place by then, and replace() says it is."""
+    close_locked = local_module.close_locked
+
+    def close_reporting_an_error(fd: int) -> None:
+        close_locked(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    path = tmp_path / "j.jsonl"
+    storage = LocalFileStorage(path)
+    await storage.write('{"n":0}\n')
+    with monkeypatch.context() as patch:
+        patch.setattr(local_module, "close_locked", close_reporting_an_error)
+        await storage.replace(lines('{"n":1}\n'))
+    await storage.write('{"n":2}\n')
+    await storage.close()
+    assert path.read_text() == '{"n":1}\n{"n":2}\n'
+
+
+def test_a_write_undone_after_a_compaction_leaves_the_next_one_at_the_end_of_the_journal(
+    tmp_path: Path,
+) -> None:
+    """The compacted journal is appended to through the descriptor the new journal was written with:
+    a write cut part-way (RLIMIT_FSIZE) is undone by a truncation, and the retry must land at the
+    new end of the file (O_APPEND), not where the cut write stopped, past a hole of zeros."""
+    child = run_python(
+        """
+        import asyncio, resource, signal, sys
+        from yoink import CheckpointManager, StorageError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        async def main():
+            async with CheckpointManager.from_uri(sys.argv[1], flush_interval=None) as manager:
+                await manager.append_many({"old": n} for n in range(100))
+                await manager.compact({"new": n} for n in range(10))
+                with open(sys.argv[1], "rb") as f:
+                    size = len(f.read())
+                resource.setrlimit(resource.RLIMIT_FSIZE, (size + 1000, resource.RLIM_INFINITY))
+                await manager.append_many({"late": n, "pad": "x" * 100} for n in range(100))
+                try:
+                    await manager.flush()
+                except StorageError as exc:
+                    print("error:", exc)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+                await manager.flush()  # the batch again, whole
+        asyncio.run(main())
+        """,
+        str(tmp_path / "j.jsonl"),
+    )
+    assert child.returncode == 0, child.stderr
+    assert "File too large; the journal is unchanged" in child.stdout
+    journal = (tmp_path / "j.jsonl").read_bytes()
+    assert b"\0" not in journal, "the retried write left a hole of zeros in the journal"
+    late = b"".join(b'{"late":%d,"pad":"%s"}\n' % (n, b"x" * 100) for n in range(100))
+    assert journal.endswith(b"".join(b'{"new":%d}\n' % n for n in range(10)) + late)
+
+
+def in_a_forked_child(storage: LocalFileStorage) -> str:
+    """Fork; the child writes to its copy of ``storage`` (in a thread, with a deadline) and says how
+    that went."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            answer: list[str] = []
+
+            def use() -> None:
+                try:
+                    anyio.run(storage.write, '{"n":"child"}\n')
+                    answer.append("written")
+                except Exception as exc:
+                    answer.append(f"refused: {type(exc).__name__}")
+
+            thread = threading.Thread(target=use, daemon=True)
+            thread.start()
+            thread.join(5)
+            os.write(write, (answer[0] if answer else "hung").encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as answer_pipe:
+        said = answer_pipe.read().decode()
+    os.waitpid(pid, 0)
+    return said
+
+
+@pytest.mark.parametrize("when", ["while-it-is-written", "after-a-failed-compaction"])
+async def test_a_child_forked_around_a_compaction_is_refused_its_parents_storage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """A child lets go of its copies of the journal's and the new journal's descriptors, and its
+    storage is closed: it never writes to its parent's journal."""
+    path = tmp_path / "j.jsonl"
+    storage = LocalFileStorage(path)
+    await storage.write('{"n":0}\n')
+    answers: list[str] = []
+    if when == "after-a-failed-compaction":
+
+        def refused(fd: int, mode: int) -> None:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "fchmod", refused)
+            with pytest.raises(StorageError, match="the permissions of"):
+                await storage.replace(lines('{"n":1}\n'))
+        answers.append(in_a_forked_child(storage))
+        await storage.replace(lines('{"n":1}\n'))
+    else:
+        await storage.replace(lines('{"n":1}\n', during=lambda: answers.append(in_a_forked_child(storage))))
+    await storage.write('{"n":2}\n')
+    await storage.close()
+    assert answers == ["refused: StorageClosedError"]
+    assert path.read_text() == '{"n":1}\n{"n":2}\n'

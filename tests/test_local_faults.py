@@ -175,3 +175,43 @@ def test_a_write_cut_part_way_whose_undo_fails_closes_the_storage_and_keeps_ever
     cut = [orjson.loads(line) for line in rest.splitlines()[:-1]]
     assert [record["n"] for record in cut] == list(range(100, 100 + len(cut)))
     assert Path(f"{path}.torn").read_bytes().startswith(b'{"n":%d,' % (100 + len(cut)))
+
+
+async def test_a_last_line_that_is_not_a_record_is_found_behind_more_than_64_kib_of_records(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The line before the last newline is looked for back from the end, 64 KiB at a time.
+    path = tmp_path / "j.jsonl"
+    whole = lines(3_000, pad=40)
+    assert len(whole) > 2 * 65536
+    path.write_bytes(whole + b"[1, 2]\n")
+    with caplog.at_level(logging.WARNING, logger="yoink"):
+        async with CheckpointManager.from_uri(path) as manager:
+            await manager.append({"n": 3000})
+    assert path.read_bytes() == whole + b'{"n":3000}\n'
+    assert Path(f"{path}.torn").read_bytes() == b"[1, 2]\n\n"
+    assert (
+        f"{path} ended in a torn write (its last line is not a record): moved its last 7 bytes "
+        f"(from offset {len(whole)})"
+    ) in caplog.text
+
+
+@pytest.mark.parametrize("torn", [b"", b'{"n":'], ids=["alone", "then-torn"])
+async def test_a_blank_first_line_is_kept_and_only_what_follows_it_is_set_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, torn: bytes
+) -> None:
+    # A blank line is no torn write: the newline in the file's first byte ends a line like any other.
+    path = tmp_path / "j.jsonl"
+    path.write_bytes(b"\n" + torn)
+    with caplog.at_level(logging.WARNING, logger="yoink"):
+        async with CheckpointManager.from_uri(path) as manager:
+            await manager.append({"n": 1})
+    assert path.read_bytes() == b'\n{"n":1}\n'
+    if torn:
+        assert Path(f"{path}.torn").read_bytes() == torn + b"\n"
+        assert caplog.messages == [
+            f"{path} ended in a torn write: moved its last {len(torn)} bytes (from offset 1) to {path}.torn"
+        ]
+    else:
+        assert not Path(f"{path}.torn").exists()
+        assert caplog.messages == []

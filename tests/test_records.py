@@ -488,3 +488,18 @@ def test_a_decoder_gives_each_records_line_where_every_line_of_an_item_was_one()
         assert decoder.texts == texts, item
         if texts is not None:
             assert [orjson.loads(text) for text in texts] == records
+
+
+@pytest.mark.parametrize("extra", ["1", '{"more":1}'], ids=["a-number", "an-object"])
+async def test_a_first_line_that_starts_as_a_header_but_holds_three_items_is_a_bad_line(extra: str) -> None:
+    """A header is ``["$yoink", {...}]``, two items, the second an object; a list of three that starts
+    so is a line like any other that is not an object: corrupt when records follow it."""
+    lookalike = f'["$yoink",{{"compaction":{{}}}},{extra}]'
+    with pytest.raises(CorruptCheckpointError) as caught:
+        await replay(lookalike + '\n{"n":1}\n')
+    assert (caught.value.line, caught.value.offset) == (1, 0)
+    assert "line 1 (byte offset 0) is not a JSON object: a JSON list, not an object" in str(caught.value)
+    decoder = _records.JournalDecoder("j", on_corrupt="skip")
+    assert decoder.feed(lookalike + '\n{"n":1}\n') == [{"n": 1}]
+    assert decoder.header is None
+    assert decoder.skipped == 1
