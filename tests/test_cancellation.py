@@ -504,6 +504,8 @@ async def test_a_storage_that_raises_cancelled_by_itself_stops_the_manager_inste
     await manager.append({"n": 1})
     with pytest.raises(asyncio.CancelledError):
         await manager.flush()
+    with pytest.raises(StorageError, match="outcome unknown"):
+        await manager.flush()  # nothing new to write: still not to be taken for durable
     await manager.append({"n": 2})
     with pytest.raises(StorageError, match="outcome unknown.*Nothing is written twice"):
         await manager.flush()

@@ -470,14 +470,14 @@ class CheckpointManager:
 
         While a compaction is under way, only those appended before it (up to its cut) are written.
         """
-        upto = self._cuts[0] - self._handed if self._cuts else None
-        if not self._buffer or (upto is not None and upto <= 0):
-            return
-        if self._unknown is not None:
+        if self._unknown is not None:  # before all: a flush must not take that write for durable
             raise StorageError(
                 f"{self!r} stopped writing: {self._unknown}. Nothing is written twice or guessed at: "
                 "open a new manager, whose replay shows what the journal holds"
             )
+        upto = self._cuts[0] - self._handed if self._cuts else None
+        if not self._buffer or (upto is not None and upto <= 0):
+            return
         if upto is None or upto >= len(self._buffer):
             batch, self._buffer = self._buffer, bytearray()
         else:  # a compaction's cut: what was appended after its call stays for after the snapshot
