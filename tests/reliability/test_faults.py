@@ -74,6 +74,10 @@ async def test_s3_errors_resets_and_stalls_lose_and_repeat_nothing(
         proxy.chaos(0.2, random.Random(seed), stall=2.0)
         async with CheckpointManager(storage, flush_interval=None) as manager:
             appended, acknowledged, errors = await write_through_faults(manager, 0, ROUNDS)
+            # Chaos is random, and the object layout makes few requests a flush: on until it struck.
+            while sum(proxy.broken.values()) < 5 and appended < 20 * 10 * ROUNDS:
+                appended, more, failed = await write_through_faults(manager, appended, 5)
+                acknowledged, errors = max(acknowledged, more), errors + failed
             proxy.calm()
             if attempts == 1:
                 # Chaos rarely fails a flush outright (the storage recognises a landed upload, and
