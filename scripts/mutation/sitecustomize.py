@@ -9,6 +9,7 @@ tests/conftest.py hands them to mutmut after each test. ``scripts/mutate`` puts 
 """
 
 import os
+import resource
 
 
 def _record_in_a_file() -> None:
@@ -20,8 +21,17 @@ def _record_in_a_file() -> None:
     def record(name: str, caller: str | None = None) -> None:
         if name not in seen:  # written at once: a writer may be killed with SIGKILL at any moment
             seen.add(name)
-            with open(hits, "a") as file:
-                file.write(name + "\n")
+            # A test may have limited the size of the files its process writes (RLIMIT_FSIZE, to
+            # make a write fail part-way): the limit is the test's, not this file's.
+            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            if soft != hard:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+            try:
+                with open(hits, "a") as file:
+                    file.write(name + "\n")
+            finally:
+                if soft != hard:
+                    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
     _trampoline.record_trampoline_hit = record  # type: ignore[assignment]
 
