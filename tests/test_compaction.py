@@ -1015,21 +1015,21 @@ async def test_a_record_nested_deeper_than_orjson_writes_is_compacted(tmp_path: 
 async def test_a_record_decoded_line_by_line_is_written_back_as_yoink_writes_a_line(tmp_path: Path) -> None:
     """Where the decoder read an item line by line (here a blank line in it), the fold keeps records,
     not lines, and writes them again: compact UTF-8, as orjson writes, even where orjson cannot
-    write the record (an integer beyond 64 bits) and the json module does."""
+    write the record (an integer beyond 64 bits) and the json module does; the fields in their order."""
     path = tmp_path / "mixed.jsonl"
     big = 2**64
-    first = '{"k": 1, "v": "é", "x": 1e16, "y": 1e-7}'
+    first = '{"k": 1, "v": "é", "x": 1e16, "a": 1e-7}'
     second = '{"k": 2, "id": ' + str(big) + ', "v": "é", "z": [1, {"a": 2}]}'
     path.write_text(f"{first}\n\n{second}\n", encoding="utf-8")
     async with CheckpointManager.from_uri(path) as checkpoint:
         await checkpoint.compact(key="k")
     lines = path.read_bytes().splitlines()
     assert lines[1:] == [
-        orjson.dumps({"k": 1, "v": "é", "x": 1e16, "y": 1e-7}),  # 1e16 and 1e-7, as orjson writes them
+        orjson.dumps({"k": 1, "v": "é", "x": 1e16, "a": 1e-7}),  # 1e16 and 1e-7, as orjson writes them
         b'{"k":2,"id":18446744073709551616,"v":"\xc3\xa9","z":[1,{"a":2}]}',
     ]
     assert await replay(path) == [
-        {"k": 1, "v": "é", "x": 1e16, "y": 1e-7},
+        {"k": 1, "v": "é", "x": 1e16, "a": 1e-7},
         {"k": 2, "id": big, "v": "é", "z": [1, {"a": 2}]},
     ]
 

@@ -263,8 +263,10 @@ async def test_a_failed_directory_fsync_after_the_swap_is_retried_at_close(
     assert fsyncs.directories() == [str(tmp_path)], "close() left the swap's directory entry unsynced"
 
 
+# 5,000 records fit in the new journal's last write; 20,000 (2 MiB) need writes before it.
+@pytest.mark.parametrize("records", [5000, 20000], ids=["in-the-last-write", "in-a-write-before-it"])
 def test_a_snapshot_the_disk_refuses_part_way_is_a_storage_error_that_keeps_the_old_journal(
-    tmp_path: Path,
+    tmp_path: Path, records: int
 ) -> None:
     """RLIMIT_FSIZE makes the kernel refuse the new journal's write past 64 KiB (as a full disk
     would): a StorageError that says the old journal is kept (attack B5: a bare OSError), and it is."""
@@ -279,7 +281,7 @@ def test_a_snapshot_the_disk_refuses_part_way_is_a_storage_error_that_keeps_the_
                 await manager.flush()
                 resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
                 try:
-                    await manager.compact({"new": n, "pad": "x" * 100} for n in range(5000))
+                    await manager.compact({"new": n, "pad": "x" * 100} for n in range(int(sys.argv[2])))
                 except StorageError as exc:
                     print("error:", exc)
                 resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
@@ -288,6 +290,7 @@ def test_a_snapshot_the_disk_refuses_part_way_is_a_storage_error_that_keeps_the_
         asyncio.run(main())
         """,
         str(tmp_path / "j.jsonl"),
+        str(records),
     )
     assert child.returncode == 0, child.stderr
     new_journal = f"{tmp_path / 'j.jsonl'}{REPLACEMENT_SUFFIX}"
@@ -541,7 +544,14 @@ def in_a_forked_child(storage: LocalFileStorage) -> str:
     return said
 
 
-@pytest.mark.parametrize("when", ["while-it-is-written", "after-a-failed-compaction"])
+async def failing_snapshot() -> AsyncIterator[str]:
+    yield '{"n":1}\n'
+    raise ValueError("the snapshot's records failed")
+
+
+@pytest.mark.parametrize(
+    "when", ["while-it-is-written", "after-a-failed-compaction", "after-a-snapshot-that-failed"]
+)
 async def test_a_child_forked_around_a_compaction_is_refused_its_parents_storage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
@@ -551,7 +561,12 @@ async def test_a_child_forked_around_a_compaction_is_refused_its_parents_storage
     storage = LocalFileStorage(path)
     await storage.write('{"n":0}\n')
     answers: list[str] = []
-    if when == "after-a-failed-compaction":
+    if when == "after-a-snapshot-that-failed":  # the new journal is dropped after it was written to
+        with pytest.raises(ValueError, match="the snapshot's records failed"):
+            await storage.replace(failing_snapshot())
+        answers.append(in_a_forked_child(storage))
+        await storage.replace(lines('{"n":1}\n'))
+    elif when == "after-a-failed-compaction":
 
         def refused(fd: int, mode: int) -> None:
             raise PermissionError(errno.EPERM, "Operation not permitted")
