@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import fcntl
 import logging
 import os
@@ -65,6 +66,10 @@ async def test_compact_by_key_keeps_the_last_record_per_key_in_journal_order(tmp
     assert len(lines) == 5
     assert lines[0].startswith(b'["$yoink",{"compaction":{')
     assert result.bytes == sum(map(len, lines[1:]))
+    header = await _header(path)
+    assert header is not None
+    assert result.at == header.at  # when it began, as the journal's header says
+    assert datetime.datetime.fromisoformat(result.at).tzinfo == datetime.timezone.utc
 
 
 async def test_keys_are_told_apart_as_json_tells_them_apart(tmp_path: Path) -> None:
@@ -543,6 +548,45 @@ async def test_the_policy_counts_the_journal_replayed_at_opening_as_its_size(
     assert compacted, "the policy never compacted"
     records_before = compacted[0].args[2]
     assert records_before >= 2 * before, f"compacted at {records_before} records, before the journal doubled"
+
+
+async def test_the_policy_compacts_again_with_the_write_that_makes_the_journal_growth_times_its_size(
+    caplog: pytest.LogCaptureFixture, async_backend: str
+) -> None:
+    """After a compaction left a journal of B bytes (its header and snapshot), the next one starts
+    with the write that brings it to ``growth`` x B, and not with the one before, a byte short."""
+    caplog.set_level(logging.INFO, logger="yoink._manager")
+    storage = MemoryStorage(f"policy-exact-{async_backend}-{os.getpid()}-{id(caplog)}")
+    policy = CompactionPolicy(key="k", growth=2.0, min_bytes=0)
+
+    def compactions() -> int:
+        return sum(r.getMessage().startswith("compacted") for r in caplog.records)
+
+    async def journal_bytes() -> int:
+        return len("".join([item async for item in MemoryStorage(storage.name).read()]).encode())
+
+    async def replayed(checkpoint: CheckpointManager) -> int:
+        """The records, once a compaction the last write started (in a task of its own) is over."""
+        for _ in range(3):
+            await anyio.lowlevel.checkpoint()  # the task starts, and its cut makes replay() wait
+        return len([record async for record in checkpoint.replay()])
+
+    async with CheckpointManager(storage, flush_interval=None, compact=policy) as checkpoint:
+        await checkpoint.append({"k": "a"})
+        await checkpoint.flush()  # a journal that was never compacted is due at once (min_bytes=0)
+        with anyio.fail_after(10):  # not replay(), which would take the journal's size for its own
+            while not compactions():
+                await anyio.sleep(0.01)
+        size = await journal_bytes()
+        short = '{"k":"b","p":""}\n'
+        await checkpoint.append({"k": "b", "p": "x" * (size - 1 - len(short))})  # size - 1 bytes
+        await checkpoint.flush()
+        assert await replayed(checkpoint) == 2
+        assert compactions() == 1, "compacted before the journal had grown to twice its size"
+        await checkpoint.append({"k": "c"})
+        await checkpoint.flush()
+        assert await replayed(checkpoint) == 3
+        assert compactions() == 2, "not compacted once the journal had grown to twice its size"
 
 
 @pytest.mark.parametrize(
