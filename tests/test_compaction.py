@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -163,6 +164,40 @@ class SlowReplace(MemoryStorage):
         self.replacing.set()
         await self.go.wait()
         await super().replace(text)
+
+
+async def test_appends_held_during_a_compaction_give_the_loop_a_turn_once_a_batch_not_at_each() -> None:
+    """Held in memory while a compaction runs, appends keep their fast path: they give the event
+    loop a turn each time a batch's worth (``batch_bytes``, at most 64 KiB) has piled up, as
+    appends that write do, not at every call."""
+    storage = SlowReplace()
+    checkpoint = CheckpointManager(storage, batch_bytes=4096, flush_interval=None)
+    await checkpoint.append({"before": 1})
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(functools.partial(checkpoint.compact, [{"snapshot": 1}]))
+        await storage.replacing.wait()
+        try:
+            async with anyio.create_task_group() as counting:
+                counting.start_soon(count_turns)
+                await anyio.lowlevel.checkpoint()
+                before = turns
+                for n in range(1000, 2000):  # 16,000 bytes: four batches' worth
+                    await checkpoint.append({"during": n})
+                given = turns - before
+                counting.cancel_scope.cancel()
+        finally:
+            storage.go.set()
+    await checkpoint.close()
+    # about one a batch (a turn may fall in a scheduler tick of its own): not one an append, 1,000
+    assert 1 <= given <= 10, f"appends gave the loop {given} turns for four batches' worth"
 
 
 async def test_appends_never_wait_for_a_compaction_and_flushes_do() -> None:
