@@ -66,6 +66,50 @@ async def test_a_last_line_that_is_not_a_record_is_set_aside_before_a_writer_app
     ) in caplog.text
 
 
+@pytest.mark.parametrize("blank", [b"\n", b"\n  \n\n"], ids=["a-blank-line", "blank-lines"])
+@pytest.mark.parametrize("torn", [b"", b'{"n":'], ids=["whole", "then-torn"])
+async def test_a_last_line_that_is_not_a_record_is_set_aside_with_the_blank_lines_after_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, blank: bytes, torn: bytes
+) -> None:
+    """Replay passes over blank lines: the last line it judges is the last that is not blank. A bad
+    one there, kept because blank lines followed it, was a corrupt line once a writer appended: the
+    journal never replayed again (a blank line after a torn one: an editor's, another tool's)."""
+    path = tmp_path / "j.jsonl"
+    last = b'{"n": 2, "cut sh\n'
+    path.write_bytes(b'{"n":0}\n{"n":1}\n' + last + blank + torn)
+    with caplog.at_level(logging.WARNING, logger="yoink"):
+        async with CheckpointManager.from_uri(path) as manager:
+            await manager.append({"n": 3})
+    async with CheckpointManager.from_uri(path, read_only=True) as reader:
+        assert [record["n"] async for record in reader.replay()] == [0, 1, 3]
+    assert Path(f"{path}.torn").read_bytes() == last + blank + torn + b"\n"
+    assert (
+        f"{path} ended in a torn write (its last line is not a record): moved its last "
+        f"{len(last + blank + torn)} bytes (from offset 16)"
+    ) in caplog.text
+
+
+async def test_a_torn_tail_after_a_last_line_too_long_to_judge_is_set_aside_without_judging_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A last line over a mebibyte is left for replay to judge: only the torn bytes after it are set
+    aside, and the warning does not say the line is not a record."""
+    path = tmp_path / "j.jsonl"
+    long = b'{"n":1,"pad":"' + b"p" * (1 << 20) + b'"}\n'
+    torn = b'{"n":'
+    path.write_bytes(b'{"n":0}\n' + long + torn)
+    with caplog.at_level(logging.WARNING, logger="yoink"):
+        async with CheckpointManager.from_uri(path) as manager:
+            await manager.append({"n": 2})
+    async with CheckpointManager.from_uri(path, read_only=True) as reader:
+        assert [record["n"] async for record in reader.replay()] == [0, 1, 2]
+    assert Path(f"{path}.torn").read_bytes() == torn + b"\n"
+    assert (
+        f"{path} ended in a torn write: moved its last {len(torn)} bytes (from offset {8 + len(long)}) "
+        f"to {path}.torn"
+    ) in caplog.messages
+
+
 async def test_a_compacted_journal_of_its_header_alone_keeps_it_when_appended_to(tmp_path: Path) -> None:
     path = tmp_path / "j.jsonl"
     async with CheckpointManager.from_uri(path) as manager:

@@ -102,11 +102,9 @@ def set_aside_torn_tail(path: str, fd: int, *, fsync: bool = True) -> int:
     size = os.fstat(fd).st_size
     with open(path, "rb") as journal:
         clean = _after_last_newline(journal, size)
-        start = _after_last_newline(journal, clean - 1) if clean else 0
+        start, line = _last_line_but_blanks(journal, clean)
         bad_line = False
-        if clean - start <= _JUDGED_LINE:
-            journal.seek(start)
-            line = journal.read(clean - start)
+        if line is not None:
             header = start == 0 and line.startswith(HEADER_START.encode())
             bad_line = not header and not is_record_tail(line.decode("utf-8", "surrogateescape"))
             if bad_line:
@@ -137,6 +135,23 @@ def set_aside_torn_tail(path: str, fd: int, *, fsync: bool = True) -> int:
 
 
 _JUDGED_LINE = 1 << 20  # a last line longer than this is left as it is: replay judges it
+
+
+def _last_line_but_blanks(journal: BinaryIO, end: int) -> tuple[int, bytes | None]:
+    """The last line before ``end`` that is not blank, as replay judges it, and where it starts.
+
+    The line is None if there is none, or if it is longer than _JUDGED_LINE (left for replay).
+    """
+    while end > 0:
+        start = _after_last_newline(journal, end - 1)
+        if end - start > _JUDGED_LINE:
+            return start, None
+        journal.seek(start)
+        line = journal.read(end - start)
+        if line.decode("utf-8", "surrogateescape").strip():  # blank as replay sees it, Unicode spaces too
+            return start, line
+        end = start
+    return 0, None
 
 
 def _after_last_newline(journal: BinaryIO, end: int) -> int:
