@@ -68,15 +68,17 @@ async def test_a_last_line_that_is_not_a_record_is_set_aside_before_a_writer_app
 
 @pytest.mark.parametrize("blank", [b"\n", b"\n  \n\n"], ids=["a-blank-line", "blank-lines"])
 @pytest.mark.parametrize("torn", [b"", b'{"n":'], ids=["whole", "then-torn"])
+@pytest.mark.parametrize("pad", [0, 1 << 20], ids=["short-journal", "after-2-MiB"])
 async def test_a_last_line_that_is_not_a_record_is_set_aside_with_the_blank_lines_after_it(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, blank: bytes, torn: bytes
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, blank: bytes, torn: bytes, pad: int
 ) -> None:
     """Replay passes over blank lines: the last line it judges is the last that is not blank. A bad
     one there, kept because blank lines followed it, was a corrupt line once a writer appended: the
     journal never replayed again (a blank line after a torn one: an editor's, another tool's)."""
     path = tmp_path / "j.jsonl"
+    whole = b"".join(b'{"n":%d,"pad":"%s"}\n' % (n, b"p" * pad) for n in range(2))
     last = b'{"n": 2, "cut sh\n'
-    path.write_bytes(b'{"n":0}\n{"n":1}\n' + last + blank + torn)
+    path.write_bytes(whole + last + blank + torn)
     with caplog.at_level(logging.WARNING, logger="yoink"):
         async with CheckpointManager.from_uri(path) as manager:
             await manager.append({"n": 3})
@@ -85,8 +87,22 @@ async def test_a_last_line_that_is_not_a_record_is_set_aside_with_the_blank_line
     assert Path(f"{path}.torn").read_bytes() == last + blank + torn + b"\n"
     assert (
         f"{path} ended in a torn write (its last line is not a record): moved its last "
-        f"{len(last + blank + torn)} bytes (from offset 16)"
+        f"{len(last + blank + torn)} bytes (from offset {len(whole)})"
     ) in caplog.text
+
+
+async def test_a_last_line_of_a_mebibyte_exactly_that_is_not_a_record_is_judged_and_set_aside(
+    tmp_path: Path,
+) -> None:
+    """The longest last line judged before a writer appends is a mebibyte, its newline included."""
+    path = tmp_path / "j.jsonl"
+    last = b'"' + b"s" * ((1 << 20) - 3) + b'"\n'  # a JSON string, not an object
+    path.write_bytes(b'{"n":0}\n' + last)
+    async with CheckpointManager.from_uri(path) as manager:
+        await manager.append({"n": 1})
+    async with CheckpointManager.from_uri(path, read_only=True) as reader:
+        assert [record["n"] async for record in reader.replay()] == [0, 1]
+    assert Path(f"{path}.torn").read_bytes() == last + b"\n"
 
 
 async def test_a_torn_tail_after_a_last_line_too_long_to_judge_is_set_aside_without_judging_it(
