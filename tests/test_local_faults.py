@@ -43,8 +43,8 @@ async def test_a_reader_names_a_torn_tail_by_its_size_and_offset_across_read_chu
 
 @pytest.mark.parametrize(
     "last",
-    [b"\0" * 40 + b"\n", b'{"n": 2, "cut sh\n', b"[1, 2]\n"],
-    ids=["zeros", "cut-short", "not-an-object"],
+    [b"\0" * 40 + b"\n", b'{"n": 2, "cut sh\n', b"[1, 2]\n", b'{"n": "\xff\xfe"}\n'],
+    ids=["zeros", "cut-short", "not-an-object", "not-utf-8"],
 )
 @pytest.mark.parametrize("torn", [b"", b'{"n":'], ids=["whole", "then-torn"])
 async def test_a_last_line_that_is_not_a_record_is_set_aside_before_a_writer_appends(
@@ -124,6 +124,16 @@ async def test_a_torn_tail_after_a_last_line_too_long_to_judge_is_set_aside_with
         f"{path} ended in a torn write: moved its last {len(torn)} bytes (from offset {8 + len(long)}) "
         f"to {path}.torn"
     ) in caplog.messages
+
+
+async def test_a_journal_whose_only_line_is_not_a_record_is_set_aside_whole(tmp_path: Path) -> None:
+    """The first line is kept unjudged only if it is a compacted journal's header."""
+    path = tmp_path / "j.jsonl"
+    path.write_bytes(b"[1, 2]\n")
+    async with CheckpointManager.from_uri(path) as manager:
+        await manager.append({"n": 0})
+    assert path.read_bytes() == b'{"n":0}\n'
+    assert Path(f"{path}.torn").read_bytes() == b"[1, 2]\n\n"
 
 
 async def test_a_compacted_journal_of_its_header_alone_keeps_it_when_appended_to(tmp_path: Path) -> None:
