@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from typing import NamedTuple
 
 from yoink import _records
-from yoink._records import JournalDecoder, LineTooLongToRead, left_out_by_storage, utf8_len
+from yoink._records import HEADER_START, JournalDecoder, LineTooLongToRead, left_out_by_storage, utf8_len
 
-__all__ = ["is_record_tail", "tail_reads", "whole_lines", "without_torn_tail"]
+__all__ = ["JournalEnd", "is_record_tail", "journal_end", "tail_reads", "whole_lines", "without_torn_tail"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,78 @@ def is_record_tail(tail: str) -> bool:
     before appending after another tool's last line: a kept one gets its newline, a torn one is set
     aside."""
     return not tail.strip() or bool(JournalDecoder("").feed(tail))
+
+
+JUDGED_LINE = 1 << 20  # a whole last line longer than this is left as it is: replay judges it
+
+
+class JournalEnd(NamedTuple):
+    """How a journal another tool may have written ends cleanly before records are appended to it."""
+
+    keep: int  # how many of its bytes stay; the rest is set aside
+    between: bytes  # what goes between them and the appended records: a newline, or nothing
+    bad_line: bool  # whether what is set aside holds a whole last line that is not a record
+
+
+async def journal_end(read: Callable[[int], Awaitable[bytes]], size: int) -> JournalEnd | None:
+    """Judge the end of a journal of ``size`` bytes, read back with ``read(start)`` (its bytes from
+    ``start`` to its end) as far as needed, as replay judges a last line.
+
+    A last line without a newline (yoink's uploads end in one) that is blank or a JSON object is kept
+    and gets its newline; anything else there is a torn tail, set aside. So is the last line that is
+    not blank, if it is not a record either (nor a compacted journal's header at offset 0): replay
+    skips it as a torn last line, but records appended after it would make it a corrupt line in the
+    middle. Such a line longer than JUDGED_LINE, or out of reach of :func:`tail_reads`, is left for
+    replay to judge. None if the bytes after the last newline are longer than MAX_LINE_BYTES.
+    """
+    *earlier, last = tail_reads(size)
+    for start in earlier:
+        end = _judge_end(await read(start), start, last_read=False)
+        if end is not None:
+            return end
+    return _judge_end(await read(last), last, last_read=True)
+
+
+def _judge_end(block: bytes, start: int, *, last_read: bool) -> JournalEnd | None:
+    """:func:`journal_end` for a journal whose last bytes, from ``start``, are ``block``; None if the
+    lines to judge may begin before it and this is not the ``last_read``."""
+    size = start + len(block)
+    cut = block.rfind(b"\n") + 1
+    if not cut and start:
+        return None  # the last line is longer than the block (MAX_LINE_BYTES, at the last read)
+    tail = block[cut:]
+    if not _blank(tail):
+        if is_record_tail(tail.decode("utf-8", "surrogateescape")):
+            return JournalEnd(size, b"\n", False)
+        keep, between = start + cut, b""  # a torn tail: set aside
+    else:
+        keep, between = size, b"\n" if tail else b""
+    end = cut
+    while end > 0:
+        line_start = block.rfind(b"\n", 0, end - 1) + 1
+        if end - line_start > JUDGED_LINE:
+            break
+        if not line_start and start:
+            if last_read:
+                break  # out of reach: left for replay
+            return None  # the line may begin before the block
+        line = block[line_start:end]
+        if _blank(line):
+            end = line_start
+            continue
+        header = start + line_start == 0 and line.startswith(HEADER_START.encode())
+        if header or is_record_tail(line.decode("utf-8", "surrogateescape")):
+            break
+        return JournalEnd(start + line_start, b"", True)
+    else:
+        if start and not last_read:
+            return None  # blank lines back to the start of the block: the last line is before it
+    return JournalEnd(keep, between, False)
+
+
+def _blank(line: bytes) -> bool:
+    """Whether replay passes over ``line`` as blank (Unicode spaces too)."""
+    return not line.decode("utf-8", "surrogateescape").strip()
 
 
 async def without_torn_tail(blocks: AsyncGenerator[str, None], describe: str) -> AsyncGenerator[str, None]:

@@ -26,7 +26,8 @@ from yoink._exceptions import (
     StorageError,
     YoinkError,
 )
-from yoink._lines import is_record_tail, whole_lines, without_torn_tail
+from yoink._lines import journal_end, whole_lines, without_torn_tail
+from yoink._records import MAX_LINE_BYTES
 from yoink.storage._factory import FSSPEC_PREFIX
 from yoink.storage._files import READ_CHUNK, TORN_SUFFIX
 from yoink.storage._fsspec_file import CannotAppend, JournalFile, Moved, View
@@ -284,30 +285,44 @@ class FsspecStorage(StagedStorage):
         )
 
     async def _end_cleanly(self, size: int, staged: int) -> int:
-        """End the file's last line if it has no newline, as S3Storage does; return the new size.
+        """End the file as S3Storage ends an object another tool wrote; return the new size.
 
-        Judged as replay judges it: blank or a JSON object, it is a record and gets its newline
-        (its own write); anything else is a torn tail, added to ``<path>.torn`` and cut off.
+        Judged by :func:`~yoink._lines.journal_end`: a last line without a newline that is a record
+        gets its newline (its own write); a torn tail, and a last line that is not blank and not a
+        record, are added to ``<path>.torn`` and cut off.
         """
-        tail = await self._run(self._file.tail, size)
-        if not tail:
-            return size
-        if is_record_tail(tail.decode("utf-8", "surrogateescape")):
+
+        async def read(start: int) -> bytes:
+            return await self._run(self._file.cat, start, size)
+
+        end = await journal_end(read, size)
+        if end is None:
+            raise StorageError(
+                f"{self._uri} ends in a line longer than {MAX_LINE_BYTES:,} bytes without a newline, which "
+                "yoink does not read; nothing was uploaded. Remove that line and flush again"
+            )
+        if end.between:
             try:
-                await self._run(self._write_file, b"\n", size)
+                await self._run(self._write_file, end.between, size)
             except Moved as moved:
                 raise self._changed(f"its size went from {size} to {moved.size} bytes", staged) from None
-            return size + 1
-        await self._run(self._file.set_aside, tail)
-        await self._run(self._file.cut, size - len(tail))
+            return size + len(end.between)
+        if end.keep == size:
+            return size
+        await self._run(self._file.set_aside, await read(end.keep))
+        await self._run(self._file.cut, end.keep)
         logger.warning(
-            "%s ended in %d bytes without a newline that are not a JSON object: moved them to %s%s",
+            "%s ended in %s: moved its last %d bytes, from byte offset %d, to %s%s",
             self._uri,
-            len(tail),
+            "a whole last line that is not a JSON object"
+            if end.bad_line
+            else "bytes without a newline that are not a JSON object",
+            size - end.keep,
+            end.keep,
             self._uri,
             TORN_SUFFIX,
         )
-        return size - len(tail)
+        return end.keep
 
     def _check_swappable(self) -> None:
         refusal = self._file.swap_refusal()

@@ -22,8 +22,6 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from yoink._lines import tail_reads
-from yoink._records import MAX_LINE_BYTES
 from yoink.storage._files import READ_CHUNK, TORN_SUFFIX
 
 __all__ = ["CannotAppend", "JournalFile", "Moved", "Swap", "View"]
@@ -91,18 +89,6 @@ class JournalFile:
 
     def cat(self, start: int, end: int) -> bytes:
         return bytes(self.fs.cat_file(self.path, start=start, end=end))
-
-    def tail(self, size: int) -> bytes:
-        """The bytes after the last newline of the file's first ``size``, read from the end."""
-        for start in tail_reads(size):
-            block = self.cat(start, size)
-            cut = block.rfind(b"\n") + 1
-            if cut or start == 0:
-                return block[cut:]
-        raise ValueError(
-            f"it ends in a line longer than {MAX_LINE_BYTES:,} bytes without a newline, which "
-            "yoink does not read; nothing was uploaded. Remove that line and flush again"
-        )
 
     def set_aside(self, tail: bytes) -> None:
         """Add ``tail`` to ``<path>.torn``, one fragment a line, as LocalFileStorage does."""

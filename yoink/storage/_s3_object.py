@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from yoink._exceptions import ConcurrentWriterError, StorageError
-from yoink._lines import is_record_tail, tail_reads, without_torn_tail
+from yoink._lines import journal_end, without_torn_tail
 from yoink._records import MAX_LINE_BYTES
 from yoink.storage._files import TORN_SUFFIX
 from yoink.storage._s3_client import Conflict, Missing
@@ -171,52 +171,51 @@ class ObjectLayout(Layout):
     async def _clean_end(self, known: _Object, old: bytes | None = None) -> tuple[int, bytes]:
         """How many of the object's bytes to keep, and what goes between them and the new data.
 
-        yoink's uploads end in a newline, so a last line without one was written, whole, by another
-        tool. Judged as replay judges it: blank or a JSON object, it is kept and gets its newline;
-        anything else is a torn tail, set aside in ``<key>.torn`` and cut off, so the object stays
-        JSONL. ``old`` is the whole object, if it was read already.
+        yoink's uploads end in a newline, so an object that does not end in one, or whose last line
+        that is not blank is not a record, was written by another tool: its end is judged by
+        :func:`~yoink._lines.journal_end`, read back from the object's end as far as needed, and
+        what is not kept is set aside in ``<key>.torn`` and cut off, so the object stays JSONL.
+        ``old`` is the whole object, if it was read already.
         """
         if known.clean or not known.size:
             return known.size, b""
-        tail = old[old.rfind(b"\n") + 1 :] if old is not None else await self._tail(known)
-        if not tail:
-            return known.size, b""
-        if is_record_tail(tail.decode("utf-8", "surrogateescape")):
-            return known.size, b"\n"
-        await self._set_aside(tail, known.size - len(tail))
-        return known.size - len(tail), b""
 
-    async def _tail(self, known: _Object) -> bytes:
-        """The bytes after the object's last newline, read from its end: one byte, then more."""
-        for start in tail_reads(known.size):
-            block = await self._get_range(known.etag, start, known.size)
-            cut = block.rfind(b"\n") + 1
-            if cut or start == 0:
-                return block[cut:]
-        raise StorageError(
-            f"{self._uri} ends in a line longer than {MAX_LINE_BYTES:,} bytes without a newline, "
-            "which yoink never writes and does not read; nothing was uploaded, and the staged "
-            "records stay staged. Remove that line (or move the object) and flush again"
-        )
+        async def read(start: int) -> bytes:
+            if old is not None:
+                return old[start:]
+            return await self._get_range(known.etag, start, known.size)
 
-    async def _set_aside(self, tail: bytes, offset: int) -> None:
-        """Add ``tail`` to ``<key>.torn`` (one fragment a line), as LocalFileStorage does."""
+        end = await journal_end(read, known.size)
+        if end is None:
+            raise StorageError(
+                f"{self._uri} ends in a line longer than {MAX_LINE_BYTES:,} bytes without a newline, "
+                "which yoink never writes and does not read; nothing was uploaded, and the staged "
+                "records stay staged. Remove that line (or move the object) and flush again"
+            )
+        if end.keep < known.size:
+            await self._set_aside(await read(end.keep), end.keep, end.bad_line)
+        return end.keep, end.between
+
+    async def _set_aside(self, moved: bytes, offset: int, bad_line: bool) -> None:
+        """Add ``moved`` to ``<key>.torn`` (with a newline), as LocalFileStorage does."""
         key = self._key + TORN_SUFFIX
         try:
             kept = await self._body(await self._client.call("get_object", Key=key))
         except Missing:
             kept = b""
-        if not kept.endswith(tail + b"\n"):  # else an earlier attempt set it aside already
-            await self._client.call("put_object", Key=key, Body=kept + tail + b"\n")
+        if not kept.endswith(moved + b"\n"):  # else an earlier attempt set it aside already
+            await self._client.call("put_object", Key=key, Body=kept + moved + b"\n")
         logger.warning(
-            "%s ends in %d bytes without a newline that are not a JSON object (another tool wrote "
-            "them: yoink's uploads end in a newline); moved them to s3://%s/%s, and the journal goes "
-            "on from byte offset %d",
+            "%s ends in %s (another tool wrote them: yoink's uploads end in a newline); moved its last "
+            "%d bytes, from byte offset %d, to s3://%s/%s, and the journal goes on from that offset",
             self._uri,
-            len(tail),
+            "a whole last line that is not a JSON object"
+            if bad_line
+            else "bytes without a newline that are not a JSON object",
+            len(moved),
+            offset,
             self._client.bucket,
             key,
-            offset,
         )
 
     async def _get_object(self) -> dict[str, Any] | None:
