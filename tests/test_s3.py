@@ -245,13 +245,51 @@ async def test_a_foreign_objects_torn_last_line_is_set_aside_in_a_torn_object_be
         assert [record["n"] async for record in manager.replay()] == [*before, 1000, 1001, 1002]
         with caplog.at_level(logging.WARNING, logger="yoink"):
             await manager.flush()
-    assert f"moved them to s3://{bucket}/run.jsonl.torn" in caplog.text
+    assert f"to s3://{bucket}/run.jsonl.torn" in caplog.text
     options["stage_dir"] = tmp_path / "reader"
     async with CheckpointManager.from_uri(f"s3://{bucket}/run.jsonl", **options) as reader:
         assert [record["n"] async for record in reader.replay()] == [*before, 1000, 1001, 1002]
     appended = b"".join(f'{{"n":{n}}}\n'.encode() for n in range(1000, 1003))
     assert get_body(moto, bucket, "run.jsonl") == body[: len(body) - len(torn)] + appended
     assert get_body(moto, bucket, "run.jsonl.torn") == torn + b"\n"
+
+
+BAD_LAST_LINES = {
+    "an array": b"[1,2]\n",
+    "a torn line and a blank line": b'{"n": -1, "cut\n\n',
+    "a torn line, blank lines and a blank tail": b'{"n": -1, "cut\n \n\t\n  ',
+}
+
+
+@pytest.mark.parametrize("size", FOREIGN_SIZES[:2])
+@pytest.mark.parametrize("bad", BAD_LAST_LINES)
+async def test_a_foreign_objects_whole_last_line_that_is_not_a_record_is_set_aside_before_appending(
+    bucket: str,
+    moto: MotoServer,
+    tmp_path: Path,
+    small_parts: int,
+    size: str,
+    bad: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Replay skips it as a torn last line; records appended after it would make it a corrupt one.
+    body = foreign_body(size, small_parts, BAD_LAST_LINES[bad])
+    put_foreign(moto, bucket, body)
+    kept = len(body) - len(BAD_LAST_LINES[bad])
+    options = {"stage_dir": tmp_path / "stage", "endpoint_url": moto.url, "flush_interval": None}
+    async with CheckpointManager.from_uri(f"s3://{bucket}/run.jsonl", **options) as manager:
+        before = [record["n"] async for record in manager.replay()]
+        await manager.append_many([{"n": n} for n in range(1000, 1003)])
+        with caplog.at_level(logging.WARNING, logger="yoink"):
+            await manager.flush()
+        assert [record["n"] async for record in manager.replay()] == [*before, 1000, 1001, 1002]
+    assert f"from byte offset {kept}, to s3://{bucket}/run.jsonl.torn" in caplog.text
+    options["stage_dir"] = tmp_path / "reader"
+    async with CheckpointManager.from_uri(f"s3://{bucket}/run.jsonl", **options) as reader:
+        assert [record["n"] async for record in reader.replay()] == [*before, 1000, 1001, 1002]
+    appended = b"".join(f'{{"n":{n}}}\n'.encode() for n in range(1000, 1003))
+    assert get_body(moto, bucket, "run.jsonl") == body[:kept] + appended
+    assert get_body(moto, bucket, "run.jsonl.torn") == body[kept:] + b"\n"
 
 
 async def test_a_writers_first_flush_onto_its_own_large_object_reads_one_byte_of_it(
