@@ -4,6 +4,7 @@ compaction."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -298,6 +299,35 @@ async def test_a_foreign_files_last_line_without_a_newline_is_ended_as_a_record_
     fs, path = fsspec.core.url_to_fs(uri.removeprefix("fsspec+"))
     if not kept:
         assert fs.cat_file(path + ".torn") == last_line + b"\n"
+
+
+@pytest.mark.parametrize("filesystem", FILESYSTEMS)
+@pytest.mark.parametrize(
+    "last_lines",
+    [b"[1,2]\n", b'{"n": -1, "cut\n\n', b'{"n": -1, "cut\n \n\t\n  '],
+    ids=["array", "torn", "blanks"],
+)
+async def test_a_foreign_files_whole_last_line_that_is_not_a_record_is_set_aside_before_appending(
+    tmp_path: Path, filesystem: str, last_lines: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Replay skips it as a torn last line; records appended after it would make it a corrupt one.
+    from yoink import CheckpointManager
+
+    body = b'{"n":0}\n{"n":1}\n' + last_lines
+    uri, options = _foreign_file(filesystem, tmp_path, body)
+    async with CheckpointManager.from_uri(uri, **options) as manager:
+        assert [r["n"] async for r in manager.replay()] == [0, 1]
+        await manager.append_many([{"n": 2}, {"n": 3}])
+        with caplog.at_level(logging.WARNING, logger="yoink"):
+            await manager.flush()
+        assert [r["n"] async for r in manager.replay()] == [0, 1, 2, 3]
+    assert f"from byte offset 16, to {uri.removeprefix('fsspec+')}.torn" in caplog.text
+    options["stage_dir"] = tmp_path / "reader"
+    async with CheckpointManager.from_uri(uri, **options) as reader:
+        assert [r["n"] async for r in reader.replay()] == [0, 1, 2, 3]
+    fs, path = fsspec.core.url_to_fs(uri.removeprefix("fsspec+"))
+    assert fs.cat_file(path + ".torn") == last_lines + b"\n"
+    assert fs.cat_file(path) == b'{"n":0}\n{"n":1}\n{"n":2}\n{"n":3}\n'
 
 
 @pytest.mark.parametrize("append", [True, False])
