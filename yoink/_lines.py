@@ -87,6 +87,7 @@ def is_record_tail(tail: str) -> bool:
     return not tail.strip() or bool(JournalDecoder("").feed(tail))
 
 
+FIRST_READ = 1 << 10  # how much of a journal's end journal_end reads first
 JUDGED_LINE = 1 << 20  # a whole last line longer than this is left as it is: replay judges it
 
 
@@ -109,7 +110,8 @@ async def journal_end(read: Callable[[int], Awaitable[bytes]], size: int) -> Jou
     middle. Such a line longer than JUDGED_LINE, or out of reach of :func:`tail_reads`, is left for
     replay to judge. None if the bytes after the last newline are longer than MAX_LINE_BYTES.
     """
-    *earlier, last = tail_reads(size)
+    first = max(0, size - FIRST_READ)  # a whole last line, for most journals: one request
+    *earlier, last = [first, *(start for start in tail_reads(size) if start < first)]
     for start in earlier:
         end = _judge_end(await read(start), start, last_read=False)
         if end is not None:
