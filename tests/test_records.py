@@ -20,7 +20,7 @@ import pytest
 
 from yoink import CheckpointManager, CorruptCheckpointError, _json, _records
 from yoink._json import LARGE_LINE, MAX_DEPTH
-from yoink._lines import tail_reads, whole_lines, without_torn_tail
+from yoink._lines import FIRST_READ, JUDGED_LINE, journal_end, tail_reads, whole_lines, without_torn_tail
 from yoink._records import MAX_LINE_BYTES, LineTooLongToRead
 from yoink.storage import LocalFileStorage, MemoryStorage
 
@@ -185,6 +185,36 @@ def test_the_end_of_an_object_is_read_back_one_byte_then_64_kib_growing_sixteenf
     assert list(tail_reads(100_000)) == [99_999, 100_000 - (64 << 10), 0]
     assert list(tail_reads(1)) == [0]
     assert list(tail_reads(0)) == [0]
+
+
+@pytest.mark.parametrize(
+    ("body", "keep", "between"),
+    [
+        (b'{"n":0}\n', 8, b""),  # yoink's own end
+        (b'{"n":0}\n{"n":1}', 15, b"\n"),  # a record without its newline gets one
+        (b'{"n":0}\n{"n":1', 8, b""),  # a torn tail
+        (b'{"n":0}\n[1,2]\n', 8, b""),  # a whole last line that is not a record
+        (b'{"n":0}\n{"n":1\n' + b" \n" * 5000 + b"\t", 8, b""),  # ...after 10 KiB of blank lines
+        (b'{"n":0}\n{"n":1}\n' + b" \n" * 5000 + b"\t", 10_017, b"\n"),  # a record there is kept
+        (b'["$yoink",{"compaction":{}}]\n\n', 30, b""),  # a compacted journal's header is kept
+        (b'{"n":0}\n["$yoink",{}]\n', 8, b""),  # ...only at offset 0
+        (b'{"n":0}\n' + b"x" * (JUDGED_LINE + 1) + b"\n", JUDGED_LINE + 10, b""),  # left for replay
+    ],
+)
+async def test_the_end_of_another_tools_journal_is_judged_back_to_its_last_line_that_is_not_blank(
+    body: bytes, keep: int, between: bytes
+) -> None:
+    reads: list[int] = []
+
+    async def read(start: int) -> bytes:
+        reads.append(start)
+        return body[start:]
+
+    end = await journal_end(read, len(body))
+    assert end is not None
+    assert (end.keep, end.between) == (keep, between)
+    assert end.bad_line == (b"[" in body[keep:] or b'n":1\n' in body[keep:])
+    assert reads[0] == max(0, len(body) - FIRST_READ)  # one small read first
 
 
 async def test_a_line_over_the_limit_in_an_item_is_named_after_the_records_before_it() -> None:

@@ -150,9 +150,6 @@ def _judge_end(block: bytes, start: int, *, last_read: bool) -> JournalEnd | Non
         if header or is_record_tail(line.decode("utf-8", "surrogateescape")):
             break
         return JournalEnd(start + line_start, b"", True)
-    else:
-        if start and not last_read:
-            return None  # blank lines back to the start of the block: the last line is before it
     return JournalEnd(keep, between, False)
 
 

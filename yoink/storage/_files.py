@@ -17,7 +17,7 @@ import anyio
 import anyio.to_thread
 
 from yoink._exceptions import StorageError
-from yoink._lines import is_record_tail, whole_lines
+from yoink._lines import JUDGED_LINE, is_record_tail, whole_lines
 from yoink._records import HEADER_START
 
 __all__ = [
@@ -134,17 +134,14 @@ def set_aside_torn_tail(path: str, fd: int, *, fsync: bool = True) -> int:
     return clean
 
 
-_JUDGED_LINE = 1 << 20  # a last line longer than this is left as it is: replay judges it
-
-
 def _last_line_but_blanks(journal: BinaryIO, end: int) -> tuple[int, bytes | None]:
     """The last line before ``end`` that is not blank, as replay judges it, and where it starts.
 
-    The line is None if there is none, or if it is longer than _JUDGED_LINE (left for replay).
+    The line is None if there is none, or if it is longer than JUDGED_LINE (left for replay).
     """
     while end > 0:
         start = _after_last_newline(journal, end - 1)
-        if end - start > _JUDGED_LINE:
+        if end - start > JUDGED_LINE:
             return start, None
         journal.seek(start)
         line = journal.read(end - start)
