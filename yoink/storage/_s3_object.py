@@ -206,7 +206,7 @@ class ObjectLayout(Layout):
         if not kept.endswith(moved + b"\n"):  # else an earlier attempt set it aside already
             await self._client.call("put_object", Key=key, Body=kept + moved + b"\n")
         logger.warning(
-            "%s ends in %s (another tool wrote them: yoink's uploads end in a newline); moved its last "
+            "%s ends in %s, written by another tool (yoink's uploads end in a newline): moved its last "
             "%d bytes, from byte offset %d, to s3://%s/%s, and the journal goes on from that offset",
             self._uri,
             "a whole last line that is not a JSON object"
