@@ -454,7 +454,7 @@ def killed(process: subprocess.Popen[str]) -> list[str]:
     process.kill()
     process.wait()
     assert process.stdout is not None
-    lines = process.stdout.read().splitlines()
+    lines = process.stdout.read().split("\n")[:-1]  # a line the kill cut short ends in no newline
     process.stdout.close()
     return lines
 
