@@ -16,7 +16,17 @@ from typing import NamedTuple
 from yoink import _records
 from yoink._records import HEADER_START, JournalDecoder, LineTooLongToRead, left_out_by_storage, utf8_len
 
-__all__ = ["JournalEnd", "is_record_tail", "journal_end", "tail_reads", "whole_lines", "without_torn_tail"]
+__all__ = [
+    "JournalEnd",
+    "end_reads",
+    "is_record_tail",
+    "journal_end",
+    "judge_end",
+    "lines_end",
+    "tail_reads",
+    "whole_lines",
+    "without_torn_tail",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -110,16 +120,36 @@ async def journal_end(read: Callable[[int], Awaitable[bytes]], size: int) -> Jou
     middle. Such a line longer than JUDGED_LINE, or out of reach of :func:`tail_reads`, is left for
     replay to judge. None if the bytes after the last newline are longer than MAX_LINE_BYTES.
     """
-    first = max(0, size - FIRST_READ)  # a whole last line, for most journals: one request
-    *earlier, last = [first, *(start for start in tail_reads(size) if start < first)]
+    *earlier, last = end_reads(size)
     for start in earlier:
-        end = _judge_end(await read(start), start, last_read=False)
+        end = judge_end(await read(start), start, last_read=False)
         if end is not None:
             return end
-    return _judge_end(await read(last), last, last_read=True)
+    return judge_end(await read(last), last, last_read=True)
 
 
-def _judge_end(block: bytes, start: int, *, last_read: bool) -> JournalEnd | None:
+def lines_end(read: Callable[[int], bytes], size: int) -> JournalEnd:
+    """:func:`journal_end` for ``size`` bytes of whole lines (they end in a newline, or are none),
+    read with a blocking ``read(start)``: where the last line that is not blank ends them, or
+    starts what is set aside if it is not a record."""
+    *earlier, last = end_reads(size)
+    for start in earlier:
+        end = judge_end(read(start), start, last_read=False)
+        if end is not None:
+            return end
+    end = judge_end(read(last), last, last_read=True)
+    assert end is not None  # the block ends in a newline
+    return end
+
+
+def end_reads(size: int) -> list[int]:
+    """Where :func:`judge_end` reads from, in turn: the last KiB first (a whole last line, for most
+    journals: one small request), then :func:`tail_reads`."""
+    first = max(0, size - FIRST_READ)
+    return [first, *(start for start in tail_reads(size) if start < first)]
+
+
+def judge_end(block: bytes, start: int, *, last_read: bool) -> JournalEnd | None:
     """:func:`journal_end` for a journal whose last bytes, from ``start``, are ``block``; None if the
     lines to judge may begin before it and this is not the ``last_read``."""
     size = start + len(block)

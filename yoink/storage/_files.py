@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncGenerator, AsyncIterator
+from functools import partial
 from typing import BinaryIO
 
 import anyio
 import anyio.to_thread
 
 from yoink._exceptions import StorageError
-from yoink._lines import JUDGED_LINE, is_record_tail, whole_lines
-from yoink._records import HEADER_START
+from yoink._lines import lines_end, whole_lines
 
 __all__ = [
     "READ_CHUNK",
@@ -91,7 +91,8 @@ async def path_chunks(path: str, size: int) -> AsyncIterator[bytes]:
 
 def set_aside_torn_tail(path: str, fd: int, *, fsync: bool = True) -> int:
     """Move the bytes after the last newline of the file open as ``fd`` to ``path + ".torn"``, with
-    the last line before them if it is not a record either (replay skips it as it skips them).
+    the last line before them if it is not a record either (replay skips it as it skips them), as
+    :func:`~yoink._lines.lines_end` judges it for every backend.
 
     Return the size of what is left: whole lines, the last of them a record (or the header of a
     compacted journal). The moved bytes are appended to the sidecar with a newline, fsynced with
@@ -101,14 +102,9 @@ def set_aside_torn_tail(path: str, fd: int, *, fsync: bool = True) -> int:
     """
     size = os.fstat(fd).st_size
     with open(path, "rb") as journal:
-        clean = _after_last_newline(journal, size)
-        start, line = _last_line_but_blanks(journal, clean)
-        bad_line = False
-        if line is not None:
-            header = start == 0 and line.startswith(HEADER_START.encode())
-            bad_line = not header and not is_record_tail(line.decode("utf-8", "surrogateescape"))
-            if bad_line:
-                clean = start  # a whole line that is not a record: replay skips it, as a torn tail
+        whole = _after_last_newline(journal, size)
+        end = lines_end(partial(_read_between, journal, end=whole), whole)
+        clean, bad_line = end.keep, end.bad_line
         if clean == size:
             return size
         sidecar = path + TORN_SUFFIX
@@ -134,21 +130,9 @@ def set_aside_torn_tail(path: str, fd: int, *, fsync: bool = True) -> int:
     return clean
 
 
-def _last_line_but_blanks(journal: BinaryIO, end: int) -> tuple[int, bytes | None]:
-    """The last line before ``end`` that is not blank, as replay judges it, and where it starts.
-
-    The line is None if there is none, or if it is longer than JUDGED_LINE (left for replay).
-    """
-    while end > 0:
-        start = _after_last_newline(journal, end - 1)
-        if end - start > JUDGED_LINE:
-            return start, None
-        journal.seek(start)
-        line = journal.read(end - start)
-        if line.decode("utf-8", "surrogateescape").strip():  # blank as replay sees it, Unicode spaces too
-            return start, line
-        end = start
-    return 0, None
+def _read_between(journal: BinaryIO, start: int, *, end: int) -> bytes:
+    journal.seek(start)
+    return journal.read(end - start)
 
 
 def _after_last_newline(journal: BinaryIO, end: int) -> int:
