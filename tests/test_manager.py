@@ -456,6 +456,21 @@ async def test_records_appended_while_a_write_fails_follow_the_failed_batch_once
             assert await replay_all(manager) == [{"n": n} for n in range(7)]
 
 
+async def test_a_close_that_fails_after_the_block_raised_is_logged_and_the_blocks_error_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    storage = RecordingStorage()
+    with caplog.at_level(logging.ERROR, logger="yoink"), pytest.raises(ValueError, match="the job's own"):
+        async with CheckpointManager(storage, flush_interval=None) as manager:
+            await manager.append({"n": 1})
+            storage.fail_writes = 1  # close()'s flush fails
+            raise ValueError("the job's own error")
+    [logged] = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert logged.getMessage() == f"closing {manager!r} after its block raised failed as well"
+    assert logged.exc_info, "the log does not say why closing failed"
+    assert isinstance(logged.exc_info[1], StorageError)
+
+
 async def test_a_failing_background_flush_is_logged_and_retried(caplog: pytest.LogCaptureFixture) -> None:
     storage = RecordingStorage()
     storage.fail_writes = 2
