@@ -40,7 +40,7 @@ from yoink._compaction import KeyFold, snapshot_text
 from yoink._exceptions import CorruptCheckpointError, StorageError
 from yoink._records import JournalDecoder, LineTooLongToRead, OnCorrupt
 from yoink.storage import CheckpointStorage, LocalFileStorage
-from yoink.storage._files import open_journal
+from yoink.storage._files import journal_lines, open_journal
 
 __all__ = ["WORKER_FROM_BYTES", "Fold", "fold_by_key", "fold_items", "frame", "read_frame"]
 
@@ -143,10 +143,15 @@ class Fold:
 
 
 @contextlib.asynccontextmanager
-async def fold_by_key(storage: CheckpointStorage, key: str, on_corrupt: OnCorrupt) -> AsyncIterator[Fold]:
+async def fold_by_key(
+    storage: CheckpointStorage, key: str, on_corrupt: OnCorrupt, *, bounded: Callable[[], None] = lambda: None
+) -> AsyncIterator[Fold]:
     """Fold ``storage``'s journal by ``key``: here, or in a worker process if it is large.
 
-    The worker, if one was started, is ended and waited for on the way out, whatever happened.
+    ``bounded()`` is called once the fold reads no further than what was written before: a local
+    journal once it is open (up to its size then), another storage once its ``read()`` has begun, a
+    journal folded here once it is read. The worker, if one was started, is ended and waited for
+    on the way out, whatever happened.
     """
     source = repr(storage)
     path = _local_journal(storage)
@@ -155,14 +160,19 @@ async def fold_by_key(storage: CheckpointStorage, key: str, on_corrupt: OnCorrup
         if opened is None or opened[1] < WORKER_FROM_BYTES:
             if opened is not None:
                 opened[0].close()
-            yield await _fold_here(storage.read(), key, on_corrupt, source)
+            fold = await _fold_here(storage.read(), key, on_corrupt, source)
+            bounded()
+            yield fold
             return
         file, size = opened
+        bounded()
         with file:
             config = {"fd": file.fileno(), "size": size, "path": path}
             worker = await _Worker.start(_config(key, on_corrupt, source, config), source, file.fileno())
+            if worker is None:  # folded here, from the file as it was opened
+                folded = await _fold_here(journal_lines(file, size, path), key, on_corrupt, source)
         if worker is None:
-            yield await _fold_here(storage.read(), key, on_corrupt, source)
+            yield folded
             return
         async with worker:
             yield await worker.fold()
@@ -170,6 +180,7 @@ async def fold_by_key(storage: CheckpointStorage, key: str, on_corrupt: OnCorrup
     items = storage.read()
     try:
         prefix, too_long, ended = await _read_up_to(items, WORKER_FROM_BYTES // 4)
+        bounded()
         worker = None if ended else await _Worker.start(_config(key, on_corrupt, source, {}), source)
     except BaseException:
         await _aclose(items)

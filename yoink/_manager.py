@@ -20,7 +20,7 @@ from yoink import _records
 from yoink._compaction import Compaction, CompactionPolicy, SnapshotFeed, feeding, now
 from yoink._compat import Self
 from yoink._exceptions import CorruptCheckpointError, ReadOnlyError, StorageClosedError, StorageError
-from yoink._fold import fold_by_key
+from yoink._fold import Fold, fold_by_key
 from yoink._fork import drop_in_forked_children, forked_note
 from yoink._records import (
     JournalDecoder,
@@ -122,6 +122,10 @@ class CheckpointManager:
         # before it (handed included). Nothing after the first is written until that compaction
         # has swapped the journal; appends wait in memory meanwhile.
         self._cuts: collections.deque[int] = collections.deque()
+        # How many of the first cuts no longer hold appends (0 or 1): a compact(key=...) whose storage
+        # carries what is written during replace() into the new journal lets them go on once its
+        # fold is bounded (CheckpointStorage.writes_during_replace).
+        self._carried = 0
         self._compactions_over = anyio.Event()  # set while no compaction is under way or waiting
         self._compactions_over.set()
         self._compactor: anyio.CancelScope | None = None  # the policy's compaction in the background
@@ -263,8 +267,11 @@ class CheckpointManager:
         Every record appended before the call is written and flushed first (and, with ``records``,
         replaced by the snapshot); records appended while it runs follow the snapshot. A crash at
         any moment leaves the old journal whole, or the snapshot whole and what was flushed after
-        it. While it runs, :meth:`append` goes on (records wait in memory) and :meth:`flush`
-        waits for it. It returns what it did (:class:`~yoink.Compaction`), and the journal's
+        it. While it runs, :meth:`append` goes on, and records wait in memory until the swap, and
+        :meth:`flush` waits for it; except ``compact(key=...)`` on a storage that carries what is
+        written during the swap into the new journal (local files and memory; see
+        :attr:`~yoink.storage.CheckpointStorage.writes_during_replace`): there, once the fold has begun
+        reading, records are written and flushed as usual. It returns what it did (:class:`~yoink.Compaction`), and the journal's
         first line, a header that replay skips, says the same (``yoink stats`` shows it).
 
         A storage that cannot swap its journal raises :class:`~yoink.CompactionNotSupportedError`;
@@ -317,8 +324,12 @@ class CheckpointManager:
         """A compaction, in a task of its own: under both locks, from the cut to the swap."""
         try:
             # One at a time, in the order they were called: their cuts are queued in that order.
-            async with self._compaction_lock, self._io_lock:
-                run.result = await self._compact_locked(feed, key)
+            async with self._compaction_lock:
+                if key is not None and self._storage.writes_during_replace:
+                    run.result = await self._compact_carrying(key)
+                else:
+                    async with self._io_lock:
+                        run.result = await self._compact_locked(feed, key)
         except BaseException as exc:
             run.error = exc
             if not isinstance(exc, Exception):
@@ -326,15 +337,13 @@ class CheckpointManager:
         finally:
             if feed is not None:
                 feed.close()
+            self._carried = 0
             self._cuts.remove(cut)  # the next compaction's cut, if one waits, is the first now
             self._cuts_changed()
             run.over.set()
 
     async def _compact_locked(self, feed: SnapshotFeed | None, key: str | None) -> Compaction:
-        await self._write_locked()  # up to the cut
-        handed = self._handed
-        await self._storage.flush()
-        self._durable = max(self._durable, handed)
+        await self._flush_to_cut()
         at = now()
         if key is not None:
             # Read and folded in a worker process if the journal is large, so appends go on meanwhile.
@@ -352,6 +361,53 @@ class CheckpointManager:
         self._grown = 0
         self._base = written + len(info.header_line().encode())
         return Compaction(info.at, key, info.records_before, info.bytes_before, records, written)
+
+    async def _flush_to_cut(self) -> None:
+        await self._write_locked()  # up to the cut
+        handed = self._handed
+        await self._storage.flush()
+        self._durable = max(self._durable, handed)
+
+    async def _compact_carrying(self, key: str) -> Compaction:
+        """``compact(key=...)`` on a storage that carries into the new journal what is written during
+        ``replace()``: appends are written and flushed again once the fold is bounded (it reads the
+        journal up to the cut, however long it takes), not held in memory until the swap."""
+        bounded = anyio.Event()
+        outcome = _Run()
+        async with anyio.create_task_group() as tasks, self._io_lock:
+            await self._flush_to_cut()
+            tasks.start_soon(self._fold_and_replace, key, bounded, outcome)
+            await bounded.wait()  # replace() knows where the journal ends, and the fold reads to there
+            self._carried = 1
+            self._grown = 0  # from here on, written after the snapshot: carried, not compacted
+            self._cuts_changed()
+        return outcome.outcome()
+
+    async def _fold_and_replace(self, key: str, bounded: anyio.Event, outcome: _Run) -> None:
+        at = now()
+        folds: list[Fold] = []
+
+        async def text() -> AsyncGenerator[str, None]:
+            # Its first item is asked for once replace() has fixed where the old journal ends, with
+            # writes still held: the fold, begun now, reads to the same place.
+            async with fold_by_key(self._storage, key, self._on_corrupt, bounded=bounded.set) as fold:
+                folds.append(fold)
+                header = Compaction(at, key, fold.records_before, fold.bytes_before, fold.kept).header_line()
+                async with contextlib.aclosing(fold.text(header)) as lines:
+                    async for piece in lines:
+                        yield piece
+
+        try:
+            await self._replace(text())
+        except Exception as exc:
+            outcome.error = exc
+            return
+        finally:
+            bounded.set()
+        fold = folds[0]
+        info = Compaction(at, key, fold.records_before, fold.bytes_before, fold.kept, fold.bytes)
+        self._base = fold.bytes + len(info.header_line().encode())
+        outcome.result = info
 
     async def _replace(self, text: AsyncGenerator[str, None]) -> None:
         try:
@@ -371,9 +427,14 @@ class CheckpointManager:
         )
 
     def _cuts_changed(self) -> None:
-        if not self._cuts:  # no compaction left: appends write full batches again
+        if self._held_from() is None:  # no compaction holds appends: they write full batches again
             self._full_at = self._batch_bytes if self._writable else 0
+        if not self._cuts:
             self._compactions_over.set()
+
+    def _held_from(self) -> int | None:
+        """The cut after which appends wait in memory for a compaction, if one holds them."""
+        return self._cuts[self._carried] if len(self._cuts) > self._carried else None
 
     async def exists(self) -> bool:
         """Whether the journal has any record, here or in the storage."""
@@ -449,7 +510,7 @@ class CheckpointManager:
             if not self._writable:
                 raise self._refusal()
             raise record_too_long(appended)
-        if self._cuts:  # held in memory until the compaction ends; let it run meanwhile
+        if self._held_from() is not None:  # held in memory until the compaction ends; let it run meanwhile
             self._full_at = len(self._buffer) + min(self._batch_bytes, _HELD_STEP)
             await anyio.lowlevel.checkpoint()
             return
@@ -475,7 +536,8 @@ class CheckpointManager:
                 f"{self!r} stopped writing: {self._unknown}. Nothing is written twice or guessed at: "
                 "open a new manager, whose replay shows what the journal holds"
             )
-        upto = self._cuts[0] - self._handed if self._cuts else None
+        held = self._held_from()
+        upto = None if held is None else held - self._handed
         if not self._buffer or (upto is not None and upto <= 0):
             return
         if upto is None or upto >= len(self._buffer):
@@ -582,7 +644,7 @@ class CheckpointManager:
     def _forget_unwritten(self) -> None:
         """Drop the records no write has taken yet: for a writer the storage refused (the ledger's
         opening record, whose flush met another writer's lock), so that close() does not try again."""
-        if not self._cuts:
+        if self._held_from() is None:
             del self._buffer[:]
 
     def _drop_after_fork(self) -> None:

@@ -3,7 +3,8 @@
 Usage: python tests/reliability/compacting_writer.py URI SEED [OPTIONS_JSON]
 
 Prints ``resumed N`` once the journal is replayed, then ``acked n n ...`` after each flush that
-returned (those records are durable) and ``compacted`` after each compaction that returned.
+returned (those records are durable), ``flushed during a compaction`` after one that began and
+returned while one compaction was under way, and ``compacted`` after each compaction that returned.
 Records are ``{"n": n, "k": n % KEYS}``, numbered on from the journal's last: a compaction by
 ``"k"`` keeps the last of each key, so a sound journal holds its ``n`` in increasing order, and
 for every acknowledged record either that record or a later one of its key. Half the writers fold
@@ -39,6 +40,7 @@ async def main(uri: str, seed: int, options: dict[str, object]) -> None:
             last = record["n"]
         print(f"resumed {last + 1}", flush=True)
         numbers = itertools.count(last + 1)
+        compactions = {"done": 0, "under way": False}
 
         async def append_and_flush() -> None:
             while True:
@@ -47,13 +49,19 @@ async def main(uri: str, seed: int, options: dict[str, object]) -> None:
                     n = next(numbers)
                     await manager.append({"n": n, "k": n % KEYS, "pad": "x" * rng.randint(0, 300)})
                     mine.append(n)
+                before = dict(compactions)
                 await manager.flush()
                 print("acked", *mine, flush=True)
+                if before["under way"] and compactions == before:  # one compaction, from start to end
+                    print("flushed during a compaction", flush=True)
 
         async def compact() -> None:
             while True:
                 await anyio.sleep(rng.uniform(0, 0.03))
+                compactions["under way"] = True
                 await manager.compact(key="k")
+                compactions["under way"] = False
+                compactions["done"] += 1
                 print("compacted", flush=True)
 
         async with anyio.create_task_group() as tasks:

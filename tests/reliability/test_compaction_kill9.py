@@ -21,7 +21,7 @@ def test_kill_9_during_compactions_leaves_the_old_journal_or_the_snapshot_and_wh
 ) -> None:
     rng = random.Random(random_seed())
     acknowledged: set[int] = set()
-    compactions = 0
+    compactions = flushed_during = 0
     planned = kills(8 if journal.name == "local" else 4)
     # On a loaded machine (or under mutation testing's tracing) a writer may not get as far as a
     # compaction before its kill: more kills follow, each writer living longer, until one has.
@@ -35,6 +35,7 @@ def test_kill_9_during_compactions_leaves_the_old_journal_or_the_snapshot_and_wh
         _, lines = run_writer_and_kill(WRITER, journal, seed, after)
         acknowledged |= acknowledged_in(lines)
         compactions += lines.count("compacted")
+        flushed_during += lines.count("flushed during a compaction")
         numbers = _replayed(journal)
         assert numbers == sorted(set(numbers)), f"kill {kill}: records repeated or out of order (a mix?)"
         latest = {}
@@ -46,6 +47,10 @@ def test_kill_9_during_compactions_leaves_the_old_journal_or_the_snapshot_and_wh
         )
     assert acknowledged, "no writer lived long enough to flush: the test proved nothing"
     assert compactions, "no compaction returned before a kill: the test proved nothing"
+    if journal.name == "local":  # it writes on during a compaction, carried into the new journal
+        assert flushed_during, "no flush returned during a compaction: what is carried was never killed"
+    else:  # its flushes wait for the compaction's swap
+        assert not flushed_during, "a flush returned during a compaction on a storage that holds writes"
 
 
 def _replayed(journal: Journal) -> list[int]:

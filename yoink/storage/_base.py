@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable, AsyncIterator
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 from yoink._compat import Self
 from yoink._exceptions import CompactionNotSupportedError
@@ -37,6 +37,24 @@ class CheckpointStorage(ABC):
     ``yoink.storage.uninterrupted``, so that it finishes whatever happens to its caller.
 
     ``async with storage:`` returns the storage and awaits :meth:`close` on the way out.
+    """
+
+    writes_during_replace: ClassVar[bool] = False
+    """Whether :meth:`write` and :meth:`flush` may go on while :meth:`replace` runs. Optional.
+
+    Left False, the manager writes nothing during a compaction: records appended meanwhile wait in
+    memory, and :meth:`CheckpointManager.flush <yoink.CheckpointManager.flush>` waits for the swap.
+    A backend that sets it True promises, on top of those of :meth:`replace`:
+
+    - ``replace()`` fixes where the old journal ends before it takes the first item of its text,
+      and everything :meth:`write` stores after that point follows the new journal once it is
+      swapped in, in the order written. The swap and that carry are one: a crash leaves the old
+      journal with those writes, or the new one with them, never the new one without them.
+    - :meth:`flush` during ``replace()`` makes those writes durable as it always does: a crash after
+      it returns loses none of them, before the swap or after it.
+    - If ``replace()`` raises, those writes are in the old journal, as if it had not been called.
+    - :meth:`read` yields nothing written after it yielded its first item (or ended), so that a
+      fold begun with writes held reads the journal as it was then, however long it takes.
     """
 
     @classmethod

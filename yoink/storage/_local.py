@@ -57,7 +57,9 @@ class LocalFileStorage(ClosableStorage):
       the old journal (the next writer deletes the leftover); after it, the new one. A reader
       under way keeps reading the file it opened, whole. The lock moves with the journal: a writer
       that locked the old file after the swap finds that it is no longer the journal and tries the
-      new one, which is locked.
+      new one, which is locked. Writes and flushes go on while the new journal is written: what
+      they appended to the old file after :meth:`replace` began is copied after the new text
+      (most of it while writes go on, the rest with writes held) before the fsync and the rename.
     - The new journal has the old one's permission bits before its first byte (a private journal
       stays private), and its owner and group where the process may set them (as root); ACLs and
       extended attributes are not copied. A journal reached through a symbolic link is compacted
@@ -71,6 +73,8 @@ class LocalFileStorage(ClosableStorage):
       the file does; this also holds with ``fsync=False``.
     """
 
+    writes_during_replace = True
+
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
         path = os.fspath(path)
         if not path:
@@ -82,6 +86,7 @@ class LocalFileStorage(ClosableStorage):
         self._dirty = False
         self._unsynced_directory: str | None = None  # a swap's directory whose fsync failed
         self._lock = anyio.Lock()
+        self._replacing = anyio.Lock()
 
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> Self:
@@ -155,27 +160,68 @@ class LocalFileStorage(ClosableStorage):
             await anyio.to_thread.run_sync(self._append, fd, payload)
 
     async def _replace(self, text: AsyncIterable[str]) -> None:
-        async with self._lock:
-            self._check_open()
-            if self._fd is None:
-                await self._open()  # the writer's lock first: a refused writer replaces nothing
-            fd, journal = await anyio.to_thread.run_sync(self._open_replacement)
+        async with self._replacing:  # one at a time: each writes the same new file
+            async with self._lock:
+                self._check_open()
+                if self._fd is None:
+                    await self._open()  # the writer's lock first: a refused writer replaces nothing
+                fd, journal = await anyio.to_thread.run_sync(self._open_replacement)
+                try:
+                    # Where the old journal ends now: what is written after it is carried at the swap.
+                    old = await anyio.to_thread.run_sync(self._open_for_carrying, journal)
+                except BaseException:
+                    self._replacement = None
+                    await anyio.to_thread.run_sync(_drop_replacement, fd, journal)
+                    raise
             try:
-                pending: list[bytes] = []
-                size = 0
-                async for chunk in text:
-                    pending.append(chunk.encode("utf-8"))
-                    size += len(pending[-1])
-                    if size >= _REPLACE_WRITE:
-                        await anyio.to_thread.run_sync(_write_replacement, fd, b"".join(pending), journal)
-                        pending, size = [], 0
-                await anyio.to_thread.run_sync(_write_replacement, fd, b"".join(pending), journal)
-                await anyio.to_thread.run_sync(self._swap, fd, journal)
+                await self._write_replacement(fd, journal, text)
+                async with self._lock:  # no write under way: the bytes up to here are whole
+                    self._check_open()
+                    assert self._fd is not None
+                    end = os.fstat(self._fd).st_size
+                await anyio.to_thread.run_sync(old.copy_to, fd, journal, end)  # writes go on meanwhile
+                async with self._lock:  # what they wrote, then the swap, with no write between
+                    self._check_open()
+                    await anyio.to_thread.run_sync(self._carry_and_swap, old, fd, journal)
             except BaseException:
                 if self._replacement is not None:  # not swapped in: the old journal stays
                     self._replacement = None
                     await anyio.to_thread.run_sync(_drop_replacement, fd, journal)
                 raise
+            finally:
+                old.close()
+
+    async def _write_replacement(self, fd: int, journal: str, text: AsyncIterable[str]) -> None:
+        pending: list[bytes] = []
+        size = 0
+        async for chunk in text:
+            pending.append(chunk.encode("utf-8"))
+            size += len(pending[-1])
+            if size >= _REPLACE_WRITE:
+                await anyio.to_thread.run_sync(_write_replacement, fd, b"".join(pending), journal)
+                pending, size = [], 0
+        await anyio.to_thread.run_sync(_write_replacement, fd, b"".join(pending), journal)
+
+    def _open_for_carrying(self, journal: str) -> _Carry:
+        """A descriptor of the old journal of its own, to copy from, and the journal's size now."""
+        assert self._fd is not None
+        try:
+            reader = os.open(journal, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StorageError(f"cannot compact {self._path}: {exc}; the old journal is kept") from exc
+        carry = _Carry(reader, os.fstat(self._fd).st_size)
+        if not _same_file(reader, self._fd):
+            carry.close()
+            raise StorageError(
+                f"{self._path} was moved or replaced as the compaction began; nothing was replaced, "
+                "the old journal is kept"
+            )
+        return carry
+
+    def _carry_and_swap(self, old: _Carry, fd: int, journal: str) -> None:
+        assert self._fd is not None
+        old.copy_to(fd, journal, os.fstat(self._fd).st_size)
+        self._swap(fd, journal)
 
     def _open_replacement(self) -> tuple[int, str]:
         """Create the new journal beside the file the path leads to, with that file's permissions.
@@ -417,6 +463,37 @@ def _write_replacement(fd: int, payload: bytes, journal: str) -> None:
         raise StorageError(
             f"cannot write the new journal {journal}{REPLACEMENT_SUFFIX}: {exc.strerror}; the old one is kept"
         ) from exc
+
+
+class _Carry:
+    """The old journal during a replace: a descriptor to read it, and how far it is copied."""
+
+    def __init__(self, fd: int, copied: int) -> None:
+        self.fd = fd
+        self.copied = copied
+
+    def copy_to(self, fd: int, journal: str, end: int) -> None:
+        """Append the old journal's bytes from where the last copy stopped up to ``end`` to ``fd``."""
+        while self.copied < end:
+            try:
+                block = os.pread(self.fd, min(end - self.copied, _REPLACE_WRITE), self.copied)
+            except OSError as exc:
+                raise StorageError(
+                    f"cannot read {journal} to carry what was written during the compaction: "
+                    f"{exc.strerror}; the old journal is kept"
+                ) from exc
+            if not block:  # cut short under us: nothing a writer of ours does
+                raise StorageError(f"{journal} became shorter during the compaction; the old journal is kept")
+            _write_replacement(fd, block, journal)
+            self.copied += len(block)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _same_file(fd: int, other: int) -> bool:
+    first, second = os.fstat(fd), os.fstat(other)
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
 def _is_the_journal(fd: int, path: str) -> bool:

@@ -26,7 +26,7 @@ class MemoryStorage(ClosableStorage):
     process; :meth:`flush` has nothing to do. Like the other backends it allows one writer at a
     time: a second storage writing a name that an open storage has written raises
     :class:`~yoink.CheckpointLockedError`. It compacts (:meth:`replace`) by swapping in the new
-    text once it is all there.
+    text once it is all there, followed by what was written meanwhile.
     """
 
     _journals: ClassVar[dict[str, list[str]]] = {}
@@ -66,13 +66,20 @@ class MemoryStorage(ClosableStorage):
         self._claim()
         self._journals.setdefault(self._name, []).append(data)
 
+    writes_during_replace = True
+
     async def replace(self, text: AsyncIterable[str]) -> None:
-        """Swap in the new journal once all of ``text`` is read; a read under way keeps the old one."""
+        """Swap in the new journal once all of ``text`` is read, with what was written meanwhile
+        after it; a read under way keeps the old one."""
         self._check_open()
         self._claim()
+        old = self._journals.get(self._name)
+        cut = len(old) if old is not None else 0
         journal = [chunk async for chunk in text if chunk]
         self._check_open()
-        self._journals[self._name] = journal
+        now = self._journals.get(self._name, [])
+        carried = now[cut:] if now is old else now  # written during the replace: it follows the new text
+        self._journals[self._name] = journal + carried
 
     def _claim(self) -> None:
         """Become the journal's one writer, or raise CheckpointLockedError."""
