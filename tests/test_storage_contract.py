@@ -81,7 +81,7 @@ def test_a_backend_that_breaks_a_promise_is_told_which(pytester: pytest.Pytester
         "asyncio_default_fixture_loop_scope=function",
         "-q",
     )
-    result.assert_outcomes(passed=12, failed=9, skipped=2)
+    result.assert_outcomes(passed=13, failed=11, skipped=2)
     result.stdout.fnmatch_lines(["*promise broken: read() yields every write, in order*"])
     result.stdout.fnmatch_lines(["*promise broken: a reopened journal is appended to*"])
 
@@ -117,7 +117,7 @@ def test_a_backend_that_a_cancellation_cuts_in_half_is_told_so(pytester: pytest.
         "-p", "asyncio", "-o", "asyncio_mode=strict", "-o", "asyncio_default_fixture_loop_scope=function",
         "-q", "-k", "cancelled",
     )  # fmt: skip
-    result.assert_outcomes(passed=1, failed=1, deselected=21)
+    result.assert_outcomes(passed=1, failed=1, deselected=24)
     result.stdout.fnmatch_lines(["*promise broken: a cancelled write is whole or absent*"])
 
 
@@ -153,10 +153,61 @@ def test_a_backend_whose_replace_is_not_atomic_is_told_so(pytester: pytest.Pytes
         "-p", "asyncio", "-o", "asyncio_mode=strict", "-o", "asyncio_default_fixture_loop_scope=function",
         "-q", "-k", "replace",
     )  # fmt: skip
-    result.assert_outcomes(passed=4, failed=2, skipped=1, deselected=16)
+    result.assert_outcomes(passed=4, failed=4, skipped=1, deselected=17)
     result.stdout.fnmatch_lines(
         ["*promise broken: a replace() that raises leaves the old journal untouched*"]
     )
     result.stdout.fnmatch_lines(
         ["*promise broken: a cancelled replace() leaves the old journal or the new one*"]
+    )
+
+
+CARRYING_NOTHING_BACKEND = '''
+import uuid
+import pytest
+from yoink.storage import MemoryStorage
+from yoink.testing import StorageContract
+
+
+class CarryingNothingStorage(MemoryStorage):
+    """Says it takes writes during replace(), but swaps in the new text alone, and reads on past
+    what was there when its read began."""
+
+    writes_during_replace = True
+
+    async def replace(self, text):
+        self._check_open()
+        journal = [chunk async for chunk in text]
+        self._journals[self._name] = journal
+
+    async def read(self):
+        items = self._journals.get(self._name, [])
+        index = 0
+        while index < len(items):
+            yield items[index]
+            index += 1
+
+
+class TestCarryingNothingStorage(StorageContract):
+    refuses_a_second_writer = False
+
+    @pytest.fixture
+    def storage(self):
+        return CarryingNothingStorage(f"carrying-nothing-{uuid.uuid4()}")
+'''
+
+
+def test_a_backend_that_drops_writes_made_during_replace_is_told_so(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_carrying_nothing=CARRYING_NOTHING_BACKEND)
+    result = pytester.runpytest(
+        "-p", "asyncio", "-o", "asyncio_mode=strict", "-o", "asyncio_default_fixture_loop_scope=function",
+        "-q", "-k", "during or first_item",
+    )  # fmt: skip
+    # passed: a read under way during replace(), and a failed replace(), which swaps nothing
+    result.assert_outcomes(passed=2, failed=2, deselected=22)
+    result.stdout.fnmatch_lines(
+        ["*promise broken: what is written during replace() follows the new journal, in order*"]
+    )
+    result.stdout.fnmatch_lines(
+        ["*promise broken: with writes_during_replace, read() yields only what was written before*"]
     )

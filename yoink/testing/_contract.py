@@ -56,6 +56,10 @@ def _replaces(storage: CheckpointStorage) -> bool:
     return type(storage).replace is not CheckpointStorage.replace
 
 
+def _carries(storage: CheckpointStorage) -> bool:
+    return _replaces(storage) and storage.writes_during_replace
+
+
 async def _cancel_after(delay: float, call: Awaitable[None]) -> None:
     """Await ``call``, cancelled after ``delay`` seconds by asyncio's own means where it runs."""
     try:
@@ -386,6 +390,103 @@ class StorageContract:
             text = "".join(item if item.endswith("\n") else item + "\n" for item in [first, *rest])
             assert text in (old, _lines(0, 100)), (
                 "promise broken: a read under way during replace() yields one journal whole"
+            )
+
+    async def test_writes_during_replace_follow_the_new_journal(
+        self, storage: CheckpointStorage, reopen: Reopen
+    ) -> None:
+        if not _carries(storage):
+            pytest.skip("this backend does not take writes during replace()")
+        asked, written = anyio.Event(), anyio.Event()
+
+        async def text() -> AsyncIterator[str]:
+            asked.set()  # replace() has fixed where the old journal ends
+            await written.wait()
+            async for chunk in _chunks(100, 5000, pause=0.001):
+                yield chunk
+
+        async with storage:
+            await storage.write(_lines(0, 10))
+            await storage.flush()
+            with anyio.fail_after(30):  # a write that waits for replace() would wait for ever
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(storage.replace, text())
+                    await asked.wait()
+                    await storage.write(_lines(10, 2))
+                    await storage.flush()
+                    written.set()
+                    for n in range(12, 15):  # while the new journal is written
+                        await anyio.sleep(0.001)
+                        await storage.write(_lines(n, 1))
+            assert await _text(storage) == _lines(100, 5000) + _lines(10, 5), (
+                "promise broken: what is written during replace() follows the new journal, in order"
+            )
+            await storage.write(_lines(15, 1))
+        async with reopen() as reader:
+            assert await _text(reader) == _lines(100, 5000) + _lines(10, 6), (
+                "promise broken: what is written during replace() is durable in the new journal"
+            )
+
+    async def test_writes_during_a_failed_replace_stay_in_the_old_journal(
+        self, storage: CheckpointStorage, reopen: Reopen
+    ) -> None:
+        if not _carries(storage):
+            pytest.skip("this backend does not take writes during replace()")
+        asked, written = anyio.Event(), anyio.Event()
+
+        async def text() -> AsyncIterator[str]:
+            asked.set()
+            await written.wait()
+            yield _lines(100, 10)
+            raise _SnapshotFailed("the snapshot's source failed part-way")
+
+        async with storage:
+            await storage.write(_lines(0, 10))
+            await storage.flush()
+            failed: list[_SnapshotFailed] = []
+
+            async def replace() -> None:
+                try:
+                    await storage.replace(text())
+                except _SnapshotFailed as exc:
+                    failed.append(exc)
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(replace)
+                    await asked.wait()
+                    await storage.write(_lines(10, 2))
+                    await storage.flush()
+                    written.set()
+            assert failed, "promise broken: replace() raises what its text raised"
+            assert await _text(storage) == _lines(0, 12), (
+                "promise broken: what is written during a replace() that raises stays in the old journal"
+            )
+            await storage.write(_lines(12, 1))
+        async with reopen() as reader:
+            assert await _text(reader) == _lines(0, 13), (
+                "promise broken: after a failed replace(), writes follow the old journal"
+            )
+
+    async def test_a_read_yields_nothing_written_after_its_first_item(
+        self, storage: CheckpointStorage
+    ) -> None:
+        if not _carries(storage):
+            pytest.skip("this backend does not take writes during replace()")
+        pad = ',"pad":"' + "r" * 200 + '"'
+        old = "".join(f'{{"old":{n}{pad}}}\n' for n in range(20000))  # several read chunks or pages
+        async with storage:
+            await storage.write(old)
+            await storage.flush()
+            reader = storage.read()
+            first = await reader.__anext__()
+            await storage.write(_lines(0, 10))
+            await storage.flush()
+            rest = [item async for item in reader]
+            text = "".join(item if item.endswith("\n") else item + "\n" for item in [first, *rest])
+            assert text == old, (
+                "promise broken: with writes_during_replace, read() yields only what was written "
+                "before its first item"
             )
 
     async def test_a_second_writer_is_refused_after_replace(
