@@ -32,7 +32,7 @@ from yoink import (
     StorageError,
 )
 from yoink._compaction import Compaction, CompactionPolicy
-from yoink.storage import LocalFileStorage, MemoryStorage
+from yoink.storage import CheckpointStorage, LocalFileStorage, MemoryStorage
 from yoink.storage._local import REPLACEMENT_SUFFIX
 
 pytestmark = pytest.mark.usefixtures("async_backend")
@@ -231,6 +231,84 @@ async def test_appends_never_wait_for_a_compaction_and_flushes_do() -> None:
     assert [record async for record in CheckpointManager(MemoryStorage(storage.name)).replay()] == [
         {"snapshot": 1},
         *({"during": n} for n in range(1000)),
+    ]
+
+
+class _PausesInReplace(CheckpointStorage):
+    """replace() stops after the new journal's first piece (the fold is done by then) until ``go``."""
+
+    go: anyio.Event
+    replacing: anyio.Event
+
+    async def replace(self, text: Any) -> None:
+        async def paused() -> AsyncIterator[str]:
+            async for piece in text:
+                yield piece
+                self.replacing.set()
+                await self.go.wait()
+
+        await super().replace(paused())
+
+
+class PausingLocal(_PausesInReplace, LocalFileStorage):
+    pass
+
+
+class PausingMemory(_PausesInReplace, MemoryStorage):
+    pass
+
+
+class PausingHolding(PausingMemory):
+    writes_during_replace = False
+
+
+@pytest.mark.parametrize("kind", ["local", "memory", "a storage that holds writes"])
+async def test_flushes_during_a_compaction_by_key_return_at_once_where_the_storage_carries_them(
+    tmp_path: Path, kind: str
+) -> None:
+    storage: _PausesInReplace = {
+        "local": lambda: PausingLocal(tmp_path / "carried.jsonl"),
+        "memory": PausingMemory,
+        "a storage that holds writes": PausingHolding,
+    }[kind]()
+    storage.go, storage.replacing = anyio.Event(), anyio.Event()
+    carries = kind != "a storage that holds writes"
+    checkpoint = CheckpointManager(storage, batch_bytes=100, flush_interval=None)
+    for n in range(100):
+        await checkpoint.append({"k": n % 10, "n": n})
+    flushed = anyio.Event()
+    results: list[Compaction] = []
+
+    async def compact() -> None:
+        results.append(await checkpoint.compact(key="k"))
+
+    async def append_and_flush() -> None:
+        for n in range(100, 150):
+            await checkpoint.append({"k": "during", "n": n})
+        await checkpoint.flush()
+        flushed.set()
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(compact)
+        await storage.replacing.wait()
+        try:
+            tasks.start_soon(append_and_flush)
+            with anyio.move_on_after(5 if carries else 0.2):
+                await flushed.wait()
+            journal = "".join([item async for item in storage.read()])
+            if carries:
+                assert flushed.is_set(), "flush() waited for the compaction's swap"
+                assert journal.count('"during"') == 50, "flushed, yet not in the storage's journal"
+            else:
+                assert not flushed.is_set(), "flush() returned before the compaction it must follow"
+                assert '"during"' not in journal, "a write went to a storage that holds them"
+        finally:
+            storage.go.set()
+    await checkpoint.close()
+    assert (results[0].records_before, results[0].records) == (100, 10)  # the cut: before the call
+    assert [record async for record in CheckpointManager(storage).replay()] == [
+        *({"k": k, "n": 90 + k} for k in range(10)),
+        *({"k": "during", "n": n} for n in range(100, 150)),
     ]
 
 

@@ -10,6 +10,7 @@ import stat
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -583,3 +584,108 @@ async def test_a_child_forked_around_a_compaction_is_refused_its_parents_storage
     await storage.close()
     assert answers == ["refused: StorageClosedError"]
     assert path.read_text() == '{"n":1}\n{"n":2}\n'
+
+
+async def _replace_with_writes_during(
+    storage: LocalFileStorage, text: list[str], during: Callable[[], Any]
+) -> BaseException | None:
+    """storage.replace(text), with ``await during()`` run once replace() has asked for its first
+    piece; what replace() raised, if it did."""
+    asked, done = anyio.Event(), anyio.Event()
+    raised: list[BaseException] = []
+
+    async def pieces() -> AsyncIterator[str]:
+        asked.set()
+        await done.wait()
+        for piece in text:
+            yield piece
+
+    async def replace() -> None:
+        try:
+            await storage.replace(pieces())
+        except Exception as exc:
+            raised.append(exc)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(replace)
+        await asked.wait()
+        try:
+            await during()
+        finally:
+            done.set()
+    return raised[0] if raised else None
+
+
+async def test_a_write_during_replace_larger_than_a_piece_is_carried_whole(tmp_path: Path) -> None:
+    path = tmp_path / "carried.jsonl"
+    big = "".join(f'{{"n":{n},"pad":"{"x" * 100}"}}\n' for n in range(30_000))  # 3.3 MiB
+    async with LocalFileStorage(path) as storage:
+        await storage.write('{"old":1}\n')
+
+        async def write_big() -> None:
+            await storage.write(big)
+
+        assert await _replace_with_writes_during(storage, ['{"new":1}\n'], write_big) is None
+        await storage.write('{"after":1}\n')
+    assert path.read_text() == '{"new":1}\n' + big + '{"after":1}\n'
+
+
+async def test_what_is_written_while_the_carry_is_copied_is_copied_before_the_swap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The carry is copied once with writes going on, then the rest with writes held: a write
+    that lands during the first copy is in the new journal."""
+    path = tmp_path / "carried.jsonl"
+    copy_to = local_module._Carry.copy_to
+    copies: list[int] = []
+
+    def copy_with_a_write_landing(carry: Any, fd: int, journal: str, end: int) -> None:
+        if not copies:  # the first copy, writes going on: one lands after the end it was given
+            with open(path, "a") as other:
+                other.write('{"landed":1}\n')
+        copies.append(end)
+        copy_to(carry, fd, journal, end)
+
+    monkeypatch.setattr(local_module._Carry, "copy_to", copy_with_a_write_landing)
+    async with LocalFileStorage(path) as storage:
+        await storage.write('{"old":1}\n')
+
+        async def write() -> None:
+            await storage.write('{"during":1}\n')
+
+        assert await _replace_with_writes_during(storage, ['{"new":1}\n'], write) is None
+    assert len(copies) == 2
+    assert copies[1] > copies[0]
+    assert path.read_text() == '{"new":1}\n{"during":1}\n{"landed":1}\n'
+
+
+async def test_a_storage_closed_during_replace_keeps_the_old_journal_with_what_was_written(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "closed.jsonl"
+    storage = LocalFileStorage(path)
+    await storage.write('{"old":1}\n')
+
+    async def write_and_close() -> None:
+        await storage.write('{"during":1}\n')
+        await storage.close()
+
+    raised = await _replace_with_writes_during(storage, ['{"new":1}\n'], write_and_close)
+    assert isinstance(raised, StorageError), raised
+    assert path.read_text() == '{"old":1}\n{"during":1}\n'
+    assert not os.path.exists(str(path) + REPLACEMENT_SUFFIX)
+
+
+async def test_a_journal_cut_short_under_its_writer_during_replace_is_not_swapped(tmp_path: Path) -> None:
+    path = tmp_path / "cut.jsonl"
+    async with LocalFileStorage(path) as storage:
+        await storage.write('{"old":1}\n{"old":2}\n')
+
+        async def write_then_cut() -> None:
+            await storage.write('{"during":1}\n')
+            os.truncate(path, 5)  # another program, not a writer of yoink's
+
+        raised = await _replace_with_writes_during(storage, ['{"new":1}\n'], write_then_cut)
+    assert isinstance(raised, StorageError)
+    assert "cut short" in str(raised)
+    assert not os.path.exists(str(path) + REPLACEMENT_SUFFIX)

@@ -267,12 +267,13 @@ class CheckpointManager:
         Every record appended before the call is written and flushed first (and, with ``records``,
         replaced by the snapshot); records appended while it runs follow the snapshot. A crash at
         any moment leaves the old journal whole, or the snapshot whole and what was flushed after
-        it. While it runs, :meth:`append` goes on, and records wait in memory until the swap, and
-        :meth:`flush` waits for it; except ``compact(key=...)`` on a storage that carries what is
-        written during the swap into the new journal (local files and memory; see
-        :attr:`~yoink.storage.CheckpointStorage.writes_during_replace`): there, once the fold has begun
-        reading, records are written and flushed as usual. It returns what it did (:class:`~yoink.Compaction`), and the journal's
-        first line, a header that replay skips, says the same (``yoink stats`` shows it).
+        it. While it runs, :meth:`append` goes on, records wait in memory until the swap, and
+        :meth:`flush` waits for it; except for ``compact(key=...)`` on a storage that carries what
+        is written during the swap into the new journal (local files and memory; see
+        :attr:`~yoink.storage.CheckpointStorage.writes_during_replace`): there, once the fold has
+        begun reading, records are written and flushed as usual. It returns what it did
+        (:class:`~yoink.Compaction`), and the journal's first line, a header that replay skips,
+        says the same (``yoink stats`` shows it).
 
         A storage that cannot swap its journal raises :class:`~yoink.CompactionNotSupportedError`;
         a record that cannot be encoded raises ``TypeError``; a corrupt journal raises

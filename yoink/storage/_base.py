@@ -55,6 +55,9 @@ class CheckpointStorage(ABC):
     - If ``replace()`` raises, those writes are in the old journal, as if it had not been called.
     - :meth:`read` yields nothing written after it yielded its first item (or ended), so that a
       fold begun with writes held reads the journal as it was then, however long it takes.
+
+    ``yoink.testing.StorageContract`` checks these where it is True. A subclass of a backend that
+    sets it, whose own ``replace()`` or ``read()`` does not keep them, sets it back to False.
     """
 
     @classmethod

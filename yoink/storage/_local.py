@@ -482,10 +482,15 @@ class _Carry:
                     f"cannot read {journal} to carry what was written during the compaction: "
                     f"{exc.strerror}; the old journal is kept"
                 ) from exc
-            if not block:  # cut short under us: nothing a writer of ours does
-                raise StorageError(f"{journal} became shorter during the compaction; the old journal is kept")
+            if not block:
+                break
             _write_replacement(fd, block, journal)
             self.copied += len(block)
+        if self.copied != end:  # cut short by another program: what it cut is not carried, or lost
+            raise StorageError(
+                f"{journal} was cut short by another program during the compaction; nothing was "
+                "replaced, the old journal is kept as it is"
+            )
 
     def close(self) -> None:
         os.close(self.fd)
