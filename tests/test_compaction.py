@@ -312,6 +312,28 @@ async def test_flushes_during_a_compaction_by_key_return_at_once_where_the_stora
     ]
 
 
+class HoldingRecordingStorage(RecordingStorage):
+    writes_during_replace = False
+
+
+@pytest.mark.parametrize("storage_class", [RecordingStorage, HoldingRecordingStorage])
+async def test_a_compaction_whose_first_write_fails_raises_the_storages_error_and_keeps_the_records(
+    storage_class: type[RecordingStorage],
+) -> None:
+    storage = storage_class()
+    checkpoint = CheckpointManager(storage, batch_bytes=1 << 20, flush_interval=None)
+    await checkpoint.append({"k": 1, "n": 0})
+    storage.fail_writes = 1
+    with pytest.raises(StorageError, match="injected write failure"):  # itself, not in a group
+        await checkpoint.compact(key="k")
+    await checkpoint.append({"k": 1, "n": 1})
+    await checkpoint.close()
+    assert [record async for record in CheckpointManager(storage).replay()] == [
+        {"k": 1, "n": 0},
+        {"k": 1, "n": 1},
+    ]
+
+
 async def test_once_a_compaction_is_over_appends_stop_waiting_for_writes_under_way() -> None:
     """After a compaction, an append() to a batch that is not full returns at once again, as before
     it: it does not queue for the storage behind a flush's slow write."""

@@ -375,13 +375,15 @@ class CheckpointManager:
         journal up to the cut, however long it takes), not held in memory until the swap."""
         bounded = anyio.Event()
         outcome = _Run()
-        async with anyio.create_task_group() as tasks, self._io_lock:
+        async with self._io_lock:
             await self._flush_to_cut()
-            tasks.start_soon(self._fold_and_replace, key, bounded, outcome)
+            # In a task of its own, so that this one lets go of the lock once the fold is bounded.
+            start_background(functools.partial(self._fold_and_replace, key, bounded, outcome))
             await bounded.wait()  # replace() knows where the journal ends, and the fold reads to there
             self._carried = 1
             self._grown = 0  # from here on, written after the snapshot: carried, not compacted
             self._cuts_changed()
+        await outcome.over.wait()
         return outcome.outcome()
 
     async def _fold_and_replace(self, key: str, bounded: anyio.Event, outcome: _Run) -> None:
@@ -400,15 +402,15 @@ class CheckpointManager:
 
         try:
             await self._replace(text())
-        except Exception as exc:
+            fold = folds[0]
+            info = Compaction(at, key, fold.records_before, fold.bytes_before, fold.kept, fold.bytes)
+            self._base = fold.bytes + len(info.header_line().encode())
+            outcome.result = info
+        except BaseException as exc:  # all of it, for the task that waits: this one has no caller
             outcome.error = exc
-            return
         finally:
             bounded.set()
-        fold = folds[0]
-        info = Compaction(at, key, fold.records_before, fold.bytes_before, fold.kept, fold.bytes)
-        self._base = fold.bytes + len(info.header_line().encode())
-        outcome.result = info
+            outcome.over.set()
 
     async def _replace(self, text: AsyncGenerator[str, None]) -> None:
         try:
