@@ -322,15 +322,16 @@ class CheckpointManager:
         return run.outcome()
 
     async def _compaction(self, run: _Run, cut: int, feed: SnapshotFeed | None, key: str | None) -> None:
-        """A compaction, in a task of its own: under both locks, from the cut to the swap."""
+        """A compaction, in a task of its own, from the cut to the swap."""
         try:
             # One at a time, in the order they were called: their cuts are queued in that order.
             async with self._compaction_lock:
-                if key is not None and self._storage.writes_during_replace:
-                    run.result = await self._compact_carrying(key)
-                else:
+                if feed is not None:
                     async with self._io_lock:
-                        run.result = await self._compact_locked(feed, key)
+                        run.result = await self._compact_to_snapshot(feed)
+                else:
+                    assert key is not None
+                    run.result = await self._compact_by_key(key)
         except BaseException as exc:
             run.error = exc
             if not isinstance(exc, Exception):
@@ -343,46 +344,36 @@ class CheckpointManager:
             self._cuts_changed()
             run.over.set()
 
-    async def _compact_locked(self, feed: SnapshotFeed | None, key: str | None) -> Compaction:
+    async def _compact_to_snapshot(self, feed: SnapshotFeed) -> Compaction:
         await self._flush_to_cut()
-        at = now()
-        if key is not None:
-            # Read and folded in a worker process if the journal is large, so appends go on meanwhile.
-            async with fold_by_key(self._storage, key, self._on_corrupt) as fold:
-                info = Compaction(at, key, fold.records_before, fold.bytes_before, fold.kept)
-                await self._replace(fold.text(info.header_line()))
-            records, written = fold.kept, fold.bytes
-        else:
-            assert feed is not None
-            info = Compaction(at, key, records_before=None, bytes_before=None, records=None)
-            text = feed.text(info.header_line())
-            feed.ready.set()  # the journal before the cut is durable: a replay in the snapshot reads it
-            await self._replace(text)
-            records, written = feed.records, feed.bytes
+        info = Compaction(now(), None, records_before=None, bytes_before=None, records=None)
+        text = feed.text(info.header_line())
+        feed.ready.set()  # the journal before the cut is durable: a replay in the snapshot reads it
+        await self._replace(text)
         self._grown = 0
-        self._base = written + len(info.header_line().encode())
-        return Compaction(info.at, key, info.records_before, info.bytes_before, records, written)
+        self._base = feed.bytes + len(info.header_line().encode())
+        return Compaction(info.at, None, None, None, feed.records, feed.bytes)
 
-    async def _flush_to_cut(self) -> None:
-        await self._write_locked()  # up to the cut
-        handed = self._handed
-        await self._storage.flush()
-        self._durable = max(self._durable, handed)
+    async def _compact_by_key(self, key: str) -> Compaction:
+        """Fold the journal up to the cut and swap it for what the fold kept, in a task of its own
+        (the fold itself in a worker process if the journal is large, so appends go on).
 
-    async def _compact_carrying(self, key: str) -> Compaction:
-        """``compact(key=...)`` on a storage that carries into the new journal what is written during
-        ``replace()``: appends are written and flushed again once the fold is bounded (it reads the
-        journal up to the cut, however long it takes), not held in memory until the swap."""
+        Appends after the cut wait in memory until the swap; or, on a storage that carries what is
+        written during ``replace()`` into the new journal, only until the fold is bounded (it reads
+        the journal up to the cut, however long it takes): then they are written and flushed.
+        """
         bounded = anyio.Event()
         outcome = _Run()
         async with self._io_lock:
             await self._flush_to_cut()
-            # In a task of its own, so that this one lets go of the lock once the fold is bounded.
             start_background(functools.partial(self._fold_and_replace, key, bounded, outcome))
-            await bounded.wait()  # replace() knows where the journal ends, and the fold reads to there
-            self._carried = 1
-            self._grown = 0  # from here on, written after the snapshot: carried, not compacted
-            self._cuts_changed()
+            if self._storage.writes_during_replace:
+                await bounded.wait()  # replace() knows where the journal ends, and the fold reads to there
+                self._carried = 1
+                self._cuts_changed()
+            else:
+                await outcome.over.wait()
+            self._grown = 0  # from here on, written after the snapshot
         await outcome.over.wait()
         return outcome.outcome()
 
@@ -411,6 +402,12 @@ class CheckpointManager:
         finally:
             bounded.set()
             outcome.over.set()
+
+    async def _flush_to_cut(self) -> None:
+        await self._write_locked()  # up to the cut
+        handed = self._handed
+        await self._storage.flush()
+        self._durable = max(self._durable, handed)
 
     async def _replace(self, text: AsyncGenerator[str, None]) -> None:
         try:
