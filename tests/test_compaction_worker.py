@@ -441,3 +441,41 @@ async def test_a_kept_record_is_written_as_it_was_read_where_its_line_is_known(
     with_a_long_integer = "\n".join([*lines[:3], '{"k": "c", "n": 18446744073709551616}']) + "\n"
     outcome = await compact_with(journal, with_a_long_integer, worker_from, monkeypatch, caplog)
     assert outcome.snapshot()[1] == canonical.replace('{"k":"c"}', '{"k":"c","n":18446744073709551616}')
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+async def test_records_flushed_while_a_worker_folds_a_corrupt_journal_stay_in_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Appends are written and flushed while the worker folds (the storage carries them); the fold
+    then meets a corrupt line: the old journal stays, with them."""
+    monkeypatch.setattr(_fold, "WORKER_FROM_BYTES", ALWAYS)
+    name = f"corrupt-{random.random()}"
+    storage = {
+        "local": lambda: LocalFileStorage(tmp_path / "corrupt.jsonl"),
+        "memory": lambda: MemoryStorage(name),
+    }[kind]
+    old = "".join(f'{{"k":{n % 10},"n":{n}}}\n' for n in range(50_000)) + 'not json\n{"k":1,"n":-1}\n'
+    async with storage() as writer:
+        await writer.write(old)
+    raised: list[CorruptCheckpointError] = []
+    compacting = True
+    async with CheckpointManager(storage(), flush_interval=None) as checkpoint:
+
+        async def compact() -> None:
+            nonlocal compacting
+            try:
+                await checkpoint.compact(key="k")
+            except CorruptCheckpointError as exc:
+                raised.append(exc)
+            compacting = False
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(compact)
+            await anyio.sleep(0.05)
+            await checkpoint.append({"k": "during", "n": 1})
+            await checkpoint.flush()
+            flushed_during = compacting
+    assert raised, "the corrupt line was not found"
+    assert flushed_during, "the flush returned after the compaction: the test proved nothing"
+    assert "".join([item async for item in storage().read()]) == old + '{"k":"during","n":1}\n'
