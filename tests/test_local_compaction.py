@@ -20,6 +20,7 @@ from yoink import CheckpointLockedError, CheckpointManager, StorageError
 from yoink.storage import LocalFileStorage
 from yoink.storage import _local as local_module
 from yoink.storage._local import REPLACEMENT_SUFFIX
+from yoink.testing._contract import replace_while_writing
 
 pytestmark = pytest.mark.usefixtures("async_backend")
 
@@ -586,36 +587,6 @@ async def test_a_child_forked_around_a_compaction_is_refused_its_parents_storage
     assert path.read_text() == '{"n":1}\n{"n":2}\n'
 
 
-async def _replace_with_writes_during(
-    storage: LocalFileStorage, text: list[str], during: Callable[[], Any]
-) -> BaseException | None:
-    """storage.replace(text), with ``await during()`` run once replace() has asked for its first
-    piece; what replace() raised, if it did."""
-    asked, done = anyio.Event(), anyio.Event()
-    raised: list[BaseException] = []
-
-    async def pieces() -> AsyncIterator[str]:
-        asked.set()
-        await done.wait()
-        for piece in text:
-            yield piece
-
-    async def replace() -> None:
-        try:
-            await storage.replace(pieces())
-        except Exception as exc:
-            raised.append(exc)
-
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(replace)
-        await asked.wait()
-        try:
-            await during()
-        finally:
-            done.set()
-    return raised[0] if raised else None
-
-
 async def test_a_write_during_replace_larger_than_a_piece_is_carried_whole(tmp_path: Path) -> None:
     path = tmp_path / "carried.jsonl"
     big = "".join(f'{{"n":{n},"pad":"{"x" * 100}"}}\n' for n in range(30_000))  # 3.3 MiB
@@ -625,7 +596,7 @@ async def test_a_write_during_replace_larger_than_a_piece_is_carried_whole(tmp_p
         async def write_big() -> None:
             await storage.write(big)
 
-        assert await _replace_with_writes_during(storage, ['{"new":1}\n'], write_big) is None
+        assert await replace_while_writing(storage, lines('{"new":1}\n'), write_big) is None
         await storage.write('{"after":1}\n')
     assert path.read_text() == '{"new":1}\n' + big + '{"after":1}\n'
 
@@ -653,7 +624,7 @@ async def test_what_is_written_while_the_carry_is_copied_is_copied_before_the_sw
         async def write() -> None:
             await storage.write('{"during":1}\n')
 
-        assert await _replace_with_writes_during(storage, ['{"new":1}\n'], write) is None
+        assert await replace_while_writing(storage, lines('{"new":1}\n'), write) is None
     assert len(copies) == 2
     assert copies[1] > copies[0]
     assert path.read_text() == '{"new":1}\n{"during":1}\n{"landed":1}\n'
@@ -670,7 +641,7 @@ async def test_a_storage_closed_during_replace_keeps_the_old_journal_with_what_w
         await storage.write('{"during":1}\n')
         await storage.close()
 
-    raised = await _replace_with_writes_during(storage, ['{"new":1}\n'], write_and_close)
+    raised = await replace_while_writing(storage, lines('{"new":1}\n'), write_and_close)
     assert isinstance(raised, StorageError), raised
     assert path.read_text() == '{"old":1}\n{"during":1}\n'
     assert not os.path.exists(str(path) + REPLACEMENT_SUFFIX)
@@ -685,7 +656,7 @@ async def test_a_journal_cut_short_under_its_writer_during_replace_is_not_swappe
             await storage.write('{"during":1}\n')
             os.truncate(path, 5)  # another program, not a writer of yoink's
 
-        raised = await _replace_with_writes_during(storage, ['{"new":1}\n'], write_then_cut)
+        raised = await replace_while_writing(storage, lines('{"new":1}\n'), write_then_cut)
     assert isinstance(raised, StorageError)
     assert "cut short" in str(raised)
     assert not os.path.exists(str(path) + REPLACEMENT_SUFFIX)

@@ -52,6 +52,43 @@ async def _failing_chunks() -> AsyncIterator[str]:
     raise _SnapshotFailed("the snapshot's source failed part-way")
 
 
+async def replace_while_writing(
+    storage: CheckpointStorage,
+    pieces: AsyncIterator[str],
+    before: Callable[[], Awaitable[None]],
+    during: Callable[[], Awaitable[None]] | None = None,
+) -> Exception | None:
+    """``storage.replace(pieces)``, with ``await before()`` once replace() has asked for its text's
+    first item (so has fixed where the old journal ends) and before it gets it, then ``await
+    during()`` while it takes the rest. Return what replace() raised, if it did."""
+    asked, went = anyio.Event(), anyio.Event()
+    raised: list[Exception] = []
+
+    async def text() -> AsyncIterator[str]:
+        asked.set()
+        await went.wait()
+        async for piece in pieces:
+            yield piece
+
+    async def replace() -> None:
+        try:
+            await storage.replace(text())
+        except Exception as exc:
+            raised.append(exc)
+
+    with anyio.fail_after(30):  # a write that waits for replace() to end would wait for ever
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(replace)
+            await asked.wait()
+            try:
+                await before()
+            finally:
+                went.set()
+            if during is not None:
+                await during()
+    return raised[0] if raised else None
+
+
 def _replaces(storage: CheckpointStorage) -> bool:
     return type(storage).replace is not CheckpointStorage.replace
 
@@ -397,27 +434,21 @@ class StorageContract:
     ) -> None:
         if not _carries(storage):
             pytest.skip("this backend does not take writes during replace()")
-        asked, written = anyio.Event(), anyio.Event()
 
-        async def text() -> AsyncIterator[str]:
-            asked.set()  # replace() has fixed where the old journal ends
-            await written.wait()
-            async for chunk in _chunks(100, 5000, pause=0.001):
-                yield chunk
+        async def write_before_the_text() -> None:
+            await storage.write(_lines(10, 2))
+            await storage.flush()
+
+        async def write_during_the_text() -> None:
+            for n in range(12, 15):
+                await anyio.sleep(0.001)
+                await storage.write(_lines(n, 1))
 
         async with storage:
             await storage.write(_lines(0, 10))
             await storage.flush()
-            with anyio.fail_after(30):  # a write that waits for replace() would wait for ever
-                async with anyio.create_task_group() as tasks:
-                    tasks.start_soon(storage.replace, text())
-                    await asked.wait()
-                    await storage.write(_lines(10, 2))
-                    await storage.flush()
-                    written.set()
-                    for n in range(12, 15):  # while the new journal is written
-                        await anyio.sleep(0.001)
-                        await storage.write(_lines(n, 1))
+            pieces = _chunks(100, 5000, pause=0.001)
+            await replace_while_writing(storage, pieces, write_before_the_text, write_during_the_text)
             assert await _text(storage) == _lines(100, 5000) + _lines(10, 5), (
                 "promise broken: what is written during replace() follows the new journal, in order"
             )
@@ -432,33 +463,18 @@ class StorageContract:
     ) -> None:
         if not _carries(storage):
             pytest.skip("this backend does not take writes during replace()")
-        asked, written = anyio.Event(), anyio.Event()
 
-        async def text() -> AsyncIterator[str]:
-            asked.set()
-            await written.wait()
-            yield _lines(100, 10)
-            raise _SnapshotFailed("the snapshot's source failed part-way")
+        async def write() -> None:
+            await storage.write(_lines(10, 2))
+            await storage.flush()
 
         async with storage:
             await storage.write(_lines(0, 10))
             await storage.flush()
-            failed: list[_SnapshotFailed] = []
-
-            async def replace() -> None:
-                try:
-                    await storage.replace(text())
-                except _SnapshotFailed as exc:
-                    failed.append(exc)
-
-            with anyio.fail_after(30):
-                async with anyio.create_task_group() as tasks:
-                    tasks.start_soon(replace)
-                    await asked.wait()
-                    await storage.write(_lines(10, 2))
-                    await storage.flush()
-                    written.set()
-            assert failed, "promise broken: replace() raises what its text raised"
+            raised = await replace_while_writing(storage, _failing_chunks(), write)
+            assert isinstance(raised, _SnapshotFailed), (
+                "promise broken: replace() raises what its text raised"
+            )
             assert await _text(storage) == _lines(0, 12), (
                 "promise broken: what is written during a replace() that raises stays in the old journal"
             )
