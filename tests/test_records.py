@@ -20,7 +20,15 @@ import pytest
 
 from yoink import CheckpointManager, CorruptCheckpointError, _json, _records
 from yoink._json import LARGE_LINE, MAX_DEPTH
-from yoink._lines import FIRST_READ, JUDGED_LINE, journal_end, tail_reads, whole_lines, without_torn_tail
+from yoink._lines import (
+    FIRST_READ,
+    JUDGED_LINE,
+    JournalEnd,
+    journal_end,
+    tail_reads,
+    whole_lines,
+    without_torn_tail,
+)
 from yoink._records import MAX_LINE_BYTES, LineTooLongToRead
 from yoink.storage import LocalFileStorage, MemoryStorage
 
@@ -215,6 +223,21 @@ async def test_the_end_of_another_tools_journal_is_judged_back_to_its_last_line_
     assert (end.keep, end.between) == (keep, between)
     assert end.bad_line == (b"[" in body[keep:] or b'n":1\n' in body[keep:])
     assert reads[0] == max(0, len(body) - FIRST_READ)  # one small read first
+
+
+async def test_a_last_line_behind_blank_lines_out_of_reach_is_left_for_replay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Blank lines longer in all than the last read back (just past MAX_LINE_BYTES) hide the last
+    line that is not blank: it is left for replay to judge, not taken for a line too long to read."""
+    monkeypatch.setattr(_records, "MAX_LINE_BYTES", 4 << 20)  # 4 MiB, not 64, to keep the test small
+    blank = b" " * (JUDGED_LINE - 1) + b"\n"
+    body = b'{"n":0}\nnot a record\n' + blank * 5
+
+    async def read(start: int) -> bytes:
+        return body[start:]
+
+    assert await journal_end(read, len(body)) == JournalEnd(len(body), b"", bad_line=False)
 
 
 async def test_a_line_over_the_limit_in_an_item_is_named_after_the_records_before_it() -> None:
