@@ -312,6 +312,48 @@ async def test_flushes_during_a_compaction_by_key_return_at_once_where_the_stora
     ]
 
 
+async def test_a_flush_behind_a_queued_compaction_waits_for_it_without_flushing_over_and_over() -> None:
+    """The first compaction carries appends; a second one, queued, holds those after its call: a
+    flush of those waits for the second to let them go, rather than flushing again and again."""
+
+    class Counting(PausingMemory):
+        flushes = 0
+
+        async def flush(self) -> None:
+            self.flushes += 1
+            await super().flush()
+
+    storage = Counting()
+    storage.go, storage.replacing = anyio.Event(), anyio.Event()
+    checkpoint = CheckpointManager(storage, batch_bytes=100, flush_interval=None)
+    await checkpoint.append({"k": 1, "n": 0})
+    flushed = anyio.Event()
+
+    async def flush() -> None:
+        await checkpoint.flush()
+        flushed.set()
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(functools.partial(checkpoint.compact, key="k"))
+        await storage.replacing.wait()  # the first carries: it waits in its swap
+        tasks.start_soon(functools.partial(checkpoint.compact, key="k"))  # queued behind it
+        await anyio.sleep(0.01)
+        await checkpoint.append({"k": 1, "n": 1})  # after the second's call: held by it
+        before = storage.flushes
+        tasks.start_soon(flush)
+        await anyio.sleep(0.2)
+        assert not flushed.is_set(), "the flush returned before the compaction that holds its record"
+        assert storage.flushes - before <= 2, f"{storage.flushes - before} storage flushes while it waited"
+        storage.go.set()
+    assert flushed.is_set()
+    await checkpoint.close()
+    # the second compaction folded what was there at its call; the record appended after follows
+    assert [record async for record in CheckpointManager(storage).replay()] == [
+        {"k": 1, "n": 0},
+        {"k": 1, "n": 1},
+    ]
+
+
 class HoldingRecordingStorage(RecordingStorage):
     writes_during_replace = False
 

@@ -9,6 +9,7 @@ names ``yoink._fold_worker``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -479,3 +480,24 @@ async def test_records_flushed_while_a_worker_folds_a_corrupt_journal_stay_in_th
     assert raised, "the corrupt line was not found"
     assert flushed_during, "the flush returned after the compaction: the test proved nothing"
     assert "".join([item async for item in storage().read()]) == old + '{"k":"during","n":1}\n'
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+async def test_a_record_flushed_during_a_workers_fold_of_a_small_journal_is_not_folded_in_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The fold is bounded only once its read has begun: a journal of one item, sent to a worker,
+    is read before appends go on, so a record appended after the call is carried, not folded in."""
+    monkeypatch.setattr(_fold, "WORKER_FROM_BYTES", ALWAYS)
+    storage = {"local": lambda: LocalFileStorage(tmp_path / "small.jsonl"), "memory": MemoryStorage}[kind]()
+    async with CheckpointManager(storage, flush_interval=None) as checkpoint:
+        await checkpoint.append({"k": "a", "n": 1})
+        await checkpoint.flush()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(functools.partial(checkpoint.compact, key="k"))
+            with anyio.fail_after(30):
+                while not checkpoint._carried:  # appends are written again: the fold is bounded
+                    await anyio.sleep(0.001)
+            await checkpoint.append({"k": "b", "n": 2})
+            await checkpoint.flush()
+        assert [record async for record in checkpoint.replay()] == [{"k": "a", "n": 1}, {"k": "b", "n": 2}]

@@ -231,10 +231,11 @@ def _as_is(line: bytes) -> bytes:
 async def _read_up_to(
     items: AsyncIterator[str], size: int
 ) -> tuple[list[str], LineTooLongToRead | None, bool]:
-    """The first items of a storage's read(), about ``size`` characters; and whether it ended there."""
+    """The first items of a storage's read(), about ``size`` characters and at least one (from the
+    first on, the read yields nothing written after it began); and whether it ended there."""
     prefix: list[str] = []
     read = 0
-    while read < size:
+    while read < size or not prefix:
         try:
             item = await items.__anext__()
         except StopAsyncIteration:

@@ -128,6 +128,7 @@ class CheckpointManager:
         self._carried = 0
         self._compactions_over = anyio.Event()  # set while no compaction is under way or waiting
         self._compactions_over.set()
+        self._holds_changed = anyio.Event()  # set, and replaced, whenever a compaction stops holding appends
         self._compactor: anyio.CancelScope | None = None  # the policy's compaction in the background
         self._grown = 0  # bytes written since the last compaction
         self._base: int | None = None  # the journal's bytes after its last compaction, or at replay
@@ -427,6 +428,8 @@ class CheckpointManager:
         )
 
     def _cuts_changed(self) -> None:
+        self._holds_changed.set()
+        self._holds_changed = anyio.Event()
         if self._held_from() is None:  # no compaction holds appends: they write full batches again
             self._full_at = self._batch_bytes if self._writable else 0
         if not self._cuts:
@@ -594,6 +597,12 @@ class CheckpointManager:
         while self._durable < target:
             if self._flushing is not None:
                 await self._flushing.wait()
+                continue
+            held = self._held_from()
+            if held is not None and self._durable >= held:
+                # All before a compaction's cut is durable, and what follows waits for it to let
+                # appends go again: another round now would write nothing and flush for nothing.
+                await self._holds_changed.wait()
                 continue
             # A cancelled caller starts no round: on trio, uninterrupted() would refuse to run it,
             # and leave the Event below unset for every flush after.
