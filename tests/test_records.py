@@ -25,6 +25,7 @@ from yoink._lines import (
     JUDGED_LINE,
     JournalEnd,
     journal_end,
+    lines_end,
     tail_reads,
     whole_lines,
     without_torn_tail,
@@ -238,6 +239,21 @@ async def test_a_last_line_behind_blank_lines_out_of_reach_is_left_for_replay(
         return body[start:]
 
     assert await journal_end(read, len(body)) == JournalEnd(len(body), b"", bad_line=False)
+    assert lines_end(lambda start: body[start:], len(body)) == JournalEnd(
+        len(body), b"", bad_line=False
+    )  # the local journal's judge, the same
+
+
+def test_the_local_judge_of_whole_lines_reads_the_last_kib_alone_when_it_holds_the_last_line() -> None:
+    body = b"".join(b'{"n":%d}\n' % n for n in range(10_000)) + b"[1,2]\n\n"
+    reads: list[int] = []
+
+    def read(start: int) -> bytes:
+        reads.append(start)
+        return body[start:]
+
+    assert lines_end(read, len(body)) == JournalEnd(len(body) - 7, b"", bad_line=True)
+    assert reads == [len(body) - FIRST_READ]
 
 
 async def test_a_line_over_the_limit_in_an_item_is_named_after_the_records_before_it() -> None:
