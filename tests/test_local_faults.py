@@ -150,6 +150,26 @@ async def test_a_writer_sets_a_torn_tail_aside_and_names_its_size_and_offset(
     assert Path(f"{path}.torn").read_bytes() == torn + b"\n"
 
 
+@pytest.mark.parametrize(
+    "torn",
+    [b' \t{"n":30', b'{"n":3000}', b" "],
+    ids=["blank-first", "a-record-without-its-newline", "a-blank"],
+)
+@pytest.mark.parametrize("before", [0, 100], ids=["alone", "after-2-KiB"])
+async def test_every_byte_after_the_last_newline_is_set_aside(
+    tmp_path: Path, torn: bytes, before: int
+) -> None:
+    """A local journal's last line has its newline (yoink writes whole lines): whatever follows
+    the last one, a record or blanks included, is set aside whole, its first byte too."""
+    path = tmp_path / "j.jsonl"
+    whole = lines(before, pad=10)
+    path.write_bytes(whole + torn)
+    async with CheckpointManager.from_uri(path, flush_interval=None) as writer:
+        await writer.append({"n": 3000})
+    assert path.read_bytes() == whole + b'{"n":3000}\n'
+    assert Path(f"{path}.torn").read_bytes() == torn + b"\n"
+
+
 needs_append_only_files = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("chattr") is None,
     reason="making a file append-only (chattr +a) needs root and chattr",
