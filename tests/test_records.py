@@ -208,6 +208,8 @@ def test_the_end_of_an_object_is_read_back_one_byte_then_64_kib_growing_sixteenf
         (b'["$yoink",{"compaction":{}}]\n\n', 30, b""),  # a compacted journal's header is kept
         (b'{"n":0}\n["$yoink",{}]\n', 8, b""),  # ...only at offset 0
         (b'{"n":0}\n' + b"x" * (JUDGED_LINE + 1) + b"\n", JUDGED_LINE + 10, b""),  # left for replay
+        (b'{"n":0}\n{"n\xff\xfe', 8, b""),  # a torn tail that is not UTF-8
+        (b"\n[1,2]\n", 1, b""),  # a blank first line stays
     ],
 )
 async def test_the_end_of_another_tools_journal_is_judged_back_to_its_last_line_that_is_not_blank(
