@@ -456,6 +456,20 @@ async def test_records_appended_while_a_write_fails_follow_the_failed_batch_once
             assert await replay_all(manager) == [{"n": n} for n in range(7)]
 
 
+async def test_a_second_close_whose_caller_is_cancelled_still_waits_for_the_first_to_finish() -> None:
+    """As close() itself does: its caller finds the journal flushed and released when it returns,
+    cancelled or not."""
+    storage = RecordingStorage(delay=0.2)  # the first close()'s flush is under way for 0.2 s
+    manager = CheckpointManager(storage, flush_interval=None)
+    await manager.append({"n": 1})
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(manager.close)
+        await anyio.sleep(0.05)
+        with anyio.move_on_after(0.01):
+            await manager.close()
+        assert storage.durable == '{"n":1}\n', "the cancelled close() returned before the first had flushed"
+
+
 async def test_a_close_that_fails_after_the_block_raised_is_logged_and_the_blocks_error_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
