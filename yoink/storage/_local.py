@@ -166,14 +166,11 @@ class LocalFileStorage(ClosableStorage):
                 if self._fd is None:
                     await self._open()  # the writer's lock first: a refused writer replaces nothing
                 fd, journal = await anyio.to_thread.run_sync(self._open_replacement)
-                try:
-                    # Where the old journal ends now: what is written after it is carried at the swap.
-                    old = await anyio.to_thread.run_sync(self._open_for_carrying, journal)
-                except BaseException:
-                    self._replacement = None
-                    await anyio.to_thread.run_sync(_drop_replacement, fd, journal)
-                    raise
+            old: _Carry | None = None
             try:
+                async with self._lock:  # where the old journal ends: what is written after it is carried
+                    self._check_open()
+                    old = await anyio.to_thread.run_sync(self._open_for_carrying, journal)
                 await self._write_replacement(fd, journal, text)
                 async with self._lock:  # no write under way: the bytes up to here are whole
                     self._check_open()
@@ -189,7 +186,8 @@ class LocalFileStorage(ClosableStorage):
                     await anyio.to_thread.run_sync(_drop_replacement, fd, journal)
                 raise
             finally:
-                old.close()
+                if old is not None:
+                    old.close()
 
     async def _write_replacement(self, fd: int, journal: str, text: AsyncIterable[str]) -> None:
         pending: list[bytes] = []
@@ -497,8 +495,11 @@ class _Carry:
 
 
 def _same_file(fd: int, other: int) -> bool:
-    first, second = os.fstat(fd), os.fstat(other)
-    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+    return _file_id(os.fstat(fd)) == _file_id(os.fstat(other))
+
+
+def _file_id(status: os.stat_result) -> tuple[int, int]:
+    return status.st_dev, status.st_ino
 
 
 def _is_the_journal(fd: int, path: str) -> bool:
@@ -507,8 +508,7 @@ def _is_the_journal(fd: int, path: str) -> bool:
         at_path = os.stat(path)
     except FileNotFoundError:
         return False
-    held = os.fstat(fd)
-    return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
+    return _file_id(os.fstat(fd)) == _file_id(at_path)
 
 
 def _fsync_directory(path: str) -> None:
