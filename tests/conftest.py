@@ -72,7 +72,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     keep, drop = [], []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        asyncio_only = params.get("open_storage") in ASYNCIO_ONLY
+        asyncio_only = any(value in ASYNCIO_ONLY for value in params.values() if isinstance(value, str))
         (drop if params.get("async_backend") == "trio" and asyncio_only else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)

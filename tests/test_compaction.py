@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import threading
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from yoink import (
     StorageError,
 )
 from yoink._compaction import Compaction, CompactionPolicy
-from yoink.storage import CheckpointStorage, LocalFileStorage, MemoryStorage
+from yoink.storage import CheckpointStorage, LocalFileStorage, MemoryStorage, RedisStreamStorage
 from yoink.storage._local import REPLACEMENT_SUFFIX
 
 pytestmark = pytest.mark.usefixtures("async_backend")
@@ -262,13 +263,19 @@ class PausingHolding(PausingMemory):
     writes_during_replace = False
 
 
-@pytest.mark.parametrize("kind", ["local", "memory", "a storage that holds writes"])
+class PausingRedis(_PausesInReplace, RedisStreamStorage):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["local", "memory", "redis", "a storage that holds writes"])
 async def test_flushes_during_a_compaction_by_key_return_at_once_where_the_storage_carries_them(
-    tmp_path: Path, kind: str
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest
 ) -> None:
+    key = f"carried-{uuid.uuid4()}"
     storage: _PausesInReplace = {
         "local": lambda: PausingLocal(tmp_path / "carried.jsonl"),
         "memory": PausingMemory,
+        "redis": lambda: PausingRedis(request.getfixturevalue("redis_url"), key),
         "a storage that holds writes": PausingHolding,
     }[kind]()
     storage.go, storage.replacing = anyio.Event(), anyio.Event()
@@ -306,10 +313,13 @@ async def test_flushes_during_a_compaction_by_key_return_at_once_where_the_stora
             storage.go.set()
     await checkpoint.close()
     assert (results[0].records_before, results[0].records) == (100, 10)  # the cut: before the call
+    if kind == "redis":  # a new storage, as after a restart
+        storage = RedisStreamStorage(request.getfixturevalue("redis_url"), key)  # type: ignore[assignment]
     assert [record async for record in CheckpointManager(storage).replay()] == [
         *({"k": k, "n": 90 + k} for k in range(10)),
         *({"k": "during", "n": n} for n in range(100, 150)),
     ]
+    await storage.close()
 
 
 async def test_a_flush_behind_a_queued_compaction_waits_for_it_without_flushing_over_and_over() -> None:

@@ -362,6 +362,94 @@ async def test_a_next_generation_lost_before_the_switch_is_not_switched_in(
         assert await numbers(reader) == list(range(11))
 
 
+# -- writes during a compaction --------------------------------------------------------------------
+
+
+async def flush_during(storage: RedisStreamStorage, first: int, flushes: int, per_flush: int) -> None:
+    """Flush while a compaction is paused: a storage that held writes until its switch would wait."""
+    with anyio.fail_after(10):
+        for n in range(first, first + flushes * per_flush, per_flush):
+            await storage.write(records(n, per_flush, pad=40))
+            await storage.flush()
+
+
+async def test_flushes_during_a_compaction_are_in_redis_at_once_and_follow_the_snapshot_after_it(
+    redis_url: str, key: str, monitor: redis.Redis
+) -> None:
+    storage = RedisStreamStorage(redis_url, key, max_pending=4096, entry_bytes=512)
+    await storage.write(records(0, 10))
+    await storage.flush()
+    gate = Gate(chunks(100, 1000, pad=40), before=5)
+    errors: list[Exception] = []
+    async with anyio.create_task_group() as group:
+        group.start_soon(replace_into, storage, gate, errors)
+        await gate.reached.wait()
+        await flush_during(storage, 5000, flushes=20, per_flush=30)  # 600 records, ~100 entries
+        async with RedisStreamStorage(redis_url, key) as reader:  # another process, as it were
+            assert await numbers(reader) == [*range(10), *range(5000, 5600)]  # durable, in the journal
+        gate.go.set()
+    assert not errors
+    expected = [*range(100, 1100), *range(5000, 5600)]
+    assert await numbers(storage) == expected
+    await storage.write(records(9000, 1))
+    await storage.close()
+    async with RedisStreamStorage(redis_url, key) as reader:
+        assert await numbers(reader) == [*expected, 9000]
+    assert not await monitor.exists(f"{{{key}}}:next")
+
+
+async def test_a_carry_whose_answer_was_lost_is_retried_and_adds_nothing_twice(
+    redis_url: str, key: str, monitor: redis.Redis
+) -> None:
+    proxy = DroppingProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    try:
+        storage = RedisStreamStorage(proxy.url, key, max_pending=4096, entry_bytes=512)
+        await storage.write(records(0, 10))
+        await storage.flush()
+        gate = Gate(chunks(100, 100), before=1)
+        errors: list[Exception] = []
+        async with anyio.create_task_group() as group:
+            group.start_soon(replace_into, storage, gate, errors)
+            await gate.reached.wait()
+            await flush_during(storage, 5000, flushes=10, per_flush=30)
+            proxy.drop_reply_to = b"'COUNT', ARGV[6]"  # the next carry's
+            gate.go.set()
+        assert not errors
+        assert proxy.drop_reply_to is None, "no carry was sent"
+        await storage.close()
+        async with RedisStreamStorage(redis_url, key) as reader:
+            assert await numbers(reader) == [*range(100, 200), *range(5000, 5300)]
+        tags = [fields[b"b"] for _, fields in await monitor.xrange(key) if b"b" in fields]
+        assert len(tags) == len(set(tags)), "an entry carried twice (readers drop the repeat)"
+    finally:
+        proxy.stop()
+
+
+async def test_a_writer_taken_over_during_its_compaction_switches_nothing_and_loses_no_flush(
+    redis_url: str, key: str, monitor: redis.Redis
+) -> None:
+    first = RedisStreamStorage(redis_url, key, max_pending=4096)
+    await first.write(records(0, 10))
+    await first.flush()
+    gate = Gate(chunks(100, 1000, pad=40), before=5)
+    errors: list[Exception] = []
+    async with anyio.create_task_group() as group:
+        group.start_soon(replace_into, first, gate, errors)
+        await gate.reached.wait()
+        await flush_during(first, 5000, flushes=3, per_flush=10)
+        await monitor.delete(f"{{{key}}}:lease")  # paused past its lease...
+        async with RedisStreamStorage(redis_url, key) as second:  # ...and another took over
+            await second.write(records(7000, 1))
+        gate.go.set()
+    assert [type(error) for error in errors] == [ConcurrentWriterError]
+    with pytest.raises(ConcurrentWriterError):
+        await flush_during(first, 6000, flushes=1, per_flush=1)
+    await first.close()
+    assert not await monitor.exists(f"{{{key}}}:generation")
+    async with RedisStreamStorage(redis_url, key) as reader:
+        assert await numbers(reader) == [*range(10), *range(5000, 5030), 7000]
+
+
 # -- readers during a switch ---------------------------------------------------------------------
 
 
@@ -597,15 +685,16 @@ async def test_a_switch_whose_answer_was_lost_is_retried_and_reports_success(
                     yield chunk
                     if chunk.startswith('{"n":125}'):
                         proxy.drop_next_reply = True  # the next command sends the piece from 150
-                proxy.drop_next_reply = True  # the next command is the switch
+                proxy.drop_reply_to = b"'RENAME', KEYS[4]"  # the switch's
 
             with caplog.at_level(logging.WARNING, logger="yoink"):
                 await storage.replace(snapshot())
+            assert proxy.drop_reply_to is None
             assert not proxy.drop_next_reply
             assert "answer was lost" not in caplog.text  # the retried script knew it had switched
             assert await numbers(storage) == list(range(100, 200))  # the piece sent twice, read once
             monitor = redis.from_url(redis_url)
-            assert await monitor.xlen(key) == 5  # four pieces of one entry, one of them twice
+            assert await monitor.xlen(key) == 4  # four pieces of one entry, the one sent twice added once
             await monitor.aclose()
             token = f"{storage._lease.writer}:1"
             assert await storage._generations.abandon(token), "a compaction that switched is told so, kept"
@@ -624,7 +713,7 @@ async def test_a_switch_whose_outcome_cannot_be_learnt_says_so(redis_url: str, k
         async def snapshot() -> AsyncIterator[str]:
             yield records(100, 10)  # sent as it comes
             proxy.cut = True  # the retries cannot reach Redis...
-            proxy.drop_next_reply = True  # ...after the switch runs and its answer is lost
+            proxy.drop_reply_to = b"'RENAME', KEYS[4]"  # ...after the switch runs and its answer is lost
 
         with pytest.raises(StorageError) as caught:
             await storage.replace(snapshot())

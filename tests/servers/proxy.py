@@ -186,13 +186,15 @@ class Proxy:
 
 class DroppingProxy:
     """A TCP proxy to Redis that, on demand, lets a request through and drops the connection
-    instead of passing the reply back: the client cannot tell whether its command ran. Once
-    ``cut``, it closes every new connection at once, as an unreachable server would (connections
-    already open stay up)."""
+    instead of passing the reply back: the client cannot tell whether its command ran. The reply
+    dropped is the next one, or, with ``drop_reply_to`` set, the reply to the next request that
+    holds those bytes. Once ``cut``, it closes every new connection at once, as an unreachable
+    server would (connections already open stay up)."""
 
     def __init__(self, port: int) -> None:
         self._upstream = port
         self.drop_next_reply = False
+        self.drop_reply_to: bytes | None = None
         self.cut = False
         self._server = socket.create_server(("127.0.0.1", 0))
         self.url = f"redis://127.0.0.1:{self._server.getsockname()[1]}/0"
@@ -214,6 +216,9 @@ class DroppingProxy:
     def _pipe(self, source: socket.socket, target: socket.socket, replies: bool) -> None:
         try:
             while data := source.recv(1 << 16):
+                if not replies and self.drop_reply_to is not None and self.drop_reply_to in data:
+                    self.drop_reply_to = None
+                    self.drop_next_reply = True  # before the request goes on: its reply comes after
                 if replies and self.drop_next_reply:
                     self.drop_next_reply = False
                     break

@@ -8,7 +8,8 @@ add blocks that were already there; readers drop a block whose number they have 
 the same writer, so nothing is replayed twice.
 
 Compaction (:meth:`RedisStreamStorage.replace`) writes the new journal into a stream of its own, the
-next generation, in bounded pieces, then renames it over the journal in one script; the journal it
+next generation, in bounded pieces (entries with no block number), copies after it what flushes
+appended to the journal meanwhile, then renames it over the journal in one script; the journal it
 replaced lives on, renamed, for ``retired_ttl`` seconds, so that reads under way can finish it.
 
 The keys, the blocks and the scripts are in ``_redis_scripts.py``, the lease and its fencing epoch
@@ -106,10 +107,13 @@ class RedisStreamStorage(ClosableStorage):
       by a page of blocks of at most ``entry_bytes`` each.
     - Compaction (:meth:`replace`) never sends the snapshot in one script: it goes into a stream of
       its own, the next generation ``{<key>}:next``, in scripts of about ``max_pending`` bytes each,
-      while the journal stays as it was. Then one script renames the journal to
-      ``{<key>}:old:<n>`` and the next generation to ``<key>``, and counts the compaction in
-      ``{<key>}:generation``: a crash (of the writer, or of Redis with its append-only file) at any
-      moment leaves the old journal whole or the new one whole. Every one of these scripts checks
+      while the journal stays as it was and flushes go on appending to it. What they appended
+      after the compaction began is copied to the next generation after the snapshot (the last
+      of it with writes held), and one script renames the journal to ``{<key>}:old:<n>`` and the
+      next generation to ``<key>``, and counts the compaction in ``{<key>}:generation``, if
+      nothing of the journal is left uncopied: a crash (of the writer, or of Redis with its
+      append-only file) at any moment leaves the old journal whole or the new one whole, each
+      with every flush that returned. Every one of these scripts checks
       the lease and the epoch as a flush does: a second writer is refused during a compaction and
       after it, and a writer fenced out switches nothing (:class:`~yoink.ConcurrentWriterError`,
       the journal untouched). A switch whose answer was lost is recognised, not repeated.
@@ -132,6 +136,8 @@ class RedisStreamStorage(ClosableStorage):
     - Passwords never appear in a repr, a log line or an error.
     - redis-py's asyncio client runs on asyncio (not trio).
     """
+
+    writes_during_replace = True
 
     def __init__(
         self,
@@ -180,7 +186,6 @@ class RedisStreamStorage(ClosableStorage):
             where=self._where,
             run=self._run,
             connection=self._connection,
-            numbers=self._numbers,
             waits=self._waits,
             entry_bytes=entry_bytes,
             max_pending=max_pending,
@@ -191,7 +196,8 @@ class RedisStreamStorage(ClosableStorage):
         self._pending_bytes = 0
         self._client: redis.Redis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the client belongs to
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock()  # the pending blocks, and sending them
+        self._compacting = anyio.Lock()  # held through a compaction, beside which writes go on
         self._connect_lock = anyio.Lock()
 
     @classmethod
@@ -286,11 +292,8 @@ class RedisStreamStorage(ClosableStorage):
                 await self._send(wait=True)
 
     async def read(self) -> AsyncIterator[str]:
-        if self._generations.staging:  # this writer's replace() reads it, having flushed everything first
-            pending: list[tuple[int, bytes]] = []
-        else:
-            async with self._lock:
-                pending = list(self._pending)
+        async with self._lock:
+            pending = list(self._pending)
         client = await self._connection()
         await self._lease.note_first_read(client)
         last: dict[bytes, int] = {}  # writer -> the last block number seen from it
@@ -331,20 +334,25 @@ class RedisStreamStorage(ClosableStorage):
         await uninterrupted(functools.partial(self._replace, text))
 
     async def _replace(self, text: AsyncIterable[str]) -> None:
-        async with self._lock:
-            self._check_open()
-            self._check_fence()
-            lease = self._lease
-            if not lease.held:
-                await lease.acquire(await self._connection())
+        async with self._compacting:  # one at a time; close() waits for it
+            async with self._lock:
+                self._check_open()
                 self._check_fence()
-            if self._pending:
-                await self._send(wait=False)  # into the old journal, which keeps them should this fail
-            await self._generations.replace(text)
+                lease = self._lease
+                if not lease.held:
+                    await lease.acquire(await self._connection())
+                    self._check_fence()
+                if self._pending:
+                    await self._send(wait=False)  # into the old journal, which keeps them should this fail
+                compaction = await self._generations.begin()
+            await self._generations.replace(compaction, text, self._locked)
+
+    def _locked(self) -> anyio.Lock:
+        return self._lock  # the lock of the moment (a forked child makes its own)
 
     async def _close(self) -> None:
         try:
-            async with self._lock:
+            async with self._compacting, self._lock:
                 if self._pending:
                     await self._send(wait=True)
         finally:
@@ -373,8 +381,8 @@ class RedisStreamStorage(ClosableStorage):
         self._client = None  # the parent's connections and lease stay the parent's
         self._lease.forget()
         self._closed_by_fork()
-        self._generations.staging = False
         self._lock = anyio.Lock()
+        self._compacting = anyio.Lock()
         self._connect_lock = anyio.Lock()
 
     # -- sending -------------------------------------------------------------------------------
@@ -395,11 +403,6 @@ class RedisStreamStorage(ClosableStorage):
         self._pending_bytes = 0
         if wait:
             self._waits.check(results, self)
-
-    def _numbers(self, count: int) -> int:
-        """Take the next ``count`` block numbers of this writer's sequence; return the first."""
-        first, self._next_block = self._next_block, self._next_block + count
-        return first
 
     async def _run(
         self,

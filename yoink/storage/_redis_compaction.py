@@ -6,13 +6,18 @@ keys (``Keys``), each fenced like a flush (the writer's lease and epoch are chec
 
 1. BEGIN claims the next generation, ``{<key>}:next``, for the compaction's token (kept in
    ``{<key>}:next:owner``), deleting whatever an earlier compaction left there, and returns how
-   many compactions the journal has had (``{<key>}:generation``).
+   many compactions the journal has had (``{<key>}:generation``) and the id of the journal's last
+   entry: the cut. The writer's lock is held for this step only: flushes go on after it.
 2. STAGE, as many times as it takes, adds about ``max_pending`` bytes of the new journal to the
-   next generation. Its blocks are numbered in the writer's sequence, so that what the writer
-   appends after the compaction follows them.
-3. SWITCH, once every piece is there, renames the journal to ``{<key>}:old:<n>`` (which Redis
-   deletes ``retired_ttl`` seconds later) and the next generation to ``<key>``, and counts the
-   compaction: one script, so the journal is the old one or the new one, whole.
+   next generation. Its entries carry no block number (no reader drops one as a flush's repeat).
+3. CARRY, as many times as it takes, copies the entries that flushes appended to the journal after
+   the cut (or after the last one it copied) to the next generation, fields and all, so that they
+   follow the snapshot there as they follow the cut in the journal. The last call runs with the
+   writer's lock held, and finds nothing more to copy.
+4. SWITCH, with the lock still held, once every piece is there and nothing of the journal is left
+   uncarried, renames the journal to ``{<key>}:old:<n>`` (which Redis deletes ``retired_ttl``
+   seconds later) and the next generation to ``<key>``, and counts the compaction: one script, so
+   the journal is the old one or the new one, whole, and every flush is in the one it is.
 
 A compaction that fails deletes its next generation (DISCARD), which readers never look at; one
 whose switch's answer was lost learns from DISCARD whether the switch went through. A read
@@ -25,6 +30,8 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis.asyncio as redis
@@ -32,15 +39,26 @@ import redis.asyncio as redis
 from yoink._exceptions import CheckpointLockedError, ConcurrentWriterError, StorageError
 from yoink.storage._redis_client import Waits, translated
 from yoink.storage._redis_lease import Lease
-from yoink.storage._redis_scripts import BEGIN, DISCARD, STAGE, SWITCH, Keys, blocks
+from yoink.storage._redis_scripts import BEGIN, CARRY, DISCARD, STAGE, SWITCH, Keys, blocks
 
-__all__ = ["Generations", "Page", "Run"]
+__all__ = ["Compaction", "Generations", "Page", "Run"]
 
 logger = logging.getLogger(__name__)
 
 Page = list[tuple[bytes, dict[bytes, bytes]]]  # XRANGE's entries: (id, fields)
 
 _KEPT = "the compaction was abandoned, and the journal is the old one, unchanged"
+
+
+@dataclass
+class Compaction:
+    """One compaction under way: its token, the generation it replaces, the cut (the id of the
+    journal's last entry when it began, '' for none), and how many blocks of the snapshot it staged."""
+
+    token: str
+    generation: int
+    cut: str
+    staged: int = 0
 
 
 class Run(Protocol):
@@ -64,9 +82,7 @@ class Generations:
 
     ``lease`` is the writer's, held whenever a compaction runs. The storage, ``owner`` (as errors
     and log lines name it), lends what it uses for its own writes: ``run`` a fenced script, its
-    ``connection()``, its ``waits`` after a flush, and ``numbers(n)``, which takes the next n block
-    numbers of the writer's sequence. ``staging`` is true while :meth:`replace` reads its text into
-    the next generation.
+    ``connection()`` and its ``waits`` after a flush.
     """
 
     def __init__(
@@ -78,20 +94,17 @@ class Generations:
         where: str,
         run: Run,
         connection: Callable[[], Awaitable[redis.Redis]],
-        numbers: Callable[[int], int],
         waits: Waits,
         entry_bytes: int,
         max_pending: int,
         retired_ttl: float,
     ) -> None:
-        self.staging = False
         self._keys = keys
         self._lease = lease
         self._owner = owner
         self._where = where
         self._run = run
         self._connection = connection
-        self._numbers = numbers
         self._waits = waits
         self._entry_bytes = entry_bytes
         self._max_pending = max_pending
@@ -100,57 +113,92 @@ class Generations:
         # the KEYS of BEGIN and SWITCH
         self._switch_keys = (keys.stream, keys.lease, keys.epoch, keys.next, keys.next_owner, keys.generation)
 
-    async def replace(self, text: AsyncIterable[str]) -> None:
-        """Write ``text`` into the next generation and switch it in; if that fails, delete it (unless
-        it was switched in after all). The caller holds the writer's lock and its lease, and has
-        nothing pending."""
+    async def begin(self) -> Compaction:
+        """Claim the next generation and note where the journal ends: what is appended after that
+        is carried into the next generation. The caller holds the writer's lock and its lease, and
+        has nothing pending."""
         lease = self._lease
         token = f"{lease.writer}:{next(self._tokens)}"
-        (generation,) = await self._run(
+        ((generation, cut),) = await self._run(
             BEGIN, self._switch_keys, (lease.writer, lease.ms, lease.epoch, token), command="EVAL", kept=_KEPT
         )
-        self.staging = True
-        try:
-            last = await self._stage(text, token)
-        except BaseException:
-            await self.abandon(token)
-            raise
-        finally:
-            self.staging = False
-        await self._switch(token, int(generation), last)
+        return Compaction(token, int(generation), cut.decode() if isinstance(cut, bytes) else cut)
 
-    async def _stage(self, text: AsyncIterable[str], token: str) -> int:
-        """Write ``text`` into the next generation, about ``max_pending`` bytes per script; return
-        the number of the last block written, or -1 if none was."""
+    async def replace(
+        self,
+        compaction: Compaction,
+        text: AsyncIterable[str],
+        locked: Callable[[], AbstractAsyncContextManager[Any]],
+    ) -> None:
+        """Write ``text`` into the next generation, carry what flushes appended to the journal
+        meanwhile, and switch it in; if that fails, delete it (unless it was switched in after all).
+
+        Writes go on while the text is staged and most of what they appended is carried;
+        ``locked()`` holds them (the storage's lock) for the rest of the carry and the switch."""
+        try:
+            await self._stage(compaction, text)
+            await self._carry(compaction)
+        except BaseException:
+            await self.abandon(compaction.token)
+            raise
+        async with locked():
+            try:
+                await self._carry(compaction)
+            except BaseException:
+                await self.abandon(compaction.token)
+                raise
+            await self._switch(compaction)
+
+    async def _stage(self, compaction: Compaction, text: AsyncIterable[str]) -> None:
+        """Write ``text`` into the next generation, about ``max_pending`` bytes per script."""
         lease, keys = self._lease, self._keys
         staged = (keys.next, keys.lease, keys.epoch, keys.next_owner)
         piece: list[bytes] = []
-        size, last = 0, -1
+        size = 0
 
-        async def send() -> int:
-            first = self._numbers(len(piece))
-            arguments = (lease.writer, lease.ms, lease.epoch, token, first, *piece)
+        async def send() -> None:
+            arguments = (lease.writer, lease.ms, lease.epoch, compaction.token, compaction.staged, *piece)
             await self._run(STAGE, staged, arguments, command="XADD", kept=_KEPT)
-            end = first + len(piece) - 1
+            compaction.staged += len(piece)
             piece.clear()
-            return end
 
         async for chunk in text:
             for block in blocks(chunk.encode("utf-8"), self._entry_bytes):
                 piece.append(block)
                 size += len(block)
             if size >= self._max_pending:
-                last, size = await send(), 0
+                await send()
+                size = 0
         if piece:
-            last = await send()
-        return last
+            await send()
 
-    async def _switch(self, token: str, generation: int, last: int) -> None:
+    async def _carry(self, compaction: Compaction) -> None:
+        """Copy the journal's entries after the cut, or after the last one carried, into the next
+        generation, about ``max_pending`` bytes per script, until a script finds none left."""
+        lease, keys = self._lease, self._keys
+        carried = (keys.stream, keys.lease, keys.epoch, keys.next, keys.next_owner)
+        count = max(1, self._max_pending // self._entry_bytes)
+        arguments = (lease.writer, lease.ms, lease.epoch, compaction.token, compaction.cut, count)
+        while True:
+            (copied,) = await self._run(CARRY, carried, arguments, command="XADD", kept=_KEPT)
+            if copied < count:
+                return
+
+    async def _switch(self, compaction: Compaction) -> None:
         """Switch the next generation in; if that fails, delete it, unless it went through after all."""
-        lease = self._lease
-        keys = (*self._switch_keys, self._keys.retired(generation))
+        lease, token = self._lease, compaction.token
+        keys = (*self._switch_keys, self._keys.retired(compaction.generation))
         retired_ms = int(self._retired_ttl * 1000)
-        arguments = (lease.writer, lease.ms, lease.epoch, token, generation, last, retired_ms)
+        arguments = (
+            lease.writer,
+            lease.ms,
+            lease.epoch,
+            token,
+            compaction.generation,
+            compaction.staged,
+            retired_ms,
+            compaction.cut,
+        )
         try:
             results = await self._run(SWITCH, keys, arguments, wait=True, command="RENAME", kept=_KEPT)
         except (CheckpointLockedError, ConcurrentWriterError):  # refused: nothing was switched
@@ -192,16 +240,20 @@ class Generations:
         return bool(outcome == 2)
 
     async def pages(self, client: redis.Redis, size: int) -> AsyncIterator[Page]:
-        """The journal's entries, ``size`` at a time, all of the generation the first page was read in.
+        """The journal's entries, ``size`` at a time, all of the generation the first page was read
+        in, up to the entry that was its last then.
 
-        Each page of the journal is read with the generation number, in one transaction. Once a
-        compaction has moved the number on, the page (of the new journal) is dropped and the read
-        goes on where the compaction moved the journal it began on, which lasts ``retired_ttl``
-        seconds: what was yielded cannot be taken back, so the read finishes that journal.
+        Each page of the journal is read with the generation number, in one transaction; the first
+        also notes the journal's last entry, where the read ends (what is appended later is not
+        this read's). Once a compaction has moved the number on, the page (of the new journal) is
+        dropped and the read goes on where the compaction moved the journal it began on, which
+        lasts ``retired_ttl`` seconds: what was yielded cannot be taken back, so the read finishes
+        that journal.
         """
         keys = self._keys
-        source, start, first = keys.stream, "-", True
+        source, start, end = keys.stream, "-", "+"
         began: bytes | None = None  # the generation the first page was read in (None: never compacted)
+        first = True
         while True:
             with translated(self._where, "XRANGE"):
                 async with client.pipeline(transaction=True) as pipe:
@@ -209,8 +261,10 @@ class Generations:
                         pipe.get(keys.generation)
                     else:
                         pipe.exists(source)
-                    pipe.xrange(source, min=start, max="+", count=size)
-                    mark, page = await pipe.execute()
+                    if first:
+                        pipe.xrevrange(source, max="+", min="-", count=1)
+                    pipe.xrange(source, min=start, max=end, count=size)
+                    mark, *last, page = await pipe.execute()
             if source != keys.stream:
                 if not mark:
                     raise StorageError(
@@ -221,10 +275,12 @@ class Generations:
                     )
             elif first:
                 began, first = mark, False
+                if last[0]:
+                    end = last[0][0][0].decode()
             elif mark != began:  # compacted since the read began
                 source = keys.retired(int(began or 0))
                 continue
             yield page
-            if len(page) < size:
+            if len(page) < size or page[-1][0].decode() == end:
                 return
             start = "(" + page[-1][0].decode()

@@ -4,10 +4,11 @@ a check and the write it guards.
 
 Beside the stream are two keys: the writer's lease, and its fencing token, the epoch, which only
 grows and never expires (``_redis_lease.py``). Every entry of the stream carries its writer's id
-(``w``), its epoch (``e``), the block's number in that writer's sequence (``b``) and the block
-(``d``). Compaction (``_redis_compaction.py``) adds three: the next generation of the journal while
-it is written, the token of the compaction writing it, and the count of compactions (the
-generation); and it keeps each journal it replaced for a while under a name of its own. A
+(``w``), its epoch (``e``), the block's number in that writer's sequence (``b``; none in a
+compaction's snapshot) and the block (``d``). Compaction (``_redis_compaction.py``) adds three:
+the next generation of the journal while it is written, the token of the compaction writing it,
+and the count of compactions (the generation); and it keeps each journal it replaced for a while
+under a name of its own. A
 refusal comes back as an error that begins ``YOINKFENCED`` (a newer epoch exists, or the epoch key
 is gone), ``YOINKLEASE`` (another writer holds the lease) or ``YOINKSTAGE`` (the next generation is
 gone, cut short or another compaction's). A script checks everything before it changes anything:
@@ -18,7 +19,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-__all__ = ["ACQUIRE", "APPEND", "BEGIN", "DISCARD", "RELEASE", "RENEW", "STAGE", "SWITCH", "Keys", "blocks"]
+__all__ = [
+    "ACQUIRE",
+    "APPEND",
+    "BEGIN",
+    "CARRY",
+    "DISCARD",
+    "RELEASE",
+    "RENEW",
+    "STAGE",
+    "SWITCH",
+    "Keys",
+    "blocks",
+]
 
 
 class Keys:
@@ -149,15 +162,18 @@ return {ARGV[1], tonumber(ARGV[2]), epoch}
 """
 )
 # Compaction writes the new journal into a stream of its own, the next generation, in as many calls
-# of STAGE as it takes; then SWITCH renames the journal away (it expires after a while, for reads
-# under way) and the next generation into its place, at once. The next generation's owner key holds
-# the token of the compaction writing it; SWITCH leaves 'done:<token>' there, so that a SWITCH
-# retried after a lost reply knows it went through. A refusal that is neither a lease's nor an
-# epoch's begins 'YOINKSTAGE'.
+# of STAGE as it takes, while flushes go on appending to the journal; CARRY copies what they
+# appended after the cut (BEGIN's last entry) to the next generation, in as many calls as it takes;
+# then SWITCH renames the journal away (it expires after a while, for reads under way) and the next
+# generation into its place, at once, once nothing of the journal is left uncarried. The next
+# generation's owner key holds the token of the compaction writing it; SWITCH leaves 'done:<token>'
+# there, so that a SWITCH retried after a lost reply knows it went through. A refusal that is
+# neither a lease's nor an epoch's begins 'YOINKSTAGE'.
 #
 # KEYS: the journal, the lease, the epoch, the next generation, its owner, the generation counter.
 # ARGV: writer, lease ms, epoch, token. Fenced like APPEND; clears any next generation and claims it.
-# Returns the generation number (0 for a journal never compacted).
+# Returns the generation number (0 for a journal never compacted) and the id of the journal's last
+# entry ('' if it has none): the cut, after which entries are carried into the next generation.
 BEGIN = (
     _FENCE
     + """
@@ -168,13 +184,28 @@ end
 renew(KEYS[2], ARGV[1], ARGV[2])
 redis.call('UNLINK', KEYS[4])
 redis.call('SET', KEYS[5], ARGV[4])
-return tonumber(redis.call('GET', KEYS[6]) or '0')
+local cut = last_entry(KEYS[1])
+return {tonumber(redis.call('GET', KEYS[6]) or '0'), cut}
 """
 )
+# The next generation's entries have ids of their own: the snapshot's are 0-1, 0-2, ... and each
+# entry carried from the journal keeps its id there (a real one, above 0-n), so that the next
+# generation itself says how far the compaction got: a STAGE or a CARRY retried after its answer was
+# lost finds its work done, and adds nothing twice.
+_NEXT = """
+local function carried(next_stream)
+  local last = last_entry(next_stream)
+  return last ~= '' and string.sub(last, 1, 2) ~= '0-'
+end
+"""
 # KEYS: the next generation, the lease, the epoch, its owner. ARGV: writer, lease ms, epoch, token,
-# first block number, blocks... Fenced like APPEND, and refused unless the token still owns it.
+# how many blocks were staged before these, blocks... Fenced like APPEND, and refused unless the
+# token still owns it and holds those blocks. Returns how many blocks it added (0 for a retry of
+# blocks that are there). The snapshot's entries carry no block number: they are no flush's, and
+# the numbers of the entries carried after them stay the writer's sequence.
 STAGE = (
     _FENCE
+    + _NEXT
     + """
 local refused = fence(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[3])
 if refused then
@@ -183,18 +214,58 @@ end
 if redis.call('GET', KEYS[4]) ~= ARGV[4] then
   return redis.error_reply('YOINKSTAGE taken')
 end
+local before, count = tonumber(ARGV[5]), #ARGV - 5
+local last = last_entry(KEYS[1])
+if last == '0-' .. (before + count) then
+  return 0
+end
+if carried(KEYS[1]) or last ~= (before == 0 and '' or '0-' .. before) then
+  return redis.error_reply('YOINKSTAGE incomplete')
+end
 renew(KEYS[2], ARGV[1], ARGV[2])
-return xadd_blocks(KEYS[1], ARGV[1], ARGV[3], ARGV[5], ARGV, 6)
+for i = 1, count do
+  redis.call('XADD', KEYS[1], '0-' .. (before + i), 'w', ARGV[1], 'e', ARGV[3], 'd', ARGV[5 + i])
+end
+return count
+"""
+)
+# KEYS: the journal, the lease, the epoch, the next generation, its owner. ARGV: writer, lease ms,
+# epoch, token, the cut ('' for an empty journal), at most how many entries to carry. Fenced like
+# APPEND on the journal, and refused unless the token still owns the next generation. Copies the
+# journal's entries after the cut, or after the last one already carried, to the next generation
+# under their ids, fields and all. Returns how many it copied.
+CARRY = (
+    _FENCE
+    + _NEXT
+    + """
+local refused = fence(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[3])
+if refused then
+  return redis.error_reply(refused)
+end
+if redis.call('GET', KEYS[5]) ~= ARGV[4] then
+  return redis.error_reply('YOINKSTAGE taken')
+end
+renew(KEYS[2], ARGV[1], ARGV[2])
+local from = ARGV[5]
+if carried(KEYS[4]) then
+  from = last_entry(KEYS[4])
+end
+local entries = redis.call('XRANGE', KEYS[1], from == '' and '-' or '(' .. from, '+', 'COUNT', ARGV[6])
+for _, entry in ipairs(entries) do
+  redis.call('XADD', KEYS[4], entry[1], unpack(entry[2]))
+end
+return #entries
 """
 )
 # KEYS: the journal, the lease, the epoch, the next generation, its owner, the generation counter, the
 # name the journal retires under. ARGV: writer, lease ms, epoch, token, the generation BEGIN returned,
-# the last block number staged (-1 for none), ms the retired journal is kept. Fenced like APPEND on
-# the journal; refused unless the next generation's last entry is that block of this writer's (the
-# keys of a next generation are only ever deleted or claimed together, so that entry is this
-# compaction's). Returns 1, or 0 if this token's switch had already gone through.
+# how many blocks were staged, ms the retired journal is kept, the cut. Fenced like APPEND on the
+# journal; refused unless the token still owns the next generation, and it ends with the journal's
+# last entry, carried (or, if nothing was appended after the cut, with the last block staged).
+# Returns 1, or 0 if this token's switch had already gone through.
 SWITCH = (
     _FENCE
+    + _NEXT
     + """
 local refused = fence(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[3])
 if refused then
@@ -203,9 +274,17 @@ end
 if redis.call('GET', KEYS[5]) == 'done:' .. ARGV[4] then
   return 0
 end
-local staged = tonumber(ARGV[6]) >= 0
-local _, _, writer, block = last_entry(KEYS[4])
-if staged and (writer ~= ARGV[1] or block ~= ARGV[6]) then
+if redis.call('GET', KEYS[5]) ~= ARGV[4] then
+  return redis.error_reply('YOINKSTAGE taken')
+end
+local journal_ends, next_ends = last_entry(KEYS[1]), last_entry(KEYS[4])
+local staged = tonumber(ARGV[6])
+if journal_ends == ARGV[8] then
+  journal_ends = staged == 0 and '' or '0-' .. staged
+end
+local last_staged = '0-' .. staged
+local staged_all = staged == 0 or redis.call('XRANGE', KEYS[4], last_staged, last_staged)[1]
+if next_ends ~= journal_ends or not staged_all then
   return redis.error_reply('YOINKSTAGE incomplete')
 end
 renew(KEYS[2], ARGV[1], ARGV[2])
@@ -213,7 +292,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('RENAME', KEYS[1], KEYS[7])
   redis.call('PEXPIRE', KEYS[7], ARGV[7])
 end
-if staged then
+if next_ends ~= '' then
   redis.call('RENAME', KEYS[4], KEYS[1])
 end
 redis.call('SET', KEYS[6], tonumber(ARGV[5]) + 1)
