@@ -7,6 +7,7 @@ reads on other connections, kill -9 of the writer and of Redis, and the size of 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import pickle
 import random
@@ -423,6 +424,51 @@ async def test_a_carry_whose_answer_was_lost_is_retried_and_adds_nothing_twice(
         assert len(tags) == len(set(tags)), "an entry carried twice (readers drop the repeat)"
     finally:
         proxy.stop()
+
+
+async def test_a_compaction_ends_though_flushes_outpace_its_copy(redis_url: str, key: str) -> None:
+    """One entry copied per script, and tasks flushing flat out: the copy with writes going on is
+    bounded, and the rest is copied with them held, so the compaction ends."""
+    storage = RedisStreamStorage(redis_url, key, max_pending=64, entry_bytes=64)
+    await storage.write(records(0, 10))
+    await storage.flush()
+    gate = Gate(chunks(100, 10), before=1)
+    errors: list[Exception] = []
+    flushed: list[int] = []
+    replaced, stop = anyio.Event(), anyio.Event()
+
+    async def compact() -> None:
+        await replace_into(storage, gate, errors)
+        replaced.set()
+
+    async def flat_out(first: int) -> None:
+        for n in itertools.count(first):
+            if stop.is_set():
+                return
+            await storage.write(records(n, 1))
+            await storage.flush()
+            flushed.append(n)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(compact)
+        await gate.reached.wait()
+        for task in range(1, 5):
+            group.start_soon(flat_out, 10_000 * task)
+        while len(flushed) < 50:
+            await anyio.sleep(0.01)
+        gate.go.set()
+        try:
+            with anyio.fail_after(20):
+                await replaced.wait()
+        finally:
+            stop.set()
+    assert not errors
+    expected = sorted(flushed)
+    await storage.close()
+    async with RedisStreamStorage(redis_url, key) as reader:
+        got = await numbers(reader)
+    assert got[:10] == list(range(100, 110))
+    assert sorted(got[10:]) == expected
 
 
 async def test_a_writer_taken_over_during_its_compaction_switches_nothing_and_loses_no_flush(

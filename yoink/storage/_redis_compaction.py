@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 Page = list[tuple[bytes, dict[bytes, bytes]]]  # XRANGE's entries: (id, fields)
 
 _KEPT = "the compaction was abandoned, and the journal is the old one, unchanged"
+_CARRY_ROUNDS = 16  # scripts of the carry with writes going on; the rest is copied with them held
 
 
 @dataclass
@@ -137,7 +138,7 @@ class Generations:
         ``locked()`` holds them (the storage's lock) for the rest of the carry and the switch."""
         try:
             await self._stage(compaction, text)
-            await self._carry(compaction)
+            await self._carry(compaction, rounds=_CARRY_ROUNDS)
         except BaseException:
             await self.abandon(compaction.token)
             raise
@@ -172,14 +173,15 @@ class Generations:
         if piece:
             await send()
 
-    async def _carry(self, compaction: Compaction) -> None:
+    async def _carry(self, compaction: Compaction, rounds: int | None = None) -> None:
         """Copy the journal's entries after the cut, or after the last one carried, into the next
-        generation, about ``max_pending`` bytes per script, until a script finds none left."""
+        generation, about ``max_pending`` bytes per script, until a script finds none left, or
+        after ``rounds`` scripts (writes that go on faster than the copy would keep it going)."""
         lease, keys = self._lease, self._keys
         carried = (keys.stream, keys.lease, keys.epoch, keys.next, keys.next_owner)
         count = max(1, self._max_pending // self._entry_bytes)
         arguments = (lease.writer, lease.ms, lease.epoch, compaction.token, compaction.cut, count)
-        while True:
+        for _ in itertools.repeat(None) if rounds is None else range(rounds):
             (copied,) = await self._run(CARRY, carried, arguments, command="XADD", kept=_KEPT)
             if copied < count:
                 return
