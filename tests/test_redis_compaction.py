@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import orjson
@@ -27,6 +28,7 @@ from tests.servers.proxy import DroppingProxy
 from tests.servers.redis import RedisServer
 from yoink import CheckpointLockedError, CheckpointManager, ConcurrentWriterError, StorageError
 from yoink.storage import RedisStreamStorage
+from yoink.storage._redis_scripts import CARRY
 from yoink.testing._contract import _text as read_text
 
 
@@ -366,11 +368,13 @@ async def test_a_next_generation_lost_before_the_switch_is_not_switched_in(
 # -- writes during a compaction --------------------------------------------------------------------
 
 
-async def flush_during(storage: RedisStreamStorage, first: int, flushes: int, per_flush: int) -> None:
+async def flush_during(
+    storage: RedisStreamStorage, first: int, flushes: int, per_flush: int, pad: int = 40
+) -> None:
     """Flush while a compaction is paused: a storage that held writes until its switch would wait."""
     with anyio.fail_after(10):
         for n in range(first, first + flushes * per_flush, per_flush):
-            await storage.write(records(n, per_flush, pad=40))
+            await storage.write(records(n, per_flush, pad=pad))
             await storage.flush()
 
 
@@ -413,7 +417,7 @@ async def test_a_carry_whose_answer_was_lost_is_retried_and_adds_nothing_twice(
             group.start_soon(replace_into, storage, gate, errors)
             await gate.reached.wait()
             await flush_during(storage, 5000, flushes=10, per_flush=30)
-            proxy.drop_reply_to = b"'COUNT', ARGV[6]"  # the next carry's
+            proxy.drop_reply_to = b"size = size + #fields[i]"  # the next carry's
             gate.go.set()
         assert not errors
         assert proxy.drop_reply_to is None, "no carry was sent"
@@ -469,6 +473,39 @@ async def test_a_compaction_ends_though_flushes_outpace_its_copy(redis_url: str,
         got = await numbers(reader)
     assert got[:10] == list(range(100, 110))
     assert sorted(got[10:]) == expected
+
+
+async def test_a_carry_script_copies_about_max_pending_bytes_however_large_the_entries(
+    redis_url: str, key: str
+) -> None:
+    """A line longer than entry_bytes is an entry of its own: the copy counts bytes, not entries."""
+    storage = RedisStreamStorage(redis_url, key, max_pending=512 << 10, entry_bytes=64 << 10)
+    copies: list[int] = []
+    run = storage._generations._run
+
+    async def recording(script: str, *args: Any, **kwargs: Any) -> list[Any]:
+        results = await run(script, *args, **kwargs)
+        if script == CARRY:
+            (answer,) = results
+            copies.append(answer[0] if isinstance(answer, list) else answer)  # how many it copied
+        return results
+
+    storage._generations._run = recording  # type: ignore[method-assign]
+    await storage.write(records(0, 10))
+    await storage.flush()
+    gate = Gate(chunks(100, 10), before=1)
+    errors: list[Exception] = []
+    async with anyio.create_task_group() as group:
+        group.start_soon(replace_into, storage, gate, errors)
+        await gate.reached.wait()
+        await flush_during(storage, 5000, flushes=12, per_flush=1, pad=256 << 10)  # 12 entries of 256 KiB
+        gate.go.set()
+    assert not errors
+    assert sum(copies) == 12
+    assert max(copies) == 2, f"entries of 256 KiB copied per script: {copies}"
+    await storage.close()
+    async with RedisStreamStorage(redis_url, key) as reader:
+        assert await numbers(reader) == [*range(100, 110), *range(5000, 5012)]
 
 
 async def test_a_writer_taken_over_during_its_compaction_switches_nothing_and_loses_no_flush(
@@ -545,6 +582,7 @@ SNAPSHOT_SIZE = 2000  # records in each snapshot the child writes, ~240 KiB in ~
 CHILD = """
 import sys, anyio, orjson
 from yoink.storage import RedisStreamStorage
+from yoink.storage._redis_scripts import CARRY
 
 url, key, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 SIZE = int(sys.argv[4])

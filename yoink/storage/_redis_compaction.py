@@ -179,11 +179,10 @@ class Generations:
         after ``rounds`` scripts (writes that go on faster than the copy would keep it going)."""
         lease, keys = self._lease, self._keys
         carried = (keys.stream, keys.lease, keys.epoch, keys.next, keys.next_owner)
-        count = max(1, self._max_pending // self._entry_bytes)
-        arguments = (lease.writer, lease.ms, lease.epoch, compaction.token, compaction.cut, count)
+        arguments = (lease.writer, lease.ms, lease.epoch, compaction.token, compaction.cut, self._max_pending)
         for _ in itertools.repeat(None) if rounds is None else range(rounds):
-            (copied,) = await self._run(CARRY, carried, arguments, command="XADD", kept=_KEPT)
-            if copied < count:
+            ((_, more),) = await self._run(CARRY, carried, arguments, command="XADD", kept=_KEPT)
+            if not more:
                 return
 
     async def _switch(self, compaction: Compaction) -> None:

@@ -230,10 +230,12 @@ return count
 """
 )
 # KEYS: the journal, the lease, the epoch, the next generation, its owner. ARGV: writer, lease ms,
-# epoch, token, the cut ('' for an empty journal), at most how many entries to carry. Fenced like
-# APPEND on the journal, and refused unless the token still owns the next generation. Copies the
-# journal's entries after the cut, or after the last one already carried, to the next generation
-# under their ids, fields and all. Returns how many it copied.
+# epoch, token, the cut ('' for an empty journal), how many bytes of blocks to carry at most (it
+# stops after the entry that reaches them: one entry at least). Fenced like APPEND on the journal,
+# and refused unless the token still owns the next generation. Copies the journal's entries after
+# the cut, or after the last one already carried, to the next generation under their ids, fields
+# and all, reading one at a time (an entry may be far larger than others: a long line is a block of
+# its own). Returns how many it copied, and 1 if it stopped at the bytes with more perhaps left.
 CARRY = (
     _FENCE
     + _NEXT
@@ -250,11 +252,20 @@ local from = ARGV[5]
 if carried(KEYS[4]) then
   from = last_entry(KEYS[4])
 end
-local entries = redis.call('XRANGE', KEYS[1], from == '' and '-' or '(' .. from, '+', 'COUNT', ARGV[6])
-for _, entry in ipairs(entries) do
-  redis.call('XADD', KEYS[4], entry[1], unpack(entry[2]))
+local start, budget, copied, size = from == '' and '-' or '(' .. from, tonumber(ARGV[6]), 0, 0
+while size < budget do
+  local entry = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 1)[1]
+  if not entry then
+    return {copied, 0}
+  end
+  local fields = entry[2]
+  redis.call('XADD', KEYS[4], entry[1], unpack(fields))
+  for i = 2, #fields, 2 do
+    size = size + #fields[i]
+  end
+  copied, start = copied + 1, '(' .. entry[1]
 end
-return #entries
+return {copied, 1}
 """
 )
 # KEYS: the journal, the lease, the epoch, the next generation, its owner, the generation counter, the
