@@ -11,7 +11,7 @@ layout's, one of two strategies over the same client: ``_s3_object.py`` and ``_s
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar
 
 from yoink._tasks import asyncio_loop_of
@@ -117,6 +117,10 @@ class S3Storage(StagedStorage):
     # S3's multipart minimum. A store with a lower one (moto, in tests) may lower it.
     min_part_size: ClassVar[int] = MIN_PART_SIZE
 
+    writes_during_replace = True
+    """True with ``layout="segments"``: a flush during a compaction uploads segments after the
+    claim. Each storage with ``layout="object"`` sets it False (so read it from the storage)."""
+
     def __init__(
         self,
         uri: str,
@@ -169,6 +173,8 @@ class S3Storage(StagedStorage):
             retries={"mode": options.retry_mode, "max_attempts": options.max_attempts},
             timeout=options.timeout,
         )
+        if options.layout != "segments":  # one object, rewritten whole: nothing follows a swap under way
+            self.writes_during_replace = False
         strategy = SegmentsLayout if options.layout == "segments" else ObjectLayout
         self._layout = strategy(
             self._client,
@@ -217,6 +223,10 @@ class S3Storage(StagedStorage):
 
     async def _swap(self, data: AsyncIterator[bytes]) -> None:
         await self._layout.replace(data)
+
+    async def _cut(self) -> Callable[[AsyncIterator[bytes]], Awaitable[None]]:
+        assert isinstance(self._layout, SegmentsLayout)  # the object layout holds writes
+        return await self._layout.claim()
 
     async def _release(self) -> None:
         await self._client.close()
