@@ -9,14 +9,22 @@ A merged segment is emptied, never deleted, so a writer behind the times that as
 finds it taken. Readers list ``merged/``, then the segments after the last merged one.
 
 A compaction (:meth:`SegmentsLayout.replace`) claims the next segment number n (an empty
-``segments/n``, ``If-None-Match: *``), then writes the new journal as
-``merged/000000000000-<n>.jsonl`` (``If-None-Match: *``): from the moment that object exists,
-readers take it as the journal's base, as they take any merge from segment 0, and read the
-segments after n. A writer that finds a claim without its snapshot and writes after it puts an
-empty ``merged/000000000000-<n>.jsonl`` there first (``yoink-void``): a compaction paused
-between its claim and its snapshot, by a writer taken over, can then never apply it. What a
-snapshot replaced stays ``keep_replaced`` seconds for readers under way, then a writer empties
-the old segments (keeping their keys, as a merge does) and deletes the old merged objects.
+``segments/n``, ``If-None-Match: *``) where the old journal ends, before it reads the new
+journal's text, then writes the new journal as ``merged/000000000000-<n>.jsonl``
+(``If-None-Match: *``): from the moment that object exists, readers take it as the journal's
+base, as they take any merge from segment 0, and read the segments after n. So this writer
+flushes on while the snapshot is written (``writes_during_replace``): its segments n+1, n+2, ...
+follow the old journal until the snapshot exists (the claim is a segment without records), and
+the snapshot then, as they are, with nothing to copy. A crash, or a snapshot that fails, leaves
+the claim without records and those segments after it. Merges meanwhile take only segments after
+n: the claim and what it is to replace stay as they are until the snapshot has landed.
+
+A writer that finds a claim without its snapshot and writes after it puts an empty
+``merged/000000000000-<n>.jsonl`` there first (``yoink-void``): a compaction paused between its
+claim and its snapshot, by a writer taken over, can then never apply it. The writer whose
+compaction is under way passes over its own claim (it knows the claim's token). What a snapshot
+replaced stays ``keep_replaced`` seconds for readers under way, then a writer empties the old
+segments (keeping their keys, as a merge does) and deletes the old merged objects.
 """
 
 from __future__ import annotations
