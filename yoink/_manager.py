@@ -368,7 +368,7 @@ class CheckpointManager:
         async with self._io_lock:
             await self._flush_to_cut()
             start_background(functools.partial(self._fold_and_replace, key, bounded, outcome))
-            if self._storage.writes_during_replace:
+            if self._storage.writes_during_replace:  # the storage's own: it may differ per instance
                 await bounded.wait()  # replace() knows where the journal ends, and the fold reads to there
                 self._carried = 1
                 self._cuts_changed()
