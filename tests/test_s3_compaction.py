@@ -567,6 +567,37 @@ async def test_a_writer_never_rules_out_the_claim_of_its_own_compaction_under_wa
         assert await numbers(reader) == [100, 101, 2]
 
 
+async def test_close_during_a_compaction_waits_for_its_swap_then_uploads_what_was_written(
+    open_s3: OpenS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = open_s3("segments")
+    paused = PausedSnapshot(storage, monkeypatch)
+    await storage.write(records(0, 2))
+    await storage.flush()
+    ended: list[str] = []
+
+    async def replace() -> None:
+        await storage.replace(snapshot(100, 2))
+        ended.append("replace")
+
+    async def close() -> None:
+        await storage.close()
+        ended.append("close")
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(replace)
+        with anyio.fail_after(10):
+            await paused.reached.wait()
+        await storage.write(records(2, 1))  # staged: close() uploads it, after the claim
+        tasks.start_soon(close)
+        await anyio.sleep(0.2)
+        assert ended == [], "close() released the client and the stage under a compaction under way"
+        paused.go.set()
+    assert ended == ["replace", "close"]
+    async with open_s3("segments", "reader") as reader:
+        assert await numbers(reader) == [100, 101, 2]
+
+
 # -- what a compaction replaced ----------------------------------------------------------------
 
 

@@ -252,7 +252,8 @@ class SegmentsLayout(SegmentListing):
             elif segment.size >= self._min_part_size:
                 start = index
         if self._claimed is not None:  # a compaction's snapshot is to replace segments 0 to its claim
-            start = max([start, *(i + 1 for i, s in enumerate(state.live) if s.start <= self._claimed[0])])
+            claimed = self._claimed[0]
+            start = max([start, *(i + 1 for i, piece in enumerate(state.live) if piece.start <= claimed)])
         run = state.live[start:-1]  # the newest segment stays
         if len(run) < self._merge_after:
             return

@@ -185,8 +185,8 @@ class StagedStorage(ClosableStorage):
     async def _cut(self) -> Callable[[AsyncIterator[bytes]], Awaitable[None]]:
         """Where ``writes_during_replace`` is set: fix where the old journal ends, with uploads held
         and nothing staged, and return what makes ``data`` the whole journal, atomically, followed
-        by every upload made after the cut, in order. It is called with uploads going on. If it
-        raises, those uploads follow the old journal."""
+        by every upload made after the cut, in order. What it returns runs with uploads going on;
+        if that raises, those uploads follow the old journal."""
         raise CompactionNotSupportedError(
             f"{self!r} cannot compact its journal while it writes: {type(self).__name__} sets "
             "writes_during_replace but does not implement _cut(); the journal is unchanged"
