@@ -567,6 +567,27 @@ async def test_a_writer_never_rules_out_the_claim_of_its_own_compaction_under_wa
         assert await numbers(reader) == [100, 101, 2]
 
 
+async def test_a_read_yields_nothing_written_after_its_first_item_staged_batches_included(
+    open_s3: OpenS3,
+) -> None:
+    """What a fold reads while flushes go on: the segments listed, then the staged batches, each
+    as it was when the read began, however the stage and the segments change meanwhile."""
+    async with open_s3("segments", merge_after=4) as storage:
+        for n in range(0, 300, 100):
+            await storage.write(records(n, 100, pad=300))
+            await storage.flush()
+        await storage.write(records(300, 5))  # staged: the batch being written
+        blocks = storage.read()
+        got = [await anext(blocks)]
+        await storage.write(records(305, 5))  # into the same staged batch, after the read began
+        for n in range(310, 330, 5):  # uploaded, that batch with them, and merged
+            await storage.write(records(n, 5))
+            await storage.flush()
+        got += [block async for block in blocks]
+        assert parsed(got) == list(range(305))
+        assert await numbers(storage) == list(range(330))
+
+
 async def test_close_during_a_compaction_waits_for_its_swap_then_uploads_what_was_written(
     open_s3: OpenS3, monkeypatch: pytest.MonkeyPatch
 ) -> None:
