@@ -6,10 +6,12 @@ The contract's replace() promises run against S3 in test_storage_contract.py.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 
@@ -338,6 +340,285 @@ async def test_a_compaction_paused_after_its_claim_never_swaps_its_snapshot_in_u
         assert await numbers(reader) == [*expected, 60]
 
 
+# -- writes during a compaction (segments) ------------------------------------------------------
+
+
+class PausedSnapshot:
+    """Holds a storage's snapshot upload (the PutObject of ``merged/000000000000-<n>``) until
+    ``go`` is set: a compaction under way, its claim made. ``fault``, if set, is raised then.
+    Once ``go`` is set, later snapshots pass."""
+
+    def __init__(self, storage: S3Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reached, self.go = anyio.Event(), anyio.Event()
+        self.fault: Exception | None = None
+        call = storage._client.call
+
+        async def paused(operation: str, **params: Any) -> Any:
+            metadata = params.get("Metadata", {})
+            if operation == "put_object" and "yoink-base" in metadata and not self.go.is_set():
+                self.reached.set()
+                with anyio.fail_after(20):  # a test that fails before go must not hang its close()
+                    await self.go.wait()
+                if self.fault is not None:
+                    raise self.fault
+            return await call(operation, **params)
+
+        monkeypatch.setattr(storage._client, "call", paused)
+
+
+async def replayed(storage: S3Storage) -> list[Any]:
+    """The ``n`` of each record a reader replays from ``storage`` (which it closes)."""
+    from yoink import CheckpointManager
+
+    async with CheckpointManager(storage, read_only=True) as reader:
+        return [record["n"] async for record in reader.replay()]
+
+
+async def test_a_flush_during_a_compaction_returns_at_once_and_its_records_follow_the_snapshot(
+    open_s3: OpenS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from yoink import CheckpointManager
+
+    storage = open_s3("segments")
+    paused = PausedSnapshot(storage, monkeypatch)
+    async with CheckpointManager(storage, flush_interval=None) as checkpoint:
+        for n in range(30):
+            await checkpoint.append({"k": n % 5, "n": n})
+        await checkpoint.flush()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(functools.partial(checkpoint.compact, key="k"))
+            with anyio.fail_after(10):
+                await paused.reached.wait()  # segment 1 is claimed; the snapshot waits
+            for n in range(30, 35):
+                await checkpoint.append({"k": "during", "n": n})
+            with anyio.fail_after(5):
+                await checkpoint.flush()  # at once, while the snapshot is not there yet
+            # until the snapshot is there, the journal is the old one and what followed it
+            assert await replayed(open_s3("segments", "reader")) == list(range(35))
+            paused.go.set()
+        await checkpoint.append({"k": "after", "n": 35})
+    assert await replayed(open_s3("segments", "reader")) == [*range(25, 30), *range(30, 36)]
+
+
+async def test_a_writer_elsewhere_that_takes_over_during_a_compaction_makes_it_fail_and_nothing_is_lost(
+    open_s3: OpenS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from yoink import CheckpointManager
+
+    storage = open_s3("segments", "a")
+    paused = PausedSnapshot(storage, monkeypatch)
+    checkpoint = CheckpointManager(storage, flush_interval=None)
+    for n in range(30):
+        await checkpoint.append({"k": n % 5, "n": n})
+    await checkpoint.flush()
+
+    async def compact() -> None:
+        with pytest.raises(ConcurrentWriterError, match="ruled its snapshot out"):
+            await checkpoint.compact(key="k")
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(compact)
+        with anyio.fail_after(10):
+            await paused.reached.wait()
+        for n in range(30, 35):
+            await checkpoint.append({"k": "during", "n": n})
+        with anyio.fail_after(5):
+            await checkpoint.flush()  # segment 2, after the claim
+        async with CheckpointManager(open_s3("segments", "b"), flush_interval=None) as other:
+            assert [record["n"] async for record in other.replay()] == list(range(35))
+            await other.append({"k": "other", "n": 100})
+            await other.flush()  # rules the claim's snapshot out, then writes segment 3
+        paused.go.set()  # the paused compaction goes on: its snapshot is refused
+    assert await replayed(open_s3("segments", "reader")) == [*range(35), 100]
+    await checkpoint.append({"k": "late", "n": 35})
+    with pytest.raises(ConcurrentWriterError):  # its view is behind the other writer's segment
+        await checkpoint.flush()
+    with pytest.raises(ConcurrentWriterError):
+        await checkpoint.close()
+    async with open_s3("segments", "a") as recovered:  # its refused record waited in its stage
+        await recovered.flush()
+    assert await replayed(open_s3("segments", "reader")) == [*range(35), 100, 35]
+
+
+async def test_a_compaction_that_fails_after_flushes_went_on_keeps_them_and_the_next_one_works(
+    open_s3: OpenS3, monkeypatch: pytest.MonkeyPatch, moto: MotoServer, bucket: str
+) -> None:
+    from yoink import CheckpointManager
+
+    storage = open_s3("segments")
+    paused = PausedSnapshot(storage, monkeypatch)
+    paused.fault = StorageError("the snapshot's upload failed")
+    async with CheckpointManager(storage, flush_interval=None) as checkpoint:
+        for n in range(30):
+            await checkpoint.append({"k": n % 5, "n": n})
+        await checkpoint.flush()
+
+        async def compact() -> None:
+            with pytest.raises(StorageError, match="the snapshot's upload failed"):
+                await checkpoint.compact(key="k")
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(compact)
+            with anyio.fail_after(10):
+                await paused.reached.wait()
+            for n in range(30, 35):
+                await checkpoint.append({"k": "during", "n": n})
+            with anyio.fail_after(5):
+                await checkpoint.flush()
+            paused.go.set()
+        # the claim stays, a segment without records: what was flushed after it follows the old journal
+        assert sizes(moto, bucket)["run/segments/000000000001.jsonl"] == 0
+        assert await replayed(open_s3("segments", "reader")) == list(range(35))
+        await checkpoint.append({"k": "after", "n": 35})
+        await checkpoint.flush()
+        assert await replayed(open_s3("segments", "reader")) == list(range(36))
+        await checkpoint.compact(key="k")  # claims segment 4, over the one left without a snapshot
+        await checkpoint.append({"k": "last", "n": 36})
+    assert await replayed(open_s3("segments", "reader")) == [*range(25, 30), 34, 35, 36]
+    assert "run/merged/000000000000-000000000004.jsonl" in sizes(moto, bucket)
+
+
+async def test_a_reader_during_a_compaction_that_takes_writes_reads_one_journal_whole(
+    open_s3: OpenS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from yoink import CheckpointManager
+
+    storage = open_s3("segments")
+    paused = PausedSnapshot(storage, monkeypatch)
+    pad = "p" * 300
+    async with CheckpointManager(storage, flush_interval=None) as checkpoint:
+        for n in range(800):  # eight segments of 100 records: several blocks to read
+            await checkpoint.append({"k": n % 10, "n": n, "pad": pad})
+            if n % 100 == 99:
+                await checkpoint.flush()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(functools.partial(checkpoint.compact, key="k"))
+            with anyio.fail_after(10):
+                await paused.reached.wait()
+            for n in range(800, 810):
+                await checkpoint.append({"k": "during", "n": n})
+            await checkpoint.flush()
+            reader = open_s3("segments", "reader")
+            blocks = reader.read()
+            got = [await anext(blocks)]  # it listed the old journal, the claim and segment 9
+            paused.go.set()
+        await checkpoint.append({"k": "after", "n": 810})
+        await checkpoint.flush()  # segment 10, after the snapshot
+        got += [block async for block in blocks]
+        await reader.close()
+    text = "".join(block if block.endswith("\n") else block + "\n" for block in got)
+    assert [orjson.loads(line)["n"] for line in text.splitlines()] == list(range(810)), (
+        "a read under way yields the old journal and what followed it when it began, whole"
+    )
+    assert await replayed(open_s3("segments", "reader")) == [*range(790, 800), *range(800, 811)]
+
+
+async def test_merges_during_a_compaction_take_only_segments_after_its_claim(
+    open_s3: OpenS3, monkeypatch: pytest.MonkeyPatch, moto: MotoServer, bucket: str
+) -> None:
+    storage = open_s3("segments", merge_after=4)
+    paused = PausedSnapshot(storage, monkeypatch)
+    async with storage:
+        for n in range(3):  # segments 0-2
+            await storage.write(records(n, 1))
+            await storage.flush()
+
+        async def during() -> None:
+            for n in range(10, 20):  # segments 4-13, merged on the way
+                await storage.write(records(n, 1))
+                await storage.flush()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(storage.replace, snapshot(100, 2))  # claims segment 3
+            with anyio.fail_after(10):
+                await paused.reached.wait()
+            with anyio.fail_after(10):
+                await during()
+            merged = [key for key in sizes(moto, bucket) if key.startswith("run/merged/")]
+            assert merged, "no merge ran during the compaction"
+            assert all(int(key[11:23]) > 3 for key in merged), f"a merge took the claim or more: {merged}"
+            paused.go.set()
+        assert await numbers(storage) == [100, 101, *range(10, 20)]
+        await storage.write(records(20, 1))
+    async with open_s3("segments", "reader") as reader:
+        assert await numbers(reader) == [100, 101, *range(10, 21)]
+
+
+async def test_a_writer_never_rules_out_the_claim_of_its_own_compaction_under_way(
+    open_s3: OpenS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = open_s3("segments")
+    paused = PausedSnapshot(storage, monkeypatch)
+    async with storage:
+        await storage.write(records(0, 2))
+        await storage.flush()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(storage.replace, snapshot(100, 2))  # claims segment 1
+            with anyio.fail_after(10):
+                await paused.reached.wait()
+            view = storage._layout._view
+            assert view is not None
+            view.claims.append(1)  # as a listing made now would find it: a claim without its snapshot
+            await storage.write(records(2, 1))
+            await storage.flush()  # segment 2: another writer's claims are ruled out first, not this one
+            paused.go.set()
+        assert await numbers(storage) == [100, 101, 2]
+    async with open_s3("segments", "reader") as reader:
+        assert await numbers(reader) == [100, 101, 2]
+
+
+async def test_a_read_yields_nothing_written_after_its_first_item_staged_batches_included(
+    open_s3: OpenS3,
+) -> None:
+    """What a fold reads while flushes go on: the segments listed, then the staged batches, each
+    as it was when the read began, however the stage and the segments change meanwhile."""
+    async with open_s3("segments", merge_after=4) as storage:
+        for n in range(0, 300, 100):
+            await storage.write(records(n, 100, pad=300))
+            await storage.flush()
+        await storage.write(records(300, 5))  # staged: the batch being written
+        blocks = storage.read()
+        got = [await anext(blocks)]
+        await storage.write(records(305, 5))  # into the same staged batch, after the read began
+        for n in range(310, 330, 5):  # uploaded, that batch with them, and merged
+            await storage.write(records(n, 5))
+            await storage.flush()
+        got += [block async for block in blocks]
+        assert parsed(got) == list(range(305))
+        assert await numbers(storage) == list(range(330))
+
+
+async def test_close_during_a_compaction_waits_for_its_swap_then_uploads_what_was_written(
+    open_s3: OpenS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = open_s3("segments")
+    paused = PausedSnapshot(storage, monkeypatch)
+    await storage.write(records(0, 2))
+    await storage.flush()
+    ended: list[str] = []
+
+    async def replace() -> None:
+        await storage.replace(snapshot(100, 2))
+        ended.append("replace")
+
+    async def close() -> None:
+        await storage.close()
+        ended.append("close")
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(replace)
+        with anyio.fail_after(10):
+            await paused.reached.wait()
+        await storage.write(records(2, 1))  # staged: close() uploads it, after the claim
+        tasks.start_soon(close)
+        await anyio.sleep(0.2)
+        assert ended == [], "close() released the client and the stage under a compaction under way"
+        paused.go.set()
+    assert ended == ["replace", "close"]
+    async with open_s3("segments", "reader") as reader:
+        assert await numbers(reader) == [100, 101, 2]
+
+
 # -- what a compaction replaced ----------------------------------------------------------------
 
 
@@ -467,7 +748,7 @@ async def test_a_compaction_whose_upload_fails_part_way_leaves_the_old_journal_a
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-async def test_a_snapshot_whose_source_fails_uploads_nothing_and_claims_nothing(
+async def test_a_snapshot_whose_source_fails_uploads_nothing_but_an_empty_claim(
     open_s3: OpenS3, moto: MotoServer, bucket: str, layout: str
 ) -> None:
     class SourceFailed(Exception):
@@ -483,7 +764,9 @@ async def test_a_snapshot_whose_source_fails_uploads_nothing_and_claims_nothing(
         before = sizes(moto, bucket)
         with pytest.raises(SourceFailed):
             await writer.replace(failing())
-        assert sizes(moto, bucket) == before
+        # segments: the claim, made before the text is read, stays as a segment without records
+        claim = {"run/segments/000000000001.jsonl": 0} if layout == "segments" else {}
+        assert sizes(moto, bucket) == before | claim
         await writer.write(records(2, 1))
     async with open_s3(layout, "reader") as reader:
         assert await numbers(reader) == [0, 1, 2]

@@ -270,7 +270,7 @@ class CheckpointManager:
         any moment leaves the old journal whole, or the snapshot whole and what was flushed after
         it. While it runs, :meth:`append` goes on, records wait in memory until the swap, and
         :meth:`flush` waits for it; except for ``compact(key=...)`` on a storage that carries what
-        is written during the swap into the new journal (local files and memory; see
+        is written during the swap into the new journal (local files, memory, Redis and S3 segments; see
         :attr:`~yoink.storage.CheckpointStorage.writes_during_replace`): there, once the fold has
         begun reading, records are written and flushed as usual. It returns what it did
         (:class:`~yoink.Compaction`), and the journal's first line, a header that replay skips,
@@ -368,7 +368,7 @@ class CheckpointManager:
         async with self._io_lock:
             await self._flush_to_cut()
             start_background(functools.partial(self._fold_and_replace, key, bounded, outcome))
-            if self._storage.writes_during_replace:
+            if self._storage.writes_during_replace:  # the storage's own: it may differ per instance
                 await bounded.wait()  # replace() knows where the journal ends, and the fold reads to there
                 self._carried = 1
                 self._cuts_changed()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable, AsyncIterator
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import Any
 
 from yoink._compat import Self
 from yoink._exceptions import CompactionNotSupportedError
@@ -39,8 +39,11 @@ class CheckpointStorage(ABC):
     ``async with storage:`` returns the storage and awaits :meth:`close` on the way out.
     """
 
-    writes_during_replace: ClassVar[bool] = False
+    writes_during_replace: bool = False
     """Whether :meth:`write` and :meth:`flush` may go on while :meth:`replace` runs. Optional.
+
+    yoink reads it from the storage, not its class: a backend may set it per instance, as
+    :class:`~yoink.storage.S3Storage` does (True with ``layout="segments"`` alone).
 
     Left False, the manager writes nothing during a compaction: records appended meanwhile wait in
     memory, and :meth:`CheckpointManager.flush <yoink.CheckpointManager.flush>` waits for the swap.
@@ -57,7 +60,9 @@ class CheckpointStorage(ABC):
       fold begun with writes held reads the journal as it was then, however long it takes.
 
     ``yoink.testing.StorageContract`` checks these where it is True. A subclass of a backend that
-    sets it, whose own ``replace()`` or ``read()`` does not keep them, sets it back to False.
+    sets it, whose own ``replace()`` or ``read()`` does not keep them, sets it back to False (a
+    class attribute is enough: the built-in backends that set it per instance only ever turn it
+    off there).
     """
 
     @classmethod

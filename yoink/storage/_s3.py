@@ -11,7 +11,7 @@ layout's, one of two strategies over the same client: ``_s3_object.py`` and ``_s
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar
 
 from yoink._tasks import asyncio_loop_of
@@ -81,7 +81,8 @@ class S3Storage(StagedStorage):
       staged (it belongs to the old journal), so no batch from before the swap can be uploaded
       after it, by this storage or by the next one on its stage after a crash. Then, in one step
       S3 makes atomic, with the condition of an upload (another writer that wrote since this one
-      last looked makes it fail with :class:`~yoink.ConcurrentWriterError`, nothing changed):
+      last looked makes it fail with :class:`~yoink.ConcurrentWriterError`, nothing changed; so
+      does one that takes over during a segments compaction and writes after its claim):
 
       - objects: the new journal is written over the object, ``If-Match`` on the ETag this writer
         last saw: a ``PutObject`` up to ``part_size``, else a multipart upload whose completion
@@ -90,14 +91,18 @@ class S3Storage(StagedStorage):
         way, one ``GetObject``, reads the old one whole. The metadata keeps every writer's last
         batch, so a stage that another machine left is still recognised as uploaded. Later
         appends continue from the new object. It costs one upload of the snapshot.
-      - segments: the next segment number is claimed (an empty segment), then the new journal is
-        written as ``<prefix>/merged/000000000000-<n>.jsonl``, which readers take as the base:
-        they read the old journal until it exists (the claim holds no records), then it and the
-        segments after it. What it replaced stays ``keep_replaced`` seconds (600) for readers
-        under way; a reader that takes longer is told to read again (:class:`~yoink.StorageError`),
-        never shown a mix. Then a writer (this one at a later flush, or the next to list the
-        journal, after a crash too) empties the old segments, keeping their keys as a merge does,
-        and deletes the old merged objects.
+      - segments: the next segment number n is claimed (an empty segment) where the old journal
+        ends, then the new journal is written as ``<prefix>/merged/000000000000-<n>.jsonl``, which
+        readers take as the base: they read the old journal until it exists (the claim holds no
+        records), then it and the segments after it. Flushes go on meanwhile
+        (``writes_during_replace`` is True for this layout alone): they write segments n+1, n+2,
+        ..., which follow the old journal until the snapshot exists and the snapshot once it does,
+        with nothing copied; a snapshot that fails, or a crash, leaves them after the old journal
+        and the claim, a segment without records. What it replaced stays ``keep_replaced`` seconds
+        (600) for readers under way; a reader that takes longer is told to read again
+        (:class:`~yoink.StorageError`), never shown a mix. Then a writer (this one at a later
+        flush, or the next to list the journal, after a crash too) empties the old segments,
+        keeping their keys as a merge does, and deletes the old merged objects.
 
       Aborting unfinished uploads needs ``s3:ListBucketMultipartUploads`` and is best effort; a
       bucket lifecycle rule that aborts incomplete multipart uploads does it too. A store that
@@ -116,6 +121,10 @@ class S3Storage(StagedStorage):
 
     # S3's multipart minimum. A store with a lower one (moto, in tests) may lower it.
     min_part_size: ClassVar[int] = MIN_PART_SIZE
+
+    writes_during_replace = True
+    """True with ``layout="segments"``: a flush during a compaction uploads segments after the
+    claim. Each storage with ``layout="object"`` sets it False (so read it from the storage)."""
 
     def __init__(
         self,
@@ -169,6 +178,8 @@ class S3Storage(StagedStorage):
             retries={"mode": options.retry_mode, "max_attempts": options.max_attempts},
             timeout=options.timeout,
         )
+        if options.layout != "segments":  # one object, rewritten whole: nothing follows a swap under way
+            self.writes_during_replace = False
         strategy = SegmentsLayout if options.layout == "segments" else ObjectLayout
         self._layout = strategy(
             self._client,
@@ -217,6 +228,10 @@ class S3Storage(StagedStorage):
 
     async def _swap(self, data: AsyncIterator[bytes]) -> None:
         await self._layout.replace(data)
+
+    async def _cut(self) -> Callable[[AsyncIterator[bytes]], Awaitable[None]]:
+        assert isinstance(self._layout, SegmentsLayout)  # the object layout holds writes
+        return await self._layout.claim()
 
     async def _release(self) -> None:
         await self._client.close()

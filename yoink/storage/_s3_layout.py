@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
@@ -131,16 +131,14 @@ class Layout(ABC):
         data: AsyncIterator[bytes],
         metadata: dict[str, str],
         condition: dict[str, str],
-        *,
-        before_commit: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[str, int, bool]:
         """Write ``data``, of a size not known in advance, to ``key``; return its ETag, its size and
         whether it ends in a newline (or is empty).
 
         A part at a time is held in memory: up to ``part_size``, it is one ``PutObject``; beyond,
         a multipart upload, which S3 shows to nobody until it is completed and which is aborted if
-        anything fails. ``before_commit`` runs just before the one request that makes ``key`` hold
-        ``data`` (the ``PutObject`` or the ``CompleteMultipartUpload``); ``condition`` goes on it.
+        anything fails. ``condition`` goes on the one request that makes ``key`` hold ``data`` (the
+        ``PutObject`` or the ``CompleteMultipartUpload``).
         """
         buffer = bytearray()
         more = False
@@ -150,8 +148,6 @@ class Layout(ABC):
                 more = True
                 break
         if not more:
-            if before_commit is not None:
-                await before_commit()
             body = bytes(buffer)
             response = await self._client.call(
                 "put_object", Key=key, Body=body, Metadata=metadata, **condition
@@ -182,8 +178,6 @@ class Layout(ABC):
                 await send(bytes(buffer))
                 size, last = size + len(buffer), bytes(buffer[-1:])
                 buffer.clear()
-            if before_commit is not None:
-                await before_commit()
             response = await self._client.call(
                 "complete_multipart_upload", MultipartUpload={"Parts": parts}, **upload, **condition
             )

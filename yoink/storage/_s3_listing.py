@@ -7,7 +7,9 @@ readers under way), and the last of its own batches in S3.
 A compaction's snapshot is a merged object from segment 0, ``merged/000000000000-<n>.jsonl``, that
 holds the new journal instead of segments 0 to n; its metadata says so (``yoink-base: n``). Segment
 n is claimed first (an empty object, ``yoink-claim``): until the snapshot exists, the claim is a
-segment without records; once it does, everything up to n is the snapshot's. A writer that writes
+segment without records; once it does, everything up to n is the snapshot's. The segments after n
+(the compacting writer's flushes meanwhile) are read after the old journal, then after the
+snapshot, unchanged. A writer that writes
 after a claim whose snapshot does not exist rules the snapshot out first, by writing an empty
 ``merged/000000000000-<n>.jsonl`` (``yoink-void``) in its place: the compaction, paused there or
 dead, can then never swap its snapshot in under that writer's records. Readers pass it over.

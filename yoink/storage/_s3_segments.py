@@ -9,14 +9,22 @@ A merged segment is emptied, never deleted, so a writer behind the times that as
 finds it taken. Readers list ``merged/``, then the segments after the last merged one.
 
 A compaction (:meth:`SegmentsLayout.replace`) claims the next segment number n (an empty
-``segments/n``, ``If-None-Match: *``), then writes the new journal as
-``merged/000000000000-<n>.jsonl`` (``If-None-Match: *``): from the moment that object exists,
-readers take it as the journal's base, as they take any merge from segment 0, and read the
-segments after n. A writer that finds a claim without its snapshot and writes after it puts an
-empty ``merged/000000000000-<n>.jsonl`` there first (``yoink-void``): a compaction paused
-between its claim and its snapshot, by a writer taken over, can then never apply it. What a
-snapshot replaced stays ``keep_replaced`` seconds for readers under way, then a writer empties
-the old segments (keeping their keys, as a merge does) and deletes the old merged objects.
+``segments/n``, ``If-None-Match: *``) where the old journal ends, before it reads the new
+journal's text, then writes the new journal as ``merged/000000000000-<n>.jsonl``
+(``If-None-Match: *``): from the moment that object exists, readers take it as the journal's
+base, as they take any merge from segment 0, and read the segments after n. So this writer
+flushes on while the snapshot is written (``writes_during_replace``): its segments n+1, n+2, ...
+follow the old journal until the snapshot exists (the claim is a segment without records), and
+the snapshot then, as they are, with nothing to copy. A crash, or a snapshot that fails, leaves
+the claim without records and those segments after it. Merges meanwhile take only segments after
+n: the claim and what it is to replace stay as they are until the snapshot has landed.
+
+A writer that finds a claim without its snapshot and writes after it puts an empty
+``merged/000000000000-<n>.jsonl`` there first (``yoink-void``): a compaction paused between its
+claim and its snapshot, by a writer taken over, can then never apply it. The writer whose
+compaction is under way passes over its own claim (it knows the claim's token). What a snapshot
+replaced stays ``keep_replaced`` seconds for readers under way, then a writer empties the old
+segments (keeping their keys, as a merge does) and deletes the old merged objects.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
@@ -56,6 +64,7 @@ class SegmentsLayout(SegmentListing):
         super().__init__(client, stage, uri=uri, key=key, options=options, min_part_size=min_part_size)
         self._merge_after = options.merge_after
         self._merge_target = options.merge_target
+        self._claimed: tuple[int, str] | None = None  # a compaction's claim and token, until its snapshot
 
     async def open_remote(
         self, writer: str | None, staged: bool, *, remember: bool
@@ -102,12 +111,26 @@ class SegmentsLayout(SegmentListing):
         self._give_up(batches)
 
     async def replace(self, data: AsyncIterator[bytes]) -> None:
-        """Write ``data`` as a snapshot that readers take as the journal's base (module docstring).
+        """Write ``data`` as a snapshot that readers take as the journal's base (module docstring):
+        :meth:`claim`, then the snapshot it returns, with no upload between."""
+        snapshot = await self.claim()
+        await snapshot(data)
+
+    async def claim(self) -> Callable[[AsyncIterator[bytes]], Awaitable[None]]:
+        """Claim the next segment number n, where the old journal ends; return what writes the
+        snapshot, ``merged/000000000000-<n>.jsonl``, from the new journal's text.
+
+        Called with no upload under way and nothing staged. Uploads may go on once it has returned,
+        while the snapshot is written: they write segments n+1, n+2, ..., which follow the snapshot
+        as they are, since readers take it as segments 0 to n. Until the snapshot exists, the claim
+        is a segment without records, so those uploads follow the old journal: a crash, or a
+        snapshot that fails, leaves them there. Merges meanwhile take only segments after n.
 
         The fence is the claim's condition, as a flush's is its segment's: a writer elsewhere that
         wrote since this one last looked holds that number, and the compaction is refused with
         :class:`~yoink.ConcurrentWriterError` before anything is visible. The snapshot's own
-        condition refuses it if a writer merged the claim meanwhile (it wrote after it).
+        condition refuses it if a writer went on after the claim meanwhile: it ruled the snapshot
+        out (``yoink-void``) before its first segment, or merged the claim.
         """
         writer = self._stage.writer
         now = await self._list_segments(writer, remember=False)  # also what a crash left to clear
@@ -123,29 +146,45 @@ class SegmentsLayout(SegmentListing):
         claim_key, key = self._segment_key(number), self._merged_key(0, number)
         replaced = [piece for piece in state.live if piece.merged or piece.size]
         holding = [piece.start for piece in [*replaced, *state.unburied] if not piece.merged]
-        token = secrets.token_hex(8)  # tells this replace's own retries from another writer's objects
+        token = secrets.token_hex(8)  # tells this replace's own objects from another writer's
         owner = {"yoink-writer": writer, "yoink-batch": str(state.landed), "yoink-claim": token}
         metadata = {**owner, "yoink-base": str(number), "yoink-retired": str(min(holding, default=number))}
-
-        async def claim() -> None:
-            try:
-                response = await self._client.call(
-                    "put_object", Key=claim_key, Body=b"", Metadata=owner, IfNoneMatch="*"
-                )
-                etag = str(response["ETag"])
-            except Conflict:
-                head = await self._head_metadata(claim_key)
-                if head is None or head[0].get("yoink-claim") != token:
-                    raise self._compaction_refused(
-                        f"segment {number}, the one it claims, is another writer's"
-                    ) from None
-                etag = head[2]
-            state.live.append(Segment(claim_key, number, number, 0, etag, batch=state.landed))
-
         try:
-            etag, size, _ = await self._put_stream(
-                key, data, metadata, {"IfNoneMatch": "*"}, before_commit=claim
+            response = await self._client.call(
+                "put_object", Key=claim_key, Body=b"", Metadata=owner, IfNoneMatch="*"
             )
+            etag = str(response["ETag"])
+        except Conflict:
+            head = await self._head_metadata(claim_key)
+            if head is None or head[0].get("yoink-claim") != token:
+                raise self._compaction_refused(
+                    f"segment {number}, the one it claims, is another writer's"
+                ) from None
+            etag = head[2]  # this claim's, whose reply was lost
+        state.live.append(Segment(claim_key, number, number, 0, etag, batch=state.landed))
+        self._claimed = (number, token)
+
+        async def snapshot(data: AsyncIterator[bytes]) -> None:
+            try:
+                etag, size = await self._put_snapshot(key, data, metadata, number, token)
+            finally:
+                self._claimed = None  # the claim is over: a snapshot, or a segment without records
+            # The swap, in this writer's view: the snapshot, then what was uploaded after the claim.
+            state.hidden += [piece for piece in replaced if piece.merged]
+            state.unburied += [piece for piece in replaced if not piece.merged]
+            after = [piece for piece in state.live if piece.start > number]
+            state.live = [Segment(key, 0, number, size, etag, merged=True), *after]
+            state.keep_until = time.monotonic() + self._keep_replaced
+            await self._tidy(state)  # at once if keep_replaced is 0, else at a flush once it has passed
+
+        return snapshot
+
+    async def _put_snapshot(
+        self, key: str, data: AsyncIterator[bytes], metadata: dict[str, str], number: int, token: str
+    ) -> tuple[str, int]:
+        """Write the snapshot of claim ``number``; return its ETag and size."""
+        try:
+            etag, size, _ = await self._put_stream(key, data, metadata, {"IfNoneMatch": "*"})
         except Conflict:
             head = await self._head_metadata(key)
             if head is not None and VOID in head[0]:
@@ -157,12 +196,8 @@ class SegmentsLayout(SegmentListing):
                 raise self._compaction_refused(
                     f"it wrote after segment {number}, which this compaction claimed, and merged it"
                 ) from None
-            etag, size = head[2], head[1]
-        state.hidden += [piece for piece in replaced if piece.merged]
-        state.unburied += [piece for piece in replaced if not piece.merged]
-        state.live = [Segment(key, 0, number, size, etag, merged=True)]
-        state.keep_until = time.monotonic() + self._keep_replaced
-        await self._tidy(state)  # at once if keep_replaced is 0, else at a flush once it has passed
+            etag, size = head[2], head[1]  # this snapshot's, whose reply was lost
+        return etag, size
 
     async def _rule_out_claims(self, state: Segments, batches: list[Batch]) -> None:
         """Rule out the snapshot of each claim this writer listed and is to write after: a compaction
@@ -170,6 +205,10 @@ class SegmentsLayout(SegmentListing):
         swap its snapshot in under this writer's segments. A snapshot already there was written
         after this writer read the journal: it is refused, its batches kept."""
         for number in state.claims:
+            if self._claimed is not None and number == self._claimed[0]:
+                head = await self._head_metadata(self._segment_key(number))
+                if head is not None and head[0].get("yoink-claim") == self._claimed[1]:
+                    continue  # this writer's own compaction, under way: its snapshot is to come
             key = self._merged_key(0, number)
             try:
                 metadata = {VOID: str(number), "yoink-writer": self._stage.writer}
@@ -212,6 +251,9 @@ class SegmentsLayout(SegmentListing):
                 start = index + 1
             elif segment.size >= self._min_part_size:
                 start = index
+        if self._claimed is not None:  # a compaction's snapshot is to replace segments 0 to its claim
+            claimed = self._claimed[0]
+            start = max([start, *(i + 1 for i, piece in enumerate(state.live) if piece.start <= claimed)])
         run = state.live[start:-1]  # the newest segment stays
         if len(run) < self._merge_after:
             return

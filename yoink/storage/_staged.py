@@ -2,8 +2,8 @@
 
 A subclass says where the journal lives: how to read what the remote side holds
 (:meth:`_open_remote`), how to upload staged batches (:meth:`_upload`) and, to compact, how to
-swap in a new journal (:meth:`_swap`). The write path, the locks, read-your-writes, the order of
-a replace and close are here, once.
+swap in a new journal (:meth:`_swap`, or :meth:`_cut` for one that takes writes during the swap).
+The write path, the locks, read-your-writes, the order of a replace and close are here, once.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import contextlib
 import functools
 import os
 from abc import abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 
 import anyio
 
@@ -32,7 +32,14 @@ class StagedStorage(ClosableStorage):
     uploads what is staged first, as a flush would: what was staged belongs to the old journal, so
     the stage holds nothing from before the swap, and no later storage on it (after a crash at any
     instant) can upload an old batch on top of the new journal. Then the subclass's
-    :meth:`_swap` puts the new journal in place in one step the remote side makes atomic.
+    :meth:`_swap` puts the new journal in place in one step the remote side makes atomic, with
+    uploads held (a flush waits for it).
+
+    A subclass whose instances set ``writes_during_replace`` implements :meth:`_cut` instead: with
+    uploads held and nothing staged, it fixes where the old journal ends, and returns what writes
+    the new journal and swaps it in. That runs with uploads going on: a flush during it uploads
+    what was written after the cut, which the swap must keep after the new journal. One replace
+    runs at a time, and :meth:`close` waits for it.
     """
 
     def __init__(self, uri: str, stage_dir: str | os.PathLike[str] | None, identity: str):
@@ -41,6 +48,7 @@ class StagedStorage(ClosableStorage):
         self._stage = Stage(root, identity, describe=uri)
         self._write_lock = anyio.Lock()  # the stage's files
         self._flush_lock = anyio.Lock()  # one upload at a time
+        self._replace_lock = anyio.Lock()  # one replace at a time, and close() after it
 
     @property
     def uri(self) -> str:
@@ -98,17 +106,24 @@ class StagedStorage(ClosableStorage):
             await self._upload_staged()
 
     async def _replace(self, text: AsyncIterable[str]) -> None:
-        async with self._flush_lock:  # no upload under way, none starts: writes wait in the stage
-            self._check_open()
-            async with self._write_lock:
-                if not self._stage.is_open:  # the writer's lock, held through the swap and after it
-                    await self._open_stage()
-                batches = self._stage.seal()
-            if batches:
-                await self._upload(batches)
-            await self._swap(_encoded(text))
+        async with self._replace_lock:
+            async with self._flush_lock:  # no upload under way, none starts: writes wait in the stage
+                self._check_open()
+                async with self._write_lock:
+                    if not self._stage.is_open:  # the writer's lock, held through the swap and after it
+                        await self._open_stage()
+                    batches = self._stage.seal()
+                if batches:
+                    await self._upload(batches)
+                if not self.writes_during_replace:
+                    await self._swap(_encoded(text))
+                    return
+                swap = await self._cut()
+            await swap(_encoded(text))  # flushes go on: they upload what follows the cut
 
     async def _close(self) -> None:
+        async with self._replace_lock:  # a replace under way uses the client until its swap
+            pass
         try:
             if self._stage.is_open:  # this storage wrote; a stage it never took is not its to upload
                 async with self._flush_lock:
@@ -128,6 +143,7 @@ class StagedStorage(ClosableStorage):
         self._closed_by_fork()
         self._write_lock = anyio.Lock()
         self._flush_lock = anyio.Lock()
+        self._replace_lock = anyio.Lock()
         self._drop_clients_after_fork()
 
     def _drop_clients_after_fork(self) -> None:
@@ -164,6 +180,16 @@ class StagedStorage(ClosableStorage):
         raise CompactionNotSupportedError(
             f"{self!r} cannot compact its journal: {type(self).__name__} does not implement _swap(); "
             "the journal is unchanged"
+        )
+
+    async def _cut(self) -> Callable[[AsyncIterator[bytes]], Awaitable[None]]:
+        """Where ``writes_during_replace`` is set: fix where the old journal ends, with uploads held
+        and nothing staged, and return what makes ``data`` the whole journal, atomically, followed
+        by every upload made after the cut, in order. What it returns runs with uploads going on;
+        if that raises, those uploads follow the old journal."""
+        raise CompactionNotSupportedError(
+            f"{self!r} cannot compact its journal while it writes: {type(self).__name__} sets "
+            "writes_during_replace but does not implement _cut(); the journal is unchanged"
         )
 
     async def _release(self) -> None:
