@@ -102,12 +102,44 @@ async def test_a_snapshot_replaces_the_journal_and_later_records_follow_it(tmp_p
         for n in range(100):
             await checkpoint.append({"step": n})
         result = await checkpoint.compact(state())
+        header = await _header(path)
         await checkpoint.append({"step": 100})
-        assert (result.records_before, result.records) == (None, 3)
+        assert (result.key, result.records_before, result.bytes_before, result.records) == (None, None, None, 3)
+        assert result.bytes == sum(len(orjson.dumps({"total": n})) + 1 for n in range(3))
+        assert header is not None
+        assert result.at == header.at
         second = await checkpoint.compact([{"total": 9}])  # a plain iterable too
         await checkpoint.append({"step": 101})
     assert second.records == 1
     assert await replay(path) == [{"total": 9}, {"step": 101}]
+
+
+async def test_the_policy_counts_the_growth_after_a_snapshot_from_the_snapshots_size(async_backend: str) -> None:
+    """After compact(records), the policy's next compaction comes once the journal has grown by
+    ``growth`` times the snapshot's bytes (its header included), not a byte sooner."""
+    sizes = []  # the journal's bytes at each compaction's call
+
+    class Sizing(MemoryStorage):
+        async def replace(self, text: Any) -> None:
+            sizes.append(sum(len(item) for item in self._journals.get(self.name, [])))
+            await super().replace(text)
+
+    storage = Sizing(f"growth-after-snapshot-{async_backend}")
+    policy = CompactionPolicy(key="k", growth=2.0, min_bytes=1)
+    async with CheckpointManager(storage, batch_bytes=1, compact=policy) as checkpoint:
+        await checkpoint.compact([{"k": n, "state": "x" * 50} for n in range(10)])
+        assert sizes == [0]
+        snapshot = sum(len(item) for item in storage._journals[storage.name])
+        frame = len(orjson.dumps({"k": "pad", "p": ""})) + 1
+        await checkpoint.append({"k": "pad", "p": "x" * (snapshot - 1 - frame)})  # grown by one byte short
+        await checkpoint.flush()
+        await anyio.sleep(0.05)
+        assert sizes == [0], "compacted before the journal had grown by the snapshot's size"
+        await checkpoint.append({"k": "pad", "p": ""})
+        with anyio.fail_after(5):
+            while len(sizes) < 2:
+                await anyio.sleep(0.01)
+    assert sizes[1] == 2 * snapshot - 1 + frame
 
 
 async def test_records_appended_while_a_compaction_runs_follow_the_snapshot(tmp_path: Path) -> None:

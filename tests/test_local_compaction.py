@@ -660,3 +660,163 @@ async def test_a_journal_cut_short_under_its_writer_during_replace_is_not_swappe
     assert isinstance(raised, StorageError)
     assert "cut short" in str(raised)
     assert not os.path.exists(str(path) + REPLACEMENT_SUFFIX)
+
+
+@pytest.mark.parametrize("copy", ["with writes going on", "with writes held"])
+async def test_a_journal_cut_short_while_the_carry_is_copied_is_not_swapped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, copy: str
+) -> None:
+    """Cut after the copy was told where the journal ends: the copy finds the file ends sooner."""
+    path = tmp_path / "cut.jsonl"
+    copy_to = local_module._Carry.copy_to
+    copies: list[int] = []
+
+    def cut_then_copy(carry: Any, fd: int, journal: str, end: int) -> None:
+        copies.append(end)
+        if copy == "with writes going on":
+            os.truncate(path, 5)  # another program, between the end's measure and the copy
+        elif len(copies) == 1:  # another program appends, then cuts in the middle of it
+            copy_to(carry, fd, journal, end)
+            with open(path, "a") as other:
+                other.write('{"landed":1}\n')
+            return
+        else:
+            os.truncate(path, carry.copied + 3)
+        copy_to(carry, fd, journal, end)
+
+    monkeypatch.setattr(local_module._Carry, "copy_to", cut_then_copy)
+    async with LocalFileStorage(path) as storage:
+        await storage.write('{"old":1}\n')
+
+        async def write() -> None:
+            await storage.write('{"during":1}\n')
+
+        raised = await replace_while_writing(storage, lines('{"new":1}\n'), write)
+    assert isinstance(raised, StorageError)
+    assert str(raised) == (
+        f"{path} was cut short by another program during the compaction; nothing was replaced, the "
+        "old journal is kept as it is"
+    )
+    if copy == "with writes going on":
+        assert path.read_bytes() == b'{"old'
+    else:
+        assert path.read_bytes() == b'{"old":1}\n{"during":1}\n{"l'
+    assert not os.path.exists(str(path) + REPLACEMENT_SUFFIX)
+
+
+@pytest.mark.parametrize("copy", ["with writes going on", "with writes held"])
+@pytest.mark.parametrize("fails", ["read", "write"])
+async def test_a_carry_the_disk_fails_names_the_journal_and_keeps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, copy: str, fails: str
+) -> None:
+    path = tmp_path / "failing.jsonl"
+    copy_to = local_module._Carry.copy_to
+    copies: list[int] = []
+    pread, write = os.pread, os.write
+
+    def failing_copy(carry: Any, fd: int, journal: str, end: int) -> None:
+        copies.append(end)
+        if (len(copies) == 1) != (copy == "with writes going on"):
+            return copy_to(carry, fd, journal, end)
+        if len(copies) == 2:  # something to copy at the second: another program appends
+            with open(path, "a") as other:
+                other.write('{"landed":1}\n')
+            end = os.path.getsize(path)
+
+        def failing_pread(descriptor: int, *args: Any) -> bytes:
+            if descriptor == carry.fd and fails == "read":
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return pread(descriptor, *args)
+
+        def failing_write(descriptor: int, data: Any) -> int:
+            if descriptor == fd and fails == "write":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return write(descriptor, data)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "pread", failing_pread)
+            patch.setattr(os, "write", failing_write)
+            copy_to(carry, fd, journal, end)
+
+    monkeypatch.setattr(local_module._Carry, "copy_to", failing_copy)
+    async with LocalFileStorage(path) as storage:
+        await storage.write('{"old":1}\n')
+
+        async def write_during() -> None:
+            await storage.write('{"during":1}\n')
+
+        raised = await replace_while_writing(storage, lines('{"new":1}\n'), write_during)
+        await storage.write('{"after":1}\n')
+    assert isinstance(raised, StorageError), raised
+    journal = os.path.realpath(path)
+    if fails == "read":
+        assert str(raised) == (
+            f"cannot read {journal} to carry what was written during the compaction: "
+            f"{os.strerror(errno.EIO)}; the old journal is kept"
+        )
+    else:
+        assert str(raised) == (
+            f"cannot write the new journal {journal}{REPLACEMENT_SUFFIX}: {os.strerror(errno.ENOSPC)}; "
+            "the old one is kept"
+        )
+    assert path.read_text().startswith('{"old":1}\n{"during":1}\n')
+    assert path.read_text().endswith('{"after":1}\n')
+    assert not os.path.exists(str(path) + REPLACEMENT_SUFFIX)
+
+
+class _ChangedAsItBegins(LocalFileStorage):
+    """Another program changes the journal's path just after replace() set up its new file."""
+
+    change: Callable[[], None]
+
+    def _open_replacement(self) -> tuple[int, str]:
+        opened = super()._open_replacement()
+        self.change()
+        return opened
+
+
+async def test_a_journal_replaced_as_the_compaction_begins_is_not_compacted(tmp_path: Path) -> None:
+    path, other = tmp_path / "job.jsonl", tmp_path / "other.jsonl"
+    other.write_text('{"other":1}\n')
+    storage = _ChangedAsItBegins(path)
+    storage.change = lambda: os.rename(other, path)
+    async with storage:
+        await storage.write('{"old":1}\n')
+        with pytest.raises(StorageError) as raised:
+            await storage.replace(lines('{"new":1}\n'))
+    assert str(raised.value) == (
+        f"{path} was moved or replaced as the compaction began; nothing was replaced, the old "
+        "journal is kept"
+    )
+    assert path.read_text() == '{"other":1}\n'
+    assert not os.path.exists(str(path) + REPLACEMENT_SUFFIX)
+
+
+async def test_a_journal_removed_as_the_compaction_begins_is_not_compacted(tmp_path: Path) -> None:
+    path = tmp_path / "job.jsonl"
+    storage = _ChangedAsItBegins(path)
+    storage.change = lambda: os.unlink(path)
+    async with storage:
+        await storage.write('{"old":1}\n')
+        with pytest.raises(StorageError) as raised:
+            await storage.replace(lines('{"new":1}\n'))
+    assert str(raised.value) == (
+        f"cannot compact {path}: [Errno 2] No such file or directory: '{path}'; the old journal is kept"
+    )
+    assert not os.path.exists(path)
+    assert not os.path.exists(str(path) + REPLACEMENT_SUFFIX)
+
+
+async def test_a_compaction_leaves_no_descriptor_open_behind_it(tmp_path: Path) -> None:
+    path = tmp_path / "job.jsonl"
+    async with LocalFileStorage(path) as storage:
+        await storage.write('{"old":1}\n')
+        await storage.flush()
+        before = len(os.listdir("/proc/self/fd"))
+        for n in range(3):
+
+            async def write(n: int = n) -> None:
+                await storage.write(f'{{"during":{n}}}\n')
+
+            assert await replace_while_writing(storage, lines(f'{{"new":{n}}}\n'), write) is None
+        assert len(os.listdir("/proc/self/fd")) == before
