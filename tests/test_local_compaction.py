@@ -785,8 +785,7 @@ async def test_a_journal_replaced_as_the_compaction_begins_is_not_compacted(tmp_
         with pytest.raises(StorageError) as raised:
             await storage.replace(lines('{"new":1}\n'))
     assert str(raised.value) == (
-        f"{path} was moved or replaced as the compaction began; nothing was replaced, the old "
-        "journal is kept"
+        f"{path} was moved or replaced as the compaction began; nothing was replaced, the old journal is kept"
     )
     assert path.read_text() == '{"other":1}\n'
     assert not os.path.exists(str(path) + REPLACEMENT_SUFFIX)
