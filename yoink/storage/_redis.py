@@ -132,7 +132,9 @@ class RedisStreamStorage(ClosableStorage):
       ``{<key>}:generation``.
     - Redis Cluster: the stream, its lease, its epoch and compaction's keys must share a slot.
       yoink names them ``{<key>}:lease``, ``{<key>}:epoch``, ... for a key without a hash tag;
-      give keys a hash tag (``{run-42}:journal``) to place them yourself.
+      give keys a hash tag (``{run-42}:journal``) to place them yourself. A key that is its hash
+      tag alone, ``{crawl}``, shares those keys with the key ``crawl``: do not use both in one
+      database.
     - Passwords never appear in a repr, a log line or an error.
     - redis-py's asyncio client runs on asyncio (not trio).
     """
