@@ -776,3 +776,97 @@ def test_keep_replaced_must_be_a_number_of_seconds(bucket: str) -> None:
     with pytest.raises(ValueError, match="keep_replaced"):
         S3Storage(f"s3://{bucket}/run.jsonl", keep_replaced=-1)
     assert S3Storage(f"s3://{bucket}/run?layout=segments&keep_replaced=0")._options.keep_replaced == 0
+
+
+async def test_a_merge_under_way_as_the_snapshot_lands_ends_first_and_merges_go_on_after(
+    open_s3: OpenS3, moto: MotoServer, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    storage = open_s3("segments", merge_after=2, keep_replaced=0)
+    async with storage:
+        for n in range(3):  # merged/0-1, segment 2
+            await storage.write(records(n, 1))
+            await storage.flush()
+        merging, go_merge, go_snapshot = anyio.Event(), anyio.Event(), anyio.Event()
+        call = storage._client.call
+
+        async def pausing(operation: str, **params: Any) -> Any:
+            if operation == "put_object" and "/merged/000000000004-" in params.get("Key", ""):
+                merging.set()
+                await go_merge.wait()  # the merge of segments 4 and 5, under way
+            return await call(operation, **params)
+
+        storage._client.call = pausing  # type: ignore[method-assign]
+
+        async def text() -> AsyncIterator[str]:
+            await go_snapshot.wait()
+            yield records(100, 1)
+
+        swapped = anyio.Event()
+
+        async def compact() -> None:
+            await storage.replace(text())  # claims segment 3
+            swapped.set()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(compact)
+            await anyio.sleep(0.2)
+            for n in (4, 5):
+                await storage.write(records(n, 1))
+                await storage.flush()
+            await storage.write(records(6, 1))
+            tasks.start_soon(storage.flush)  # segment 6, then the merge of 4-5
+            with anyio.fail_after(10):
+                await merging.wait()
+            go_snapshot.set()
+            await anyio.sleep(0.3)
+            swapped_under_the_merge = swapped.is_set()
+            go_merge.set()
+        assert not swapped_under_the_merge, "the snapshot was swapped into the view under a merge"
+        with caplog.at_level("WARNING", logger="yoink"):
+            for n in range(7, 17):
+                await storage.write(records(n, 1))
+                await storage.flush()
+        assert "merging" not in caplog.text, caplog.text
+    holding = [key for key, size in sizes(moto, bucket).items() if size and key.startswith("run/segments/")]
+    assert len(holding) < 4, f"merges stopped after the compaction: {holding}"
+    async with open_s3("segments", "reader") as reader:
+        assert await numbers(reader) == [100, *range(4, 17)]
+
+
+async def test_a_compaction_paused_after_its_claim_is_ruled_out_by_a_writer_that_takes_over_by_compacting(
+    open_s3: OpenS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer on another machine takes over with a compaction, not a flush: its own claim
+    comes after the paused one, whose snapshot it rules out first, so the paused compaction
+    fails and the one that took over goes on writing."""
+    compactor = open_s3("segments", "a")
+    for n in range(3):
+        await compactor.write(records(n, 1))
+        await compactor.flush()
+    paused = PausedSnapshot(compactor, monkeypatch)
+    other = open_s3("segments", "b")
+    errors: list[Exception] = []
+
+    async def compact() -> None:
+        try:
+            await compactor.replace(snapshot(10, 2))  # claims segment 3
+        except ConcurrentWriterError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(compact)
+        with anyio.fail_after(10):
+            await paused.reached.wait()
+        await other.replace(snapshot(20, 2))  # claims segment 4, after ruling out 3's snapshot
+        paused.go.set()
+    assert [str(error) for error in errors] == [
+        f"{compactor.uri} was changed by another writer (it wrote after segment 3, which this "
+        "compaction had claimed, and so ruled its snapshot out) while this one compacted it; yoink "
+        "allows one writer at a time. The compaction was not applied: the journal is as the other "
+        "writer left it"
+    ]
+    await died(compactor)
+    await other.write(records(30, 1))
+    await other.close()  # its flush is not refused
+    async with open_s3("segments", "reader") as reader:
+        assert await numbers(reader) == [20, 21, 30]

@@ -326,7 +326,10 @@ class Layout(ABC):
         )
 
     def _raise_conflict(self, what: str, batches: list[Batch]) -> NoReturn:
-        raise ConcurrentWriterError(
+        raise self._conflict(what, batches)
+
+    def _conflict(self, what: str, batches: list[Batch]) -> ConcurrentWriterError:
+        return ConcurrentWriterError(
             f"{self._uri} was changed by another writer ({what}); yoink allows one writer at a time. "
             f"Nothing was lost: the {sum(b.size for b in batches)} bytes not uploaded stay staged in "
             f"{self._stage.directory}, and a new storage for this URI uploads them once the other "

@@ -30,6 +30,7 @@ segments (keeping their keys, as a merge does) and deletes the old merged object
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -65,6 +66,7 @@ class SegmentsLayout(SegmentListing):
         self._merge_after = options.merge_after
         self._merge_target = options.merge_target
         self._claimed: tuple[int, str] | None = None  # a compaction's claim and token, until its snapshot
+        self._changing = anyio.Lock()  # a merge, or a snapshot's swap: one changes the view at a time
 
     async def open_remote(
         self, writer: str | None, staged: bool, *, remember: bool
@@ -84,7 +86,7 @@ class SegmentsLayout(SegmentListing):
             batches = await self._drop_landed(batches, state.landed)
             if not batches:
                 return
-            await self._rule_out_claims(state, batches)
+            await self._rule_out_claims(state, functools.partial(self._conflict, batches=batches))
             # The fence is this PutObject's condition. A segment key, once written, exists for
             # good (a merge empties it, never deletes it), so a writer whose view is stale, by a
             # moment or a day, asks for a number that is taken, and S3 refuses it.
@@ -106,7 +108,8 @@ class SegmentsLayout(SegmentListing):
             state.live.append(Segment(key, number, number, size, etag, batch=batches[-1].seq))
             state.landed = batches[-1].seq
             await self._stage.discard(state.landed)
-            await self._merge_if_due(state)
+            async with self._changing:  # a snapshot's swap waits for it, and it for a swap
+                await self._merge_if_due(state)
             return
         self._give_up(batches)
 
@@ -140,6 +143,7 @@ class SegmentsLayout(SegmentListing):
         seen = {piece.key for piece in [*state.hidden, *state.unburied]}
         state.hidden += [piece for piece in now.hidden if piece.key not in seen]
         state.unburied += [piece for piece in now.unburied if piece.key not in seen]
+        await self._rule_out_claims(state, self._compaction_refused)  # a compaction paused elsewhere
         for prefix in (f"{self._key}/segments/", f"{self._key}/merged/"):  # not another journal's under it
             await self._abort_uploads(prefix)
         number = state.next
@@ -169,13 +173,15 @@ class SegmentsLayout(SegmentListing):
                 etag, size = await self._put_snapshot(key, data, metadata, number, token)
             finally:
                 self._claimed = None  # the claim is over: a snapshot, or a segment without records
-            # The swap, in this writer's view: the snapshot, then what was uploaded after the claim.
-            state.hidden += [piece for piece in replaced if piece.merged]
-            state.unburied += [piece for piece in replaced if not piece.merged]
-            after = [piece for piece in state.live if piece.start > number]
-            state.live = [Segment(key, 0, number, size, etag, merged=True), *after]
-            state.keep_until = time.monotonic() + self._keep_replaced
-            await self._tidy(state)  # at once if keep_replaced is 0, else at a flush once it has passed
+            # The swap, in this writer's view: the snapshot, then what was uploaded after the claim
+            # (a merge under way, of segments after the claim, ends first: it changes the view too).
+            async with self._changing:
+                state.hidden += [piece for piece in replaced if piece.merged]
+                state.unburied += [piece for piece in replaced if not piece.merged]
+                after = [piece for piece in state.live if piece.start > number]
+                state.live = [Segment(key, 0, number, size, etag, merged=True), *after]
+                state.keep_until = time.monotonic() + self._keep_replaced
+                await self._tidy(state)  # at once if keep_replaced is 0, else at a flush once it has passed
 
         return snapshot
 
@@ -199,11 +205,12 @@ class SegmentsLayout(SegmentListing):
             etag, size = head[2], head[1]  # this snapshot's, whose reply was lost
         return etag, size
 
-    async def _rule_out_claims(self, state: Segments, batches: list[Batch]) -> None:
-        """Rule out the snapshot of each claim this writer listed and is to write after: a compaction
-        paused between its claim and its snapshot (a writer taken over) or dead there must never
-        swap its snapshot in under this writer's segments. A snapshot already there was written
-        after this writer read the journal: it is refused, its batches kept."""
+    async def _rule_out_claims(self, state: Segments, refused: Callable[[str], Exception]) -> None:
+        """Rule out the snapshot of each claim this writer listed and is to write after (a segment,
+        or a claim of its own): a compaction paused between its claim and its snapshot (a writer
+        taken over) or dead there must never swap its snapshot in under this writer's segments. A
+        snapshot already there was written after this writer read the journal: ``refused(what)``
+        is raised."""
         for number in state.claims:
             if self._claimed is not None and number == self._claimed[0]:
                 head = await self._head_metadata(self._segment_key(number))
@@ -215,7 +222,7 @@ class SegmentsLayout(SegmentListing):
                 await self._client.call("put_object", Key=key, Body=b"", Metadata=metadata, IfNoneMatch="*")
             except Conflict:
                 if not await self._is_void(key):
-                    self._raise_conflict(f"it compacted the journal, to segment {number}", batches)
+                    raise refused(f"it compacted the journal, to segment {number}") from None
         state.claims.clear()
 
     def _compaction_refused(self, what: str) -> ConcurrentWriterError:
