@@ -870,3 +870,64 @@ async def test_a_compaction_paused_after_its_claim_is_ruled_out_by_a_writer_that
     await other.close()  # its flush is not refused
     async with open_s3("segments", "reader") as reader:
         assert await numbers(reader) == [20, 21, 30]
+
+
+@pytest.mark.parametrize("lost", ["the claim", "the snapshot"])
+async def test_a_compaction_whose_every_reply_was_lost_is_known_by_what_s3_holds(
+    open_s3: OpenS3, proxy: Proxy, lost: str
+) -> None:
+    """S3 applies the claim (or the snapshot), and every retry of it gets an error: a HEAD tells
+    this writer that it went through, so the compaction goes on (or is done), the writer's view
+    is the journal's, and its flushes and compactions after it work."""
+    target = "/run/segments/000000000003" if lost == "the claim" else "/run/merged/000000000000-"
+    async with open_s3("segments", endpoint_url=proxy.url, max_attempts=2) as writer:
+        for n in range(3):
+            await writer.write(records(n, 1))
+            await writer.flush()
+        proxy.faults.append(
+            Fault(
+                500,
+                "InternalError",
+                times=10,
+                after=True,
+                match=lambda method, path: method == "PUT" and target in path,
+            )
+        )
+        await writer.replace(snapshot(10, 2))
+        assert proxy.faults[0].times < 9, "the fault was not used on every attempt"
+        proxy.faults.clear()
+        await writer.write(records(20, 1))
+        await writer.flush()
+        await writer.replace(snapshot(30, 2))
+        await writer.write(records(40, 1))
+    async with open_s3("segments", "reader") as reader:
+        assert await numbers(reader) == [30, 31, 40]
+
+
+async def test_a_writer_that_cannot_learn_whether_its_snapshot_went_in_uploads_nothing_more(
+    open_s3: OpenS3, proxy: Proxy
+) -> None:
+    async with open_s3("segments", endpoint_url=proxy.url, max_attempts=1) as writer:
+        await writer.write(records(0, 1))
+        await writer.flush()
+        proxy.faults.append(  # the snapshot lands, every answer is lost, and S3 is then out of reach
+            Fault(
+                500, "InternalError", times=10, after=True, match=lambda method, path: "/run/merged/" in path
+            )
+        )
+        proxy.faults.append(
+            Fault(500, "InternalError", times=10, match=lambda method, path: method == "HEAD")
+        )
+        proxy.faults[0].match = lambda method, path: method == "PUT" and "/run/merged/" in path
+        proxy.faults[1].match = lambda method, path: method == "HEAD" and "/run/merged/" in path
+        with pytest.raises(StorageError, match="could not learn whether its snapshot .* went through"):
+            await writer.replace(snapshot(10, 2))
+        proxy.faults.clear()
+        await writer.write(records(20, 1))
+        with pytest.raises(StorageError, match="this writer uploads nothing more"):
+            await writer.flush()
+        await died(writer)
+    async with open_s3("segments", "a", endpoint_url=proxy.url) as again:  # a new storage on its stage
+        await again.flush()  # it uploads what was staged after what the journal holds
+    async with open_s3("segments", "reader") as reader:
+        assert await numbers(reader) == [10, 11, 20]

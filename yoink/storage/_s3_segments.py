@@ -67,6 +67,7 @@ class SegmentsLayout(SegmentListing):
         self._merge_target = options.merge_target
         self._claimed: tuple[int, str] | None = None  # a compaction's claim and token, until its snapshot
         self._changing = anyio.Lock()  # a merge, or a snapshot's swap: one changes the view at a time
+        self._unknown: str | None = None  # why this writer cannot tell what the journal is, if so
 
     async def open_remote(
         self, writer: str | None, staged: bool, *, remember: bool
@@ -80,6 +81,7 @@ class SegmentsLayout(SegmentListing):
 
     async def upload(self, batches: list[Batch]) -> None:
         writer = self._stage.writer
+        self._check_known(batches)
         for _ in range(ATTEMPTS):
             state = self._view or await self._list_segments(writer)
             self._view = state
@@ -136,6 +138,7 @@ class SegmentsLayout(SegmentListing):
         out (``yoink-void``) before its first segment, or merged the claim.
         """
         writer = self._stage.writer
+        self._check_known([])
         now = await self._list_segments(writer, remember=False)  # also what a crash left to clear
         state = self._view = self._view or now
         if now.next != state.next:  # the claim would be refused: say so before the upload
@@ -165,6 +168,11 @@ class SegmentsLayout(SegmentListing):
                     f"segment {number}, the one it claims, is another writer's"
                 ) from None
             etag = head[2]  # this claim's, whose reply was lost
+        except StorageError as exc:  # every reply lost: did it land?
+            head = await self._went_through(claim_key, token, exc, f"its claim of segment {number}")
+            if head is None:
+                raise
+            etag = head[2]
         state.live.append(Segment(claim_key, number, number, 0, etag, batch=state.landed))
         self._claimed = (number, token)
 
@@ -203,7 +211,36 @@ class SegmentsLayout(SegmentListing):
                     f"it wrote after segment {number}, which this compaction claimed, and merged it"
                 ) from None
             etag, size = head[2], head[1]  # this snapshot's, whose reply was lost
+        except StorageError as exc:  # every reply lost, or the text failed: did it land?
+            landed = await self._went_through(key, token, exc, f"its snapshot {key}")
+            if landed is None:
+                raise
+            etag, size = landed[2], landed[1]
         return etag, size
+
+    async def _went_through(
+        self, key: str, token: str, error: StorageError, what: str
+    ) -> tuple[dict[str, str], int, str] | None:
+        """After a request of compaction ``token`` failed with ``error``: the head of ``key`` if the
+        request went through all the same, None if it did not. If S3 cannot say, this writer can no
+        longer tell what the journal is: it uploads nothing more (see :meth:`_check_known`)."""
+        try:
+            head = await self._head_metadata(key)
+        except StorageError:
+            self._unknown = f"it could not learn whether {what} went through ({error})"
+            raise StorageError(
+                f"{self._uri}: {self._unknown}; the journal is the old one, or the new one and what "
+                "was uploaded after its claim, and a new writer's replay shows which"
+            ) from error
+        return head if head is not None and head[0].get("yoink-claim") == token else None
+
+    def _check_known(self, batches: list[Batch]) -> None:
+        if self._unknown is not None:
+            raise StorageError(
+                f"{self._uri}: this writer uploads nothing more: {self._unknown}. The "
+                f"{sum(b.size for b in batches)} bytes not uploaded stay staged in {self._stage.directory}, "
+                "and a new storage for this URI uploads them after what the journal holds"
+            )
 
     async def _rule_out_claims(self, state: Segments, refused: Callable[[str], Exception]) -> None:
         """Rule out the snapshot of each claim this writer listed and is to write after (a segment,
