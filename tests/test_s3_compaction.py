@@ -931,3 +931,50 @@ async def test_a_writer_that_cannot_learn_whether_its_snapshot_went_in_uploads_n
         await again.flush()  # it uploads what was staged after what the journal holds
     async with open_s3("segments", "reader") as reader:
         assert await numbers(reader) == [10, 11, 20]
+
+
+async def test_a_reader_whose_first_get_comes_after_the_swap_reads_the_new_journal_whole(
+    open_s3: OpenS3,
+) -> None:
+    """It listed the old segments during a compaction; they are emptied (keep_replaced=0) before
+    its first GET: it has yielded nothing, so it reads the journal as it is then, not the
+    snapshot cut to the old segments' sizes."""
+    old = [f'{{"n":{n}}}' for n in range(3)]
+    new = ['{"n":100,"header":"longer than the old journal ........................"}', *old]
+    writer = open_s3("segments", keep_replaced=0)
+    async with writer:
+        for line in old:  # segments 0, 1, 2
+            await writer.write(line + "\n")
+            await writer.flush()
+        go_snapshot, listed, go_reader = anyio.Event(), anyio.Event(), anyio.Event()
+
+        async def text() -> AsyncIterator[str]:
+            await go_snapshot.wait()
+            yield "".join(line + "\n" for line in new)
+
+        reader = open_s3("segments", "reader")
+        call = reader._client.call
+
+        async def late_first_get(operation: str, **params: Any) -> Any:
+            if operation == "get_object" and not go_reader.is_set():
+                listed.set()
+                await go_reader.wait()
+            return await call(operation, **params)
+
+        reader._client.call = late_first_get  # type: ignore[method-assign]
+        got: list[str] = []
+
+        async def read() -> None:
+            got.extend([block async for block in reader.read()])
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(writer.replace, text())  # claims segment 3
+            await anyio.sleep(0.2)
+            tasks.start_soon(read)
+            with anyio.fail_after(10):
+                await listed.wait()
+            go_snapshot.set()
+            await anyio.sleep(0.5)  # the snapshot lands, the old segments are emptied
+            go_reader.set()
+        await reader.close()
+    assert "".join(got).splitlines() == new

@@ -410,14 +410,21 @@ class SegmentsLayout(SegmentListing):
         """
         if not listed:
             return
-        last = listed[-1].end
         starts: dict[int, int] = {}  # segment number -> bytes of ``listed`` before it
         ends: dict[int, int] = {}  # segment number -> bytes of ``listed`` through it
-        total = 0
-        for listed_piece in listed:
-            starts[listed_piece.start] = total
-            total += listed_piece.size
-            ends[listed_piece.end] = total
+
+        def measure(pieces: list[Segment]) -> int:
+            """Learn the sizes of ``pieces``, the journal to read; return its last segment."""
+            starts.clear()
+            ends.clear()
+            total = 0
+            for listed_piece in pieces:
+                starts[listed_piece.start] = total
+                total += listed_piece.size
+                ends[listed_piece.end] = total
+            return pieces[-1].end
+
+        last = measure(listed)
 
         async def size_of(first: int, through: int) -> int:
             if first > through:
@@ -448,6 +455,8 @@ class SegmentsLayout(SegmentListing):
                         f"{self._uri}: another writer kept merging segments while they were read; read again"
                     ) from None
                 pieces = (await self._listing()).live
+                if done < 0 and pieces:  # nothing yielded yet: read the journal as it is now
+                    listed, last = pieces, measure(pieces)
                 continue
             refused = 0
             if base is None:  # the first piece, from segment 0: the only kind that may be a snapshot
