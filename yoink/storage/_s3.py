@@ -178,8 +178,6 @@ class S3Storage(StagedStorage):
             retries={"mode": options.retry_mode, "max_attempts": options.max_attempts},
             timeout=options.timeout,
         )
-        if options.layout != "segments":  # one object, rewritten whole: nothing follows a swap under way
-            self.writes_during_replace = False
         strategy = SegmentsLayout if options.layout == "segments" else ObjectLayout
         self._layout = strategy(
             self._client,
@@ -230,8 +228,10 @@ class S3Storage(StagedStorage):
         await self._layout.replace(data)
 
     async def _cut(self) -> Callable[[AsyncIterator[bytes]], Awaitable[None]]:
-        assert isinstance(self._layout, SegmentsLayout)  # the object layout holds writes
-        return await self._layout.claim()
+        if isinstance(self._layout, SegmentsLayout):
+            return await self._layout.claim()
+        assert isinstance(self._layout, ObjectLayout)
+        return await self._layout.cut(self._flush_lock)  # its last step holds uploads
 
     async def _release(self) -> None:
         await self._client.close()
