@@ -1026,3 +1026,39 @@ async def test_object_a_stage_left_after_a_compaction_that_carried_its_flushes_u
         await recovered.flush()
     async with open_s3("object", "reader") as reader:
         assert await numbers(reader) == [*range(1000, 1600), 5, 6, 7, 8]
+
+
+async def test_object_a_read_begun_before_a_compaction_that_carried_its_staged_batch_yields_it_once(
+    open_s3: OpenS3, small_parts: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_s3("object", part_size=small_parts) as writer:
+        await writer.write(records(0, 5))
+        await writer.flush()
+        call = writer._client.call
+        opening, opened = anyio.Event(), anyio.Event()
+
+        async def slow_open(operation: str, **params: Any) -> Any:
+            if operation == "get_object" and "IfMatch" not in params and not opened.is_set():  # a read
+                opening.set()
+                with anyio.fail_after(20):
+                    await opened.wait()
+            return await call(operation, **params)
+
+        got: list[int] = []
+
+        async def read() -> None:
+            got.extend(await numbers(writer))
+
+        async with anyio.create_task_group() as tasks:
+
+            async def during() -> None:
+                await writer.write(records(5, 2))  # staged
+                monkeypatch.setattr(writer._client, "call", slow_open)
+                tasks.start_soon(read)  # it takes the stage's batch, then waits to open the object
+                with anyio.fail_after(5):
+                    await opening.wait()
+                await flush_at_once(writer, 7, 1)  # the batch it took is uploaded, then carried
+
+            await writer.replace(snapshot(1000, 600, pad=2000, during=during))  # several parts
+            opened.set()  # the read opens the new object
+        assert got == [*range(1000, 1600), *range(5, 8)], "the read yields the carried batch once"
