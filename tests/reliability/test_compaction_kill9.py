@@ -14,7 +14,8 @@ from yoink import CheckpointManager
 WRITER = Path(__file__).with_name("compacting_writer.py")
 KEYS = 50  # compacting_writer.KEYS
 MORE_KILLS = 6  # at most, when none of the planned ones came after a compaction
-CARRIES = {"local", "redis", "s3-segments"}  # the journals whose flushes go on during a compaction (by key)
+# the journals whose flushes go on during a compaction (by key)
+CARRIES = {"local", "redis", "s3-object", "s3-segments"}
 
 
 def test_kill_9_during_compactions_leaves_the_old_journal_or_the_snapshot_and_what_followed(
