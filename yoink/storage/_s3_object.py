@@ -5,9 +5,11 @@ S3's part minimum, the object is read and rewritten with ``If-Match`` on its ETa
 one, a multipart upload copies the object inside S3 (``UploadPartCopy``) and adds the new data as
 its last part. The object's metadata records which writers uploaded and their last batches.
 
-A compaction (:meth:`ObjectLayout.replace`) writes the new journal over the object in one
-conditional request, ``If-Match`` on the ETag this writer last saw: a multipart upload completed
-(or one ``PutObject``), so the object is the old one whole until S3 takes the new one whole.
+A compaction (:meth:`ObjectLayout.cut`, then what it returns) writes the new journal over the
+object in one conditional request, ``If-Match`` on the ETag this writer knows: a multipart upload
+completed (or one ``PutObject``), so the object is the old one whole until S3 takes the new one
+whole. Flushes go on meanwhile, appending to the old object; the last step, with them held, adds
+what they appended after the cut to the end of the new journal, which thus carries them.
 """
 
 from __future__ import annotations
