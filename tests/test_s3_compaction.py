@@ -1062,3 +1062,50 @@ async def test_object_a_read_begun_before_a_compaction_that_carried_its_staged_b
             await writer.replace(snapshot(1000, 600, pad=2000, during=during))  # several parts
             opened.set()  # the read opens the new object
         assert got == [*range(1000, 1600), *range(5, 8)], "the read yields the carried batch once"
+
+
+@pytest.mark.parametrize(
+    "end", [b'{"n":-1,"cut', b'{"n":-1}'], ids=["a torn line", "a record without a newline"]
+)
+async def test_object_another_tools_last_line_cut_off_by_a_flush_during_a_compaction_is_not_carried(
+    open_s3: OpenS3, moto: MotoServer, bucket: str, end: bytes
+) -> None:
+    s3_client(moto).put_object(Bucket=bucket, Key="run.jsonl", Body=records(0, 5).encode() + end)  # type: ignore[attr-defined]
+    async with open_s3("object") as writer:
+        # the flush sets a torn tail aside (or ends the record with a newline): the cut moves with it
+        await writer.replace(snapshot(1000, 10, during=functools.partial(flush_at_once, writer, 5, 2)))
+        assert await numbers(writer) == [*range(1000, 1010), 5, 6]
+        await writer.write(records(7, 1))
+    async with open_s3("object", "reader") as reader:
+        assert await numbers(reader) == [*range(1000, 1010), 5, 6, 7]
+
+
+async def test_object_close_during_a_compaction_waits_for_its_swap_then_uploads_what_was_written(
+    open_s3: OpenS3, small_parts: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = open_s3("object", part_size=small_parts)
+    paused = PausedObjectSnapshot(storage, monkeypatch)
+    await storage.write(records(0, 2))
+    await storage.flush()
+    ended: list[str] = []
+
+    async def replace() -> None:
+        await storage.replace(snapshot(1000, 600, pad=2000))  # several parts
+        ended.append("replace")
+
+    async def close() -> None:
+        await storage.close()
+        ended.append("close")
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(replace)
+        with anyio.fail_after(10):
+            await paused.reached.wait()
+        await storage.write(records(2, 1))  # staged: close() uploads it, after the snapshot
+        tasks.start_soon(close)
+        await anyio.sleep(0.2)
+        assert ended == [], "close() released the client and the stage under a compaction under way"
+        paused.go.set()
+    assert ended == ["replace", "close"]
+    async with open_s3("object", "reader") as reader:
+        assert await numbers(reader) == [*range(1000, 1600), 2]
