@@ -1109,3 +1109,21 @@ async def test_object_close_during_a_compaction_waits_for_its_swap_then_uploads_
     assert ended == ["replace", "close"]
     async with open_s3("object", "reader") as reader:
         assert await numbers(reader) == [*range(1000, 1600), 2]
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_object_a_compaction_of_no_object_carries_the_flushes_that_made_it(
+    open_s3: OpenS3, small_parts: int, moto: MotoServer, bucket: str, size: str
+) -> None:
+    async with open_s3("object", part_size=small_parts) as writer:
+        assert await numbers(writer) == []  # it looked: there is no object
+
+        async def during() -> None:
+            await flush_at_once(writer, 0, 2)  # makes the object (If-None-Match: *)
+            await flush_at_once(writer, 2, 1)
+
+        await writer.replace(snapshot(1000, 600, padding(size), during=during))
+        assert uploads_left(moto, bucket) == []
+        await writer.write(records(3, 1))
+    async with open_s3("object", "reader") as reader:
+        assert await numbers(reader) == [*range(1000, 1600), 0, 1, 2, 3]
