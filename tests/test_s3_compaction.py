@@ -978,3 +978,354 @@ async def test_a_reader_whose_first_get_comes_after_the_swap_reads_the_new_journ
             go_reader.set()
         await reader.close()
     assert "".join(got).splitlines() == new
+
+
+# -- writes during a compaction (objects) -------------------------------------------------------
+
+SIZES = ["one request", "multipart"]
+
+
+def padding(size: str) -> int:
+    """The pad of ``snapshot(1000, 600, pad)`` for a snapshot of one part, or of several (small_parts)."""
+    return 2000 if size == "multipart" else 0
+
+
+async def flush_at_once(storage: S3Storage, first: int, count: int, pad: int = 0) -> None:
+    await storage.write(records(first, count, pad))
+    with anyio.fail_after(5):  # it does not wait for the compaction's swap
+        await storage.flush()
+
+
+class PausedObjectSnapshot:
+    """Holds an object-layout compaction's multipart upload (its first ``upload_part``) until
+    ``go`` is set: the cut made, flushes free to go on."""
+
+    def __init__(self, storage: S3Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reached, self.go = anyio.Event(), anyio.Event()
+        call = storage._client.call
+        uploads: set[str] = set()
+
+        async def paused(operation: str, **params: Any) -> Any:
+            response = await call(operation, **params)
+            if operation == "create_multipart_upload" and "yoink-replace" in params.get("Metadata", {}):
+                uploads.add(response["UploadId"])
+            return response
+
+        async def paused_part(operation: str, **params: Any) -> Any:
+            if operation == "upload_part" and params.get("UploadId") in uploads and not self.go.is_set():
+                self.reached.set()
+                with anyio.fail_after(20):  # a test that fails before go must not hang its close()
+                    await self.go.wait()
+            return await paused(operation, **params)
+
+        monkeypatch.setattr(storage._client, "call", paused_part)
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_object_a_flush_during_a_compaction_returns_at_once_and_its_records_follow_the_snapshot(
+    open_s3: OpenS3, small_parts: int, moto: MotoServer, bucket: str, size: str
+) -> None:
+    pad = padding(size)
+    async with open_s3("object", part_size=small_parts) as writer:
+        await writer.write(records(0, 5))
+        await writer.flush()
+
+        async def during() -> None:
+            await flush_at_once(writer, 5, 3)
+            await flush_at_once(writer, 8, 2)
+            async with open_s3("object", "reader") as reader:  # until the swap: the old journal, then them
+                assert await numbers(reader) == list(range(10))
+
+        await writer.replace(snapshot(1000, 600, pad, during=during))
+        assert uploads_left(moto, bucket) == []
+        assert await numbers(writer) == [*range(1000, 1600), *range(5, 10)]
+        await writer.write(records(10, 1))
+    async with open_s3("object", "reader") as reader:
+        assert await numbers(reader) == [*range(1000, 1600), *range(5, 11)]
+
+
+async def test_object_a_managers_flush_during_a_compaction_by_key_returns_at_once(
+    open_s3: OpenS3, small_parts: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from yoink import CheckpointManager
+
+    storage = open_s3("object", part_size=small_parts)
+    paused = PausedObjectSnapshot(storage, monkeypatch)
+    pad = "p" * 2000
+    async with CheckpointManager(storage, flush_interval=None) as checkpoint:
+        for n in range(300):  # 150 records of 2 KiB kept: a snapshot of two parts
+            await checkpoint.append({"k": n % 150, "n": n, "pad": pad})
+        await checkpoint.flush()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(functools.partial(checkpoint.compact, key="k"))
+            with anyio.fail_after(10):
+                await paused.reached.wait()  # the cut is made; the snapshot's upload waits
+            for n in range(300, 305):
+                await checkpoint.append({"k": "during", "n": n})
+            with anyio.fail_after(5):
+                await checkpoint.flush()  # at once, while the snapshot is not there yet
+            assert await replayed(open_s3("object", "reader")) == list(range(305))
+            paused.go.set()
+        await checkpoint.append({"k": "after", "n": 305})
+    assert await replayed(open_s3("object", "reader")) == [*range(150, 306)]
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_object_carried_bytes_larger_than_a_part_follow_the_snapshot_whole(
+    open_s3: OpenS3, small_parts: int, moto: MotoServer, bucket: str, size: str
+) -> None:
+    async with open_s3("object", part_size=small_parts) as writer:
+        await writer.write(records(0, 5))
+        await writer.flush()
+
+        async def during() -> None:
+            for first in range(100, 400, 100):  # three flushes of about 200 KiB: 600 KiB carried
+                await flush_at_once(writer, first, 100, pad=2000)
+
+        await writer.replace(snapshot(1000, 600, padding(size), during=during))
+        assert uploads_left(moto, bucket) == []
+        expected = [*range(1000, 1600), *range(100, 400)]
+        assert await numbers(writer) == expected
+        await writer.write(records(5, 1))
+    async with open_s3("object", "reader") as reader:
+        assert await numbers(reader) == [*expected, 5]
+    text = records(1000, 600, padding(size)) + records(100, 300, 2000) + records(5, 1)
+    assert sizes(moto, bucket)["run.jsonl"] == len(text)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.usefixtures("completes_are_conditional")
+async def test_object_a_writer_elsewhere_that_writes_during_a_compaction_makes_it_fail_and_nothing_is_lost(
+    open_s3: OpenS3, small_parts: int, moto: MotoServer, bucket: str, size: str
+) -> None:
+    compactor = open_s3("object", "a", part_size=small_parts)
+    await compactor.write(records(0, 5))
+    await compactor.flush()
+    other = open_s3("object", "b")  # another machine
+
+    async def during() -> None:
+        await flush_at_once(compactor, 5, 2)
+        assert await numbers(other) == list(range(7))  # it looks only now, after the compactor's flush
+        await other.write(records(100, 1))
+        await other.flush()
+
+    with pytest.raises(ConcurrentWriterError, match="compaction was not applied"):
+        await compactor.replace(snapshot(1000, 600, padding(size), during=during))
+    assert uploads_left(moto, bucket) == []
+    await other.close()
+    async with open_s3("object", "reader") as reader:
+        assert await numbers(reader) == [*range(7), 100]  # as the other writer left it
+    await compactor.write(records(7, 1))
+    with pytest.raises(ConcurrentWriterError):  # and it stays refused: its view is behind
+        await compactor.flush()
+    with pytest.raises(ConcurrentWriterError):
+        await compactor.close()
+    async with open_s3("object", "a") as recovered:  # its refused record waited in its stage
+        await recovered.flush()
+    async with open_s3("object", "reader") as reader:
+        assert await numbers(reader) == [*range(7), 100, 7]
+
+
+@pytest.mark.parametrize("where", ["the snapshot's text", "the last request"])
+@pytest.mark.parametrize("size", SIZES)
+async def test_object_a_compaction_that_fails_after_flushes_went_on_keeps_them_and_the_next_one_works(
+    open_s3: OpenS3,
+    small_parts: int,
+    moto: MotoServer,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    size: str,
+    where: str,
+) -> None:
+    class Failed(Exception):
+        pass
+
+    pad = padding(size)
+    async with open_s3("object", part_size=small_parts) as writer:
+        await writer.write(records(0, 5))
+        await writer.flush()
+        call = writer._client.call
+
+        async def failing(operation: str, **params: Any) -> Any:
+            last = operation == "complete_multipart_upload" or (
+                operation == "put_object" and "yoink-replace" in params.get("Metadata", {})
+            )
+            if last and where == "the last request":
+                raise StorageError("the swap's request failed")
+            return await call(operation, **params)
+
+        monkeypatch.setattr(writer._client, "call", failing)
+
+        async def text() -> AsyncIterator[str]:
+            yield records(1000, 300, pad)
+            await flush_at_once(writer, 5, 3)
+            yield records(1300, 300, pad)
+            if where == "the snapshot's text":
+                raise Failed
+
+        with pytest.raises(Failed if where == "the snapshot's text" else StorageError):
+            await writer.replace(text())
+        monkeypatch.setattr(writer._client, "call", call)
+        assert uploads_left(moto, bucket) == []  # aborted
+        assert await numbers(writer) == list(range(8))
+        await flush_at_once(writer, 8, 1)
+        async with open_s3("object", "reader") as reader:
+            assert await numbers(reader) == list(range(9))
+
+        async def during() -> None:
+            await flush_at_once(writer, 9, 1)
+
+        await writer.replace(snapshot(2000, 600, pad, during=during))
+        await writer.write(records(10, 1))
+    async with open_s3("object", "reader") as reader:
+        assert await numbers(reader) == [*range(2000, 2600), 9, 10]
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_object_a_reader_during_a_compaction_that_takes_writes_reads_one_journal_whole(
+    open_s3: OpenS3, small_parts: int, size: str
+) -> None:
+    pad = 300
+    async with open_s3("object", part_size=small_parts) as writer:
+        await writer.write(records(0, 800, pad))  # about 250 KiB: several blocks to read
+        await writer.flush()
+        reader = open_s3("object", "reader")
+        blocks = reader.read()
+        got: list[str] = []
+
+        async def during() -> None:
+            await flush_at_once(writer, 800, 10, pad)
+            got.append(await anext(blocks))  # it opened the object with the flush in it
+
+        await writer.replace(snapshot(1000, 600, padding(size), during=during))
+        await flush_at_once(writer, 810, 1)
+        got += [block async for block in blocks]
+        await reader.close()
+    assert parsed(got) == list(range(810)), (
+        "a read under way yields the old journal and what followed it when it began, whole"
+    )
+    async with open_s3("object", "reader") as reader:
+        assert await numbers(reader) == [*range(1000, 1600), *range(800, 811)]
+
+
+async def test_object_a_stage_left_after_a_compaction_that_carried_its_flushes_uploads_nothing_twice(
+    open_s3: OpenS3, small_parts: int
+) -> None:
+    writer = open_s3("object", "a", part_size=small_parts)
+    await writer.write(records(0, 5))
+    await writer.flush()
+
+    async def during() -> None:
+        await flush_at_once(writer, 5, 2)
+        await writer.write(records(7, 1))  # staged during the snapshot, not flushed
+
+    await writer.replace(snapshot(1000, 600, pad=2000, during=during))  # several parts
+    await writer.write(records(8, 1))
+    # a read by the writer itself counts what its stage holds once
+    assert await numbers(writer) == [*range(1000, 1600), 5, 6, 7, 8]
+    await died(writer)  # killed before it flushed again
+    async with open_s3("object", "a", part_size=small_parts) as recovered:
+        await recovered.flush()
+    async with open_s3("object", "reader") as reader:
+        assert await numbers(reader) == [*range(1000, 1600), 5, 6, 7, 8]
+
+
+async def test_object_a_read_begun_before_a_compaction_that_carried_its_staged_batch_yields_it_once(
+    open_s3: OpenS3, small_parts: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_s3("object", part_size=small_parts) as writer:
+        await writer.write(records(0, 5))
+        await writer.flush()
+        call = writer._client.call
+        opening, opened = anyio.Event(), anyio.Event()
+
+        async def slow_open(operation: str, **params: Any) -> Any:
+            if operation == "get_object" and "IfMatch" not in params and not opened.is_set():  # a read
+                opening.set()
+                with anyio.fail_after(20):
+                    await opened.wait()
+            return await call(operation, **params)
+
+        got: list[int] = []
+
+        async def read() -> None:
+            got.extend(await numbers(writer))
+
+        async with anyio.create_task_group() as tasks:
+
+            async def during() -> None:
+                await writer.write(records(5, 2))  # staged
+                monkeypatch.setattr(writer._client, "call", slow_open)
+                tasks.start_soon(read)  # it takes the stage's batch, then waits to open the object
+                with anyio.fail_after(5):
+                    await opening.wait()
+                await flush_at_once(writer, 7, 1)  # the batch it took is uploaded, then carried
+
+            await writer.replace(snapshot(1000, 600, pad=2000, during=during))  # several parts
+            opened.set()  # the read opens the new object
+        assert got == [*range(1000, 1600), *range(5, 8)], "the read yields the carried batch once"
+
+
+@pytest.mark.parametrize(
+    "end", [b'{"n":-1,"cut', b'{"n":-1}'], ids=["a torn line", "a record without a newline"]
+)
+async def test_object_another_tools_last_line_cut_off_by_a_flush_during_a_compaction_is_not_carried(
+    open_s3: OpenS3, moto: MotoServer, bucket: str, end: bytes
+) -> None:
+    s3_client(moto).put_object(Bucket=bucket, Key="run.jsonl", Body=records(0, 5).encode() + end)  # type: ignore[attr-defined]
+    async with open_s3("object") as writer:
+        # the flush sets a torn tail aside (or ends the record with a newline): the cut moves with it
+        await writer.replace(snapshot(1000, 10, during=functools.partial(flush_at_once, writer, 5, 2)))
+        assert await numbers(writer) == [*range(1000, 1010), 5, 6]
+        await writer.write(records(7, 1))
+    async with open_s3("object", "reader") as reader:
+        assert await numbers(reader) == [*range(1000, 1010), 5, 6, 7]
+
+
+async def test_object_close_during_a_compaction_waits_for_its_swap_then_uploads_what_was_written(
+    open_s3: OpenS3, small_parts: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = open_s3("object", part_size=small_parts)
+    paused = PausedObjectSnapshot(storage, monkeypatch)
+    await storage.write(records(0, 2))
+    await storage.flush()
+    ended: list[str] = []
+
+    async def replace() -> None:
+        await storage.replace(snapshot(1000, 600, pad=2000))  # several parts
+        ended.append("replace")
+
+    async def close() -> None:
+        await storage.close()
+        ended.append("close")
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(replace)
+        with anyio.fail_after(10):
+            await paused.reached.wait()
+        await storage.write(records(2, 1))  # staged: close() uploads it, after the snapshot
+        tasks.start_soon(close)
+        await anyio.sleep(0.2)
+        assert ended == [], "close() released the client and the stage under a compaction under way"
+        paused.go.set()
+    assert ended == ["replace", "close"]
+    async with open_s3("object", "reader") as reader:
+        assert await numbers(reader) == [*range(1000, 1600), 2]
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_object_a_compaction_of_no_object_carries_the_flushes_that_made_it(
+    open_s3: OpenS3, small_parts: int, moto: MotoServer, bucket: str, size: str
+) -> None:
+    async with open_s3("object", part_size=small_parts) as writer:
+        assert await numbers(writer) == []  # it looked: there is no object
+
+        async def during() -> None:
+            await flush_at_once(writer, 0, 2)  # makes the object (If-None-Match: *)
+            await flush_at_once(writer, 2, 1)
+
+        await writer.replace(snapshot(1000, 600, padding(size), during=during))
+        assert uploads_left(moto, bucket) == []
+        await writer.write(records(3, 1))
+    async with open_s3("object", "reader") as reader:
+        assert await numbers(reader) == [*range(1000, 1600), 0, 1, 2, 3]

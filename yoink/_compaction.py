@@ -85,7 +85,7 @@ class CompactionPolicy:
     Grown enough: by ``growth`` times its size after the last compaction (or its size when it was
     opened, as far as this manager knows it), and by at least ``min_bytes``. A compaction then runs
     while appends go on: written and flushed as usual on a storage that carries them into the new
-    journal (local files, memory, Redis, S3 segments), held in memory until it ends otherwise,
+    journal (local files, memory, Redis, S3), held in memory until it ends otherwise (fsspec),
     flushes waiting for it.
 
     >>> CheckpointManager.from_uri("./crawl.jsonl", compact=CompactionPolicy(key="url"))

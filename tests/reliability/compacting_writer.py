@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import sys
 
@@ -23,10 +24,15 @@ import anyio
 from yoink import CheckpointManager, _fold
 
 KEYS = 50
+MIN_PART_SIZE = "YOINK_TEST_S3_MIN_PART_SIZE"  # S3Storage.min_part_size, lowered as moto's is, if set
 
 
 async def main(uri: str, seed: int, options: dict[str, object]) -> None:
     rng = random.Random(seed)
+    if os.environ.get(MIN_PART_SIZE):
+        from yoink.storage import S3Storage
+
+        S3Storage.min_part_size = int(os.environ[MIN_PART_SIZE])
     batch_bytes = rng.choice([256, 4096, 65536])
     if rng.random() < 0.5:
         _fold.WORKER_FROM_BYTES = 0

@@ -7,19 +7,47 @@ import itertools
 import random
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import random_seed
+from tests.reliability import compacting_writer
 from tests.reliability.killing import Journal, acknowledged_in, kills, run_writer_and_kill
+from tests.servers.s3 import MotoServer
 from yoink import CheckpointManager
 
 WRITER = Path(__file__).with_name("compacting_writer.py")
 KEYS = 50  # compacting_writer.KEYS
+SMALL_PART = 4 << 10  # S3's part minimum, lowered (in moto and in the writers) to put snapshots in parts
 MORE_KILLS = 6  # at most, when none of the planned ones came after a compaction
-CARRIES = {"local", "redis", "s3-segments"}  # the journals whose flushes go on during a compaction (by key)
+# the journals whose flushes go on during a compaction (by key)
+CARRIES = {"local", "redis", "s3-object", "s3-segments"}
 
 
 def test_kill_9_during_compactions_leaves_the_old_journal_or_the_snapshot_and_what_followed(
     journal: Journal,
 ) -> None:
+    _kill_loop(journal)
+
+
+def test_kill_9_during_compactions_of_an_s3_object_in_parts_leaves_one_journal_and_every_flush(
+    bucket: str, moto: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """s3-object with parts of 4 KiB: the snapshot is a multipart upload, and so is a flush onto the
+    object, so that kills land while the snapshot's parts go up and while its last parts carry what
+    was flushed meanwhile."""
+    from moto.s3 import models as moto_models
+
+    from yoink.storage import S3Storage
+
+    monkeypatch.setattr(moto_models, "S3_UPLOAD_PART_MIN_SIZE", SMALL_PART)
+    monkeypatch.setattr(S3Storage, "min_part_size", SMALL_PART)  # here, for the replays
+    monkeypatch.setenv(compacting_writer.MIN_PART_SIZE, str(SMALL_PART))  # and in the writers
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto.url)
+    options = {"stage_dir": str(tmp_path / "stage"), "part_size": SMALL_PART}
+    _kill_loop(Journal("s3-object", f"s3://{bucket}/crash?layout=object", options, pause=0.6))
+
+
+def _kill_loop(journal: Journal) -> None:
     rng = random.Random(random_seed())
     acknowledged: set[int] = set()
     compactions = flushed_during = 0

@@ -42,8 +42,8 @@ class CheckpointStorage(ABC):
     writes_during_replace: bool = False
     """Whether :meth:`write` and :meth:`flush` may go on while :meth:`replace` runs. Optional.
 
-    yoink reads it from the storage, not its class: a backend may set it per instance, as
-    :class:`~yoink.storage.S3Storage` does (True with ``layout="segments"`` alone).
+    yoink reads it from the storage, not its class: a backend may set it per instance, where it
+    depends on the options (every built-in backend but fsspec sets it True).
 
     Left False, the manager writes nothing during a compaction: records appended meanwhile wait in
     memory, and :meth:`CheckpointManager.flush <yoink.CheckpointManager.flush>` waits for the swap.

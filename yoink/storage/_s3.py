@@ -82,20 +82,27 @@ class S3Storage(StagedStorage):
       after it, by this storage or by the next one on its stage after a crash. Then, in one step
       S3 makes atomic, with the condition of an upload (another writer that wrote since this one
       last looked makes it fail with :class:`~yoink.ConcurrentWriterError`, nothing changed; so
-      does one that takes over during a segments compaction and writes after its claim):
+      does one that changes the object, or takes over during a segments compaction and writes
+      after its claim, while the snapshot is written). In both layouts flushes go on meanwhile
+      (``writes_during_replace`` is True):
 
-      - objects: the new journal is written over the object, ``If-Match`` on the ETag this writer
-        last saw: a ``PutObject`` up to ``part_size``, else a multipart upload whose completion
-        carries the condition. Until then the object is the old one whole (a crash part-way
-        leaves only an unfinished upload, which the next compaction aborts), and a reader under
-        way, one ``GetObject``, reads the old one whole. The metadata keeps every writer's last
-        batch, so a stage that another machine left is still recognised as uploaded. Later
-        appends continue from the new object. It costs one upload of the snapshot.
+      - objects: the compaction notes the object's size and ETag (the cut); flushes then append
+        to it as usual. The new journal is written over the object, ``If-Match`` on the ETag this
+        writer knows at the end: a ``PutObject`` up to ``part_size``, else a multipart upload
+        whose last part is held back and whose completion carries the condition. That last step
+        holds flushes, and adds after the snapshot the object's bytes from the cut to its end
+        (ranged ``GetObject`` requests of ``part_size``). Until then the object is the old one
+        whole, with every flush (a crash part-way leaves only an unfinished upload, which the
+        next compaction aborts), and a reader under way, one ``GetObject``, reads the object it
+        opened whole. The metadata keeps every writer's last batch, so a stage that another
+        machine left is still recognised as uploaded (a multipart upload's is fixed when it
+        begins: this writer's batches flushed meanwhile are gone from its stage by the swap).
+        Later appends continue from the new object. It costs one upload of the snapshot and a
+        download of what was flushed meanwhile.
       - segments: the next segment number n is claimed (an empty segment) where the old journal
         ends, then the new journal is written as ``<prefix>/merged/000000000000-<n>.jsonl``, which
         readers take as the base: they read the old journal until it exists (the claim holds no
-        records), then it and the segments after it. Flushes go on meanwhile
-        (``writes_during_replace`` is True for this layout alone): they write segments n+1, n+2,
+        records), then it and the segments after it. Flushes meanwhile write segments n+1, n+2,
         ..., which follow the old journal until the snapshot exists and the snapshot once it does,
         with nothing copied; a snapshot that fails, or a crash, leaves them after the old journal
         and the claim, a segment without records. What it replaced stays ``keep_replaced`` seconds
@@ -123,8 +130,8 @@ class S3Storage(StagedStorage):
     min_part_size: ClassVar[int] = MIN_PART_SIZE
 
     writes_during_replace = True
-    """True with ``layout="segments"``: a flush during a compaction uploads segments after the
-    claim. Each storage with ``layout="object"`` sets it False (so read it from the storage)."""
+    """True in both layouts: a flush during a compaction uploads segments after the claim, or
+    appends to the object, whose bytes after the cut the swap carries into the new one."""
 
     def __init__(
         self,
@@ -178,8 +185,6 @@ class S3Storage(StagedStorage):
             retries={"mode": options.retry_mode, "max_attempts": options.max_attempts},
             timeout=options.timeout,
         )
-        if options.layout != "segments":  # one object, rewritten whole: nothing follows a swap under way
-            self.writes_during_replace = False
         strategy = SegmentsLayout if options.layout == "segments" else ObjectLayout
         self._layout = strategy(
             self._client,
@@ -230,8 +235,10 @@ class S3Storage(StagedStorage):
         await self._layout.replace(data)
 
     async def _cut(self) -> Callable[[AsyncIterator[bytes]], Awaitable[None]]:
-        assert isinstance(self._layout, SegmentsLayout)  # the object layout holds writes
-        return await self._layout.claim()
+        if isinstance(self._layout, SegmentsLayout):
+            return await self._layout.claim()
+        assert isinstance(self._layout, ObjectLayout)
+        return await self._layout.cut(self._flush_lock)  # its last step holds uploads
 
     async def _release(self) -> None:
         await self._client.close()

@@ -5,25 +5,38 @@ S3's part minimum, the object is read and rewritten with ``If-Match`` on its ETa
 one, a multipart upload copies the object inside S3 (``UploadPartCopy``) and adds the new data as
 its last part. The object's metadata records which writers uploaded and their last batches.
 
-A compaction (:meth:`ObjectLayout.replace`) writes the new journal over the object in one
-conditional request, ``If-Match`` on the ETag this writer last saw: a multipart upload completed
-(or one ``PutObject``), so the object is the old one whole until S3 takes the new one whole.
+A compaction (:meth:`ObjectLayout.cut`, then what it returns) writes the new journal over the
+object in one conditional request, ``If-Match`` on the ETag this writer knows: a multipart upload
+completed (or one ``PutObject``), so the object is the old one whole until S3 takes the new one
+whole. Flushes go on meanwhile, appending to the old object; the last step, with them held, adds
+what they appended after the cut to the end of the new journal, which thus carries them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import anyio
 
 from yoink._exceptions import ConcurrentWriterError, StorageError
 from yoink._lines import journal_end, without_torn_tail
 from yoink._records import MAX_LINE_BYTES
 from yoink.storage._files import TORN_SUFFIX
 from yoink.storage._s3_client import Conflict, Missing
-from yoink.storage._s3_layout import ATTEMPTS, REMEMBERED_WRITERS, Layout, Segment, prepend, staged_chunks
+from yoink.storage._s3_layout import (
+    ATTEMPTS,
+    REMEMBERED_WRITERS,
+    Layout,
+    Segment,
+    _regroup,
+    prepend,
+    staged_chunks,
+)
 from yoink.storage._stage import Batch
 
 __all__ = ["ObjectLayout"]
@@ -45,10 +58,26 @@ class _Object:
         return next(reversed(self.writers), None)
 
 
+@dataclass
+class _Carry:
+    """Where a compaction cut the object: the bytes from ``start`` on follow its snapshot."""
+
+    start: int
+    cut: _Object  # this writer's view at the cut
+
+
+def _joined(snapshot: bytes, carry: _Carry, current: _Object) -> bytes:
+    """The snapshot's end, with a newline if bytes are carried after it and it lacks one."""
+    if current.size > carry.start and snapshot and not snapshot.endswith(b"\n"):
+        return snapshot + b"\n"
+    return snapshot
+
+
 class ObjectLayout(Layout):
     """The journal as the one object its URI names."""
 
     _known: _Object | None = None  # this writer's view of the object, from its first look
+    _carry: _Carry | None = None  # a compaction's cut, while it writes its snapshot
 
     async def open_remote(
         self, writer: str | None, staged: bool, *, remember: bool
@@ -60,6 +89,10 @@ class ObjectLayout(Layout):
         if self._known is None and remember:
             self._known = known
         landed = known.writers.get(writer, 0) if writer else 0
+        if writer and self._known is not None and self._known.etag == known.etag:
+            # this writer's own view: after a compaction that carried its uploads, the metadata
+            # (fixed when its multipart upload began) may name an earlier batch than the object holds
+            landed = max(landed, self._known.writers.get(writer, 0))
         if response is None:
             return landed, _nothing()
         if staged:  # a torn last line must not read as a corrupt one before the staged records
@@ -95,38 +128,176 @@ class ObjectLayout(Layout):
         self._give_up(batches)
 
     async def replace(self, data: AsyncIterator[bytes]) -> None:
-        """Write ``data`` over the object, if it is still the one this writer last saw.
+        """Write ``data`` over the object, if it is still the one this writer last saw: :meth:`cut`,
+        then what it returns, with no upload between (so nothing is carried)."""
+        swap = await self.cut(contextlib.nullcontext())
+        await swap(data)
 
-        The condition is that of an upload: ``If-Match`` on the ETag this writer knows (``If-None-Match:
-        *`` if it knew of no object), on the one request that makes the object the new journal. A
-        writer elsewhere that changed the object meanwhile makes it fail, and the replace raises
-        :class:`~yoink.ConcurrentWriterError` with the object as that writer left it. The metadata
-        keeps every writer's last batch, so a stage left elsewhere before the compaction uploads only
-        what the old journal did not hold, after the new one.
+    async def cut(
+        self, held: contextlib.AbstractAsyncContextManager[Any]
+    ) -> Callable[[AsyncIterator[bytes]], Awaitable[None]]:
+        """Note where the old journal ends (the object's size and ETag as this writer knows them);
+        return what writes ``data`` over the object, followed by what was appended after the cut.
+
+        Called with no upload under way and nothing staged. Uploads may go on once it has returned,
+        while the snapshot is written: each appends to the object as usual, conditional on its ETag,
+        so a crash, or a snapshot that fails, leaves them in the old journal. The snapshot is
+        streamed into a multipart upload, its last part held back (it may be under S3's part
+        minimum). Then, inside ``held`` (uploads held), the final parts are that tail and the
+        object's bytes from the cut to its end, read in ranges of ``part_size``, and the upload is
+        completed with ``If-Match`` on the ETag this writer now knows; a snapshot of one part is
+        one ``PutObject`` of snapshot and carried bytes, with the same condition. So the object is
+        the old one whole, with every append, until S3 takes the new one whole, with them.
+
+        The fence is that condition (``If-None-Match: *`` if there was no object): a writer
+        elsewhere that changed the object since this one last looked, before the cut or during the
+        snapshot, makes it fail with :class:`~yoink.ConcurrentWriterError` and the object as that
+        writer left it. The metadata keeps every writer's last batch, so a stage left elsewhere
+        before the compaction uploads only what the old journal did not hold, after the new one.
         """
-        writer = self._stage.writer
         now = await self._head()
         known = self._known = self._known or now
         if now.etag != known.etag:  # the condition would fail: say so before the upload
             raise self._replace_refused(known, now.etag)
-        writers = dict(known.writers)
-        writers[writer] = writers.pop(writer, 0)  # this writer last, as after its uploads
-        writers = dict(list(writers.items())[-REMEMBERED_WRITERS:])
-        token = secrets.token_hex(8)  # tells this replace's own retry from another writer's change
-        metadata = {
-            "yoink-batches": ",".join(f"{w}={seq}" for w, seq in writers.items()),
-            "yoink-replace": token,
-        }
-        condition = {"IfMatch": known.etag} if known.etag is not None else {"IfNoneMatch": "*"}
         await self._abort_uploads(self._key, exact=True)
+        carry = self._carry = _Carry(known.size, known)
+        token = secrets.token_hex(8)  # tells this replace's own retry from another writer's change
+
+        async def swap(data: AsyncIterator[bytes]) -> None:
+            try:
+                await self._write_carrying(data, carry, token, held)
+            finally:
+                if self._carry is carry:
+                    self._carry = None
+
+        return swap
+
+    async def _write_carrying(
+        self,
+        data: AsyncIterator[bytes],
+        carry: _Carry,
+        token: str,
+        held: contextlib.AbstractAsyncContextManager[Any],
+    ) -> None:
+        buffer = bytearray()
+        async for chunk in data:
+            buffer += chunk
+            if len(buffer) > self._part_size:
+                break
+        else:  # one part: written whole with uploads held, with what they carried
+            async with held:
+                await self._swap_small(bytes(buffer), carry, token)
+            return
+        # A multipart upload's metadata is fixed when it is created: this writer's last batch as of
+        # the cut. The ones it uploads during the snapshot are in the object too, and discarded from
+        # its stage before the swap (see _current), so no stage left can upload them again.
+        metadata = self._metadata(self._writers(carry.cut.writers), token)
+        created = await self._client.call("create_multipart_upload", Key=self._key, Metadata=metadata)
+        upload = {"Key": self._key, "UploadId": created["UploadId"]}
+        parts: list[dict[str, Any]] = []
+        sent, last = 0, b""  # the bytes sent, and the last of them
+
+        async def send(part: bytes) -> None:
+            nonlocal sent, last
+            response = await self._client.call("upload_part", Body=part, PartNumber=len(parts) + 1, **upload)
+            parts.append({"PartNumber": len(parts) + 1, "ETag": response["ETag"]})
+            sent, last = sent + len(part), part[-1:]
+
+        async def send_whole_parts() -> None:  # the last one, perhaps under S3's minimum, is held back
+            while len(buffer) > self._part_size:
+                with memoryview(buffer) as view:  # one copy of the part, not two
+                    part = bytes(view[: self._part_size])
+                del buffer[: self._part_size]
+                await send(part)
+                del part  # not held while the next one fills
+
         try:
-            etag, size, clean = await self._put_stream(self._key, data, metadata, condition)
+            await send_whole_parts()
+            async for chunk in data:  # on from where the loop above stopped
+                buffer += chunk
+                await send_whole_parts()
+            tail = bytes(buffer)
+            buffer.clear()
+            async with held:
+                current = await self._current(carry)
+
+                async def complete(condition: dict[str, str]) -> str:
+                    carried = self._carried(current, carry.start)
+                    async for part in _regroup(
+                        prepend(_joined(tail, carry, current), carried), self._part_size
+                    ):
+                        await send(part)
+                    response = await self._client.call(
+                        "complete_multipart_upload", MultipartUpload={"Parts": parts}, **upload, **condition
+                    )
+                    return str(response["ETag"])
+
+                etag, found = await self._conditional(current, token, complete)
+                size = found if found is not None else sent
+                self._known = _Object(
+                    etag, size, self._writers(current.writers), clean=found is None and last == b"\n"
+                )
+        except BaseException:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self._client.call("abort_multipart_upload", **upload)
+            raise
+
+    async def _swap_small(self, snapshot: bytes, carry: _Carry, token: str) -> None:
+        """The swap of a snapshot of one part, with uploads held."""
+        current = await self._current(carry)
+        head = _joined(snapshot, carry, current)
+        size = len(head) + current.size - carry.start
+        writers = self._writers(current.writers)
+        metadata = self._metadata(writers, token)
+
+        async def put(condition: dict[str, str]) -> str:
+            body = prepend(head, self._carried(current, carry.start))
+            return await self._put(self._key, body, size, metadata, condition)
+
+        etag, found = await self._conditional(current, token, put)
+        ends = (head[-1:] or b"\n") if current.size <= carry.start else b"\n"  # appends end in one
+        self._known = _Object(
+            etag, size if found is None else found, writers, clean=found is None and ends == b"\n"
+        )
+
+    async def _current(self, carry: _Carry) -> _Object:
+        """With uploads held: this writer's view of the object now (its appends during the snapshot
+        moved it on), if the object is still that; the stage keeps none of the batches it holds."""
+        current = self._known or carry.cut
+        now = await self._head()
+        if now.etag != current.etag:  # the condition would fail: say so before the last upload
+            raise self._replace_refused(current, now.etag)
+        await self._stage.discard(current.writers.get(self._stage.writer, 0))  # an upload's, if it failed
+        return current
+
+    async def _conditional(
+        self, current: _Object, token: str, request: Callable[[dict[str, str]], Awaitable[str]]
+    ) -> tuple[str, int | None]:
+        """Make the one request that swaps the object, conditional on ``current``; return the new
+        ETag, and its size if it was found, from a retry whose first attempt's reply was lost."""
+        condition = {"IfMatch": current.etag} if current.etag is not None else {"IfNoneMatch": "*"}
+        try:
+            return await request(condition), None
         except (Conflict, Missing):
             head = await self._head_metadata(self._key)
             if head is None or head[0].get("yoink-replace") != token:  # not an earlier attempt of ours
-                raise self._replace_refused(known, head[2] if head is not None else None) from None
-            etag, size, clean = head[2], head[1], False  # ours: its reply was lost; its end is read once
-        self._known = _Object(etag, size, writers, clean=clean)
+                raise self._replace_refused(current, head[2] if head is not None else None) from None
+            return head[2], head[1]  # ours: its reply was lost; its end is read once
+
+    async def _carried(self, current: _Object, start: int) -> AsyncIterator[bytes]:
+        """The object's bytes from ``start`` to its end, a ranged GET of ``part_size`` at a time."""
+        for first in range(start, current.size, self._part_size):
+            yield await self._get_range(current.etag, first, min(first + self._part_size, current.size))
+
+    def _writers(self, writers: dict[str, int]) -> dict[str, int]:
+        writers = dict(writers)
+        writer = self._stage.writer
+        writers[writer] = writers.pop(writer, 0)  # this writer last, as after its uploads
+        return dict(list(writers.items())[-REMEMBERED_WRITERS:])
+
+    @staticmethod
+    def _metadata(writers: dict[str, int], token: str) -> dict[str, str]:
+        return {"yoink-batches": ",".join(f"{w}={seq}" for w, seq in writers.items()), "yoink-replace": token}
 
     def _replace_refused(self, known: _Object, etag: str | None) -> ConcurrentWriterError:
         return ConcurrentWriterError(
@@ -149,6 +320,7 @@ class ObjectLayout(Layout):
         if known.size < self._min_part_size:
             old = await self._get_small(known.etag)
             keep, between = await self._clean_end(known, old)
+            self._moved_cut(keep, between)
             head = old[:keep] + between
             etag = await self._put(
                 self._key, prepend(head, staged), len(head) + size, metadata, {"IfMatch": known.etag}
@@ -161,12 +333,20 @@ class ObjectLayout(Layout):
                 self._key, prepend(head, staged), len(head) + size, metadata, {"IfMatch": known.etag}
             )
             return _Object(etag, len(head) + size, writers, clean=True)
+        self._moved_cut(keep, between)
         copy = [Segment(self._key, 0, 0, keep, known.etag)]
         body = prepend(between, staged)
         etag = await self._put(
             self._key, body, len(between) + size, metadata, {"IfMatch": known.etag}, copy=copy
         )
         return _Object(etag, keep + len(between) + size, writers, clean=True)
+
+    def _moved_cut(self, keep: int, between: bytes) -> None:
+        """During a compaction, an append that cut off another tool's last line (or ended it with a
+        newline) moves the cut: the snapshot holds what the old journal ended in, and the carried
+        bytes start after ``between``."""
+        if self._carry is not None and keep <= self._carry.start:
+            self._carry.start = keep + len(between)
 
     async def _clean_end(self, known: _Object, old: bytes | None = None) -> tuple[int, bytes]:
         """How many of the object's bytes to keep, and what goes between them and the new data.

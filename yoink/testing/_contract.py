@@ -95,7 +95,7 @@ def _replaces(storage: CheckpointStorage) -> bool:
 
 def _carries(storage: CheckpointStorage) -> bool:
     """Whether ``storage`` takes writes during replace(): asked of the storage itself, since a
-    backend may set ``writes_during_replace`` per instance (S3Storage, by its layout)."""
+    backend may set ``writes_during_replace`` per instance (by its options, say)."""
     return _replaces(storage) and storage.writes_during_replace
 
 
