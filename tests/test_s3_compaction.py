@@ -1329,3 +1329,89 @@ async def test_object_a_compaction_of_no_object_carries_the_flushes_that_made_it
         await writer.write(records(3, 1))
     async with open_s3("object", "reader") as reader:
         assert await numbers(reader) == [*range(1000, 1600), 0, 1, 2, 3]
+
+
+def put_another_tools_object(moto: MotoServer, bucket: str, body: bytes) -> None:
+    s3_client(moto).put_object(Bucket=bucket, Key="run.jsonl", Body=body)  # type: ignore[attr-defined]
+
+
+def object_records(moto: MotoServer, bucket: str) -> list[Any]:
+    body = s3_client(moto).get_object(Bucket=bucket, Key="run.jsonl")["Body"].read()  # type: ignore[attr-defined]
+    return [orjson.loads(line)["n"] for line in body.splitlines() if line.strip()]
+
+
+async def test_a_flush_during_an_object_compaction_that_sets_another_tools_line_aside_moves_the_cut(
+    open_s3: OpenS3, moto: MotoServer, bucket: str, small_parts: int
+) -> None:
+    """The object is over the part minimum, what stays once the torn line is set aside is under
+    it (the append sends that again): the cut moves all the same, so the flushed records are
+    carried, not the bytes before them."""
+    good = b"".join(orjson.dumps({"n": n, "pad": "x" * 60}) + b"\n" for n in range(3000))
+    torn = b"garbage-from-another-tool " * 4000  # no newline: a torn last line
+    assert len(good) < small_parts <= len(good) + len(torn)
+    put_another_tools_object(moto, bucket, good + torn)
+    storage = open_s3("object", part_size=small_parts)
+
+    async def text() -> AsyncIterator[str]:
+        yield '{"n":"snapshot"}\n'
+        for n in range(1000, 1005):  # flushed during the compaction: durable
+            await storage.write(records(n, 1))
+        await storage.flush()
+        yield '{"n":"snapshot-end"}\n'
+
+    async with storage:
+        await storage.replace(text())
+    assert object_records(moto, bucket) == ["snapshot", "snapshot-end", *range(1000, 1005)]
+
+
+async def test_a_flush_during_an_object_compaction_that_fails_moves_no_cut(
+    open_s3: OpenS3, moto: MotoServer, bucket: str, proxy: Proxy
+) -> None:
+    """It would have set another tool's torn line aside, and S3 refused it: the object still holds
+    that line, so the swap carries nothing of it, and the flush retried after it lands whole."""
+    good = b"".join(orjson.dumps({"n": n}) + b"\n" for n in range(20))
+    put_another_tools_object(moto, bucket, good + b"torn-garbage-from-another-tool")
+    storage = open_s3("object", endpoint_url=proxy.url, max_attempts=1)
+
+    async def text() -> AsyncIterator[str]:
+        yield '{"n":"snapshot"}\n'
+        await storage.write(records(100, 1))
+        proxy.faults.append(  # the append's PutObject, not that of the torn line set aside before it
+            Fault(
+                500,
+                "InternalError",
+                times=20,
+                match=lambda method, path: method == "PUT" and path.split("?")[0].endswith("/run.jsonl"),
+            )
+        )
+        with pytest.raises(StorageError):
+            await storage.flush()
+        proxy.faults.clear()
+
+    async with storage:
+        await storage.replace(text())
+        await storage.write(records(101, 1))
+        await storage.flush()
+    assert object_records(moto, bucket) == ["snapshot", 100, 101]
+
+
+async def test_an_object_swap_whose_every_answer_was_lost_is_known_by_what_s3_holds(
+    open_s3: OpenS3, moto: MotoServer, bucket: str, proxy: Proxy
+) -> None:
+    async with open_s3("object", endpoint_url=proxy.url, max_attempts=2) as storage:
+        await storage.write(records(0, 3))
+        await storage.flush()
+        proxy.faults.append(
+            Fault(
+                500,
+                "InternalError",
+                times=10,
+                after=True,
+                match=lambda method, path: method == "PUT" and path.split("?")[0].endswith("/run.jsonl"),
+            )
+        )
+        await storage.replace(snapshot(10, 2))  # S3 took it: the compaction is done, not failed
+        assert proxy.faults[0].times < 9, "the fault was not used on every attempt"
+        proxy.faults.clear()
+        await storage.write(records(20, 1))
+    assert object_records(moto, bucket) == [10, 11, 20]

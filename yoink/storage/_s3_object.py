@@ -78,6 +78,7 @@ class ObjectLayout(Layout):
 
     _known: _Object | None = None  # this writer's view of the object, from its first look
     _carry: _Carry | None = None  # a compaction's cut, while it writes its snapshot
+    _cutting: tuple[int, bytes] = (-1, b"")  # the last append's end judged: bytes kept, bytes put after
 
     async def open_remote(
         self, writer: str | None, staged: bool, *, remember: bool
@@ -122,6 +123,7 @@ class ObjectLayout(Layout):
                     self._known = known  # and so the next flush fails the same way
                     self._raise_conflict(f"its ETag changed from {known.etag} to {now.etag}", batches)
                 self._known = now  # an earlier attempt of ours went through: upload what it lacks
+                self._move_cut()  # and it cut off what it judged, if anything
                 continue
             await self._stage.discard(batches[-1].seq)
             return
@@ -283,6 +285,18 @@ class ObjectLayout(Layout):
             if head is None or head[0].get("yoink-replace") != token:  # not an earlier attempt of ours
                 raise self._replace_refused(current, head[2] if head is not None else None) from None
             return head[2], head[1]  # ours: its reply was lost; its end is read once
+        except StorageError as exc:  # every answer lost, perhaps: did it go through?
+            try:
+                head = await self._head_metadata(self._key)
+            except StorageError:
+                raise StorageError(
+                    f"{self._uri}: could not learn whether the compaction's swap went through ({exc}); "
+                    "the journal is the old one or the new one, whole, and a new writer's replay "
+                    "shows which"
+                ) from exc
+            if head is None or head[0].get("yoink-replace") != token:
+                raise
+            return head[2], head[1]
 
     async def _carried(self, current: _Object, start: int) -> AsyncIterator[bytes]:
         """The object's bytes from ``start`` to its end, a ranged GET of ``part_size`` at a time."""
@@ -307,6 +321,7 @@ class ObjectLayout(Layout):
         )
 
     async def _append(self, known: _Object, batches: list[Batch]) -> _Object:
+        self._cutting = (-1, b"")  # set below if this append cuts the object's end
         writers = dict(known.writers)
         writers.pop(self._stage.writer, None)
         writers[self._stage.writer] = batches[-1].seq
@@ -319,33 +334,36 @@ class ObjectLayout(Layout):
             return _Object(etag, size, writers, clean=True)
         if known.size < self._min_part_size:
             old = await self._get_small(known.etag)
-            keep, between = await self._clean_end(known, old)
-            self._moved_cut(keep, between)
+            keep, between = self._cutting = await self._clean_end(known, old)
             head = old[:keep] + between
             etag = await self._put(
                 self._key, prepend(head, staged), len(head) + size, metadata, {"IfMatch": known.etag}
             )
+            self._move_cut()
             return _Object(etag, len(head) + size, writers, clean=True)
-        keep, between = await self._clean_end(known)
+        keep, between = self._cutting = await self._clean_end(known)
         if keep < self._min_part_size:  # what stays is too small to copy as a part: send it again
             head = (await self._get_range(known.etag, 0, keep))[:keep] + between
             etag = await self._put(
                 self._key, prepend(head, staged), len(head) + size, metadata, {"IfMatch": known.etag}
             )
+            self._move_cut()
             return _Object(etag, len(head) + size, writers, clean=True)
-        self._moved_cut(keep, between)
         copy = [Segment(self._key, 0, 0, keep, known.etag)]
         body = prepend(between, staged)
         etag = await self._put(
             self._key, body, len(between) + size, metadata, {"IfMatch": known.etag}, copy=copy
         )
+        self._move_cut()
         return _Object(etag, keep + len(between) + size, writers, clean=True)
 
-    def _moved_cut(self, keep: int, between: bytes) -> None:
-        """During a compaction, an append that cut off another tool's last line (or ended it with a
-        newline) moves the cut: the snapshot holds what the old journal ended in, and the carried
-        bytes start after ``between``."""
-        if self._carry is not None and keep <= self._carry.start:
+    def _move_cut(self) -> None:
+        """Once an append has landed: if it cut off another tool's last line (or ended it with a
+        newline) during a compaction, the cut moves, since the snapshot holds what the old journal
+        ended in, and the carried bytes start after what the append put between. An append that
+        failed moves nothing: the object is as it was."""
+        (keep, between), self._cutting = self._cutting, (-1, b"")
+        if self._carry is not None and 0 <= keep <= self._carry.start:
             self._carry.start = keep + len(between)
 
     async def _clean_end(self, known: _Object, old: bytes | None = None) -> tuple[int, bytes]:
