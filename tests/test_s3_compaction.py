@@ -588,17 +588,24 @@ async def test_a_read_yields_nothing_written_after_its_first_item_staged_batches
         assert await numbers(storage) == list(range(330))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 async def test_close_during_a_compaction_waits_for_its_swap_then_uploads_what_was_written(
-    open_s3: OpenS3, monkeypatch: pytest.MonkeyPatch
+    open_s3: OpenS3, small_parts: int, monkeypatch: pytest.MonkeyPatch, layout: str
 ) -> None:
-    storage = open_s3("segments")
-    paused = PausedSnapshot(storage, monkeypatch)
+    if layout == "segments":
+        storage = open_s3(layout)
+        paused: PausedSnapshot | PausedObjectSnapshot = PausedSnapshot(storage, monkeypatch)
+        text, snapshot_records = snapshot(100, 2), [100, 101]
+    else:
+        storage = open_s3(layout, part_size=small_parts)
+        paused = PausedObjectSnapshot(storage, monkeypatch)
+        text, snapshot_records = snapshot(1000, 600, pad=2000), list(range(1000, 1600))  # several parts
     await storage.write(records(0, 2))
     await storage.flush()
     ended: list[str] = []
 
     async def replace() -> None:
-        await storage.replace(snapshot(100, 2))
+        await storage.replace(text)
         ended.append("replace")
 
     async def close() -> None:
@@ -609,14 +616,14 @@ async def test_close_during_a_compaction_waits_for_its_swap_then_uploads_what_wa
         tasks.start_soon(replace)
         with anyio.fail_after(10):
             await paused.reached.wait()
-        await storage.write(records(2, 1))  # staged: close() uploads it, after the claim
+        await storage.write(records(2, 1))  # staged: close() uploads it, after the swap
         tasks.start_soon(close)
         await anyio.sleep(0.2)
         assert ended == [], "close() released the client and the stage under a compaction under way"
         paused.go.set()
     assert ended == ["replace", "close"]
-    async with open_s3("segments", "reader") as reader:
-        assert await numbers(reader) == [100, 101, 2]
+    async with open_s3(layout, "reader") as reader:
+        assert await numbers(reader) == [*snapshot_records, 2]
 
 
 # -- what a compaction replaced ----------------------------------------------------------------
@@ -1280,37 +1287,6 @@ async def test_object_another_tools_last_line_cut_off_by_a_flush_during_a_compac
         await writer.write(records(7, 1))
     async with open_s3("object", "reader") as reader:
         assert await numbers(reader) == [*range(1000, 1010), 5, 6, 7]
-
-
-async def test_object_close_during_a_compaction_waits_for_its_swap_then_uploads_what_was_written(
-    open_s3: OpenS3, small_parts: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    storage = open_s3("object", part_size=small_parts)
-    paused = PausedObjectSnapshot(storage, monkeypatch)
-    await storage.write(records(0, 2))
-    await storage.flush()
-    ended: list[str] = []
-
-    async def replace() -> None:
-        await storage.replace(snapshot(1000, 600, pad=2000))  # several parts
-        ended.append("replace")
-
-    async def close() -> None:
-        await storage.close()
-        ended.append("close")
-
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(replace)
-        with anyio.fail_after(10):
-            await paused.reached.wait()
-        await storage.write(records(2, 1))  # staged: close() uploads it, after the snapshot
-        tasks.start_soon(close)
-        await anyio.sleep(0.2)
-        assert ended == [], "close() released the client and the stage under a compaction under way"
-        paused.go.set()
-    assert ended == ["replace", "close"]
-    async with open_s3("object", "reader") as reader:
-        assert await numbers(reader) == [*range(1000, 1600), 2]
 
 
 @pytest.mark.parametrize("size", SIZES)
