@@ -346,6 +346,8 @@ async def test_flushes_during_a_compaction_by_key_return_at_once_where_the_stora
                 assert '"during"' not in journal, "a write went to a storage that holds them"
         finally:
             storage.go.set()
+    journal = "".join([item async for item in storage.read()])
+    assert journal.count('"during"') == 50, "flush() returned before its records were written"
     await checkpoint.close()
     assert (results[0].records_before, results[0].records) == (100, 10)  # the cut: before the call
     if kind == "redis":  # a new storage, as after a restart

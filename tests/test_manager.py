@@ -693,3 +693,38 @@ async def test_an_appender_that_waited_for_a_write_writes_its_batch_if_it_is_exa
                 for _ in range(3):  # a second batch, exactly full, while the first is written
                     await manager.append({"n": 1})
         assert storage.writes == [3 * line, 3 * line]
+
+
+async def test_a_flush_that_waited_for_another_round_flushes_what_it_was_called_for() -> None:
+    """The first flush's round covers what was handed before it; a second flush, called for more
+    while that round is under way, waits for it, then makes its own records durable too."""
+    gate = anyio.Event()
+
+    class Gated(RecordingStorage):
+        async def flush(self) -> None:
+            await gate.wait()
+            await super().flush()
+
+    storage = Gated()
+    checkpoint = CheckpointManager(storage, flush_interval=None)
+    await checkpoint.append({"n": 1})
+    returned: list[int] = []
+
+    async def flush(n: int) -> None:
+        await checkpoint.flush()
+        returned.append(n)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(flush, 1)
+        await anyio.wait_all_tasks_blocked()  # its round waits in the storage's flush
+        await checkpoint.append({"n": 2})
+        tasks.start_soon(flush, 2)
+        await anyio.wait_all_tasks_blocked()
+        gate.set()
+        with anyio.fail_after(5):
+            while 2 not in returned:
+                await anyio.sleep(0.01)
+        assert '{"n":2}' in storage.durable, (
+            "flush() returned before the record it was called for was durable"
+        )
+    await checkpoint.close()
