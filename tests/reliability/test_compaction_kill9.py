@@ -18,7 +18,7 @@ from yoink import CheckpointManager
 WRITER = Path(__file__).with_name("compacting_writer.py")
 KEYS = 50  # compacting_writer.KEYS
 SMALL_PART = 4 << 10  # S3's part minimum, lowered (in moto and in the writers) to put snapshots in parts
-MORE_KILLS = 6  # at most, when none of the planned ones came after a compaction
+MORE_KILLS = 10  # at most, when none of the planned ones came after a compaction (or a flush during one)
 # the journals whose flushes go on during a compaction (by key)
 CARRIES = {"local", "redis", "s3-object", "s3-segments"}
 
