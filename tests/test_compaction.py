@@ -33,7 +33,13 @@ from yoink import (
     StorageError,
 )
 from yoink._compaction import Compaction, CompactionPolicy
-from yoink.storage import CheckpointStorage, LocalFileStorage, MemoryStorage, RedisStreamStorage
+from yoink.storage import (
+    CheckpointStorage,
+    FsspecStorage,
+    LocalFileStorage,
+    MemoryStorage,
+    RedisStreamStorage,
+)
 from yoink.storage._local import REPLACEMENT_SUFFIX
 
 pytestmark = pytest.mark.usefixtures("async_backend")
@@ -302,15 +308,24 @@ class PausingRedis(_PausesInReplace, RedisStreamStorage):
     pass
 
 
-@pytest.mark.parametrize("kind", ["local", "memory", "redis", "a storage that holds writes"])
+class PausingFsspec(_PausesInReplace, FsspecStorage):
+    pass
+
+
+@pytest.mark.parametrize(
+    "kind", ["local", "memory", "redis", "fsspec-local", "fsspec-memory", "a storage that holds writes"]
+)
 async def test_flushes_during_a_compaction_by_key_return_at_once_where_the_storage_carries_them(
     tmp_path: Path, kind: str, request: pytest.FixtureRequest
 ) -> None:
     key = f"carried-{uuid.uuid4()}"
+    stage = tmp_path / "stage"
     storage: _PausesInReplace = {
         "local": lambda: PausingLocal(tmp_path / "carried.jsonl"),
         "memory": PausingMemory,
         "redis": lambda: PausingRedis(request.getfixturevalue("redis_url"), key),
+        "fsspec-local": lambda: PausingFsspec(f"fsspec+file://{tmp_path}/j.jsonl", stage_dir=stage),
+        "fsspec-memory": lambda: PausingFsspec(f"fsspec+memory://{key}/j.jsonl", stage_dir=stage),
         "a storage that holds writes": PausingHolding,
     }[kind]()
     storage.go, storage.replacing = anyio.Event(), anyio.Event()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -500,17 +501,22 @@ _DYING_COMPACTOR = """
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
 
-    async def snapshot():
-        yield '{"n":9}\\n'
-        yield '{"n":10}\\n'
-        if sys.argv[3] == "mid-snapshot":
-            die()
-
     async def main():
         storage = FsspecStorage(sys.argv[1], stage_dir=sys.argv[2])
+
+        async def snapshot():
+            yield '{"n":9}\\n'
+            await storage.write('{"n":3}\\n')  # flushed during the compaction: the swap carries it
+            await storage.flush()
+            yield '{"n":10}\\n'
+            if sys.argv[3] == "mid-snapshot":
+                die()
+
         await storage.write('{"n":0}\\n{"n":1}\\n')
         await storage.flush()
         await storage.write('{"n":2}\\n')  # staged: replace() uploads it first
+        if sys.argv[3] == "before-the-last-carry":
+            _fsspec_file._LocalSwap.sync = die
         if sys.argv[3] == "after-the-rename":
             _fsspec_file._LocalSwap.discard = die
         await storage.replace(snapshot())
@@ -519,26 +525,30 @@ _DYING_COMPACTOR = """
 """
 
 
-@pytest.mark.parametrize(("kill_at", "journal"), [("mid-snapshot", "old"), ("after-the-rename", "new")])
+@pytest.mark.parametrize(
+    ("kill_at", "journal"),
+    [("mid-snapshot", "old"), ("before-the-last-carry", "old"), ("after-the-rename", "new")],
+)
 def test_kill_9_during_a_local_compaction_leaves_the_old_journal_or_the_new_one_and_the_next_writer_goes_on(
     tmp_path: Path, kill_at: str, journal: str
 ) -> None:
+    """Either way with the record flushed during the compaction: in the old file, or carried."""
     path = tmp_path / "journal.jsonl"
     uri = f"fsspec+file://{path}"
     child = _run_child(_DYING_COMPACTOR, uri, str(tmp_path / "stage"), kill_at)
     assert child.returncode == -9, child.stderr
-    whole = '{"n":0}\n{"n":1}\n{"n":2}\n' if journal == "old" else '{"n":9}\n{"n":10}\n'
+    whole = '{"n":0}\n{"n":1}\n{"n":2}\n{"n":3}\n' if journal == "old" else '{"n":9}\n{"n":10}\n{"n":3}\n'
     assert path.read_text() == whole
 
     async def recover() -> None:
         async with FsspecStorage(uri, stage_dir=tmp_path / "stage") as storage:
             assert await read_text(storage) == whole
-            await storage.write('{"n":3}\n')
+            await storage.write('{"n":4}\n')
             await storage.flush()
-            await storage.replace(_chunks(whole, '{"n":3}\n'))  # clears what a crash left beside it
+            await storage.replace(_chunks(whole, '{"n":4}\n'))  # clears what a crash left beside it
 
     anyio.run(recover)
-    assert path.read_text() == whole + '{"n":3}\n'
+    assert path.read_text() == whole + '{"n":4}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.jsonl", "stage"]
 
 
@@ -562,3 +572,151 @@ def test_a_stage_left_elsewhere_by_an_upload_cut_short_before_a_compaction_is_re
     anyio.run(then)
     assert (tmp_path / "journal.jsonl").read_text() == '{"n":9}\n{"n":10}\n{"n":11}\n'
     assert [p.name for p in (tmp_path / "machine-a").glob("*/*.jsonl")] == ["000000000002.jsonl"]
+
+
+# -- flushes during a compaction: the swap carries what they appended after the cut ------------
+
+
+def _compacted_uri(tmp_path: Path, filesystem: str) -> str:
+    if filesystem == "local":
+        return f"fsspec+file://{tmp_path}/j.jsonl"
+    return f"fsspec+memory://{uuid.uuid4().hex}/j.jsonl"
+
+
+async def _write_and_flush(storage: FsspecStorage, first: int, count: int) -> None:
+    for n in range(first, first + count):
+        await storage.write(f'{{"n":{n}}}\n')
+        await storage.flush()
+
+
+def _numbered(first: int, count: int) -> str:
+    return "".join(f'{{"n":{n}}}\n' for n in range(first, first + count))
+
+
+@pytest.mark.parametrize("filesystem", ["memory", "local"])
+async def test_flushes_during_a_compaction_are_in_the_file_at_once_and_follow_the_snapshot_after_it(
+    tmp_path: Path, filesystem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from yoink.storage import _fsspec
+
+    monkeypatch.setattr(_fsspec, "_CARRY_BYTES", 16)  # the carry in many reads and rounds
+    uri = _compacted_uri(tmp_path, filesystem)
+    storage = FsspecStorage(uri, stage_dir=tmp_path / "stage")
+    assert storage.writes_during_replace
+    await _write_and_flush(storage, 0, 3)
+
+    async def flushes() -> None:
+        await _write_and_flush(storage, 3, 40)
+        reader = FsspecStorage(uri, stage_dir=tmp_path / "reader")
+        assert await read_text(reader) == _numbered(0, 43), "flushed, yet not in the file"
+        await reader.close()
+
+    await storage.replace(_chunks('{"snapshot":1}\n', '{"snapshot":2}\n', during=flushes))
+    await _write_and_flush(storage, 43, 1)
+    await storage.close()
+    reader = FsspecStorage(uri, stage_dir=tmp_path / "reader")
+    assert await read_text(reader) == '{"snapshot":1}\n{"snapshot":2}\n' + _numbered(3, 41)
+    await reader.close()
+
+
+async def test_a_compaction_ends_though_flushes_outpace_its_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each round of the copy with uploads going on sees more uploaded than it copied: the last
+    round is made with them held, after a few."""
+    from yoink.storage import _fsspec
+
+    monkeypatch.setattr(_fsspec, "_CARRY_BYTES", 16)
+    storage = FsspecStorage(_compacted_uri(tmp_path, "local"), stage_dir=tmp_path / "stage")
+    await _write_and_flush(storage, 0, 1)
+    copy = storage._carry
+    rounds = 0
+
+    async def outpaced(swap: Any, start: int) -> int:
+        nonlocal rounds
+        end = await copy(swap, start)
+        if not storage._flush_lock.locked():  # a round with uploads going on: more land as it copies
+            rounds += 1
+            await _write_and_flush(storage, 1000 + 3 * rounds, 3)
+        return end
+
+    monkeypatch.setattr(storage, "_carry", outpaced)
+
+    async def flushes() -> None:
+        await _write_and_flush(storage, 1, 2)
+
+    with anyio.fail_after(20):
+        await storage.replace(_chunks('{"snapshot":1}\n', '{"snapshot":2}\n', during=flushes))
+    assert rounds == 16
+    outpacing = "".join(_numbered(1000 + 3 * n, 3) for n in range(1, rounds + 1))
+    expected = '{"snapshot":1}\n{"snapshot":2}\n' + _numbered(1, 2) + outpacing
+    assert await read_text(storage) == expected
+    await storage.close()
+
+
+async def test_an_upload_that_failed_part_way_during_a_compaction_is_settled_before_the_swap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its fragment is in the old file after the bytes to carry: the swap cuts it off and uploads
+    the batch again, once, rather than taking it for another writer's change."""
+    path = tmp_path / "j.jsonl"
+    storage = FsspecStorage(f"fsspec+file://{path}", stage_dir=tmp_path / "stage")
+    await _write_and_flush(storage, 0, 2)
+    append = storage._file.append
+
+    def fails_part_way(data: bytes, size: int) -> None:
+        with open(path, "ab") as file:
+            file.write(data[: len(data) // 2])
+        monkeypatch.setattr(storage._file, "append", append)
+        raise OSError(5, "Input/output error")
+
+    async def flushes() -> None:
+        await _write_and_flush(storage, 2, 1)
+        monkeypatch.setattr(storage._file, "append", fails_part_way)
+        await storage.write('{"n":3,"pad":"xxxxxxxxxxxxxxxx"}\n')
+        with pytest.raises(StorageError, match="Input/output error.*they stay staged"):
+            await storage.flush()
+
+    await storage.replace(_chunks('{"snapshot":1}\n', '{"snapshot":2}\n', during=flushes))
+    assert path.read_text() == '{"snapshot":1}\n{"snapshot":2}\n{"n":2}\n{"n":3,"pad":"xxxxxxxxxxxxxxxx"}\n'
+    await _write_and_flush(storage, 4, 1)
+    await storage.close()
+    assert path.read_text().endswith('"}\n{"n":4}\n')
+
+
+async def test_a_journal_cut_short_by_another_program_during_a_compaction_is_not_swapped(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.jsonl"
+    storage = FsspecStorage(f"fsspec+file://{path}", stage_dir=tmp_path / "stage")
+    await _write_and_flush(storage, 0, 2)
+
+    async def flushes_then_cut() -> None:
+        await _write_and_flush(storage, 2, 2)
+        os.truncate(path, len(_numbered(0, 3)))  # another program cuts the last flushed record off
+
+    with pytest.raises(StorageError, match="cut short by another program.*the old journal is kept"):
+        await storage.replace(_chunks('{"snapshot":1}\n', '{"snapshot":2}\n', during=flushes_then_cut))
+    assert path.read_text() == _numbered(0, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["j.jsonl", "stage"]
+    await storage.close()
+
+
+@pytest.mark.parametrize("filesystem", ["memory", "local"])
+async def test_another_tools_torn_last_line_is_set_aside_before_the_cut_not_carried(
+    tmp_path: Path, filesystem: str
+) -> None:
+    """The cut is at a line's end: a torn tail set aside by the first flush after it would move
+    the bytes to carry under it (and carry a piece of the next record)."""
+    uri = _compacted_uri(tmp_path, filesystem)
+    fs, path = fsspec.core.url_to_fs(uri.removeprefix("fsspec+"))
+    fs.pipe_file(path, b'{"n":0}\n{"n":1')
+    storage = FsspecStorage(uri, stage_dir=tmp_path / "stage")
+
+    async def flushes() -> None:
+        await _write_and_flush(storage, 2, 2)
+
+    await storage.replace(_chunks('{"snapshot":1}\n', '{"snapshot":2}\n', during=flushes))
+    await storage.close()
+    assert fs.cat_file(path) == b'{"snapshot":1}\n{"snapshot":2}\n' + _numbered(2, 2).encode()
+    assert fs.cat_file(path + ".torn") == b'{"n":1\n'

@@ -270,7 +270,7 @@ class CheckpointManager:
         any moment leaves the old journal whole, or the snapshot whole and what was flushed after
         it. While it runs, :meth:`append` goes on, records wait in memory until the swap, and
         :meth:`flush` waits for it; except for ``compact(key=...)`` on a storage that carries what
-        is written during the swap into the new journal (local files, memory, Redis and S3; see
+        is written during the swap into the new journal (every built-in one that compacts; see
         :attr:`~yoink.storage.CheckpointStorage.writes_during_replace`): there, once the fold has
         begun reading, records are written and flushed as usual. It returns what it did
         (:class:`~yoink.Compaction`), and the journal's first line, a header that replay skips,

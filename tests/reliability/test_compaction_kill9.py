@@ -20,7 +20,7 @@ KEYS = 50  # compacting_writer.KEYS
 SMALL_PART = 4 << 10  # S3's part minimum, lowered (in moto and in the writers) to put snapshots in parts
 MORE_KILLS = 10  # at most, when none of the planned ones came after a compaction (or a flush during one)
 # the journals whose flushes go on during a compaction (by key)
-CARRIES = {"local", "redis", "s3-object", "s3-segments"}
+CARRIES = {"local", "redis", "s3-object", "s3-segments", "fsspec"}
 
 
 def test_kill_9_during_compactions_leaves_the_old_journal_or_the_snapshot_and_what_followed(

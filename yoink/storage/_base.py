@@ -43,7 +43,7 @@ class CheckpointStorage(ABC):
     """Whether :meth:`write` and :meth:`flush` may go on while :meth:`replace` runs. Optional.
 
     yoink reads it from the storage, not its class: a backend may set it per instance, where it
-    depends on the options (every built-in backend but fsspec sets it True).
+    depends on the options (every built-in backend sets it True where it compacts).
 
     Left False, the manager writes nothing during a compaction: records appended meanwhile wait in
     memory, and :meth:`CheckpointManager.flush <yoink.CheckpointManager.flush>` waits for the swap.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -30,7 +30,7 @@ from yoink._lines import journal_end, whole_lines, without_torn_tail
 from yoink._records import MAX_LINE_BYTES
 from yoink.storage._factory import FSSPEC_PREFIX
 from yoink.storage._files import READ_CHUNK, TORN_SUFFIX
-from yoink.storage._fsspec_file import CannotAppend, JournalFile, Moved, View
+from yoink.storage._fsspec_file import CannotAppend, JournalFile, Moved, Swap, View
 from yoink.storage._fsspec_upload import Intent, read_staged, upload_groups
 from yoink.storage._stage import Batch
 from yoink.storage._staged import StagedStorage
@@ -41,6 +41,9 @@ __all__ = ["FsspecOptions", "FsspecStorage"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+_CARRY_BYTES = 4 << 20  # what one read of the carry copies
+_CARRY_ROUNDS = 16  # copies of the carry with uploads going on; the rest is copied with them held
 
 
 @dataclass(frozen=True)
@@ -87,16 +90,19 @@ class FsspecStorage(StagedStorage):
       before the next upload; anything else is moved to ``<path>.torn`` and cut off.
     - Compaction (:meth:`replace`), on a local filesystem and on fsspec's memory filesystem: what
       is staged is uploaded first (it belongs to the old journal, so nothing from before the swap
-      is uploaded after it), then the new journal goes in one step. Local: written beside the
-      file (``<path>.<pid>.<random>.yoink-compact``), fsynced, renamed over it, the directory
-      fsynced, so a crash leaves the old file or the new one whole, and the next compaction
-      removes what a crashed one left beside it; a replay under way reads on in the file it
-      opened. Memory: the new bytes take the old ones' place in the store at once. The swap is
-      fenced as an upload is, by the file's size just before it: another writer's change is
-      refused with :class:`~yoink.ConcurrentWriterError`, and the journal stays as it left it.
-      Any other filesystem raises :class:`~yoink.CompactionNotSupportedError` and changes
-      nothing: fsspec promises no atomic replace there (on object stores a move is a copy and a
-      delete; HDFS's rename does not overwrite). For S3, S3Storage compacts.
+      is uploaded after it), and the file's size then is the cut. Flushes go on appending to the
+      old file while the new journal is written (``writes_during_replace``); once it is, the bytes
+      they appended after the cut are copied after it, the last of them with uploads held, and
+      the new journal goes in one step. Local: written beside the file
+      (``<path>.<pid>.<random>.yoink-compact``), fsynced, renamed over it, the directory fsynced,
+      so a crash leaves the old file (with every flush) or the new one whole (with every flush),
+      and the next compaction removes what a crashed one left beside it; a replay under way reads
+      on in the file it opened. Memory: the new bytes take the old ones' place in the store at
+      once. The swap is fenced as an upload is, by the file's size just before it: another
+      writer's change is refused with :class:`~yoink.ConcurrentWriterError`, and the journal
+      stays as it left it. Any other filesystem raises :class:`~yoink.CompactionNotSupportedError`
+      and changes nothing: fsspec promises no atomic replace there (on object stores a move is a
+      copy and a delete; HDFS's rename does not overwrite). For S3, S3Storage compacts.
 
     What it cannot promise:
 
@@ -141,6 +147,7 @@ class FsspecStorage(StagedStorage):
         super().__init__(shown, options.stage_dir, identity=f"fsspec|{protocol}|{path}")
         self._known_size: int | None = None  # the file's size as this writer last saw or left it
         self._clean_end = False  # the file is known to end in a newline: this writer's upload made it
+        self.writes_during_replace = self._file.swap_refusal() is None  # where it compacts, it carries
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._uri!r})"
@@ -332,25 +339,71 @@ class FsspecStorage(StagedStorage):
                 "it goes on as before"
             )
 
-    async def _swap(self, data: AsyncIterator[bytes]) -> None:
-        """Write the new journal beside the old one, then put it in its place in one step, if the
-        file is still the size this writer last saw or left it."""
+    async def _cut(self) -> Callable[[AsyncIterator[bytes]], Awaitable[None]]:
+        """Fix the old journal's end at the file's size, once it is known to end a line; return what
+        writes the new journal beside it and puts it in place, followed by the bytes uploaded since.
+
+        Called with uploads held and nothing staged. The uploads that follow append to the old file
+        as usual. Once the new journal is written, its copy of them goes on in rounds with uploads
+        going on (a few, so uploads that outpace it cannot keep it going), and ends with them held:
+        an interrupted upload is settled first, the last bytes are copied, and the new file takes
+        the old one's place if the old one is still the size this writer left it.
+        """
         size = await self._run(self._file.size)
         if self._known_size is None:
             self._known_size = size
         elif size != self._known_size:
             raise self._compaction_refused(size)
+        if not self._clean_end and size:  # as the next upload would: the cut is a line's end
+            self._known_size = await self._end_cleanly(size, 0)
+            self._clean_end = True
+        cut = self._known_size
         swap = await self._run(self._file.begin_swap)
-        try:
-            async for chunk in data:
-                await self._run(swap.write, chunk)
-            size, self._clean_end = await self._run(swap.commit, self._known_size)
-        except Moved as moved:
-            raise self._compaction_refused(moved.size) from None
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._run(swap.discard)
-        self._known_size = size
+
+        async def write_and_swap(data: AsyncIterator[bytes]) -> None:
+            try:
+                async for chunk in data:
+                    await self._run(swap.write, chunk)
+                carried = cut
+                for _ in range(_CARRY_ROUNDS):
+                    if self._uploaded_to() - carried < _CARRY_BYTES:
+                        break
+                    carried = await self._carry(swap, carried)
+                await self._run(swap.sync)  # most of it, before uploads are held for the rest
+                async with self._flush_lock:
+                    self._check_open()
+                    if Intent.read(self._stage, self._stage.writer, self._uri, writing=True) is not None:
+                        await self._upload_staged()  # settles the upload that was interrupted
+                    try:
+                        size, self._clean_end = await self._run(swap.commit, await self._carry(swap, carried))
+                    except Moved as moved:
+                        raise self._compaction_refused(moved.size) from None
+                    self._known_size = size
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self._run(swap.discard)
+
+        return write_and_swap
+
+    def _uploaded_to(self) -> int:
+        """Where this writer's uploads end in the file, once it is known (it is, in a compaction)."""
+        assert self._known_size is not None
+        return self._known_size
+
+    async def _carry(self, swap: Swap, start: int) -> int:
+        """Copy the old file's bytes from ``start`` to where this writer's uploads end into ``swap``;
+        return that end."""
+        end = self._uploaded_to()
+        while start < end:
+            block = await self._run(self._file.cat, start, min(end, start + _CARRY_BYTES))
+            if not block:  # cut short by another program: what it cut would be lost, or carried torn
+                raise StorageError(
+                    f"{self._uri} was cut short by another program during the compaction; nothing was "
+                    "replaced, the old journal is kept as it is"
+                )
+            await self._run(swap.write, block)
+            start += len(block)
+        return end
 
     def _compaction_refused(self, size: int) -> ConcurrentWriterError:
         return ConcurrentWriterError(

@@ -157,6 +157,9 @@ class Swap:
     def write(self, data: bytes) -> None:
         raise NotImplementedError
 
+    def sync(self) -> None:
+        """Make what is written so far durable, so that :meth:`commit` has only the rest to sync."""
+
     def commit(self, size: int) -> tuple[int, bool]:
         """Put the new journal in place if the file still holds ``size`` bytes (else raise
         :class:`Moved`, keeping the old one); return its size and whether it ends in a newline."""
@@ -226,6 +229,10 @@ class _LocalSwap(Swap):
             view = view[os.write(self._fd, view) :]
         self._size += len(data)
         self._last = data[-1:] or self._last
+
+    def sync(self) -> None:
+        assert self._fd is not None
+        os.fsync(self._fd)
 
     def commit(self, size: int) -> tuple[int, bool]:
         fd = self._fd
