@@ -720,3 +720,32 @@ async def test_another_tools_torn_last_line_is_set_aside_before_the_cut_not_carr
     await storage.close()
     assert fs.cat_file(path) == b'{"snapshot":1}\n{"snapshot":2}\n' + _numbered(2, 2).encode()
     assert fs.cat_file(path + ".torn") == b'{"n":1\n'
+
+
+@pytest.mark.parametrize("filesystem", ["memory", "local"])
+async def test_close_during_a_compaction_waits_for_its_swap_with_what_was_flushed_meanwhile(
+    tmp_path: Path, filesystem: str
+) -> None:
+    uri = _compacted_uri(tmp_path, filesystem)
+    storage = FsspecStorage(uri, stage_dir=tmp_path / "stage")
+    await _write_and_flush(storage, 0, 2)
+    closed = anyio.Event()
+
+    async def close() -> None:
+        await storage.close()
+        closed.set()
+
+    async with anyio.create_task_group() as tasks:
+
+        async def flushes_then_close() -> None:
+            await _write_and_flush(storage, 2, 2)
+            await storage.write('{"n":4}\n')  # staged: close() uploads it, after the swap
+            tasks.start_soon(close)
+            await anyio.sleep(0.1)
+            assert not closed.is_set(), "close() returned before the compaction under way ended"
+
+        await storage.replace(_chunks('{"snapshot":1}\n', '{"snapshot":2}\n', during=flushes_then_close))
+    assert closed.is_set()
+    reader = FsspecStorage(uri, stage_dir=tmp_path / "reader")
+    assert await read_text(reader) == '{"snapshot":1}\n{"snapshot":2}\n' + _numbered(2, 3)
+    await reader.close()

@@ -370,8 +370,7 @@ class FsspecStorage(StagedStorage):
                         break
                     carried = await self._carry(swap, carried)
                 await self._run(swap.sync)  # most of it, before uploads are held for the rest
-                async with self._flush_lock:
-                    self._check_open()
+                async with self._flush_lock:  # close() waits for this compaction: it goes on to its end
                     if Intent.read(self._stage, self._stage.writer, self._uri, writing=True) is not None:
                         await self._upload_staged()  # settles the upload that was interrupted
                     try:
