@@ -478,17 +478,23 @@ async def test_a_compaction_while_a_writer_elsewhere_appends_is_refused_and_both
 async def test_a_local_compaction_is_a_rename_that_keeps_the_mode_and_clears_a_crashed_ones_leftover(
     tmp_path: Path,
 ) -> None:
+    """And only its own journal's: ``j.jsonl.x``'s new journal, beside it, is another job's."""
     path = tmp_path / "j.jsonl"
     async with FsspecStorage(f"fsspec+file://{path}", stage_dir=tmp_path / "stage") as storage:
         await storage.write('{"n":0}\n')
         await storage.flush()
         path.chmod(0o640)
         inode = path.stat().st_ino
-        (tmp_path / "j.jsonl.4242.dead.yoink-compact").write_text('{"half":')  # a crashed compaction's
+        (tmp_path / "j.jsonl.4242.0badc0de.yoink-compact").write_text('{"half":')  # a crashed compaction's
+        (tmp_path / "j.jsonl.x.4243.0badc0de.yoink-compact").write_text('{"x":')  # j.jsonl.x's, under way
         await storage.replace(_chunks('{"n":9}\n'))
         assert path.stat().st_ino != inode
         assert path.stat().st_mode & 0o777 == 0o640
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["j.jsonl", "stage"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "j.jsonl",
+            "j.jsonl.x.4243.0badc0de.yoink-compact",
+            "stage",
+        ]
         await storage.write('{"n":10}\n')
     assert path.read_text() == '{"n":9}\n{"n":10}\n'
 
@@ -749,3 +755,70 @@ async def test_close_during_a_compaction_waits_for_its_swap_with_what_was_flushe
     reader = FsspecStorage(uri, stage_dir=tmp_path / "reader")
     assert await read_text(reader) == '{"snapshot":1}\n{"snapshot":2}\n' + _numbered(2, 3)
     await reader.close()
+
+
+@pytest.mark.parametrize("filesystem", ["memory", "local"])
+async def test_a_writer_paused_in_its_append_while_another_compacts_is_refused_and_keeps_its_batch(
+    tmp_path: Path, filesystem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writer B checks the file's size and is paused before its write (a SIGSTOP, a frozen VM);
+    writer A compacts meanwhile, and its fence sees the size it expects. B's bytes then go to
+    the file A's swap replaced: B must not take them for landed (and drop its staged batch)."""
+    import threading
+    import time
+
+    uri = _compacted_uri(tmp_path, filesystem)
+    journal = str(tmp_path / "j.jsonl")
+    a = FsspecStorage(uri, stage_dir=tmp_path / "machine-a")
+    await _write_and_flush(a, 0, 2)
+    b = FsspecStorage(uri, stage_dir=tmp_path / "machine-b")
+    assert await read_text(b) == _numbered(0, 2)
+    armed, paused, go = threading.Event(), threading.Event(), threading.Event()
+
+    def pause() -> None:
+        armed.clear()
+        paused.set()
+        assert go.wait(10)
+        time.sleep(0.01)
+
+    if filesystem == "local":
+        fstat = os.fstat
+
+        def paused_fstat(fd: int) -> os.stat_result:  # B's check of the size, just before its write
+            found = fstat(fd)
+            if armed.is_set() and os.readlink(f"/proc/self/fd/{fd}") == journal:
+                pause()
+            return found
+
+        monkeypatch.setattr(os, "fstat", paused_fstat)
+    else:
+        memory = fsspec.filesystem("memory")
+        real_open = memory.open
+
+        def paused_open(path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
+            file = real_open(path, mode, *args, **kwargs)
+            if mode == "ab" and armed.is_set():
+                pause()
+            return file
+
+        monkeypatch.setattr(memory, "open", paused_open)
+    await b.write('{"writer":"B"}\n')
+    armed.set()
+    async with anyio.create_task_group() as tasks:
+
+        async def b_flushes() -> None:
+            with pytest.raises(ConcurrentWriterError, match="compaction replaced it.*stay staged"):
+                await b.flush()
+
+        tasks.start_soon(b_flushes)
+        while not paused.is_set():
+            await anyio.sleep(0.01)
+        await a.replace(_chunks('{"snapshot":1}\n'))
+        go.set()
+    await a.close()
+    reader = FsspecStorage(uri, stage_dir=tmp_path / "reader")
+    assert await read_text(reader) == '{"snapshot":1}\n'
+    await reader.close()
+    assert await read_text(b) == '{"snapshot":1}\n{"writer":"B"}\n', "B's batch is no longer staged"
+    with pytest.raises(ConcurrentWriterError):
+        await b.close()

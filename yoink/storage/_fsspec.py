@@ -116,9 +116,11 @@ class FsspecStorage(StagedStorage):
       :class:`~yoink.ConcurrentWriterError`, and its batch is not uploaded again. On a local
       filesystem that window is one ``fstat`` before one ``write``; on a store that rewrites the
       file, it spans the upload, and the other writer's records are lost to the rewrite. A
-      compaction's window is one ``stat`` before one ``rename``: a record appended in it is lost
-      to the swap. Two writers whose changes leave the same size at the same moment are not told
-      apart.
+      writer paused there while another compacts writes to the file the swap replaced; it sees
+      that (the path holds another file) and keeps its batch staged. A compaction's window is one
+      ``stat`` before one ``rename``: a record appended in it, and checked before the rename, is
+      lost to the swap. Two writers whose changes leave the same size at the same moment are not
+      told apart.
     - A stage that another machine's writer left with an upload interrupted (a crash during it,
       or between it and the stage's cleanup), opened after a compaction: whether that upload
       landed cannot be told from the new file, so its next flush raises
@@ -207,9 +209,9 @@ class FsspecStorage(StagedStorage):
                 "(cutting off any part of them that reached the file)"
             ) from exc
         except Moved as moved:
-            if not moved.written:
+            if not moved.written:  # its bytes are not in the journal: they stay staged
                 self._stage.clear_intent()
-                raise self._changed(f"its size went from {size} to {moved.size} bytes", staged) from None
+                raise self._changed(moved.how(size), staged) from None
             self._known_size = after  # not the file's size: this writer's later flushes are refused too
             await self._stage.discard(group[-1].seq)  # they are in the file: never upload them again
             self._stage.clear_intent()
@@ -312,7 +314,7 @@ class FsspecStorage(StagedStorage):
             try:
                 await self._run(self._write_file, end.between, size)
             except Moved as moved:
-                raise self._changed(f"its size went from {size} to {moved.size} bytes", staged) from None
+                raise self._changed(moved.how(size), staged) from None
             return size + len(end.between)
         if end.keep == size:
             return size

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import secrets
 import stat
 import sys
@@ -27,14 +28,25 @@ from yoink.storage._files import READ_CHUNK, TORN_SUFFIX
 __all__ = ["CannotAppend", "JournalFile", "Moved", "Swap", "View"]
 
 _SWAP_SUFFIX = ".yoink-compact"  # <path>.<pid>.<random>.yoink-compact: a new journal being written
+_SWAP_NAME = re.compile(r"\.[0-9]+\.[0-9a-f]{8}" + re.escape(_SWAP_SUFFIX))  # after <path>
 
 
 class Moved(Exception):  # becomes a ConcurrentWriterError
-    """The file was not the size the writer expected; ``written``: the data went in all the same."""
+    """The file was not the size the writer expected; ``written``: the data went in all the same.
 
-    def __init__(self, size: int, written: bool) -> None:
+    ``replaced``: the path holds another file than the one the data went to (another writer's
+    compaction renamed its journal over it during the append): the data is not in the journal.
+    """
+
+    def __init__(self, size: int, written: bool, replaced: bool = False) -> None:
         self.size = size
         self.written = written
+        self.replaced = replaced
+
+    def how(self, expected: int) -> str:
+        if self.replaced:
+            return "another writer's compaction replaced it while this one appended to it"
+        return f"its size went from {expected} to {self.size} bytes"
 
 
 class CannotAppend(Exception):
@@ -106,8 +118,12 @@ class JournalFile:
             raise CannotAppend from exc
         with file:
             file.write(data)
+        self._check_still_the_journal(file)
         if (now := self.size()) != size + len(data):
             raise Moved(now - len(data), written=True)
+
+    def _check_still_the_journal(self, file: Any) -> None:
+        """Raise :class:`Moved` if ``file``, just appended to, is no longer the one at the path."""
 
     def rewrite(self, data: bytes, size: int) -> None:
         """Write the file's first ``size`` bytes and ``data`` in its place, if it still holds ``size``."""
@@ -213,8 +229,9 @@ class _LocalSwap(Swap):
         if file.fs.auto_mkdir:
             os.makedirs(directory, exist_ok=True)
         for stale in glob.glob(glob.escape(self._path) + ".*" + _SWAP_SUFFIX):  # a crashed compaction's
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(stale)
+            if _SWAP_NAME.fullmatch(stale[len(self._path) :]):  # not <path>.jsonl's, another journal's
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(stale)
         self._temporary = f"{self._path}.{os.getpid()}.{secrets.token_hex(4)}{_SWAP_SUFFIX}"
         self._fd: int | None = os.open(
             self._temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666
@@ -260,6 +277,15 @@ class _LocalSwap(Swap):
             os.unlink(self._temporary)
 
 
+def _is_at(fd: int, path: str) -> bool:
+    try:
+        at_path = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (opened.st_dev, opened.st_ino) == (at_path.st_dev, at_path.st_ino)
+
+
 def _local_size(path: str) -> int:
     try:
         return os.stat(path).st_size
@@ -297,6 +323,8 @@ class _LocalFile(JournalFile):
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
             end = os.lseek(fd, 0, os.SEEK_CUR)  # O_APPEND: where this write ended
+            if not _is_at(fd, self.path):  # renamed over while it wrote: its bytes are not the journal's
+                raise Moved(_local_size(self.path), written=False, replaced=True)
         finally:
             os.close(fd)
         if end != size + len(data):
@@ -348,6 +376,10 @@ class _MemoryFile(JournalFile):
     def size(self) -> int:
         file = self.fs.store.get(self.path)
         return 0 if file is None else int(file.seek(0, os.SEEK_END))  # where every append starts anyway
+
+    def _check_still_the_journal(self, file: Any) -> None:
+        if self.fs.store.get(self.path) is not file:  # a swap put new bytes in the store meanwhile
+            raise Moved(self.size(), written=False, replaced=True)
 
     def cat(self, start: int, end: int) -> bytes:
         data = self._bytes()
