@@ -133,7 +133,7 @@ async def test_the_policy_counts_the_growth_after_a_snapshot_from_the_snapshots_
             sizes.append(sum(len(item) for item in self._journals.get(self.name, [])))
             await super().replace(text)
 
-    storage = Sizing(f"growth-after-snapshot-{async_backend}")
+    storage = Sizing(f"growth-after-snapshot-{async_backend}-{uuid.uuid4()}")  # not a run before's
     policy = CompactionPolicy(key="k", growth=2.0, min_bytes=1)
     async with CheckpointManager(storage, batch_bytes=1, compact=policy) as checkpoint:
         await checkpoint.compact([{"k": n, "state": "x" * 50} for n in range(10)])
