@@ -822,3 +822,66 @@ async def test_a_writer_paused_in_its_append_while_another_compacts_is_refused_a
     assert await read_text(b) == '{"snapshot":1}\n{"writer":"B"}\n', "B's batch is no longer staged"
     with pytest.raises(ConcurrentWriterError):
         await b.close()
+
+
+def _slow_view(storage: FsspecStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The storage's look at the file comes 0.3 s late (a slow stat, a loaded machine)."""
+    import time
+
+    view = storage._file.view
+
+    def slow() -> Any:
+        time.sleep(0.3)
+        return view()
+
+    monkeypatch.setattr(storage._file, "view", slow)
+
+
+@pytest.mark.parametrize("filesystem", ["memory", "local"])
+async def test_a_read_while_the_writer_flushes_yields_each_record_once(
+    tmp_path: Path, filesystem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read takes the stage's batches, then looks at the file: a flush that uploaded them and
+    deleted them in between must not leave them in both (a replay beside the job's flushes)."""
+    storage = FsspecStorage(_compacted_uri(tmp_path, filesystem), stage_dir=tmp_path / "stage")
+    await _write_and_flush(storage, 0, 1)
+    await storage.write('{"n":1}\n')
+    _slow_view(storage, monkeypatch)
+    read: list[str] = []
+    async with anyio.create_task_group() as tasks:
+
+        async def replay() -> None:
+            read.append(await read_text(storage))
+
+        tasks.start_soon(replay)
+        await anyio.sleep(0.1)
+        await storage.flush()
+    assert read == [_numbered(0, 2)]
+    await storage.close()
+
+
+def test_a_reader_of_a_dead_writers_stage_reads_each_record_once_while_the_next_writer_uploads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"fsspec+file://{tmp_path}/journal.jsonl"
+    child = _run_child(_DYING_WRITER, uri, str(tmp_path / "stage"), "True", "seal")
+    assert child.returncode == -9, child.stderr
+
+    async def then() -> None:
+        reader = FsspecStorage(uri, stage_dir=tmp_path / "stage")  # yoink cat, beside the next writer
+        _slow_view(reader, monkeypatch)
+        read: list[str] = []
+        async with anyio.create_task_group() as tasks:
+
+            async def replay() -> None:
+                read.append(await read_text(reader))
+
+            tasks.start_soon(replay)
+            await anyio.sleep(0.1)
+            async with FsspecStorage(uri, stage_dir=tmp_path / "stage") as writer:
+                await writer.flush()  # takes the stage over and uploads the dead writer's batches
+        assert read == [_RECORDS]
+        await reader.close()
+
+    anyio.run(then)
+    assert (tmp_path / "journal.jsonl").read_text() == _RECORDS

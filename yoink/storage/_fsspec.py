@@ -8,6 +8,7 @@ what that can and cannot do.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -181,13 +182,19 @@ class FsspecStorage(StagedStorage):
         return await self._run(self._file.exists)
 
     async def _upload(self, batches: list[Batch]) -> None:
-        size = await self._run(self._file.size)
-        intent = Intent.read(self._stage, self._stage.writer, self._uri, writing=True)
-        if intent is not None:
-            size, batches = await self._settle(intent, size, batches)
-        for group in upload_groups(batches):
-            size = await self._upload_group(group, size, sum(batch.size for batch in batches))
-            batches = batches[len(group) :]
+        async with self._stage.uploading():  # a reader looks before it, or after it (_looking)
+            size = await self._run(self._file.size)
+            intent = Intent.read(self._stage, self._stage.writer, self._uri, writing=True)
+            if intent is not None:
+                size, batches = await self._settle(intent, size, batches)
+            for group in upload_groups(batches):
+                size = await self._upload_group(group, size, sum(batch.size for batch in batches))
+                batches = batches[len(group) :]
+
+    def _looking(self) -> contextlib.AbstractAsyncContextManager[None]:
+        # The file holds no record of which batches it has: an upload that landed and deleted its
+        # batches between a reader's look at the stage and its look at the file would be read twice.
+        return self._stage.looking()
 
     async def _upload_group(self, group: list[Batch], size: int, staged: int) -> int:
         if self._known_size is None:

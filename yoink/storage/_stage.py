@@ -6,6 +6,7 @@ nothing, and the next storage for the same URI finds the batches and uploads the
 
     <stage root>/<digest of the URI>/
         lock                  flock held by the writing storage; a second writer is refused
+        uploading             flock held by an upload, shared by a reader looking (Stage.looking)
         stage.json            the URI, and the writer id the remote side records per upload
         000000000007.jsonl    sealed batches, uploaded and deleted in order
         000000000008.jsonl    the batch being written
@@ -30,7 +31,7 @@ import secrets
 import stat
 import sys
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -47,6 +48,7 @@ __all__ = ["Batch", "Stage", "default_stage_root", "read_batches"]
 logger = logging.getLogger(__name__)
 
 _BATCH = re.compile(r"(\d{12})\.jsonl")
+_LOCK_POLL = 0.005  # seconds between tries of the upload lock (never a blocking flock on the event loop)
 
 
 def default_stage_root() -> str:
@@ -282,6 +284,40 @@ class Stage:
             ) from exc
         return opened
 
+    @contextlib.asynccontextmanager
+    async def uploading(self) -> AsyncIterator[None]:
+        """Held by an upload from its record (:meth:`write_intent`) until it has deleted what it
+        uploaded and cleared the record, in this process or another: see :meth:`looking`."""
+        try:
+            fd = self._open_upload_lock()
+        except OSError as exc:
+            raise StorageError(
+                f"{self._describe}: cannot lock {self.directory} for an upload ({exc.strerror}); nothing "
+                "was uploaded, and the staged batches are kept"
+            ) from exc
+        async with _flocked(fd, fcntl.LOCK_EX):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def looking(self) -> AsyncIterator[None]:
+        """Held by a reader while it takes the stage's :meth:`snapshot` and then looks at what the
+        remote journal holds of it: no upload lands and deletes its batches between the two, which
+        the reader would then read twice (in the journal, and from the batch files it opened).
+
+        A reader that cannot create the lock (a stage it cannot write to) looks without it."""
+        try:
+            fd = self._open_upload_lock()
+        except OSError:
+            yield
+            return
+        async with _flocked(fd, fcntl.LOCK_SH):
+            yield
+
+    def _open_upload_lock(self) -> int:
+        return os.open(
+            os.path.join(self.directory, "uploading"), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+
     def snapshot_writer(self) -> str | None:
         return self.writer or _read_writer(os.path.join(self.directory, "stage.json"))
 
@@ -354,6 +390,21 @@ def _lock_exclusively(fd: int) -> bool:
             continue
         return True
     return False
+
+
+@contextlib.asynccontextmanager
+async def _flocked(fd: int, operation: int) -> AsyncIterator[None]:
+    """``flock`` on ``fd`` (taken without blocking the event loop), then unlocked and closed."""
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, operation | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await anyio.sleep(_LOCK_POLL)
+        yield
+    finally:
+        close_locked(fd)  # a child forked meanwhile does not keep it
 
 
 def _list_batches(directory: str) -> tuple[list[tuple[int, str]], list[str]]:

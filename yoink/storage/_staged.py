@@ -13,6 +13,7 @@ import functools
 import os
 from abc import abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import BinaryIO
 
 import anyio
 
@@ -75,10 +76,12 @@ class StagedStorage(ClosableStorage):
         await uninterrupted(functools.partial(self._replace, text))
 
     async def read(self) -> AsyncIterator[str]:
-        async with self._write_lock:  # staged files are opened before the remote side is read
-            staged = self._stage.open_snapshot()
+        staged: list[tuple[Batch, BinaryIO]] = []
         try:
-            landed, remote = await self._open_remote(self._stage.snapshot_writer(), bool(staged))
+            async with self._looking():
+                async with self._write_lock:  # staged files are opened before the remote side is read
+                    staged = self._stage.open_snapshot()
+                landed, remote = await self._open_remote(self._stage.snapshot_writer(), bool(staged))
             async with contextlib.aclosing(remote):  # closed at once when a replay is abandoned
                 async for block in remote:
                     yield block
@@ -170,6 +173,12 @@ class StagedStorage(ClosableStorage):
     @abstractmethod
     async def _upload(self, batches: list[Batch]) -> None:
         """Upload the sealed ``batches`` (oldest first), then discard them from the stage."""
+
+    def _looking(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Held by :meth:`read` from the stage's snapshot until :meth:`_open_remote` has returned. A
+        backend that cannot tell, from the remote side alone, which of a writer's batches it holds
+        returns :meth:`Stage.looking`, and holds :meth:`Stage.uploading` while it uploads."""
+        return contextlib.nullcontext()
 
     def _check_swappable(self) -> None:
         """Raise CompactionNotSupportedError, before anything is done, if this journal cannot be swapped."""
