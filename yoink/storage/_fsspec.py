@@ -8,13 +8,12 @@ what that can and cannot do.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -175,7 +174,7 @@ class FsspecStorage(StagedStorage):
             raise
         if self._known_size is None and not self._closed:
             self._known_size = end  # this writer's view of the file starts here
-        blocks = whole_lines(self._chunks(view, end, staged), describe=self._uri, keep_tail=True)
+        blocks = whole_lines(self._chunks(view, end), describe=self._uri, keep_tail=True)
         return landed, without_torn_tail(blocks, self._uri) if staged else blocks
 
     async def _remote_exists(self) -> bool:
@@ -191,10 +190,23 @@ class FsspecStorage(StagedStorage):
                 size = await self._upload_group(group, size, sum(batch.size for batch in batches))
                 batches = batches[len(group) :]
 
-    def _looking(self) -> contextlib.AbstractAsyncContextManager[None]:
-        # The file holds no record of which batches it has: an upload that landed and deleted its
-        # batches between a reader's look at the stage and its look at the file would be read twice.
-        return self._stage.looking()
+    async def _look(self) -> tuple[list[tuple[Batch, BinaryIO]], int, AsyncGenerator[str, None]]:
+        """As StagedStorage looks, with no upload landing between the look at the stage and the
+        look at the file: the file holds no record of which batches it has, so an upload that
+        landed and deleted its batches in between would be read twice.
+
+        A look that finds nothing staged needs no lock (a live writer elsewhere keeps its staged
+        batches to itself), so a reader beside a stopped writer is not held up by it; else it looks
+        again holding :meth:`Stage.looking`, or, where no writer has made that lock, looks again
+        if one made it meanwhile."""
+        looked = await super()._look()
+        while looked[0]:
+            await _forget(looked)
+            async with self._stage.looking() as locked:
+                looked = await super()._look()
+            if locked or not self._stage.upload_lock_made():
+                break
+        return looked
 
     async def _upload_group(self, group: list[Batch], size: int, staged: int) -> int:
         if self._known_size is None:
@@ -442,16 +454,9 @@ class FsspecStorage(StagedStorage):
                 self._append = False
         self._file.rewrite(data, size)
 
-    async def _chunks(self, view: View, size: int, staged: bool) -> AsyncIterator[bytes]:
+    async def _chunks(self, view: View, size: int) -> AsyncIterator[bytes]:
         """The first ``size`` bytes of ``view``: the old journal whole, whatever a swap does meanwhile."""
         try:
-            if not await self._run(view.open):
-                if staged:  # this storage's staged batches were judged against the old file
-                    raise StorageError(
-                        f"{self._uri} was replaced (compacted) just as this read began; nothing was "
-                        "read. Read again"
-                    )
-                size = view.size  # nothing was read yet: the new journal, whole
             offset = 0
             while offset < size:
                 block = await self._run(view.read, offset, min(size, offset + self._file.read_size))
@@ -468,6 +473,13 @@ class FsspecStorage(StagedStorage):
             return await anyio.to_thread.run_sync(call, *args)
         except (OSError, ValueError, NotImplementedError) as exc:
             raise StorageError(f"{self._uri}: {type(exc).__name__}: {exc}") from exc
+
+
+async def _forget(looked: tuple[list[tuple[Batch, BinaryIO]], int, AsyncGenerator[str, None]]) -> None:
+    staged, _, remote = looked
+    for _, file in staged:
+        file.close()
+    await remote.aclose()  # never begun: its view closes as it is dropped
 
 
 def _open_filesystem(uri: str, storage_options: dict[str, Any] | None, shown: str) -> tuple[Any, str]:

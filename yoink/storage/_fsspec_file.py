@@ -18,6 +18,8 @@ import re
 import secrets
 import stat
 import sys
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
@@ -156,10 +158,6 @@ class View:
         self._file = file
         self.size = file.size()
 
-    def open(self) -> bool:
-        """Get ready to read; False if the path now holds another file, whose ``size`` it takes."""
-        return True
-
     def read(self, start: int, end: int) -> bytes:
         return self._file.cat(start, end)
 
@@ -186,28 +184,21 @@ class Swap:
 
 
 class _LocalView(View):
-    """A local file's view: the file that holds the path when the view is made (its inode)."""
+    """A local file's view: the file that holds the path when the view is made, opened then (a
+    compaction that renames another over it later changes nothing it reads)."""
 
     def __init__(self, file: JournalFile) -> None:
         self._file = file
         self._fd: int | None = None
+        self.size = 0
         try:
-            found = os.stat(file.path)
+            fd = os.open(file.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            self.size, self._identity = 0, (0, 0)
-        else:
-            self.size, self._identity = found.st_size, (found.st_dev, found.st_ino)
-
-    def open(self) -> bool:
-        if not self.size:
-            return True
-        fd = os.open(self._file.path, os.O_RDONLY | os.O_CLOEXEC)
+            self._closing: Callable[[], Any] = lambda: None
+            return
         self._fd = fd
-        found = os.fstat(fd)
-        if (found.st_dev, found.st_ino) == self._identity:
-            return True
-        self.size = found.st_size  # renamed over between the view and its opening: read the new one whole
-        return False
+        self._closing = weakref.finalize(self, os.close, fd)  # a view never read (a look made again)
+        self.size = os.fstat(fd).st_size
 
     def read(self, start: int, end: int) -> bytes:
         if self._fd is None:
@@ -215,9 +206,8 @@ class _LocalView(View):
         return os.pread(self._fd, end - start, start)
 
     def close(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
+        self._fd = None
+        self._closing()
 
 
 class _LocalSwap(Swap):

@@ -89,6 +89,7 @@ class Stage:
         self._active_size = 0
         self.recovered = 0  # bytes left by an earlier process, found by open()
         self._ignored: set[str] = set()  # junk in the stage that a reader was already warned about
+        self._upload_locks: set[int] = set()  # descriptors of the upload lock (uploading, looking)
 
     @property
     def is_open(self) -> bool:
@@ -131,6 +132,7 @@ class Stage:
             self._lock_fd = fd
             drop_in_forked_children(self)
         try:
+            self._make_upload_lock()  # before any upload: a reader that found none looks again if one came
             self._sealed = self._take_over()
         except BaseException:
             self._lock_fd = None
@@ -221,10 +223,11 @@ class Stage:
 
     def _drop_after_fork(self) -> None:
         """In a forked child: close the child's copies of the stage's files, keeping the parent's lock."""
-        for fd in (self._active, self._lock_fd):
+        for fd in (self._active, self._lock_fd, *self._upload_locks):
             if fd is not None:
-                os.close(fd)
+                os.close(fd)  # an upload lock too: a parent killed holding it leaves none behind
         self._active = self._lock_fd = None
+        self._upload_locks = set()
 
     def snapshot(self) -> list[Batch]:
         """The batches (with the one being written) as they are now, for :func:`read_batches`."""
@@ -255,7 +258,7 @@ class Stage:
 
     def _held_elsewhere(self) -> bool:
         try:
-            fd = os.open(os.path.join(self.directory, "lock"), os.O_RDONLY)
+            fd = os.open(os.path.join(self.directory, "lock"), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
         try:
@@ -292,31 +295,73 @@ class Stage:
             fd = self._open_upload_lock()
         except OSError as exc:
             raise StorageError(
-                f"{self._describe}: cannot lock {self.directory} for an upload ({exc.strerror}); nothing "
-                "was uploaded, and the staged batches are kept"
+                f"{self._describe}: cannot lock {self._upload_lock_path} for an upload "
+                f"({exc.strerror or exc}); nothing was uploaded, and the staged batches are kept"
             ) from exc
-        async with _flocked(fd, fcntl.LOCK_EX):
+        async with self._flocked(fd, fcntl.LOCK_EX):
             yield
 
     @contextlib.asynccontextmanager
-    async def looking(self) -> AsyncIterator[None]:
+    async def looking(self) -> AsyncIterator[bool]:
         """Held by a reader while it takes the stage's :meth:`snapshot` and then looks at what the
         remote journal holds of it: no upload lands and deletes its batches between the two, which
         the reader would then read twice (in the journal, and from the batch files it opened).
 
-        A reader that cannot create the lock (a stage it cannot write to) looks without it."""
+        Yields whether the lock is held. A reader creates nothing: where the lock's file does not
+        exist (no writer has opened the stage since yoink had it), or is not one yoink made, it
+        looks without it, and asks :meth:`upload_lock_made` afterwards whether to look again."""
         try:
-            fd = self._open_upload_lock()
+            fd: int | None = self._open_upload_lock()
         except OSError:
-            yield
+            fd = None
+        if fd is None:
+            yield False
             return
-        async with _flocked(fd, fcntl.LOCK_SH):
-            yield
+        async with self._flocked(fd, fcntl.LOCK_SH):
+            yield True
+
+    def upload_lock_made(self) -> bool:
+        """Whether the lock of :meth:`uploading` exists: a writer makes it as it opens the stage."""
+        return os.path.lexists(self._upload_lock_path)
+
+    @property
+    def _upload_lock_path(self) -> str:
+        return os.path.join(self.directory, "uploading")
+
+    def _make_upload_lock(self) -> None:
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_CREAT  # O_NONBLOCK: a FIFO there
+        try:
+            os.close(os.open(self._upload_lock_path, flags, 0o600))
+        except OSError as exc:
+            raise StorageError(
+                f"cannot create the stage of {self._describe} in {self.directory}: {exc}"
+            ) from exc
 
     def _open_upload_lock(self) -> int:
-        return os.open(
-            os.path.join(self.directory, "uploading"), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600
-        )
+        """The lock's descriptor, never blocking (a FIFO in its place), and only a regular file's."""
+        with forks_wait():  # its holder is known before a fork can copy it
+            fd = os.open(self._upload_lock_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OSError(errno.EINVAL, f"{self._upload_lock_path} is not a regular file")
+            self._upload_locks.add(fd)
+            drop_in_forked_children(self)
+        return fd
+
+    @contextlib.asynccontextmanager
+    async def _flocked(self, fd: int, operation: int) -> AsyncIterator[None]:
+        """``flock`` on ``fd`` (taken without blocking the event loop), then unlocked and closed."""
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, operation | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await anyio.sleep(_LOCK_POLL)
+            yield
+        finally:
+            self._upload_locks.discard(fd)
+            close_locked(fd)
 
     def snapshot_writer(self) -> str | None:
         return self.writer or _read_writer(os.path.join(self.directory, "stage.json"))
@@ -390,21 +435,6 @@ def _lock_exclusively(fd: int) -> bool:
             continue
         return True
     return False
-
-
-@contextlib.asynccontextmanager
-async def _flocked(fd: int, operation: int) -> AsyncIterator[None]:
-    """``flock`` on ``fd`` (taken without blocking the event loop), then unlocked and closed."""
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, operation | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                await anyio.sleep(_LOCK_POLL)
-        yield
-    finally:
-        close_locked(fd)  # a child forked meanwhile does not keep it
 
 
 def _list_batches(directory: str) -> tuple[list[tuple[int, str]], list[str]]:

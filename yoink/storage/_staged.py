@@ -76,12 +76,8 @@ class StagedStorage(ClosableStorage):
         await uninterrupted(functools.partial(self._replace, text))
 
     async def read(self) -> AsyncIterator[str]:
-        staged: list[tuple[Batch, BinaryIO]] = []
+        staged, landed, remote = await self._look()
         try:
-            async with self._looking():
-                async with self._write_lock:  # staged files are opened before the remote side is read
-                    staged = self._stage.open_snapshot()
-                landed, remote = await self._open_remote(self._stage.snapshot_writer(), bool(staged))
             async with contextlib.aclosing(remote):  # closed at once when a replay is abandoned
                 async for block in remote:
                     yield block
@@ -90,8 +86,19 @@ class StagedStorage(ClosableStorage):
                 async for block in batches:
                     yield block
         finally:
-            for _, file in staged:
-                file.close()
+            _close(staged)
+
+    async def _look(self) -> tuple[list[tuple[Batch, BinaryIO]], int, AsyncGenerator[str, None]]:
+        """What :meth:`read` yields: the stage's batches, opened first, then the remote side
+        (:meth:`_open_remote`: the last of them that it holds, and its text)."""
+        async with self._write_lock:  # staged files are opened before the remote side is read
+            staged = self._stage.open_snapshot()
+        try:
+            landed, remote = await self._open_remote(self._stage.snapshot_writer(), bool(staged))
+        except BaseException:
+            _close(staged)
+            raise
+        return staged, landed, remote
 
     async def exists(self) -> bool:
         return bool(self._stage.snapshot()) or await self._remote_exists()
@@ -174,12 +181,6 @@ class StagedStorage(ClosableStorage):
     async def _upload(self, batches: list[Batch]) -> None:
         """Upload the sealed ``batches`` (oldest first), then discard them from the stage."""
 
-    def _looking(self) -> contextlib.AbstractAsyncContextManager[None]:
-        """Held by :meth:`read` from the stage's snapshot until :meth:`_open_remote` has returned. A
-        backend that cannot tell, from the remote side alone, which of a writer's batches it holds
-        returns :meth:`Stage.looking`, and holds :meth:`Stage.uploading` while it uploads."""
-        return contextlib.nullcontext()
-
     def _check_swappable(self) -> None:
         """Raise CompactionNotSupportedError, before anything is done, if this journal cannot be swapped."""
 
@@ -203,6 +204,11 @@ class StagedStorage(ClosableStorage):
 
     async def _release(self) -> None:
         """Release clients once the storage is closed."""
+
+
+def _close(staged: list[tuple[Batch, BinaryIO]]) -> None:
+    for _, file in staged:
+        file.close()
 
 
 async def _encoded(text: AsyncIterable[str]) -> AsyncIterator[bytes]:
