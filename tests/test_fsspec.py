@@ -885,3 +885,167 @@ def test_a_reader_of_a_dead_writers_stage_reads_each_record_once_while_the_next_
 
     anyio.run(then)
     assert (tmp_path / "journal.jsonl").read_text() == _RECORDS
+
+
+_WRITER_THAT_FORKS_MID_UPLOAD = """
+    import multiprocessing, os, sys, time, anyio
+    from yoink.storage import FsspecStorage, _fsspec_file
+
+    append = _fsspec_file._LocalFile.append
+
+    def slow_append(self, data, size):
+        time.sleep(30)  # a slow store: killed before it ends
+        return append(self, data, size)
+
+    def pool_worker():
+        time.sleep(60)
+
+    async def main():
+        storage = FsspecStorage(sys.argv[1], stage_dir=sys.argv[2])
+        await storage.write('{"n":1}\\n')
+        _fsspec_file._LocalFile.append = slow_append
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(storage.flush)
+            await anyio.sleep(0.5)  # the upload holds its lock
+            child = multiprocessing.get_context("fork").Process(target=pool_worker, daemon=False)
+            child.start()
+            print(child.pid, flush=True)
+            await anyio.sleep(60)
+
+    anyio.run(main)
+"""
+
+
+def test_a_child_forked_during_an_upload_keeps_no_lock_once_the_writer_is_killed(tmp_path: Path) -> None:
+    """A pool worker forked while an upload holds the stage's upload lock, its parent then killed:
+    the next writer and a reader go on (the child closed its copy of the lock)."""
+    import signal
+    import time
+
+    uri = f"fsspec+file://{tmp_path}/journal.jsonl"
+    command = [
+        sys.executable,
+        "-c",
+        textwrap.dedent(_WRITER_THAT_FORKS_MID_UPLOAD),
+        uri,
+        str(tmp_path / "stage"),
+    ]
+    writer = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert writer.stdout is not None
+    child = int(writer.stdout.readline())
+    try:
+        writer.kill()
+        writer.wait()
+
+        async def then() -> None:
+            with anyio.fail_after(10):
+                async with FsspecStorage(uri, stage_dir=tmp_path / "stage") as reader:
+                    assert await read_text(reader) == '{"n":1}\n'
+                async with FsspecStorage(uri, stage_dir=tmp_path / "stage") as next_writer:
+                    await next_writer.flush()  # uploads the killed writer's batch
+
+        anyio.run(then)
+        assert (tmp_path / "journal.jsonl").read_text() == '{"n":1}\n'
+    finally:
+        writer.stdout.close()
+        os.kill(child, signal.SIGKILL)
+        time.sleep(0.1)
+
+
+def test_a_fifo_in_place_of_the_stages_locks_freezes_no_reader_and_a_writer_is_told(tmp_path: Path) -> None:
+    uri = f"fsspec+file://{tmp_path}/journal.jsonl"
+    child = _run_child(_DYING_WRITER, uri, str(tmp_path / "stage"), "True", "seal")
+    assert child.returncode == -9, child.stderr
+    (directory,) = (tmp_path / "stage").iterdir()
+    for name in ("uploading", "lock"):
+        (directory / name).unlink()
+        os.mkfifo(directory / name)
+
+    async def then() -> None:
+        with anyio.fail_after(5):
+            reader = FsspecStorage(uri, stage_dir=tmp_path / "stage")
+            assert await read_text(reader) == _RECORDS
+            await reader.close()
+            writer = FsspecStorage(uri, stage_dir=tmp_path / "stage")
+            with pytest.raises(
+                StorageError, match="cannot lock .*uploading for an upload.*not a regular file"
+            ):
+                await writer.flush()
+            with pytest.raises(StorageError):
+                await writer.close()
+
+    anyio.run(then)
+    assert (tmp_path / "journal.jsonl").read_text() == '{"n":0}\n'  # the staged records stay staged
+
+
+def test_a_reader_creates_nothing_in_a_stage_and_waits_for_no_writer_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``yoink cat`` on a stage an older yoink left (no upload lock in it) adds nothing to it; and
+    beside a live writer held up mid-upload it reads what the file holds, without waiting."""
+    import time
+
+    uri = f"fsspec+file://{tmp_path}/journal.jsonl"
+    child = _run_child(_DYING_WRITER, uri, str(tmp_path / "stage"), "True", "seal")
+    assert child.returncode == -9, child.stderr
+    (directory,) = (tmp_path / "stage").iterdir()
+    (directory / "uploading").unlink()
+    left = sorted(path.name for path in directory.iterdir())
+
+    async def then() -> None:
+        reader = FsspecStorage(uri, stage_dir=tmp_path / "stage")
+        assert await read_text(reader) == _RECORDS
+        assert sorted(path.name for path in directory.iterdir()) == left
+        writer = FsspecStorage(uri, stage_dir=tmp_path / "stage")
+        append = writer._file.append
+
+        def held_up(data: bytes, size: int) -> None:
+            time.sleep(1)  # a stopped writer, its upload lock held
+            append(data, size)
+
+        monkeypatch.setattr(writer._file, "append", held_up)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(writer.flush)
+            await anyio.sleep(0.3)
+            with anyio.fail_after(0.5):
+                assert await read_text(reader) == '{"n":0}\n'  # the writer's staged records are its own
+        await writer.close()
+        await reader.close()
+
+    anyio.run(then)
+    assert (tmp_path / "journal.jsonl").read_text() == _RECORDS
+
+
+async def test_the_writers_replay_during_its_own_compaction_reads_one_journal_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compaction renames the new journal over the file while the replay opens it: the replay
+    reads the file it opened (before, it looked at one file and opened another, and failed)."""
+    import time
+
+    path = tmp_path / "j.jsonl"
+    storage = FsspecStorage(f"fsspec+file://{path}", stage_dir=tmp_path / "stage")
+    await _write_and_flush(storage, 0, 2)
+    await storage.write('{"n":2}\n')  # staged
+    real_open = os.open
+    slowed = []
+
+    def slow_open(file: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if str(file) == str(path) and flags & os.O_ACCMODE == os.O_RDONLY and not slowed:
+            slowed.append(file)
+            time.sleep(0.3)  # the compaction renames meanwhile
+        return real_open(file, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", slow_open)
+    read: list[str] = []
+    async with anyio.create_task_group() as tasks:
+
+        async def replay() -> None:
+            read.append(await read_text(storage))
+
+        tasks.start_soon(replay)
+        await anyio.sleep(0.1)
+        await storage.replace(_chunks('{"snapshot":1}\n'))
+    assert slowed
+    assert read[0] in (_numbered(0, 3), '{"snapshot":1}\n')
+    await storage.close()

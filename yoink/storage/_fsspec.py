@@ -198,14 +198,15 @@ class FsspecStorage(StagedStorage):
         A look that finds nothing staged needs no lock (a live writer elsewhere keeps its staged
         batches to itself), so a reader beside a stopped writer is not held up by it; else it looks
         again holding :meth:`Stage.looking`, or, where no writer has made that lock, looks again
-        if one made it meanwhile."""
+        if one made it meanwhile (where it cannot be taken, it looks without it)."""
         looked = await super()._look()
         while looked[0]:
             await _forget(looked)
+            made = self._stage.upload_lock_made()
             async with self._stage.looking() as locked:
                 looked = await super()._look()
-            if locked or not self._stage.upload_lock_made():
-                break
+            if locked or made or not self._stage.upload_lock_made():
+                break  # locked; or a lock it cannot take (another user's); or none was made meanwhile
         return looked
 
     async def _upload_group(self, group: list[Batch], size: int, staged: int) -> int:
@@ -300,6 +301,8 @@ class FsspecStorage(StagedStorage):
         if size < intent.before or sum(batch.size for batch in covered) != whole:
             return None
         length = min(size, intent.after) - intent.before
+        if not length:
+            return 0  # the file (perhaps not made yet) holds none of it
         try:
             staged = await self._run(read_staged, covered, length)
         except StorageError as exc:
