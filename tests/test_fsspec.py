@@ -837,6 +837,20 @@ def _slow_view(storage: FsspecStorage, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(storage._file, "view", slow)
 
 
+async def _read_while(storage: FsspecStorage, during: Callable[[], Awaitable[None]]) -> str:
+    """``storage``'s journal as a read begun 0.1 s before ``during()`` yields it."""
+    read: list[str] = []
+    async with anyio.create_task_group() as tasks:
+
+        async def replay() -> None:
+            read.append(await read_text(storage))
+
+        tasks.start_soon(replay)
+        await anyio.sleep(0.1)
+        await during()
+    return read[0]
+
+
 @pytest.mark.parametrize("filesystem", ["memory", "local"])
 async def test_a_read_while_the_writer_flushes_yields_each_record_once(
     tmp_path: Path, filesystem: str, monkeypatch: pytest.MonkeyPatch
@@ -847,16 +861,7 @@ async def test_a_read_while_the_writer_flushes_yields_each_record_once(
     await _write_and_flush(storage, 0, 1)
     await storage.write('{"n":1}\n')
     _slow_view(storage, monkeypatch)
-    read: list[str] = []
-    async with anyio.create_task_group() as tasks:
-
-        async def replay() -> None:
-            read.append(await read_text(storage))
-
-        tasks.start_soon(replay)
-        await anyio.sleep(0.1)
-        await storage.flush()
-    assert read == [_numbered(0, 2)]
+    assert await _read_while(storage, storage.flush) == _numbered(0, 2)
     await storage.close()
 
 
@@ -870,17 +875,12 @@ def test_a_reader_of_a_dead_writers_stage_reads_each_record_once_while_the_next_
     async def then() -> None:
         reader = FsspecStorage(uri, stage_dir=tmp_path / "stage")  # yoink cat, beside the next writer
         _slow_view(reader, monkeypatch)
-        read: list[str] = []
-        async with anyio.create_task_group() as tasks:
 
-            async def replay() -> None:
-                read.append(await read_text(reader))
-
-            tasks.start_soon(replay)
-            await anyio.sleep(0.1)
+        async def next_writer() -> None:
             async with FsspecStorage(uri, stage_dir=tmp_path / "stage") as writer:
                 await writer.flush()  # takes the stage over and uploads the dead writer's batches
-        assert read == [_RECORDS]
+
+        assert await _read_while(reader, next_writer) == _RECORDS
         await reader.close()
 
     anyio.run(then)
@@ -1037,15 +1037,10 @@ async def test_the_writers_replay_during_its_own_compaction_reads_one_journal_wh
         return real_open(file, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", slow_open)
-    read: list[str] = []
-    async with anyio.create_task_group() as tasks:
 
-        async def replay() -> None:
-            read.append(await read_text(storage))
-
-        tasks.start_soon(replay)
-        await anyio.sleep(0.1)
+    async def compact() -> None:
         await storage.replace(_chunks('{"snapshot":1}\n'))
+
+    assert await _read_while(storage, compact) in (_numbered(0, 3), '{"snapshot":1}\n')
     assert slowed
-    assert read[0] in (_numbered(0, 3), '{"snapshot":1}\n')
     await storage.close()
