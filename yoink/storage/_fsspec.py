@@ -181,7 +181,7 @@ class FsspecStorage(StagedStorage):
         return await self._run(self._file.exists)
 
     async def _upload(self, batches: list[Batch]) -> None:
-        async with self._stage.uploading():  # a reader looks before it, or after it (_looking)
+        async with self._stage.uploading():  # a reader looks before it, or after it (_look)
             size = await self._run(self._file.size)
             intent = Intent.read(self._stage, self._stage.writer, self._uri, writing=True)
             if intent is not None:
