@@ -897,7 +897,8 @@ _WRITER_THAT_FORKS_MID_UPLOAD = """
         time.sleep(30)  # a slow store: killed before it ends
         return append(self, data, size)
 
-    def pool_worker():
+    def pool_worker(started):
+        started.set()  # it runs: what the fork left it of the parent's is dropped by now
         time.sleep(60)
 
     async def main():
@@ -907,8 +908,11 @@ _WRITER_THAT_FORKS_MID_UPLOAD = """
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(storage.flush)
             await anyio.sleep(0.5)  # the upload holds its lock
-            child = multiprocessing.get_context("fork").Process(target=pool_worker, daemon=False)
+            fork = multiprocessing.get_context("fork")
+            started = fork.Event()
+            child = fork.Process(target=pool_worker, args=(started,), daemon=False)
             child.start()
+            assert started.wait(30)
             print(child.pid, flush=True)
             await anyio.sleep(60)
 
