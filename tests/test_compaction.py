@@ -1333,3 +1333,78 @@ async def test_keys_holding_an_integer_beyond_64_bits_are_one_key_whatever_the_o
         result = await checkpoint.compact(key="k")
     assert [record["n"] for record in await replay(path)] == [2, 3]
     assert (result.records_before, result.records) == (3, 2)
+
+
+async def test_a_write_that_failed_in_a_compaction_leaves_the_next_ones_cut_where_it_was_called() -> None:
+    """The failed write's records go back to the buffer, and the count of bytes handed to the
+    storage back to what it was: the next compaction, called before the failure, still replaces
+    every record appended before its call."""
+    go = anyio.Event()
+
+    class FailsFirstWrite(MemoryStorage):
+        failed = False
+
+        async def write(self, data: str) -> None:
+            if not self.failed:
+                self.failed = True
+                await go.wait()
+                raise StorageError("the disk is full")
+            await super().write(data)
+
+    storage = FailsFirstWrite(f"failed-cut-{uuid.uuid4()}")
+    checkpoint = CheckpointManager(storage, flush_interval=None)
+    await checkpoint.append({"k": 1, "n": 1})
+    snapshot: list[Compaction] = []
+    async with anyio.create_task_group() as tasks:
+
+        async def first() -> None:
+            with pytest.raises(StorageError, match="the disk is full"):
+                await checkpoint.compact(key="k")
+
+        async def second() -> None:
+            snapshot.append(await checkpoint.compact([{"snapshot": "b"}]))
+
+        tasks.start_soon(first)
+        await anyio.sleep(0.05)  # its write waits
+        await checkpoint.append({"k": 2, "n": 2})
+        tasks.start_soon(second)
+        await anyio.sleep(0.05)  # called: its cut is after both records
+        go.set()
+    await checkpoint.close()
+    assert snapshot[0].records == 1
+    assert [record async for record in CheckpointManager(MemoryStorage(storage.name)).replay()] == [
+        {"snapshot": "b"}
+    ]
+
+
+async def test_a_flush_round_behind_a_compactions_cut_hands_the_storage_no_empty_write() -> None:
+    """A flush called while the compaction flushes up to its cut finds, once it has the lock,
+    nothing before the cut left to write: it writes nothing (not an empty string) and waits."""
+    gate = anyio.Event()
+
+    class Recording(PausingHolding):
+        writes: list[str]
+
+        async def write(self, data: str) -> None:
+            self.writes.append(data)
+            await super().write(data)
+
+        async def flush(self) -> None:
+            await gate.wait()
+            await super().flush()
+
+    storage = Recording(f"no-empty-write-{uuid.uuid4()}")
+    storage.writes, storage.go, storage.replacing = [], anyio.Event(), anyio.Event()
+    checkpoint = CheckpointManager(storage, flush_interval=None)
+    await checkpoint.append({"k": 1})
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(functools.partial(checkpoint.compact, key="k"))
+        await anyio.sleep(0.05)  # it has written up to its cut, and flushes
+        await checkpoint.append({"k": 2})
+        tasks.start_soon(checkpoint.flush)
+        await anyio.sleep(0.05)
+        gate.set()
+        await storage.replacing.wait()
+        storage.go.set()
+    await checkpoint.close()
+    assert storage.writes == ['{"k":1}\n', '{"k":2}\n']
