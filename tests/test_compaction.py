@@ -1408,3 +1408,21 @@ async def test_a_flush_round_behind_a_compactions_cut_hands_the_storage_no_empty
         storage.go.set()
     await checkpoint.close()
     assert storage.writes == ['{"k":1}\n', '{"k":2}\n']
+
+
+async def test_the_policy_counts_a_journal_this_manager_never_replayed_from_nothing() -> None:
+    """No replay, no compaction yet: the journal's size is unknown, so its growth counts from 0,
+    and the first write past ``min_bytes`` is due whatever the ``growth``."""
+    replaced = anyio.Event()
+
+    class Counting(MemoryStorage):
+        async def replace(self, text: Any) -> None:
+            await super().replace(text)
+            replaced.set()
+
+    policy = CompactionPolicy(key="k", growth=100.0, min_bytes=1)
+    storage = Counting(f"policy-from-nothing-{uuid.uuid4()}")
+    async with CheckpointManager(storage, batch_bytes=1, flush_interval=None, compact=policy) as checkpoint:
+        await checkpoint.append({"k": 1})  # 8 bytes, a full batch: written at once
+        with anyio.fail_after(5):
+            await replaced.wait()

@@ -402,7 +402,9 @@ async def test_close_flushes_closes_the_storage_and_is_safe_twice(tmp_path: Path
     for call in (manager.append({"b": 2}), manager.append_many([{"b": 2}]), manager.flush()):
         with pytest.raises(StorageClosedError, match="closed"):
             await call
-    with pytest.raises(StorageClosedError):
+    with pytest.raises(
+        StorageClosedError, match=r"^CheckpointManager\(LocalFileStorage\('.*j.jsonl'\)\) is closed$"
+    ):
         await replay_all(manager)
     assert (tmp_path / "j.jsonl").read_text() == '{"a":1}\n'
 
