@@ -20,6 +20,7 @@ import fsspec.implementations.memory
 import pytest
 
 from yoink import (
+    CheckpointManager,
     CompactionNotSupportedError,
     ConcurrentWriterError,
     MissingDependencyError,
@@ -1048,3 +1049,22 @@ async def test_the_writers_replay_during_its_own_compaction_reads_one_journal_wh
     assert await _read_while(storage, compact) in (_numbered(0, 3), '{"snapshot":1}\n')
     assert slowed
     await storage.close()
+
+
+def test_a_read_only_manager_on_a_crashed_writers_stage_uploads_nothing_as_it_closes(tmp_path: Path) -> None:
+    """``yoink cat`` reads what a killed writer staged, and leaves it staged: its close() flushes
+    nothing (a read-only manager's flush would take the stage over and upload it)."""
+    uri = f"fsspec+file://{tmp_path}/journal.jsonl"
+    child = _run_child(_DYING_WRITER, uri, str(tmp_path / "stage"), "True", "seal")
+    assert child.returncode == -9, child.stderr
+
+    async def read_only() -> None:
+        async with CheckpointManager(
+            FsspecStorage(uri, stage_dir=tmp_path / "stage"), read_only=True
+        ) as reader:
+            assert [record["n"] async for record in reader.replay()] == [0, 1, 2]
+
+    anyio.run(read_only)
+    assert (tmp_path / "journal.jsonl").read_text() == '{"n":0}\n'
+    (directory,) = (tmp_path / "stage").iterdir()
+    assert sorted(path.name for path in directory.glob("*.jsonl")) == ["000000000002.jsonl"]

@@ -525,6 +525,7 @@ async def test_from_uri_gives_the_manager_its_options_and_the_storage_the_rest(t
     ("options", "message"),
     [
         ({"batch_bytes": 0}, "batch_bytes must be a positive"),
+        ({"batch_bytes": (64 << 20) + 1}, "^batch_bytes must be at most 67,108,864, got 67,108,865$"),
         ({"flush_interval": 0}, "flush_interval must be positive"),
         ({"on_corrupt": "ignore"}, "on_corrupt must be 'raise' or 'skip'"),
     ],
@@ -532,6 +533,11 @@ async def test_from_uri_gives_the_manager_its_options_and_the_storage_the_rest(t
 def test_bad_options_are_refused(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         CheckpointManager(MemoryStorage(), **options)
+
+
+def test_compact_must_be_a_policy() -> None:
+    with pytest.raises(TypeError, match="^compact must be a CompactionPolicy or None, got str$"):
+        CheckpointManager(MemoryStorage(), compact="url")  # type: ignore[arg-type]
 
 
 def test_a_storage_must_be_a_checkpoint_storage() -> None:
