@@ -1426,3 +1426,22 @@ async def test_the_policy_counts_a_journal_this_manager_never_replayed_from_noth
         await checkpoint.append({"k": 1})  # 8 bytes, a full batch: written at once
         with anyio.fail_after(5):
             await replaced.wait()
+
+
+async def test_the_policy_on_a_fresh_journal_is_due_at_min_bytes_not_a_byte_sooner() -> None:
+    replaced = anyio.Event()
+
+    class Counting(MemoryStorage):
+        async def replace(self, text: Any) -> None:
+            await super().replace(text)
+            replaced.set()
+
+    policy = CompactionPolicy(key="k", growth=2.0, min_bytes=9)  # a record of 8 bytes, then another
+    storage = Counting(f"policy-min-bytes-{uuid.uuid4()}")
+    async with CheckpointManager(storage, batch_bytes=1, flush_interval=None, compact=policy) as checkpoint:
+        await checkpoint.append({"k": 1})
+        await anyio.sleep(0.05)
+        assert not replaced.is_set(), "compacted with 8 bytes written, under min_bytes"
+        await checkpoint.append({"k": 2})
+        with anyio.fail_after(5):
+            await replaced.wait()
