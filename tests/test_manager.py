@@ -378,6 +378,7 @@ async def test_on_corrupt_skip_yields_every_intact_record_and_counts_the_rest(
 ) -> None:
     text = '{"n":1}\nnot json\n{"n":3}\n[4]\n{"n":5}\n{"n":'
     async with CheckpointManager(journal(text), on_corrupt="skip") as manager:
+        assert manager.corrupt_lines_skipped == 0  # none, before a replay
         with caplog.at_level(logging.WARNING, logger="yoink"):
             assert await replay_all(manager) == [{"n": 1}, {"n": 3}, {"n": 5}]
         assert manager.corrupt_lines_skipped == 2
