@@ -1068,3 +1068,14 @@ def test_a_read_only_manager_on_a_crashed_writers_stage_uploads_nothing_as_it_cl
     assert (tmp_path / "journal.jsonl").read_text() == '{"n":0}\n'
     (directory,) = (tmp_path / "stage").iterdir()
     assert sorted(path.name for path in directory.glob("*.jsonl")) == ["000000000002.jsonl"]
+
+
+async def test_a_writer_whose_upload_lock_was_removed_makes_it_again(tmp_path: Path) -> None:
+    """A stage tidied by hand (its ``uploading`` removed) does not stop the writer's flushes."""
+    storage = FsspecStorage(f"fsspec+file://{tmp_path}/j.jsonl", stage_dir=tmp_path / "stage")
+    await _write_and_flush(storage, 0, 1)
+    (Path(storage.stage_directory) / "uploading").unlink()
+    await _write_and_flush(storage, 1, 1)
+    assert (Path(storage.stage_directory) / "uploading").is_file()
+    await storage.close()
+    assert (tmp_path / "j.jsonl").read_text() == _numbered(0, 2)

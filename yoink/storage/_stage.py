@@ -292,7 +292,7 @@ class Stage:
         """Held by an upload from its record (:meth:`write_intent`) until it has deleted what it
         uploaded and cleared the record, in this process or another: see :meth:`looking`."""
         try:
-            fd = self._open_upload_lock()
+            fd = self._open_upload_lock(os.O_CREAT)  # made again if something removed it
         except OSError as exc:
             raise StorageError(
                 f"{self._describe}: cannot lock {self._upload_lock_path} for an upload "
@@ -337,10 +337,10 @@ class Stage:
                 f"cannot create the stage of {self._describe} in {self.directory}: {exc}"
             ) from exc
 
-    def _open_upload_lock(self) -> int:
+    def _open_upload_lock(self, create: int = 0) -> int:
         """The lock's descriptor, never blocking (a FIFO in its place), and only a regular file's."""
         with forks_wait():  # its holder is known before a fork can copy it
-            fd = os.open(self._upload_lock_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(self._upload_lock_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | create, 0o600)
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 os.close(fd)
                 raise OSError(errno.EINVAL, f"{self._upload_lock_path} is not a regular file")
