@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import orjson
 import pytest
@@ -240,6 +241,56 @@ async def test_appends_held_during_a_compaction_give_the_loop_a_turn_once_a_batc
     await checkpoint.close()
     # about one a batch (a turn may fall in a scheduler tick of its own): not one an append, 1,000
     assert 1 <= given <= 10, f"appends gave the loop {given} turns for four batches' worth"
+
+
+class ThreadedFlush(MemoryStorage):
+    """A memory journal whose flush() makes ``calls`` calls in a worker thread, as a file's flush
+    does (its write, its fsync), and tells how much had been appended when the first one ended."""
+
+    def __init__(self, calls: int, appended: list[int]) -> None:
+        super().__init__(f"threaded-{uuid.uuid4().hex}")
+        self.calls = calls
+        self.appended = appended  # bytes appended so far, kept by the test
+        self.appended_at_flush: list[int] = []
+
+    async def flush(self) -> None:
+        for _ in range(self.calls):
+            await anyio.to_thread.run_sync(int)
+        self.appended_at_flush.append(self.appended[0])
+        await super().flush()
+
+
+async def test_a_loop_appending_flat_out_lets_the_threads_of_a_compaction_holding_its_appends_run() -> None:
+    """A compaction holds appends in memory until the journal before its call is flushed, and that
+    flush may wait for threads. A loop appending flat out gave it turns of the event loop, but
+    each turn let go of the GIL and took it back at once, so a thread never got it: each call in
+    a thread took up to a second, and the appends piled up in memory for as long (358 MiB on the
+    policy's benchmark). Once 16 MiB are held, appends pause a moment at each turn."""
+    appended = [0]
+    storage = ThreadedFlush(40, appended)
+    checkpoint = CheckpointManager(storage, flush_interval=None)
+    line = len(orjson.dumps({"k": 0, "pad": "x" * 40})) + 1
+    limit = 256 << 20  # the test's own bound: the compaction's flush never ended before it
+
+    async def compacting(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        task_status.started()
+        await checkpoint.compact(key="k")  # its cut is taken before it first waits: before the appends
+
+    async with anyio.create_task_group() as tasks:
+        await checkpoint.append({"k": 0, "pad": "x" * 40})
+        await tasks.start(compacting)
+        n = 0
+        while not storage.appended_at_flush and appended[0] < limit:
+            n += 1
+            await checkpoint.append({"k": n % 1000, "pad": "x" * 40})
+            appended[0] += line
+    assert storage.appended_at_flush, f"the compaction's flush had not ended when {limit:,} bytes were held"
+    # 16 MiB before the pauses, then a few turns for each of the 40 calls
+    assert storage.appended_at_flush[0] < 48 << 20, storage.appended_at_flush
+    await checkpoint.close()
+    async with CheckpointManager(storage, read_only=True) as reader:
+        records = [record async for record in reader.replay()]
+    assert len(records) == 1 + n, "the records held during the compaction are not all in the journal"
 
 
 async def test_appends_never_wait_for_a_compaction_and_flushes_do() -> None:
