@@ -8,8 +8,10 @@ names ``yoink._fold_worker``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import json
 import logging
 import os
@@ -49,6 +51,24 @@ def workers_of(parent: int) -> list[int]:
             if WORKER in cmdline:
                 found.append(int(entry))
     return found
+
+
+def keepers_of(worker: int) -> list[int]:
+    """The keeper processes of a worker that are running (their command line names the module's file)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _stat(int(entry))[1:] == ("running", worker):
+            with contextlib.suppress(OSError):
+                if b"_fold_keeper.py" in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+    return found
+
+
+async def a_keeper_of(worker: int) -> int:
+    with anyio.fail_after(60):
+        while not keepers_of(worker):
+            await anyio.sleep(0.001)
+    return keepers_of(worker)[0]
 
 
 def _stat(pid: int) -> tuple[int, str, int]:
@@ -321,6 +341,98 @@ async def test_a_worker_killed_mid_fold_is_a_clear_error_the_journal_is_kept_and
     assert not workers_of(os.getpid()), "a worker outlived its compaction"
 
 
+async def test_a_keeper_killed_mid_fold_is_a_clear_error_the_journal_is_kept_and_the_next_fold_works(
+    tmp_path: Path,
+) -> None:
+    """A worker hands the keeping of the last line per key to a keeper process of its own; a keeper
+    that dies fails the compaction as a worker that dies does, and leaves neither process behind."""
+    journal = Journal("local", tmp_path)
+    text = big_journal(250_000)
+    await journal.write(text)
+    failure: list[StorageError] = []
+    async with CheckpointManager(journal.storage()) as checkpoint:
+        async with anyio.create_task_group() as tasks:
+
+            async def compact() -> None:
+                try:
+                    await checkpoint.compact(key="k")
+                except StorageError as exc:
+                    failure.append(exc)
+
+            tasks.start_soon(compact)
+            worker = await a_worker_of(os.getpid(), journal.path)
+            keeper = await a_keeper_of(worker)
+            os.kill(keeper, signal.SIGKILL)
+        assert failure, "the compaction succeeded although its keeper was killed"
+        message = str(failure[0])
+        assert f"keeper process (pid {keeper}) was killed by SIGKILL" in message, message
+        assert message.endswith("the journal is unchanged"), message
+        assert await journal.text() == text
+        assert not running(worker), "the worker outlived its failed compaction"
+        result = await checkpoint.compact(key="k")
+    assert (result.records_before, result.records) == (250_000, 1000)
+    assert (await journal.text()).count("\n") == 1001
+
+
+async def test_a_worker_killed_mid_fold_leaves_no_keeper_behind(tmp_path: Path) -> None:
+    journal = Journal("memory", tmp_path)
+    await journal.write(big_journal(250_000))
+    async with CheckpointManager(journal.storage()) as checkpoint, anyio.create_task_group() as tasks:
+
+        async def compact() -> None:
+            with pytest.raises(StorageError, match="worker process .* was killed by SIGKILL"):
+                await checkpoint.compact(key="k")
+
+        tasks.start_soon(compact)
+        worker = await a_worker_of(os.getpid())
+        keeper = await a_keeper_of(worker)
+        os.kill(worker, signal.SIGKILL)
+    with anyio.fail_after(10):
+        while running(keeper):
+            await anyio.sleep(0.01)
+
+
+def test_a_keeper_that_cannot_be_started_is_a_warning_and_the_worker_keeps_the_lines_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where no keeper can be started, a worker folds as it did before keepers: the same frames."""
+    from yoink import _fold_worker
+
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python-here"))
+    with caplog.at_level(logging.WARNING, logger="yoink._fold_worker"):
+        assert _fold_worker._Keeper.start() is None
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["cannot start a keeper process"]
+    monkeypatch.undo()
+
+    path = tmp_path / "journal.jsonl"
+    path.write_text(random_journal(random.Random(random_seed()), 5000, corrupt=False))
+    config = {"key": "k", "on_corrupt": "raise", "source": "journal", "parent": os.getpid()}
+    frames = b"".join(
+        [
+            _fold.frame(_fold.CONFIG, json.dumps(config).encode()),
+            _fold.frame(_fold.ITEM, path.read_bytes()),
+            _fold.frame(_fold.END),
+        ]
+    )
+    run = "import sys; sys.path.insert(0, sys.argv[1]); from yoink import _fold_worker as w; {}; w.main()"
+    outputs = []
+    for patch in ["pass", "w._Keeper.start = staticmethod(lambda: None)"]:
+        out = subprocess.run(
+            [sys.executable, "-c", run.format(patch), str(Path(_fold.__file__).parent.parent)],
+            input=frames,
+            capture_output=True,
+            check=True,
+        ).stdout
+        outputs.append(out)
+    assert outputs[0] == outputs[1], "a worker without a keeper sent other frames than with one"
+    stream, kinds = io.BytesIO(outputs[0]), []
+    while (received := _fold.read_frame(stream.read)) is not None:
+        kinds.append(received[0])
+    assert _fold.COUNTS in kinds, kinds
+    assert _fold.TEXT in kinds, kinds
+    assert kinds[-1] == _fold.END, kinds
+
+
 async def test_close_waits_for_a_worker_whose_caller_stopped_waiting_and_leaves_no_process(
     tmp_path: Path,
 ) -> None:
@@ -388,12 +500,14 @@ def test_a_parent_killed_mid_fold_leaves_no_worker_behind(kind: str, tmp_path: P
     parent = subprocess.Popen([sys.executable, "-c", PARENT, kind, str(path)], stdout=subprocess.PIPE)
     try:
         worker = anyio.run(a_worker_of, parent.pid, path if kind == "local" else None)
+        keepers = [anyio.run(a_keeper_of, worker)]
         parent.kill()
         parent.wait()
         deadline = time.monotonic() + 10
-        while running(worker) and time.monotonic() < deadline:
+        while (running(worker) or any(map(running, keepers))) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert not running(worker), f"worker {worker} outlived its parent, killed with SIGKILL"
+        assert not [pid for pid in keepers if running(pid)], f"keeper {keepers} outlived its worker"
     finally:
         parent.kill()
         parent.wait()

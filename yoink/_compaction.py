@@ -12,19 +12,22 @@ import asyncio
 import contextlib
 import contextvars
 import datetime
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from itertools import repeat
+from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
 import orjson
 
 from yoink import _json
+from yoink._fold_keeper import LastPerKey
 
 __all__ = [
     "Compaction",
     "CompactionPolicy",
+    "Keeper",
     "KeyFold",
     "SnapshotAbandoned",
     "SnapshotFeed",
@@ -108,33 +111,39 @@ class CompactionPolicy:
         return grown >= self.min_bytes and base + grown >= base * self.growth
 
 
+class Keeper(Protocol):
+    """Where a :class:`KeyFold` keeps each key's last record: :class:`~yoink._fold_keeper.LastPerKey`,
+    or a worker's keeper process (:mod:`yoink._fold_worker`)."""
+
+    def keep(self, keys: Sequence[Any], values: Sequence[Any]) -> None: ...
+
+
 class KeyFold:
     """The last record for each value of ``key``, in journal order; records without it are all kept.
 
     Values are told apart as JSON tells them apart: ``1``, ``1.0``, ``true`` and ``"1"`` are four
-    keys, where a Python dict would take the first three for one.
+    keys, where a Python dict would take the first three for one. Each record's key is found here,
+    and the record kept by ``keeper`` under it (here by default; a worker hands the keeping to a
+    process of its own).
     """
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, keeper: Keeper | None = None) -> None:
         self.key = key
         self.records = 0  # records folded in
-        self._latest: dict[Any, str | dict[str, Any]] = {}  # each key's last record, or its line
+        self._latest = LastPerKey()  # each key's last record, or its line, when kept here
+        self._keeper: Keeper = self._latest if keeper is None else keeper
         self._unkeyed = 0
 
     def add(self, records: list[dict[str, Any]], lines: list[str] | None = None) -> None:
         """Fold ``records`` in; keep ``lines[i]`` (its text, without the newline) for ``records[i]``
         if given: a third of the memory of the record, and written as it was read."""
-        latest, key = self._latest, self.key
-        texts: list[Any] = records if lines is None else lines
-        for record, kept in zip(records, texts, strict=True):
-            value = record.get(key, _MISSING)
-            if type(value) is not str:
-                value = self._identity(value)
-            latest.pop(value, None)  # then at the end: the order is the last record's place
-            latest[value] = kept
+        keys = list(map(dict.get, records, repeat(self.key), repeat(_MISSING)))
+        if set(map(type, keys)) - {str}:  # a key that is not a string, or none
+            keys = [value if type(value) is str else self._identity(value) for value in keys]
+        self._keeper.keep(keys, records if lines is None else lines)
         self.records += len(records)
 
-    def _identity(self, value: Any) -> Any:
+    def _identity(self, value: Any) -> tuple[int] | bytes:
         if value is _MISSING:
             self._unkeyed += 1
             return (self._unkeyed,)  # a key of its own: kept, in its place
@@ -144,7 +153,7 @@ class KeyFold:
         return len(self._latest)
 
     def lines(self) -> Iterator[bytes]:
-        """The kept records as lines, in journal order."""
+        """The records kept here as lines, in journal order."""
         for kept in self._latest.values():
             yield (kept + "\n").encode() if isinstance(kept, str) else encode_replayed(kept)
 

@@ -8,9 +8,10 @@ a worker process, on another core, while the loop goes on appending::
     this process (the event loop)                  the worker (yoink._fold_worker)
     local journal: opens it, passes the fd  ----->  reads it as LocalFileStorage.read() does
     other storages: storage.read()'s items  ----->  (or takes them, framed, on its stdin)
-                                                    fold_items(), as here
+                                                    fold_items(), as here, its keeping
+                                                    done by a keeper process (yoink._fold_keeper)
                                             <-----  its log records, the counts, then the kept
-                                                    lines (KeyFold.lines()), in ~1 MiB frames
+                                                    lines (from its keeper), in ~1 MiB frames
     storage.replace(header + kept records)
 
 Both ways run the same fold (:func:`fold_items`) and write the kept records the same way, so the
@@ -28,7 +29,6 @@ import json
 import logging
 import os
 import signal
-import struct
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Any
@@ -36,13 +36,14 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from yoink._compaction import KeyFold, snapshot_text
+from yoink._compaction import Keeper, KeyFold, snapshot_text
 from yoink._exceptions import CorruptCheckpointError, StorageError
+from yoink._fold_keeper import HEAD, frame, read_frame
 from yoink._records import JournalDecoder, LineTooLongToRead, OnCorrupt
 from yoink.storage import CheckpointStorage, LocalFileStorage
 from yoink.storage._files import journal_lines, open_journal
 
-__all__ = ["WORKER_FROM_BYTES", "Fold", "fold_by_key", "fold_items", "frame", "read_frame"]
+__all__ = ["WORKER_FROM_BYTES", "Fold", "fold_by_key", "fold_items", "frame", "read_frame", "signal_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ the loop holds 4 MiB of it, not 16 (a worker's start is small beside reading tha
 
 PIECE = 64 << 10  # characters of an item decoded at a time
 
-# Frames, both ways: a kind (one byte), the payload's size, the payload.
-HEAD = struct.Struct(">cQ")
+# Frames, both ways: a kind (one byte), the payload's size, the payload (HEAD, frame and
+# read_frame are yoink._fold_keeper's, whose frames are the same).
 CONFIG = b"C"  # to the worker, first: what to fold (JSON)
 ITEM = b"I"  # to the worker: one item of storage.read(), UTF-8 (surrogatepass: any str comes back whole)
 TOO_LONG = b"O"  # to the worker: storage.read() met a line too long to read, at this byte offset
@@ -76,31 +77,18 @@ _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # t
 _BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from yoink._fold_worker import main; main()"
 
 
-def frame(kind: bytes, payload: bytes = b"") -> bytes:
-    return HEAD.pack(kind, len(payload)) + payload
-
-
-def read_frame(read: Callable[[int], bytes]) -> tuple[bytes, bytes] | None:
-    """The next frame from a binary file's ``read``, or None at its end."""
-    head = read(HEAD.size)
-    if len(head) < HEAD.size:
-        return None
-    kind, size = HEAD.unpack(head)
-    payload = read(size) if size else b""
-    return None if len(payload) < size else (kind, payload)
-
-
 async def fold_items(
-    items: AsyncIterator[str], key: str, on_corrupt: OnCorrupt, source: str
+    items: AsyncIterator[str], key: str, on_corrupt: OnCorrupt, source: str, keeper: Keeper | None = None
 ) -> tuple[KeyFold, JournalDecoder]:
     """Fold a storage's ``read()`` items by ``key``; the decoder says how much it read.
 
     Items are decoded in pieces of whole lines of about PIECE characters: the records of one piece
     are all it holds besides the fold, however large the items (a file's are a mebibyte). The fold
     keeps the text of each line it keeps, where the decoder tells which line a record was read from
-    (:attr:`~yoink._records.JournalDecoder.texts`).
+    (:attr:`~yoink._records.JournalDecoder.texts`), in ``keeper`` if given (a worker's keeper
+    process), else here.
     """
-    fold = KeyFold(key)
+    fold = KeyFold(key, keeper)
     decoder = JournalDecoder(source, on_corrupt=on_corrupt)
 
     async def pieces() -> AsyncGenerator[str, None]:
@@ -415,7 +403,7 @@ class _Worker:
         if status is None:
             how = "closed its output"
         elif status < 0:
-            how = f"was killed by {_signal_name(-status)}"
+            how = f"was killed by {signal_name(-status)}"
         else:
             how = f"exited with status {status}"
         return StorageError(
@@ -446,7 +434,7 @@ def _log(payload: bytes) -> None:
         target.handle(logging.makeLogRecord(fields))
 
 
-def _signal_name(number: int) -> str:
+def signal_name(number: int) -> str:
     try:
         return signal.Signals(number).name
     except ValueError:

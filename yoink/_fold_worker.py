@@ -3,7 +3,8 @@
 Started by :mod:`yoink._fold` (never imported by ``yoink`` itself), with the frames it reads and
 writes described there. It reads the journal (a local file through a descriptor it was given, or
 the items of ``storage.read()`` on its stdin), folds it as a compaction in-process would, and sends
-back its log records, the counts and the kept records.
+back its log records, the counts and the kept records. The keeping of the last line per key runs
+in a keeper process of its own (:mod:`yoink._fold_keeper`), on another core, while this one decodes.
 
 It ends with its parent: a thread of its own exits the process once the parent is no longer the
 process that started it (a ``kill -9`` reparents the worker) or, when nothing else comes on stdin,
@@ -14,20 +15,25 @@ worker threads that end when idle.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import select
 import signal
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from typing import Any, BinaryIO
 
 import anyio
+import orjson
 
-from yoink._compaction import CHUNK_BYTES, KeyFold
+from yoink import _fold_keeper
+from yoink._compaction import CHUNK_BYTES, KeyFold, encode_replayed
 from yoink._exceptions import CorruptCheckpointError, StorageError
 from yoink._fold import (
     CONFIG,
@@ -41,20 +47,35 @@ from yoink._fold import (
     fold_items,
     frame,
     read_frame,
+    signal_name,
 )
+from yoink._fold_keeper import COUNT, KEYS, KEYS_SIZE, ORPHANED, send
+from yoink._fold_keeper import END as KEEPER_END
+from yoink._fold_keeper import TEXT as KEEPER_TEXT
 from yoink._records import LineTooLongToRead
 from yoink.storage._files import journal_lines
 
 __all__ = ["main"]
 
-ORPHANED = 3  # its exit status when its parent went away
+logger = logging.getLogger(__name__)
+
 WATCH_SECONDS = 0.1  # how often it looks for its parent
+PIPE_BYTES = 1 << 20
+# The keeper's command: its module's file run as a script, without yoink's imports (it needs none),
+# and without the working directory on its path (``-c`` puts it first).
+_KEEPER_BOOT = (
+    "import sys; sys.path[:1] = [] if sys.path[:1] == [''] else sys.path[:1]; "
+    "import runpy; runpy.run_path(sys.argv[1], run_name='__main__')"
+)
 
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C is for the parent, which then ends it
     out = os.dup(1)
     os.dup2(2, 1)  # the frames' pipe is theirs alone: a stray print goes to stderr
+    for pipe in (0, out):  # Linux's: fewer, larger hand-overs of the journal and the kept lines
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
     stdin = open(0, "rb", closefd=False)  # noqa: SIM115 (the process's own, for its life)
     first = read_frame(stdin.read)
     if first is None or first[0] != CONFIG:
@@ -71,31 +92,137 @@ def main() -> None:
     yoink_logger.setLevel(logging.WARNING)
     yoink_logger.propagate = False
     items = _local_items(config) if local else _piped_items(stdin, config["source"])
+    keeper = _Keeper.start()
     try:
-        fold, bytes_before = anyio.run(_fold, items, config)
+        fold, bytes_before = anyio.run(_fold, items, config, keeper)
+        kept = len(fold) if keeper is None else keeper.end()
     except BaseException as exc:  # every failure is the parent's to raise
+        if keeper is not None:
+            keeper.kill()
         if not local:
             os.close(0)  # a parent still sending is told at once that nothing more is read
         _send(out, *logs.frames, frame(ERROR, json.dumps(_error(exc)).encode()))
         return
-    counts = {"records": fold.records, "bytes": bytes_before, "kept": len(fold)}
+    counts = {"records": fold.records, "bytes": bytes_before, "kept": kept}
     _send(out, *logs.frames, frame(COUNTS, json.dumps(counts).encode()))
+    try:
+        for data in _kept_frames(fold) if keeper is None else keeper.kept_frames():
+            _send(out, data)
+    except StorageError as exc:
+        _send(out, *logs.frames, frame(ERROR, json.dumps(_error(exc)).encode()))
+        return
+    _send(out, *logs.frames, frame(END))
+
+
+async def _fold(
+    items: AsyncIterator[str], config: dict[str, Any], keeper: _Keeper | None
+) -> tuple[KeyFold, int]:
+    fold, decoder = await fold_items(items, config["key"], config["on_corrupt"], config["source"], keeper)
+    return fold, decoder.offset
+
+
+def _kept_frames(fold: KeyFold) -> Iterator[bytes]:
+    """The records the fold kept in this process, as TEXT frames of about CHUNK_BYTES."""
     pieces: list[bytes] = []
     size = 0
     for line in fold.lines():
         pieces.append(line)
         size += len(line)
         if size >= CHUNK_BYTES:
-            _send(out, frame(TEXT, b"".join(pieces)))
+            yield frame(TEXT, b"".join(pieces))
             pieces, size = [], 0
     if pieces:
-        _send(out, frame(TEXT, b"".join(pieces)))
-    _send(out, *logs.frames, frame(END))
+        yield frame(TEXT, b"".join(pieces))
 
 
-async def _fold(items: AsyncIterator[str], config: dict[str, Any]) -> tuple[KeyFold, int]:
-    fold, decoder = await fold_items(items, config["key"], config["on_corrupt"], config["source"])
-    return fold, decoder.offset
+class _Keeper:
+    """This worker's keeper process (:mod:`yoink._fold_keeper`): it keeps the last line per key
+    while this process decodes the journal, on another core."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self._process = process
+        assert process.stdin is not None
+        assert process.stdout is not None
+        self._to = process.stdin
+        self._from = process.stdout
+        with contextlib.suppress(OSError, AttributeError):  # as main()'s pipes
+            fcntl.fcntl(self._to.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+
+    @classmethod
+    def start(cls) -> _Keeper | None:
+        """Start a keeper; None, with a WARNING, if it cannot be started (the worker keeps then)."""
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-c", _KEEPER_BOOT, _fold_keeper.__file__],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+        except OSError as exc:
+            logger.warning("cannot start a keeper process (%s); the worker keeps the lines itself", exc)
+            return None
+        return cls(process)
+
+    def keep(self, keys: Sequence[Any], values: Sequence[Any]) -> None:
+        """Send a piece's keys and the lines to keep for them (lines, or replayed records)."""
+        if not keys:
+            return
+        if type(values[0]) is str:
+            lines = "\n".join(values).encode()
+        else:
+            lines = b"".join(map(encode_replayed, values))[:-1]
+        if set(map(type, keys)) - {str}:  # the KeyFold's identities: (n,) or canonical JSON bytes
+            keys = [
+                key if type(key) is str else list(key) if type(key) is tuple else [key.decode("latin-1")]
+                for key in keys
+            ]
+        encoded = orjson.dumps(keys)
+        try:
+            send(self._to.fileno(), frame(KEYS, KEYS_SIZE.pack(len(encoded)) + encoded + lines))
+        except OSError:
+            raise self._died("before the journal's end") from None
+
+    def end(self) -> int:
+        """Say that the journal ended; return how many lines the keeper kept."""
+        try:
+            send(self._to.fileno(), frame(KEEPER_END))
+        except OSError:
+            raise self._died("before the journal's end") from None
+        kind, payload = self._receive()
+        if kind != COUNT:
+            raise self._died(f"after it sent {kind!r} out of turn")
+        return int(payload)
+
+    def kept_frames(self) -> Iterator[bytes]:
+        """The keeper's frames of kept lines (TEXT frames, as the parent takes them); then it ends."""
+        while True:
+            kind, payload = self._receive()
+            if kind == KEEPER_END:
+                self._to.close()
+                self._process.wait()
+                return
+            if kind != KEEPER_TEXT:
+                raise self._died(f"after it sent {kind!r} out of turn")
+            yield frame(TEXT, payload)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self._process.kill()
+        self._process.wait()
+
+    def _receive(self) -> tuple[bytes, bytes]:
+        received = read_frame(self._from.read)
+        if received is None:
+            raise self._died("before it had sent the lines it kept")
+        return received
+
+    def _died(self, when: str) -> StorageError:
+        self.kill()
+        status = self._process.returncode
+        how = f"was killed by {signal_name(-status)}" if status < 0 else f"exited with status {status}"
+        return StorageError(
+            f"the compaction's keeper process (pid {self._process.pid}) {how} {when}; "
+            "the journal is unchanged"
+        )
 
 
 def _local_items(config: dict[str, Any]) -> AsyncGenerator[str, None]:
@@ -138,10 +265,7 @@ def _error(exc: BaseException) -> dict[str, Any]:
 
 def _send(out: int, *frames: bytes) -> None:
     try:
-        for data in frames:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(out, view) :]
+        send(out, *frames)
     except OSError:  # the parent no longer reads: it is gone, or it gave up on this fold
         os._exit(ORPHANED)
 
