@@ -306,10 +306,13 @@ async def test_a_line_too_long_to_read_raises_the_same_error_from_a_worker(
     assert journal.path.stat().st_size == len(text), "the journal changed although its compaction failed"
 
 
+@pytest.mark.parametrize("victim", ["worker", "keeper"])
 @pytest.mark.parametrize("kind", ["local", "memory"])
-async def test_a_worker_killed_mid_fold_is_a_clear_error_the_journal_is_kept_and_appending_goes_on(
-    kind: str, tmp_path: Path
+async def test_a_worker_or_keeper_killed_mid_fold_is_a_clear_error_the_journal_is_kept_and_appending_goes_on(
+    kind: str, victim: str, tmp_path: Path
 ) -> None:
+    """A worker hands the keeping of the last line per key to a keeper process of its own: either
+    killed, the compaction fails with the error that says so, and leaves no process behind."""
     journal = Journal(kind, tmp_path)
     text = big_journal(250_000)  # over WORKER_FROM_BYTES: folded in a worker as it stands
     assert len(text) > _fold.WORKER_FROM_BYTES
@@ -327,10 +330,11 @@ async def test_a_worker_killed_mid_fold_is_a_clear_error_the_journal_is_kept_and
             tasks.start_soon(compact)
             # The local worker has read part of the journal; the piped one is being sent it.
             worker = await a_worker_of(os.getpid(), journal.path if kind == "local" else None)
-            os.kill(worker, signal.SIGKILL)
-        assert failure, "the compaction succeeded although its worker was killed"
+            killed = worker if victim == "worker" else await a_keeper_of(worker)
+            os.kill(killed, signal.SIGKILL)
+        assert failure, f"the compaction succeeded although its {victim} was killed"
         message = str(failure[0])
-        assert f"(pid {worker}) was killed by SIGKILL before it had folded" in message, message
+        assert f"{victim} process (pid {killed}) was killed by SIGKILL before" in message, message
         assert message.endswith("the journal is unchanged"), message
         assert await journal.text() == text
         await checkpoint.append({"k": "after", "n": -1})
@@ -339,39 +343,6 @@ async def test_a_worker_killed_mid_fold_is_a_clear_error_the_journal_is_kept_and
         result = await checkpoint.compact(key="k")  # and the next compaction, with a worker of its own
     assert (result.records_before, result.records) == (250_001, 1001)
     assert not workers_of(os.getpid()), "a worker outlived its compaction"
-
-
-async def test_a_keeper_killed_mid_fold_is_a_clear_error_the_journal_is_kept_and_the_next_fold_works(
-    tmp_path: Path,
-) -> None:
-    """A worker hands the keeping of the last line per key to a keeper process of its own; a keeper
-    that dies fails the compaction as a worker that dies does, and leaves neither process behind."""
-    journal = Journal("local", tmp_path)
-    text = big_journal(250_000)
-    await journal.write(text)
-    failure: list[StorageError] = []
-    async with CheckpointManager(journal.storage()) as checkpoint:
-        async with anyio.create_task_group() as tasks:
-
-            async def compact() -> None:
-                try:
-                    await checkpoint.compact(key="k")
-                except StorageError as exc:
-                    failure.append(exc)
-
-            tasks.start_soon(compact)
-            worker = await a_worker_of(os.getpid(), journal.path)
-            keeper = await a_keeper_of(worker)
-            os.kill(keeper, signal.SIGKILL)
-        assert failure, "the compaction succeeded although its keeper was killed"
-        message = str(failure[0])
-        assert f"keeper process (pid {keeper}) was killed by SIGKILL" in message, message
-        assert message.endswith("the journal is unchanged"), message
-        assert await journal.text() == text
-        assert not running(worker), "the worker outlived its failed compaction"
-        result = await checkpoint.compact(key="k")
-    assert (result.records_before, result.records) == (250_000, 1000)
-    assert (await journal.text()).count("\n") == 1001
 
 
 async def test_a_worker_killed_mid_fold_leaves_no_keeper_behind(tmp_path: Path) -> None:

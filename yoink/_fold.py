@@ -38,7 +38,7 @@ import anyio.abc
 
 from yoink._compaction import Keeper, KeyFold, snapshot_text
 from yoink._exceptions import CorruptCheckpointError, StorageError
-from yoink._fold_keeper import HEAD, frame, read_frame
+from yoink._fold_keeper import END, HEAD, TEXT, frame, read_frame
 from yoink._records import JournalDecoder, LineTooLongToRead, OnCorrupt
 from yoink.storage import CheckpointStorage, LocalFileStorage
 from yoink.storage._files import journal_lines, open_journal
@@ -60,15 +60,15 @@ the loop holds 4 MiB of it, not 16 (a worker's start is small beside reading tha
 
 PIECE = 64 << 10  # characters of an item decoded at a time
 
-# Frames, both ways: a kind (one byte), the payload's size, the payload (HEAD, frame and
-# read_frame are yoink._fold_keeper's, whose frames are the same).
+# Frames, both ways: a kind (one byte), the payload's size, the payload. The format (HEAD, frame,
+# read_frame) and the kinds END and TEXT are yoink._fold_keeper's, whose frames these are too:
+# END to the worker when storage.read() ended, and from it when the kept records ended; TEXT from
+# it, kept records as lines.
 CONFIG = b"C"  # to the worker, first: what to fold (JSON)
 ITEM = b"I"  # to the worker: one item of storage.read(), UTF-8 (surrogatepass: any str comes back whole)
 TOO_LONG = b"O"  # to the worker: storage.read() met a line too long to read, at this byte offset
-END = b"E"  # to the worker: storage.read() ended; from it: the kept records ended
 LOG = b"L"  # from the worker: a log record of yoink's, [logger name, level, message]
 COUNTS = b"S"  # from the worker: the journal's records and bytes, and the records kept
-TEXT = b"T"  # from the worker: kept records, as lines
 ERROR = b"X"  # from the worker: why it could not fold (JSON)
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the yoink this one is

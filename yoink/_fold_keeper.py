@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable, Iterable, Sequence, ValuesView
+from collections.abc import Callable, Iterable, Iterator, Sequence, ValuesView
 from typing import Any
 
-__all__ = ["HEAD", "LastPerKey", "frame", "read_frame", "send"]
+__all__ = ["HEAD", "LastPerKey", "frame", "next_frame", "read_frame", "send", "text_frames"]
 
 HEAD = struct.Struct(">cQ")  # a frame's kind and its payload's size
 KEYS = b"K"  # to the keeper: a piece's keys and lines (KEYS_SIZE, the keys' JSON, the lines)
@@ -77,6 +77,14 @@ def read_frame(read: Callable[[int], bytes]) -> tuple[bytes, bytes] | None:
     return None if len(payload) < size else (kind, payload)
 
 
+def next_frame(read: Callable[[int], bytes]) -> tuple[bytes, bytes]:
+    """The next frame; at the pipe's end, the process exits: its writer went before it said all."""
+    received = read_frame(read)
+    if received is None:
+        os._exit(ORPHANED)
+    return received
+
+
 def send(fd: int, *frames: bytes) -> None:
     """Write ``frames`` whole to the pipe ``fd`` (an OSError if its reader has gone)."""
     for data in frames:
@@ -92,13 +100,13 @@ def keys_from_json(keys: list[Any]) -> list[Any]:
     return [tuple(key) if type(key) is list else key for key in keys]
 
 
-def _kept_frames(values: Iterable[bytes]) -> Iterable[bytes]:
+def text_frames(lines: Iterable[bytes]) -> Iterator[bytes]:
+    """``lines`` (each with its newline) as TEXT frames of about FRAME_BYTES."""
     pieces: list[bytes] = []
     size = 0
-    for line in values:
+    for line in lines:
         pieces.append(line)
-        pieces.append(b"\n")
-        size += len(line) + 1
+        size += len(line)
         if size >= FRAME_BYTES:
             yield frame(TEXT, b"".join(pieces))
             pieces, size = [], 0
@@ -113,10 +121,7 @@ def main() -> None:
     kept = LastPerKey()
     try:
         while True:
-            received = read_frame(stdin.read)
-            if received is None:
-                os._exit(ORPHANED)  # the worker went before the journal's end
-            kind, payload = received
+            kind, payload = next_frame(stdin.read)  # the worker's, until the journal's end
             if kind == END:
                 break
             assert kind == KEYS, kind
@@ -124,7 +129,7 @@ def main() -> None:
             keys = keys_from_json(orjson.loads(payload[KEYS_SIZE.size : KEYS_SIZE.size + keys_size]))
             kept.keep(keys, payload[KEYS_SIZE.size + keys_size :].split(b"\n"))
         send(1, frame(COUNT, str(len(kept)).encode()))
-        for data in _kept_frames(kept.values()):
+        for data in text_frames(line + b"\n" for line in kept.values()):
             send(1, data)
         send(1, frame(END))
     except OSError:  # the worker no longer reads: it is gone, or it gave up on this fold

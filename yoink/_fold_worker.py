@@ -33,25 +33,22 @@ import anyio
 import orjson
 
 from yoink import _fold_keeper
-from yoink._compaction import CHUNK_BYTES, KeyFold, encode_replayed
+from yoink._compaction import KeyFold, encode_replayed
 from yoink._exceptions import CorruptCheckpointError, StorageError
-from yoink._fold import (
-    CONFIG,
-    COUNTS,
+from yoink._fold import CONFIG, COUNTS, ERROR, ITEM, LOG, TOO_LONG, fold_items, signal_name
+from yoink._fold_keeper import (
+    COUNT,
     END,
-    ERROR,
-    ITEM,
-    LOG,
+    KEYS,
+    KEYS_SIZE,
+    ORPHANED,
     TEXT,
-    TOO_LONG,
-    fold_items,
     frame,
+    next_frame,
     read_frame,
-    signal_name,
+    send,
+    text_frames,
 )
-from yoink._fold_keeper import COUNT, KEYS, KEYS_SIZE, ORPHANED, send
-from yoink._fold_keeper import END as KEEPER_END
-from yoink._fold_keeper import TEXT as KEEPER_TEXT
 from yoink._records import LineTooLongToRead
 from yoink.storage._files import journal_lines
 
@@ -106,7 +103,7 @@ def main() -> None:
     counts = {"records": fold.records, "bytes": bytes_before, "kept": kept}
     _send(out, *logs.frames, frame(COUNTS, json.dumps(counts).encode()))
     try:
-        for data in _kept_frames(fold) if keeper is None else keeper.kept_frames():
+        for data in text_frames(fold.lines()) if keeper is None else keeper.kept_frames():
             _send(out, data)
     except StorageError as exc:
         _send(out, *logs.frames, frame(ERROR, json.dumps(_error(exc)).encode()))
@@ -119,20 +116,6 @@ async def _fold(
 ) -> tuple[KeyFold, int]:
     fold, decoder = await fold_items(items, config["key"], config["on_corrupt"], config["source"], keeper)
     return fold, decoder.offset
-
-
-def _kept_frames(fold: KeyFold) -> Iterator[bytes]:
-    """The records the fold kept in this process, as TEXT frames of about CHUNK_BYTES."""
-    pieces: list[bytes] = []
-    size = 0
-    for line in fold.lines():
-        pieces.append(line)
-        size += len(line)
-        if size >= CHUNK_BYTES:
-            yield frame(TEXT, b"".join(pieces))
-            pieces, size = [], 0
-    if pieces:
-        yield frame(TEXT, b"".join(pieces))
 
 
 class _Keeper:
@@ -184,7 +167,7 @@ class _Keeper:
     def end(self) -> int:
         """Say that the journal ended; return how many lines the keeper kept."""
         try:
-            send(self._to.fileno(), frame(KEEPER_END))
+            send(self._to.fileno(), frame(END))
         except OSError:
             raise self._died("before the journal's end") from None
         kind, payload = self._receive()
@@ -196,11 +179,11 @@ class _Keeper:
         """The keeper's frames of kept lines (TEXT frames, as the parent takes them); then it ends."""
         while True:
             kind, payload = self._receive()
-            if kind == KEEPER_END:
+            if kind == END:
                 self._to.close()
                 self._process.wait()
                 return
-            if kind != KEEPER_TEXT:
+            if kind != TEXT:
                 raise self._died(f"after it sent {kind!r} out of turn")
             yield frame(TEXT, payload)
 
@@ -242,10 +225,7 @@ async def _closing(file: BinaryIO, items: AsyncGenerator[str, None]) -> AsyncGen
 async def _piped_items(stdin: BinaryIO, source: str) -> AsyncGenerator[str, None]:
     """The items of the parent's ``storage.read()``, as it sends them."""
     while True:
-        received = read_frame(stdin.read)
-        if received is None:
-            os._exit(ORPHANED)  # the parent went before the journal's end
-        kind, payload = received
+        kind, payload = next_frame(stdin.read)  # the parent's, until the journal's end
         if kind == ITEM:
             yield payload.decode("utf-8", "surrogatepass")
         elif kind == TOO_LONG:
