@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import io
 import json
 import logging
@@ -65,10 +66,15 @@ def keepers_of(worker: int) -> list[int]:
 
 
 async def a_keeper_of(worker: int) -> int:
+    """Wait for the keeper of ``worker`` to have said it is ready (it has written to its pipe)."""
     with anyio.fail_after(60):
-        while not keepers_of(worker):
+        while True:
+            for pid in keepers_of(worker):
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+                    if int(io["wchar"]) > 0:
+                        return pid
             await anyio.sleep(0.001)
-    return keepers_of(worker)[0]
 
 
 def _stat(pid: int) -> tuple[int, str, int]:
@@ -463,8 +469,10 @@ anyio.run(main, *sys.argv[1:])
 """
 
 
+@pytest.mark.parametrize("keeper", ["running", "stopped"])
 @pytest.mark.parametrize("kind", ["local", "memory"])
-def test_a_parent_killed_mid_fold_leaves_no_worker_behind(kind: str, tmp_path: Path) -> None:
+def test_a_parent_killed_mid_fold_leaves_no_worker_behind(kind: str, keeper: str, tmp_path: Path) -> None:
+    """Nor a keeper: one stopped with SIGSTOP would never see its pipe end, and the worker kills it."""
     path = tmp_path / "journal.jsonl"
     text = big_journal(400_000)
     path.write_text(text)
@@ -472,6 +480,8 @@ def test_a_parent_killed_mid_fold_leaves_no_worker_behind(kind: str, tmp_path: P
     try:
         worker = anyio.run(a_worker_of, parent.pid, path if kind == "local" else None)
         keepers = [anyio.run(a_keeper_of, worker)]
+        if keeper == "stopped":
+            os.kill(keepers[0], signal.SIGSTOP)
         parent.kill()
         parent.wait()
         deadline = time.monotonic() + 10
@@ -484,7 +494,83 @@ def test_a_parent_killed_mid_fold_leaves_no_worker_behind(kind: str, tmp_path: P
         parent.wait()
         assert parent.stdout is not None
         parent.stdout.close()
+        for pid in keepers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert path.read_text() == text, "the journal changed under a compaction killed mid-fold"
+
+
+def test_a_worker_and_its_keeper_import_nothing_from_the_jobs_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``python -c`` puts the working directory first on the path, before the standard library: a
+    job's own struct.py, select.py or orjson.py there made every fold in a worker fail."""
+    for name in ("struct", "select", "orjson", "runpy"):
+        (tmp_path / f"{name}.py").write_text(
+            f"raise SystemExit('{name}.py of the working directory imported')\n"
+        )
+    monkeypatch.chdir(tmp_path)
+    journal = Journal("local", tmp_path / "journals")
+    (tmp_path / "journals").mkdir()
+    text = big_journal(3000)
+    outcome = anyio.run(compact_with, journal, text, ALWAYS, monkeypatch, caplog)
+    assert outcome.error is None, outcome.error
+    assert outcome.warnings == [], outcome.warnings  # no keeper that could not start either
+    assert outcome.result is not None
+    assert (outcome.result.records_before, outcome.result.records) == (3000, 1000)
+
+
+JOB_OF_ITS_OWN = """
+import sys
+sys.path.insert(0, sys.argv[1])  # the job's libraries, where it put them: none of the interpreter's
+import anyio
+from yoink import CheckpointManager, _fold
+from yoink.storage import LocalFileStorage
+
+async def main(path):
+    _fold.WORKER_FROM_BYTES = 0
+    async with CheckpointManager(LocalFileStorage(path)) as checkpoint:
+        result = await checkpoint.compact(key="k")
+    print(result.records_before, result.records)
+
+anyio.run(main, sys.argv[2])
+"""
+
+
+def test_a_job_whose_libraries_are_on_its_own_path_folds_in_a_worker_and_keeper(tmp_path: Path) -> None:
+    """yoink and orjson where the job put them (``pip install --target``), an interpreter without
+    them: the worker finds them beside yoink, and the keeper where the worker found orjson (it
+    failed to import it, and every compaction failed)."""
+    import anyio as anyio_module
+
+    vendor = tmp_path / "vendor"
+    vendor.mkdir()
+    for module in ("yoink", "orjson", "anyio", "sniffio", "idna", "typing_extensions", "exceptiongroup"):
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            continue
+        origin = Path(spec.origin)
+        source = origin.parent if origin.name == "__init__.py" else origin
+        (vendor / source.name).symlink_to(source)
+    assert anyio_module.__file__ is not None
+    bare = tmp_path / "bare"
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    python = bare / "bin" / "python"
+    check = subprocess.run([python, "-c", "import orjson"], capture_output=True)
+    assert check.returncode != 0, "the bare interpreter has orjson: the test proves nothing"
+    path = tmp_path / "journal.jsonl"
+    path.write_text(big_journal(3000))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    job = subprocess.run(
+        [python, "-c", JOB_OF_ITS_OWN, str(vendor), str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert job.returncode == 0, job.stderr
+    assert job.stdout.split() == ["3000", "1000"], job.stdout
+    assert "keeper" not in job.stderr, job.stderr  # it started, and kept
 
 
 @pytest.mark.parametrize(

@@ -72,9 +72,13 @@ COUNTS = b"S"  # from the worker: the journal's records and bytes, and the recor
 ERROR = b"X"  # from the worker: why it could not fold (JSON)
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the yoink this one is
-# The worker's command: this yoink first on its path (before any in the working directory), then its
-# main(). Inserted, not put in place of sys.path[0]: under PYTHONSAFEPATH that is the standard library.
-_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from yoink._fold_worker import main; main()"
+# The worker's command: this yoink first on its path, in place of the working directory (``-c`` puts
+# that first, before the standard library: a struct.py there would be imported), then its main().
+# Inserted where sys.path[0] is not the working directory: under PYTHONSAFEPATH it is the standard library.
+_BOOT = (
+    "import sys; sys.path[:1] = [sys.argv[1]] if sys.path[:1] == [''] else [sys.argv[1], *sys.path[:1]]; "
+    "from yoink._fold_worker import main; main()"
+)
 
 
 async def fold_items(

@@ -7,6 +7,7 @@ key, touched at random). So a worker process (:mod:`yoink._fold_worker`) hands i
 process of its own, and the two halves run on two cores::
 
     the worker                                         the keeper (this module, run as a script)
+                                                   <--- R: ready (it could import what it needs)
     decodes a piece of the journal, finds its keys ---> K: the keys (JSON), then the lines
     ...                                                 keeps the last line per key (LastPerKey)
     the journal ended                              ---> E
@@ -20,7 +21,9 @@ file's path) without yoink's imports, which are most of a worker's memory. The f
 :mod:`yoink._fold`'s: a kind (one byte), the payload's size, the payload.
 
 A keeper exits when its stdin ends before the worker said the journal ended (the worker is gone,
-whatever ended it), or when its output can no longer be written (the worker stopped reading).
+whatever ended it), or when its output can no longer be written (the worker stopped reading); a
+worker that exits because its own parent went kills its keeper first (a stopped keeper would
+never see its pipe's end).
 """
 
 from __future__ import annotations
@@ -28,14 +31,15 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence, ValuesView
-from typing import Any
+from typing import Any, NoReturn
 
-__all__ = ["HEAD", "LastPerKey", "frame", "next_frame", "read_frame", "send", "text_frames"]
+__all__ = ["HEAD", "LastPerKey", "frame", "next_frame", "orphaned", "read_frame", "send", "text_frames"]
 
 HEAD = struct.Struct(">cQ")  # a frame's kind and its payload's size
 KEYS = b"K"  # to the keeper: a piece's keys and lines (KEYS_SIZE, the keys' JSON, the lines)
 KEYS_SIZE = struct.Struct(">Q")  # the size of the keys' JSON, first in a K frame
 END = b"E"  # both ways: the journal ended; the kept lines ended
+READY = b"R"  # from the keeper, first: it has what it needs (its imports)
 COUNT = b"S"  # from the keeper: how many lines it kept, in decimal
 TEXT = b"T"  # from the keeper: kept lines, each with its newline (the worker sends them on as they are)
 FRAME_BYTES = 1 << 20  # about how much of the kept lines goes in one frame
@@ -77,11 +81,15 @@ def read_frame(read: Callable[[int], bytes]) -> tuple[bytes, bytes] | None:
     return None if len(payload) < size else (kind, payload)
 
 
-def next_frame(read: Callable[[int], bytes]) -> tuple[bytes, bytes]:
-    """The next frame; at the pipe's end, the process exits: its writer went before it said all."""
+def orphaned() -> NoReturn:
+    os._exit(ORPHANED)
+
+
+def next_frame(read: Callable[[int], bytes], gone: Callable[[], NoReturn] = orphaned) -> tuple[bytes, bytes]:
+    """The next frame; at the pipe's end, ``gone()``: the writer went before it said all."""
     received = read_frame(read)
     if received is None:
-        os._exit(ORPHANED)
+        gone()
     return received
 
 
@@ -120,6 +128,7 @@ def main() -> None:
     stdin = open(0, "rb", closefd=False)  # noqa: SIM115 (the process's own, for its life)
     kept = LastPerKey()
     try:
+        send(1, frame(READY))
         while True:
             kind, payload = next_frame(stdin.read)  # the worker's, until the journal's end
             if kind == END:

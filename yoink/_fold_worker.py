@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import anyio
 import orjson
@@ -41,10 +41,11 @@ from yoink._fold_keeper import (
     END,
     KEYS,
     KEYS_SIZE,
-    ORPHANED,
+    READY,
     TEXT,
     frame,
     next_frame,
+    orphaned,
     read_frame,
     send,
     text_frames,
@@ -58,12 +59,15 @@ logger = logging.getLogger(__name__)
 
 WATCH_SECONDS = 0.1  # how often it looks for its parent
 PIPE_BYTES = 1 << 20
-# The keeper's command: its module's file run as a script, without yoink's imports (it needs none),
-# and without the working directory on its path (``-c`` puts it first).
+READY_SECONDS = 10.0  # how long a keeper may take to say it is ready before the worker keeps itself
+# The keeper's command: its module's file run as a script, without yoink's imports (it needs none);
+# without the working directory on its path (``-c`` puts it first, before the standard library),
+# and with the directory this process found orjson in first (a job may have put it on its own path).
 _KEEPER_BOOT = (
-    "import sys; sys.path[:1] = [] if sys.path[:1] == [''] else sys.path[:1]; "
+    "import sys; sys.path[:1] = [sys.argv[2]] if sys.path[:1] == [''] else [sys.argv[2], *sys.path[:1]]; "
     "import runpy; runpy.run_path(sys.argv[1], run_name='__main__')"
 )
+_keeper_pid: int | None = None  # the keeper running, which goes when this process goes for its parent
 
 
 def main() -> None:
@@ -76,7 +80,7 @@ def main() -> None:
     stdin = open(0, "rb", closefd=False)  # noqa: SIM115 (the process's own, for its life)
     first = read_frame(stdin.read)
     if first is None or first[0] != CONFIG:
-        os._exit(ORPHANED)  # the parent went before it said what to fold
+        _orphaned()  # the parent went before it said what to fold
     config = json.loads(first[1])
     local = config.get("fd") is not None
     watcher = threading.Thread(
@@ -133,17 +137,29 @@ class _Keeper:
 
     @classmethod
     def start(cls) -> _Keeper | None:
-        """Start a keeper; None, with a WARNING, if it cannot be started (the worker keeps then)."""
+        """Start a keeper and wait until it says it is ready; None, with a WARNING, if it cannot be
+        started or does not get ready (the worker keeps the lines itself then)."""
+        global _keeper_pid
+        orjson_home = os.path.dirname(os.path.dirname(os.path.abspath(orjson.__file__)))
         try:
             process = subprocess.Popen(
-                [sys.executable, "-c", _KEEPER_BOOT, _fold_keeper.__file__],
+                [sys.executable, "-c", _KEEPER_BOOT, _fold_keeper.__file__, orjson_home],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
             )
         except OSError as exc:
             logger.warning("cannot start a keeper process (%s); the worker keeps the lines itself", exc)
             return None
-        return cls(process)
+        _keeper_pid = process.pid
+        keeper = cls(process)
+        ready, _, _ = select.select([keeper._from], [], [], READY_SECONDS)
+        first = read_frame(keeper._from.read) if ready else None
+        if first is None or first[0] != READY:
+            keeper.kill()
+            how = "it was not ready in time" if not ready else keeper.ended()
+            logger.warning("cannot start a keeper process (%s); the worker keeps the lines itself", how)
+            return None
+        return keeper
 
     def keep(self, keys: Sequence[Any], values: Sequence[Any]) -> None:
         """Send a piece's keys and the lines to keep for them (lines, or replayed records)."""
@@ -181,7 +197,7 @@ class _Keeper:
             kind, payload = self._receive()
             if kind == END:
                 self._to.close()
-                self._process.wait()
+                self._wait()
                 return
             if kind != TEXT:
                 raise self._died(f"after it sent {kind!r} out of turn")
@@ -190,7 +206,17 @@ class _Keeper:
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             self._process.kill()
+        self._wait()
+
+    def _wait(self) -> None:
+        global _keeper_pid
         self._process.wait()
+        _keeper_pid = None
+
+    def ended(self) -> str:
+        """How the keeper ended (once it has)."""
+        status = self._process.returncode
+        return f"was killed by {signal_name(-status)}" if status < 0 else f"exited with status {status}"
 
     def _receive(self) -> tuple[bytes, bytes]:
         received = read_frame(self._from.read)
@@ -200,10 +226,8 @@ class _Keeper:
 
     def _died(self, when: str) -> StorageError:
         self.kill()
-        status = self._process.returncode
-        how = f"was killed by {signal_name(-status)}" if status < 0 else f"exited with status {status}"
         return StorageError(
-            f"the compaction's keeper process (pid {self._process.pid}) {how} {when}; "
+            f"the compaction's keeper process (pid {self._process.pid}) {self.ended()} {when}; "
             "the journal is unchanged"
         )
 
@@ -225,7 +249,7 @@ async def _closing(file: BinaryIO, items: AsyncGenerator[str, None]) -> AsyncGen
 async def _piped_items(stdin: BinaryIO, source: str) -> AsyncGenerator[str, None]:
     """The items of the parent's ``storage.read()``, as it sends them."""
     while True:
-        kind, payload = next_frame(stdin.read)  # the parent's, until the journal's end
+        kind, payload = next_frame(stdin.read, _orphaned)  # the parent's, until the journal's end
         if kind == ITEM:
             yield payload.decode("utf-8", "surrogatepass")
         elif kind == TOO_LONG:
@@ -247,7 +271,16 @@ def _send(out: int, *frames: bytes) -> None:
     try:
         send(out, *frames)
     except OSError:  # the parent no longer reads: it is gone, or it gave up on this fold
-        os._exit(ORPHANED)
+        _orphaned()
+
+
+def _orphaned() -> NoReturn:
+    """Exit: the parent is gone, or gave up on this fold. The keeper goes first (one stopped with
+    SIGSTOP would never see its pipe's end, and stay)."""
+    if _keeper_pid is not None:
+        with contextlib.suppress(OSError):
+            os.kill(_keeper_pid, signal.SIGKILL)
+    orphaned()
 
 
 def _watch(parent: int, lifeline: int | None) -> None:
@@ -259,7 +292,7 @@ def _watch(parent: int, lifeline: int | None) -> None:
         readable, _, _ = select.select([lifeline], [], [], WATCH_SECONDS)
         if readable and not os.read(lifeline, 1 << 16):
             break
-    os._exit(ORPHANED)
+    _orphaned()
 
 
 class _Logs(logging.Handler):
