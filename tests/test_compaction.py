@@ -255,17 +255,22 @@ class ThreadedFlush(MemoryStorage):
 
     async def flush(self) -> None:
         for _ in range(self.calls):
-            await anyio.to_thread.run_sync(int)
+            await anyio.to_thread.run_sync(os.stat, ".")  # lets go of the GIL, and takes it again
         self.appended_at_flush.append(self.appended[0])
         await super().flush()
 
 
-async def test_a_loop_appending_flat_out_lets_the_threads_of_a_compaction_holding_its_appends_run() -> None:
+@pytest.mark.parametrize("tasks", [1, 64])
+async def test_loops_appending_flat_out_let_the_threads_of_a_compaction_holding_their_appends_run(
+    tasks: int,
+) -> None:
     """A compaction holds appends in memory until the journal before its call is flushed, and that
     flush may wait for threads. A loop appending flat out gave it turns of the event loop, but
     each turn let go of the GIL and took it back at once, so a thread never got it: each call in
     a thread took up to a second, and the appends piled up in memory for as long (358 MiB on the
-    policy's benchmark). Once 16 MiB are held, appends pause a moment at each turn."""
+    policy's benchmark). Once 16 MiB are held, appends pause a moment at each turn; every task's
+    appends, or the other tasks would keep the loop busy (a pause of each task's own held 125 MiB
+    with 64 tasks)."""
     appended = [0]
     storage = ThreadedFlush(40, appended)
     checkpoint = CheckpointManager(storage, flush_interval=None)
@@ -276,21 +281,23 @@ async def test_a_loop_appending_flat_out_lets_the_threads_of_a_compaction_holdin
         task_status.started()
         await checkpoint.compact(key="k")  # its cut is taken before it first waits: before the appends
 
-    async with anyio.create_task_group() as tasks:
-        await checkpoint.append({"k": 0, "pad": "x" * 40})
-        await tasks.start(compacting)
-        n = 0
+    async def append_flat_out() -> None:
         while not storage.appended_at_flush and appended[0] < limit:
-            n += 1
-            await checkpoint.append({"k": n % 1000, "pad": "x" * 40})
             appended[0] += line
+            await checkpoint.append({"k": appended[0] % 1000, "pad": "x" * 40})
+
+    async with anyio.create_task_group() as group:
+        await checkpoint.append({"k": 0, "pad": "x" * 40})
+        await group.start(compacting)
+        for _ in range(tasks):
+            group.start_soon(append_flat_out)
     assert storage.appended_at_flush, f"the compaction's flush had not ended when {limit:,} bytes were held"
-    # 16 MiB before the pauses, then a few turns for each of the 40 calls
+    # 16 MiB before the pauses, then a few pauses for each of the 40 calls
     assert storage.appended_at_flush[0] < 48 << 20, storage.appended_at_flush
     await checkpoint.close()
     async with CheckpointManager(storage, read_only=True) as reader:
         records = [record async for record in reader.replay()]
-    assert len(records) == 1 + n, "the records held during the compaction are not all in the journal"
+    assert len(records) == 1 + appended[0] // line, "the records held are not all in the journal"
 
 
 async def test_appends_never_wait_for_a_compaction_and_flushes_do() -> None:

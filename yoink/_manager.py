@@ -48,8 +48,12 @@ _HELD_STEP = 64 << 10
 # loses it every time, and its calls took up to a second each, while what was appended piled up in
 # memory for the whole compaction (358 MiB on the policy's benchmark, 419 MiB on S3). The pauses
 # begin once the compaction is slow to let appends go: one that ends quickly costs appends nothing.
+# A pause is every task's: appends from other tasks wait for its end, or the loop would not wait.
+# It lasts as long as the appends between it and the last one took (waking many tasks takes long),
+# so that the loop waits half the time whatever the number of tasks appending.
 _PAUSE_FROM = 16 << 20
 _PAUSE = 0.0005
+_MOST_PAUSE = 0.1
 
 
 class CheckpointManager:
@@ -123,6 +127,8 @@ class CheckpointManager:
         # append()'s one test: the buffer's size from which it leaves its fast path (0 once refused)
         self._full_at = batch_bytes if self._writable else 0
         self._closing: anyio.Event | None = None  # set once close() has released the storage
+        self._pause: anyio.Event | None = None  # set at the end of a pause of held appends, if one is on
+        self._paused_until: float | None = None  # when the last pause ended (the event loop's clock)
         self._unknown: str | None = None  # why a storage call's outcome is unknown, if one is
         self._policy = compact
         self._compaction_lock = anyio.Lock()
@@ -522,14 +528,32 @@ class CheckpointManager:
                 raise self._refusal()
             raise record_too_long(appended)
         held_from = self._held_from()
-        if held_from is not None:  # held in memory until the compaction ends; let it run meanwhile
+        if held_from is None:
+            await self._write_batch(if_full=True)
+        elif self._pause is not None:  # another task's append pauses: all of them pause with it
+            await self._pause.wait()
+        elif self._handed + len(self._buffer) - held_from < _PAUSE_FROM:
+            # Held in memory until the compaction lets appends go; let it run meanwhile.
             self._full_at = len(self._buffer) + min(self._batch_bytes, _HELD_STEP)
-            if self._handed + len(self._buffer) - held_from < _PAUSE_FROM:
-                await anyio.lowlevel.checkpoint()
-            else:
-                await anyio.sleep(_PAUSE)
-            return
-        await self._write_batch(if_full=True)
+            await anyio.lowlevel.checkpoint()
+        else:
+            await self._pause_appends()
+
+    async def _pause_appends(self) -> None:
+        """Let no task append for a moment (see _PAUSE_FROM): as long as they appended since the last
+        pause, within _PAUSE and _MOST_PAUSE. Each append meanwhile waits for the end."""
+        self._pause = pause = anyio.Event()
+        self._full_at = 0  # every append() meets the pause
+        start = anyio.current_time()
+        busy = _PAUSE if self._paused_until is None else start - self._paused_until
+        try:
+            await anyio.sleep(min(max(busy, _PAUSE), _MOST_PAUSE))
+        finally:
+            self._paused_until = anyio.current_time()
+            self._pause = None
+            pause.set()
+            if self._full_at == 0 and self._writable and self._held_from() is not None:
+                self._full_at = len(self._buffer) + min(self._batch_bytes, _HELD_STEP)
 
     async def _write_batch(self, *, if_full: bool = False) -> None:
         await uninterrupted(functools.partial(self._write_unit, if_full=if_full))
