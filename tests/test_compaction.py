@@ -243,6 +243,11 @@ async def test_appends_held_during_a_compaction_give_the_loop_a_turn_once_a_batc
     assert 1 <= given <= 10, f"appends gave the loop {given} turns for four batches' worth"
 
 
+def _stat_often() -> None:
+    for _ in range(100):
+        os.stat(".")
+
+
 class ThreadedFlush(MemoryStorage):
     """A memory journal whose flush() makes ``calls`` calls in a worker thread, as a file's flush
     does (its write, its fsync), and tells how much had been appended when the first one ended."""
@@ -255,7 +260,7 @@ class ThreadedFlush(MemoryStorage):
 
     async def flush(self) -> None:
         for _ in range(self.calls):
-            await anyio.to_thread.run_sync(os.stat, ".")  # lets go of the GIL, and takes it again
+            await anyio.to_thread.run_sync(_stat_often)  # lets go of the GIL, and takes it again
         self.appended_at_flush.append(self.appended[0])
         await super().flush()
 
@@ -298,6 +303,37 @@ async def test_loops_appending_flat_out_let_the_threads_of_a_compaction_holding_
     async with CheckpointManager(storage, read_only=True) as reader:
         records = [record async for record in reader.replay()]
     assert len(records) == 1 + appended[0] // line, "the records held are not all in the journal"
+
+
+@pytest.mark.slow
+async def test_many_tasks_appending_flat_out_beside_the_policy_hold_little_in_memory(tmp_path: Path) -> None:
+    """256 tasks appending flat out to a local journal with the policy on: each pause of the held
+    appends lasts as long as the appends since the last took (waking 256 tasks takes long), so
+    the loop waits half the time. With a pause of half a millisecond, 103 MiB were held at the most."""
+    policy = CompactionPolicy(key="k", growth=2.0, min_bytes=24 << 20)
+    peak = appended = 0
+    async with CheckpointManager(LocalFileStorage(tmp_path / "busy.jsonl"), compact=policy) as checkpoint:
+        done = anyio.Event()
+
+        async def append_flat_out() -> None:
+            nonlocal peak, appended
+            while not done.is_set():
+                for _ in range(200):
+                    appended += 1
+                    await checkpoint.append({"k": appended % 5000, "n": appended, "pad": "x" * 80})
+                peak = max(peak, len(checkpoint._buffer))
+                if appended >= 2_000_000:
+                    done.set()
+
+        async with anyio.create_task_group() as group:
+            for _ in range(256):
+                group.start_soon(append_flat_out)
+    assert peak < 64 << 20, f"{peak:,} bytes held at the most"
+    last: dict[int, int] = {}
+    async with CheckpointManager(LocalFileStorage(tmp_path / "busy.jsonl"), read_only=True) as reader:
+        async for record in reader.replay():
+            last[record["k"]] = record["n"]
+    assert last == {n % 5000: n for n in range(appended - 4999, appended + 1)}
 
 
 async def test_appends_never_wait_for_a_compaction_and_flushes_do() -> None:
