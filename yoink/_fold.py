@@ -43,7 +43,7 @@ from yoink._records import JournalDecoder, LineTooLongToRead, OnCorrupt
 from yoink.storage import CheckpointStorage, LocalFileStorage
 from yoink.storage._files import journal_lines, open_journal
 
-__all__ = ["WORKER_FROM_BYTES", "Fold", "fold_by_key", "fold_items", "frame", "read_frame", "signal_name"]
+__all__ = ["WORKER_FROM_BYTES", "Fold", "fold_by_key", "fold_items", "frame", "how_it_ended", "read_frame"]
 
 logger = logging.getLogger(__name__)
 
@@ -403,13 +403,7 @@ class _Worker:
     async def _died(self) -> StorageError:
         with anyio.move_on_after(10):
             await self._process.wait()
-        status = self._process.returncode
-        if status is None:
-            how = "closed its output"
-        elif status < 0:
-            how = f"was killed by {signal_name(-status)}"
-        else:
-            how = f"exited with status {status}"
+        how = how_it_ended(self._process.returncode)
         return StorageError(
             f"the compaction's worker process (pid {self._process.pid}) {how} before it had folded "
             f"{self._source}; the journal is unchanged"
@@ -438,7 +432,16 @@ def _log(payload: bytes) -> None:
         target.handle(logging.makeLogRecord(fields))
 
 
-def signal_name(number: int) -> str:
+def how_it_ended(status: int | None) -> str:
+    """How a child process ended, from its return code (None: it has not, but closed its output)."""
+    if status is None:
+        return "closed its output"
+    if status < 0:
+        return f"was killed by {_signal_name(-status)}"
+    return f"exited with status {status}"
+
+
+def _signal_name(number: int) -> str:
     try:
         return signal.Signals(number).name
     except ValueError:

@@ -35,7 +35,7 @@ import orjson
 from yoink import _fold_keeper
 from yoink._compaction import KeyFold, encode_replayed
 from yoink._exceptions import CorruptCheckpointError, StorageError
-from yoink._fold import CONFIG, COUNTS, ERROR, ITEM, LOG, TOO_LONG, fold_items, signal_name
+from yoink._fold import CONFIG, COUNTS, ERROR, ITEM, LOG, TOO_LONG, fold_items, how_it_ended
 from yoink._fold_keeper import (
     COUNT,
     END,
@@ -215,8 +215,7 @@ class _Keeper:
 
     def ended(self) -> str:
         """How the keeper ended (once it has)."""
-        status = self._process.returncode
-        return f"was killed by {signal_name(-status)}" if status < 0 else f"exited with status {status}"
+        return how_it_ended(self._process.returncode)
 
     def _receive(self) -> tuple[bytes, bytes]:
         received = read_frame(self._from.read)

@@ -545,9 +545,10 @@ class CheckpointManager:
         self._pause = pause = anyio.Event()
         self._full_at = 0  # every append() meets the pause
         start = anyio.current_time()
-        busy = _PAUSE if self._paused_until is None else start - self._paused_until
+        since = _PAUSE if self._paused_until is None else start - self._paused_until
+        busy = since if since <= _MOST_PAUSE else _PAUSE  # the first of a compaction's: no appends to time
         try:
-            await anyio.sleep(min(max(busy, _PAUSE), _MOST_PAUSE))
+            await anyio.sleep(max(busy, _PAUSE))
         finally:
             self._paused_until = anyio.current_time()
             self._pause = None
