@@ -369,6 +369,7 @@ async def test_a_worker_killed_mid_fold_leaves_no_keeper_behind(tmp_path: Path) 
             await anyio.sleep(0.01)
 
 
+@pytest.mark.parametrize("async_backend", ["asyncio"], indirect=True)  # no event loop of its own to vary
 def test_a_keeper_that_cannot_be_started_is_a_warning_and_the_worker_keeps_the_lines_itself(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -469,6 +470,7 @@ anyio.run(main, *sys.argv[1:])
 """
 
 
+@pytest.mark.parametrize("async_backend", ["asyncio"], indirect=True)  # no event loop of its own to vary
 @pytest.mark.parametrize("keeper", ["running", "stopped"])
 @pytest.mark.parametrize("kind", ["local", "memory"])
 def test_a_parent_killed_mid_fold_leaves_no_worker_behind(kind: str, keeper: str, tmp_path: Path) -> None:
@@ -500,6 +502,7 @@ def test_a_parent_killed_mid_fold_leaves_no_worker_behind(kind: str, keeper: str
     assert path.read_text() == text, "the journal changed under a compaction killed mid-fold"
 
 
+@pytest.mark.parametrize("async_backend", ["asyncio"], indirect=True)  # no event loop of its own to vary
 def test_a_worker_and_its_keeper_import_nothing_from_the_jobs_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -537,6 +540,7 @@ anyio.run(main, sys.argv[2])
 """
 
 
+@pytest.mark.parametrize("async_backend", ["asyncio"], indirect=True)  # no event loop of its own to vary
 def test_a_job_whose_libraries_are_on_its_own_path_folds_in_a_worker_and_keeper(tmp_path: Path) -> None:
     """yoink and orjson where the job put them (``pip install --target``), an interpreter without
     them: the worker finds them beside yoink, and the keeper where the worker found orjson (it
