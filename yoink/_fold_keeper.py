@@ -17,8 +17,9 @@ process of its own, and the two halves run on two cores::
 
 :class:`LastPerKey` is the one keeping there is: a fold on the event loop keeps with it too. This
 module imports nothing of yoink, so that a keeper runs it as a script (``python -c`` with this
-file's path) without yoink's imports, which are most of a worker's memory. The frames are
-:mod:`yoink._fold`'s: a kind (one byte), the payload's size, the payload.
+file's path) without yoink's imports, which are most of a worker's memory. It owns the frames'
+format, which :mod:`yoink._fold`'s frames between the job and its worker share: a kind (one
+byte), the payload's size, the payload.
 
 A keeper exits when its stdin ends before the worker said the journal ended (the worker is gone,
 whatever ended it), or when its output can no longer be written (the worker stopped reading); a
