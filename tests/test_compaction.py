@@ -305,40 +305,6 @@ async def test_loops_appending_flat_out_let_the_threads_of_a_compaction_holding_
     assert len(records) == 1 + appended[0] // line, "the records held are not all in the journal"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "async_backend", ["asyncio"], indirect=True
-)  # the loop where a fixed pause held most
-async def test_many_tasks_appending_flat_out_beside_the_policy_hold_little_in_memory(tmp_path: Path) -> None:
-    """256 tasks appending flat out to a local journal with the policy on: each pause of the held
-    appends lasts as long as the appends since the last took (waking 256 tasks takes long), so
-    the loop waits half the time. With a pause of half a millisecond, 103 MiB were held at the most."""
-    policy = CompactionPolicy(key="k", growth=2.0, min_bytes=24 << 20)
-    peak = appended = 0
-    async with CheckpointManager(LocalFileStorage(tmp_path / "busy.jsonl"), compact=policy) as checkpoint:
-        done = anyio.Event()
-
-        async def append_flat_out() -> None:
-            nonlocal peak, appended
-            while not done.is_set():
-                for _ in range(200):
-                    appended += 1
-                    await checkpoint.append({"k": appended % 5000, "n": appended, "pad": "x" * 80})
-                peak = max(peak, len(checkpoint._buffer))
-                if appended >= 1_500_000:
-                    done.set()
-
-        async with anyio.create_task_group() as group:
-            for _ in range(256):
-                group.start_soon(append_flat_out)
-    assert peak < 64 << 20, f"{peak:,} bytes held at the most"
-    last: dict[int, int] = {}
-    async with CheckpointManager(LocalFileStorage(tmp_path / "busy.jsonl"), read_only=True) as reader:
-        async for record in reader.replay():
-            last[record["k"]] = record["n"]
-    assert last == {n % 5000: n for n in range(appended - 4999, appended + 1)}
-
-
 async def test_appends_never_wait_for_a_compaction_and_flushes_do() -> None:
     storage = SlowReplace()
     checkpoint = CheckpointManager(storage, batch_bytes=100, flush_interval=None)
