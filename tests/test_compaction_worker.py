@@ -558,7 +558,10 @@ def test_a_job_whose_libraries_are_on_its_own_path_folds_in_a_worker_and_keeper(
         (vendor / source.name).symlink_to(source)
     assert anyio_module.__file__ is not None
     bare = tmp_path / "bare"
-    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    subprocess.run(
+        [getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(bare)],
+        check=True,
+    )
     python = bare / "bin" / "python"
     check = subprocess.run([python, "-c", "import orjson"], capture_output=True)
     assert check.returncode != 0, "the bare interpreter has orjson: the test proves nothing"
